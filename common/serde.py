@@ -1,0 +1,363 @@
+"""The only place that converts domain types to protobuf and back, and tensors to chunks and back.
+
+A tensor payload travels as a header (names, shapes, dtypes, total size, SHA-256) followed by chunks
+of raw little-endian bytes in header order. Receivers check every size before allocating and the
+checksum before any tensor is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+
+from common.errors import IntegrityError, InvalidArgument, ResourceExhausted
+from common.types import (
+    DTYPE_SIZES,
+    TORCH_DTYPES,
+    DeviceProfile,
+    Evaluation,
+    ModelSpec,
+    ModuleShape,
+    Quantization,
+    Task,
+    TaskKind,
+    TensorInfo,
+    TrainPlan,
+    UpdateMeta,
+)
+from fedpipe.v1 import fedpipe_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024  # well under gRPC's 4 MiB default message limit
+
+_QUANT_TO_PB = {
+    Quantization.NONE: pb.QUANTIZATION_NONE,
+    Quantization.INT8: pb.QUANTIZATION_INT8,
+    Quantization.NF4: pb.QUANTIZATION_NF4,
+}
+_QUANT_FROM_PB = {v: k for k, v in _QUANT_TO_PB.items()}
+_KIND_TO_PB = {
+    TaskKind.WAIT: pb.TASK_KIND_WAIT,
+    TaskKind.TRAIN: pb.TASK_KIND_TRAIN,
+    TaskKind.EVALUATE: pb.TASK_KIND_EVALUATE,
+    TaskKind.FINISHED: pb.TASK_KIND_FINISHED,
+}
+_KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
+
+if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
+    raise ImportError("FedPipe's wire format assumes a little-endian host")
+
+
+# ---------------------------------------------------------------- tensors <-> bytes
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """Raw bytes of a tensor (any supported dtype, bf16 included) in C order."""
+    dtype = dtype_name(tensor.dtype)
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    # view as bytes keeps bf16 exact; numpy has no bf16.
+    raw: bytes = flat.view(torch.uint8).numpy().tobytes()
+    assert len(raw) == flat.numel() * DTYPE_SIZES[dtype]
+    return raw
+
+
+def tensor_from_bytes(data: bytes | bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
+    """Inverse of tensor_bytes; the caller has checked len(data) == info.nbytes."""
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return flat.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Wire name of a torch dtype; InvalidArgument for dtypes FedPipe does not carry."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_SIZES:
+        raise InvalidArgument("dtype", f"{name} is not one of {sorted(DTYPE_SIZES)}")
+    return name
+
+
+def encode_payload(tensors: Mapping[str, torch.Tensor]) -> tuple[pb.PayloadHeader, bytes]:
+    """Header and concatenated bytes of named tensors, in mapping order."""
+    infos: list[pb.TensorInfo] = []
+    parts: list[bytes] = []
+    for name, tensor in tensors.items():
+        infos.append(pb.TensorInfo(name=name, shape=list(tensor.shape), dtype=dtype_name(tensor.dtype)))
+        parts.append(tensor_bytes(tensor))
+    payload = b"".join(parts)
+    header = pb.PayloadHeader(
+        tensors=infos, total_bytes=len(payload), sha256=hashlib.sha256(payload).digest()
+    )
+    return header, payload
+
+
+def chunked(payload: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """Split a payload into chunks of at most chunk_bytes."""
+    if chunk_bytes <= 0:
+        raise ValueError("chunk_bytes must be positive")
+    view = memoryview(payload)
+    for start in range(0, len(payload), chunk_bytes):
+        yield bytes(view[start : start + chunk_bytes])
+
+
+def tensor_infos(header: pb.PayloadHeader) -> list[TensorInfo]:
+    """Domain view of a payload header; InvalidArgument for unknown dtypes or inconsistent sizes."""
+    infos: list[TensorInfo] = []
+    seen: set[str] = set()
+    for index, item in enumerate(header.tensors):
+        if not item.name:
+            raise InvalidArgument(f"payload.tensors[{index}].name", "empty")
+        if item.name in seen:
+            raise InvalidArgument(f"payload.tensors[{index}].name", f"duplicate {item.name!r}")
+        seen.add(item.name)
+        if item.dtype not in DTYPE_SIZES:
+            raise InvalidArgument(
+                f"payload.tensors[{item.name}].dtype", f"{item.dtype!r} is not one of {sorted(DTYPE_SIZES)}"
+            )
+        infos.append(TensorInfo(name=item.name, shape=tuple(int(d) for d in item.shape), dtype=item.dtype))
+    declared = sum(info.nbytes for info in infos)
+    if declared != header.total_bytes:
+        raise InvalidArgument(
+            "payload.total_bytes", f"{header.total_bytes} but the tensors declare {declared} bytes"
+        )
+    if len(header.sha256) != hashlib.sha256().digest_size:
+        raise InvalidArgument("payload.sha256", f"must be 32 bytes, got {len(header.sha256)}")
+    return infos
+
+
+def decode_payload(
+    header: pb.PayloadHeader,
+    chunks: Iterable[bytes],
+    max_bytes: int,
+    max_chunk_bytes: int,
+) -> dict[str, torch.Tensor]:
+    """Reassemble and verify a chunked payload; raises before allocating anything oversize."""
+    infos = tensor_infos(header)
+    if header.total_bytes > max_bytes:
+        raise ResourceExhausted(f"payload of {header.total_bytes} bytes exceeds the limit of {max_bytes}")
+    buffer = bytearray()
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        if len(chunk) > max_chunk_bytes:
+            raise ResourceExhausted(f"chunk of {len(chunk)} bytes exceeds the limit of {max_chunk_bytes}")
+        if len(buffer) + len(chunk) > header.total_bytes:
+            raise IntegrityError("payload", f"more bytes than the declared {header.total_bytes}")
+        buffer += chunk
+        digest.update(chunk)
+    if len(buffer) != header.total_bytes:
+        raise IntegrityError("payload", f"stream ended after {len(buffer)} of {header.total_bytes} bytes")
+    if digest.digest() != header.sha256:
+        raise IntegrityError("payload.sha256", "checksum does not match the bytes received")
+    tensors: dict[str, torch.Tensor] = {}
+    offset = 0
+    view = memoryview(buffer)
+    for info in infos:
+        tensors[info.name] = tensor_from_bytes(view[offset : offset + info.nbytes], info)
+        offset += info.nbytes
+    return tensors
+
+
+# ---------------------------------------------------------------- domain <-> proto
+
+
+def profile_to_pb(profile: DeviceProfile) -> pb.DeviceProfile:
+    """DeviceProfile -> proto."""
+    return pb.DeviceProfile(
+        device=profile.device,
+        device_name=profile.device_name,
+        total_memory_bytes=profile.total_memory_bytes,
+        free_memory_bytes=profile.free_memory_bytes,
+        host_memory_bytes=profile.host_memory_bytes,
+        flops_per_s=profile.flops_per_s,
+        compute_dtype=profile.compute_dtype,
+        threads=profile.threads,
+        num_train_samples=profile.num_train_samples,
+        num_val_samples=profile.num_val_samples,
+        memory_cap_bytes=profile.memory_cap_bytes,
+        compute_share=profile.compute_share,
+    )
+
+
+def profile_from_pb(message: pb.DeviceProfile) -> DeviceProfile:
+    """proto -> DeviceProfile; InvalidArgument for impossible figures."""
+    if not message.flops_per_s > 0:  # also rejects NaN, which compares false to everything
+        raise InvalidArgument("profile.flops_per_s", "must be positive (a measured figure)")
+    if message.total_memory_bytes == 0:
+        raise InvalidArgument("profile.total_memory_bytes", "must be positive (a measured figure)")
+    if not 0 < message.compute_share <= 1:
+        raise InvalidArgument("profile.compute_share", f"must be in (0, 1], got {message.compute_share}")
+    return DeviceProfile(
+        device=message.device,
+        device_name=message.device_name,
+        total_memory_bytes=message.total_memory_bytes,
+        free_memory_bytes=message.free_memory_bytes,
+        host_memory_bytes=message.host_memory_bytes,
+        flops_per_s=message.flops_per_s,
+        compute_dtype=message.compute_dtype,
+        threads=message.threads,
+        num_train_samples=message.num_train_samples,
+        num_val_samples=message.num_val_samples,
+        memory_cap_bytes=message.memory_cap_bytes,
+        compute_share=message.compute_share,
+    )
+
+
+def spec_to_pb(spec: ModelSpec) -> pb.ModelSpec:
+    """ModelSpec -> proto."""
+    return pb.ModelSpec(
+        fingerprint=spec.fingerprint,
+        model_type=spec.model_type,
+        task=spec.task,
+        labels=list(spec.labels),
+        candidates=[
+            pb.ModuleShape(name=m.name, in_features=m.in_features, out_features=m.out_features)
+            for m in spec.candidates
+        ],
+        heads=[pb.TensorShape(name=name, shape=list(shape)) for name, shape in spec.heads],
+        base_parameters=spec.base_parameters,
+    )
+
+
+def spec_from_pb(message: pb.ModelSpec) -> ModelSpec:
+    """proto -> ModelSpec; InvalidArgument when it cannot describe a model."""
+    if not message.fingerprint:
+        raise InvalidArgument("model.fingerprint", "empty")
+    if not message.candidates:
+        raise InvalidArgument("model.candidates", "empty: the model has no LoRA candidates")
+    return ModelSpec(
+        fingerprint=message.fingerprint,
+        model_type=message.model_type,
+        task=message.task,
+        labels=tuple(message.labels),
+        candidates=tuple(
+            ModuleShape(name=m.name, in_features=m.in_features, out_features=m.out_features)
+            for m in message.candidates
+        ),
+        heads=tuple((h.name, tuple(int(d) for d in h.shape)) for h in message.heads),
+        base_parameters=message.base_parameters,
+    )
+
+
+def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
+    """TrainPlan -> proto."""
+    return pb.TrainPlan(
+        plan_id=plan.plan_id,
+        target_modules=list(plan.target_modules),
+        rank_pattern=dict(plan.rank_pattern),
+        lora_alpha=plan.lora_alpha,
+        lora_dropout=plan.lora_dropout,
+        modules_to_save=list(plan.modules_to_save),
+        batch_size=plan.batch_size,
+        local_epochs=plan.local_epochs,
+        max_steps=plan.max_steps,
+        learning_rate=plan.learning_rate,
+        weight_decay=plan.weight_decay,
+        quantization=_QUANT_TO_PB[plan.quantization],
+        max_seq_len=plan.max_seq_len,
+        deadline_s=plan.deadline_s,
+        seed=plan.seed,
+    )
+
+
+def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
+    """proto -> TrainPlan; InvalidArgument for a plan an agent cannot execute."""
+    if message.quantization not in _QUANT_FROM_PB:
+        raise InvalidArgument("plan.quantization", f"unknown value {message.quantization}")
+    missing = [m for m in message.target_modules if m not in message.rank_pattern]
+    if missing:
+        raise InvalidArgument("plan.rank_pattern", f"no rank for {missing[:3]}")
+    if message.batch_size == 0:
+        raise InvalidArgument("plan.batch_size", "must be positive")
+    return TrainPlan(
+        plan_id=message.plan_id,
+        target_modules=tuple(message.target_modules),
+        rank_pattern={m: int(message.rank_pattern[m]) for m in message.target_modules},
+        lora_alpha=message.lora_alpha,
+        lora_dropout=message.lora_dropout,
+        modules_to_save=tuple(message.modules_to_save),
+        batch_size=message.batch_size,
+        local_epochs=message.local_epochs,
+        max_steps=message.max_steps,
+        learning_rate=message.learning_rate,
+        weight_decay=message.weight_decay,
+        quantization=_QUANT_FROM_PB[message.quantization],
+        max_seq_len=message.max_seq_len,
+        deadline_s=message.deadline_s,
+        seed=message.seed,
+    )
+
+
+def task_to_pb(task: Task) -> pb.GetTaskResponse:
+    """Task -> proto."""
+    return pb.GetTaskResponse(
+        kind=_KIND_TO_PB[task.kind],
+        round=task.round,
+        global_round=task.global_round,
+        plan=plan_to_pb(task.plan) if task.plan is not None else None,
+        retry_after_s=task.retry_after_s,
+        message=task.message,
+    )
+
+
+def task_from_pb(message: pb.GetTaskResponse) -> Task:
+    """proto -> Task."""
+    if message.kind not in _KIND_FROM_PB:
+        raise InvalidArgument("task.kind", f"unknown value {message.kind}")
+    kind = _KIND_FROM_PB[message.kind]
+    needs_plan = kind in (TaskKind.TRAIN, TaskKind.EVALUATE)
+    if needs_plan and not message.HasField("plan"):
+        raise InvalidArgument("task.plan", f"a {kind.value} task needs a plan")
+    return Task(
+        kind=kind,
+        round=message.round,
+        global_round=message.global_round,
+        plan=plan_from_pb(message.plan) if needs_plan else None,
+        retry_after_s=message.retry_after_s,
+        message=message.message,
+    )
+
+
+def update_header_to_pb(meta: UpdateMeta, payload: pb.PayloadHeader) -> pb.UpdateHeader:
+    """UpdateMeta plus payload header -> proto header of an upload."""
+    return pb.UpdateHeader(
+        agent_id=meta.agent_id,
+        round=meta.round,
+        plan_id=meta.plan_id,
+        samples=meta.samples,
+        steps=meta.steps,
+        train_seconds=meta.train_seconds,
+        train_loss=meta.train_loss,
+        peak_memory_bytes=meta.peak_memory_bytes,
+        payload=payload,
+    )
+
+
+def update_meta_from_pb(message: pb.UpdateHeader) -> UpdateMeta:
+    """proto upload header -> UpdateMeta; InvalidArgument for missing identity or work."""
+    if not message.agent_id:
+        raise InvalidArgument("header.agent_id", "empty")
+    if not message.HasField("payload"):
+        raise InvalidArgument("header.payload", "missing")
+    return UpdateMeta(
+        agent_id=message.agent_id,
+        round=message.round,
+        plan_id=message.plan_id,
+        samples=message.samples,
+        steps=message.steps,
+        train_seconds=message.train_seconds,
+        train_loss=message.train_loss,
+        peak_memory_bytes=message.peak_memory_bytes,
+    )
+
+
+def evaluation_from_pb(message: pb.ReportEvaluationRequest) -> Evaluation:
+    """proto evaluation report -> Evaluation; InvalidArgument for impossible figures."""
+    if not 0.0 <= message.accuracy <= 1.0:
+        raise InvalidArgument("accuracy", f"must be in [0, 1], got {message.accuracy}")
+    if message.loss != message.loss or message.loss < 0:
+        raise InvalidArgument("loss", f"must be a non-negative number, got {message.loss}")
+    return Evaluation(loss=message.loss, accuracy=message.accuracy, samples=message.samples)

@@ -1,0 +1,181 @@
+"""Domain types shared by coordinator and agents: frozen dataclasses, no grpc, no torch models."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+
+class Quantization(enum.Enum):
+    """Precision of the frozen base weights on an agent."""
+
+    NONE = "none"  # full precision (fp32 on CPU, the checkpoint dtype on GPU)
+    INT8 = "int8"  # bitsandbytes LLM.int8
+    NF4 = "nf4"  # bitsandbytes NormalFloat4 with double quantization
+
+    @property
+    def bits(self) -> int:
+        """Bits per base weight, for memory figures and metrics."""
+        return {Quantization.NONE: 16, Quantization.INT8: 8, Quantization.NF4: 4}[self]
+
+
+class TaskKind(enum.Enum):
+    """What the coordinator asks an agent to do next."""
+
+    WAIT = "wait"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Measured facts about an agent's device; caps are already applied to the memory figures."""
+
+    device: str  # "cuda:0" or "cpu"
+    device_name: str  # GPU or CPU model name
+    total_memory_bytes: int  # usable device memory (host memory on CPU), after caps
+    free_memory_bytes: int  # free at measurement time
+    host_memory_bytes: int  # total host RAM
+    flops_per_s: float  # sustained matmul FLOP/s in compute_dtype
+    compute_dtype: str  # dtype the benchmark ran in
+    threads: int  # CPU threads torch uses
+    num_train_samples: int  # local training samples
+    num_val_samples: int  # local validation samples
+    memory_cap_bytes: int = 0  # operator cap, 0 = none
+    compute_share: float = 1.0  # operator cap on compute, 1.0 = none
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """A weight matrix that can carry a LoRA adapter."""
+
+    name: str  # full module path, e.g. "bert.encoder.layer.0.attention.self.query"
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an agent's base model looks like; every agent of a run must report the same one."""
+
+    fingerprint: str  # hash of the base config, task and labels
+    model_type: str  # transformers model_type, e.g. "bert"
+    task: str  # "seq-cls"
+    labels: tuple[str, ...]  # class names in index order
+    candidates: tuple[ModuleShape, ...]  # LoRA candidates, in model order
+    heads: tuple[tuple[str, tuple[int, ...]], ...]  # trainable head tensors: (canonical name, shape)
+    base_parameters: int  # parameter count of the frozen base
+
+    def candidate(self, name: str) -> ModuleShape:
+        """The candidate called name; KeyError when the model has none of that name."""
+        for module in self.candidates:
+            if module.name == name:
+                return module
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Everything an agent needs to run one round; agents execute it and never re-plan."""
+
+    plan_id: str  # identifies this plan; uploads must name it
+    target_modules: tuple[str, ...]  # the mask: full module names that get LoRA
+    rank_pattern: Mapping[str, int]  # LoRA rank per target module
+    lora_alpha: float  # peft scales each update by lora_alpha / rank
+    lora_dropout: float  # dropout on the LoRA input during training
+    modules_to_save: tuple[str, ...]  # heads trained in full (peft modules_to_save)
+    batch_size: int  # samples per optimizer step
+    local_epochs: int  # passes over the local training split
+    max_steps: int  # cap on optimizer steps, 0 = none
+    learning_rate: float  # peak AdamW learning rate
+    weight_decay: float  # AdamW weight decay
+    quantization: Quantization  # precision of the frozen base
+    max_seq_len: int  # tokens per sample after truncation
+    deadline_s: float  # seconds from task start until the upload must be done
+    seed: int  # seeds dropout and data order, so a round is reproducible
+
+
+@dataclass(frozen=True)
+class Task:
+    """The answer to an agent's poll."""
+
+    kind: TaskKind
+    round: int = 0  # TRAIN: the round being trained; EVALUATE: the global's round
+    global_round: int = 0  # the global adapter to download before acting
+    plan: TrainPlan | None = None
+    retry_after_s: float = 1.0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape and dtype of one tensor on the wire."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "float32", "float16" or "bfloat16"
+
+    @property
+    def nbytes(self) -> int:
+        """Payload size of this tensor."""
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * DTYPE_SIZES[self.dtype]
+
+
+DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class UpdateMeta:
+    """Header of an upload: who trained what, and how much work it holds."""
+
+    agent_id: str
+    round: int
+    plan_id: str
+    samples: int  # samples actually processed; the aggregation weight
+    steps: int
+    train_seconds: float
+    train_loss: float
+    peak_memory_bytes: int
+
+
+@dataclass(frozen=True)
+class AdapterUpdate:
+    """An agent's trained tensors for one round, in canonical names (see common.adapters)."""
+
+    meta: UpdateMeta
+    tensors: Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Loss and accuracy of one global adapter on some data."""
+
+    loss: float
+    accuracy: float
+    samples: int
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round produced, for logs, metrics and the run summary."""
+
+    round: int
+    agents: tuple[str, ...]  # agents whose updates were aggregated
+    seconds: float
+    samples: int
+    heldout: Evaluation | None = None
+    agents_eval: Evaluation | None = None  # size-weighted over agents' validation splits
+    train_loss: float = float("nan")
+    dropped: tuple[str, ...] = field(default_factory=tuple)  # planned agents without an accepted update

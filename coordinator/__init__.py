@@ -1,0 +1,1 @@
+"""The FedPipe coordinator: registry, planning, round loop, aggregation and the gRPC edge."""

@@ -1,0 +1,138 @@
+"""Durable run state: every round's global adapter in peft format, plans, and the folded global state.
+
+Everything is written to a temporary name, fsynced and renamed, so a crash leaves either the old or the
+new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.adapters import GlobalAdapter, LoraPair, global_to_peft
+from common.modeling import write_adapter_config
+from common.types import ModelSpec, TrainPlan
+
+STATE_FILE = "state.json"
+GLOBAL_FILE = "global.safetensors"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def plan_record(plan: TrainPlan) -> dict[str, Any]:
+    """A plan as JSON-ready data."""
+    record = asdict(plan)
+    record["quantization"] = plan.quantization.value
+    record["rank_pattern"] = dict(plan.rank_pattern)
+    return record
+
+
+def write_adapter(directory: Path, global_: GlobalAdapter, alpha: float, base_path: str,
+                  modules_to_save: tuple[str, ...]) -> None:
+    """A peft adapter directory (adapter_config.json + adapter_model.safetensors), written atomically."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(global_to_peft(global_, alpha), str(tmp / "adapter_model.safetensors"),
+              metadata={"format": "pt", "fedpipe_round": str(global_.round)})
+    write_adapter_config(tmp, base_path, global_.ranks(), alpha, modules_to_save)
+    for name in os.listdir(tmp):
+        with (tmp / name).open("rb") as handle:
+            os.fsync(handle.fileno())
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
+
+
+class Checkpoint:
+    """The run directory: rounds/NNNN/ (peft adapter + plans.json), state/ (resume), final/."""
+
+    def __init__(self, run_dir: Path, base_path: str, alpha: float, spec: ModelSpec,
+                 modules_to_save: tuple[str, ...]) -> None:
+        self.run_dir = run_dir
+        self.base_path = base_path
+        self.alpha = alpha
+        self.spec = spec
+        self.modules_to_save = modules_to_save
+        (run_dir / "rounds").mkdir(parents=True, exist_ok=True)
+        (run_dir / "state").mkdir(parents=True, exist_ok=True)
+
+    def round_dir(self, round_: int) -> Path:
+        """Folder of one round's artefacts."""
+        return self.run_dir / "rounds" / f"{round_:04d}"
+
+    def save_round(self, global_: GlobalAdapter, plans: Mapping[str, TrainPlan], report: Mapping[str, Any]) -> Path:
+        """Persist a round: peft adapter and plans for humans and peft, folded state for resume."""
+        directory = self.round_dir(global_.round)
+        write_adapter(directory, global_, self.alpha, self.base_path, self.modules_to_save)
+        write_json(directory / "plans.json", {agent: {"plan": plan_record(plan), **dict(report.get(agent, {}))}
+                                              for agent, plan in plans.items()})
+        self.save_state(global_)
+        return directory
+
+    def save_state(self, global_: GlobalAdapter) -> None:
+        """The folded global adapter, bit-exact, plus the round it belongs to."""
+        state_dir = self.run_dir / "state"
+        tensors: dict[str, torch.Tensor] = {}
+        for module, pair in global_.lora.items():
+            tensors[f"lora::{module}::a"] = pair.a.contiguous()
+            tensors[f"lora::{module}::b"] = pair.b.contiguous()
+        for name, value in global_.heads.items():
+            tensors[f"head::{name}"] = value.contiguous()
+        tmp = state_dir / (GLOBAL_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"round": str(global_.round)})
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, state_dir / GLOBAL_FILE)
+        write_json(state_dir / STATE_FILE, {"round": global_.round, "fingerprint": self.spec.fingerprint})
+
+    def load_state(self) -> GlobalAdapter | None:
+        """The last saved global adapter, or None when the run directory has none."""
+        state_dir = self.run_dir / "state"
+        if not (state_dir / STATE_FILE).is_file():
+            return None
+        meta = json.loads((state_dir / STATE_FILE).read_text())
+        tensors = load_file(str(state_dir / GLOBAL_FILE))
+        lora: dict[str, LoraPair] = {}
+        heads: dict[str, torch.Tensor] = {}
+        for key in sorted(tensors):
+            kind, _, rest = key.partition("::")
+            if kind == "head":
+                heads[rest] = tensors[key]
+            elif rest.endswith("::a"):
+                module = rest[: -len("::a")]
+                lora[module] = LoraPair(a=tensors[key], b=tensors[f"lora::{module}::b"])
+        return GlobalAdapter(round=int(meta["round"]), lora=lora, heads=heads)
+
+    def finalize(self, global_: GlobalAdapter, summary: Mapping[str, Any]) -> Path:
+        """final/ holds the last global adapter in peft format; summary.json the run's figures."""
+        final = self.run_dir / "final"
+        write_adapter(final, global_, self.alpha, self.base_path, self.modules_to_save)
+        write_json(self.run_dir / "summary.json", summary)
+        return final

@@ -1,0 +1,109 @@
+"""fedpipe-coordinator: build the config once, wire the parts, serve agents and run every round."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from common import logs
+from common.errors import ConfigError, FedPipeError
+from common.settings import build
+
+if TYPE_CHECKING:
+    from coordinator.config import CoordinatorConfig
+
+log = logging.getLogger("fedpipe.coordinator")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of fedpipe-coordinator; returns the exit code."""
+    from coordinator.config import CoordinatorConfig
+
+    try:
+        config = build(CoordinatorConfig, sys.argv[1:] if argv is None else argv, "fedpipe-coordinator")
+        config.run.run_dir.mkdir(parents=True, exist_ok=True)
+    except (ConfigError, OSError) as err:
+        print(f"fedpipe-coordinator: config error: {err}", file=sys.stderr)
+        return 2
+    logs.setup("coordinator", config.log_format)
+    try:
+        return run(config)
+    except FedPipeError as err:
+        log.error("%s", err)
+        return 1
+
+
+def run(config: CoordinatorConfig) -> int:
+    """Wire registry, planner, strategy, evaluator, metrics and server; run the rounds; stop cleanly."""
+    from common.data import DataSource
+    from common.metrics import CoordinatorMetrics, serve
+    from common.modeling import resolve_model_path
+    from common.types import Quantization
+    from coordinator.evaluation import HeldOutEvaluator
+    from coordinator.orchestrator import Orchestrator, RunAborted
+    from coordinator.planner import PLANNERS, PlanOptions
+    from coordinator.registry import Registry
+    from coordinator.server import start_server
+    from coordinator.strategy import get_strategy
+
+    labels = tuple(config.labels)
+    evaluation = config.evaluation
+    base_path = resolve_model_path(evaluation.model_path) if evaluation.heldout else evaluation.model_path
+    evaluator = None
+    if evaluation.heldout:
+        source = DataSource(evaluation.heldout, evaluation.text_column, evaluation.label_column, labels)
+        evaluator = HeldOutEvaluator(base_path, source, evaluation.max_samples)
+        evaluator.examples()  # fail now, not after the first round, if the file is wrong
+    options = PlanOptions(
+        targets=tuple(config.lora.targets),
+        rank=config.lora.rank,
+        alpha=config.lora.alpha,
+        dropout=config.lora.dropout,
+        batch_size=config.training.batch_size,
+        local_epochs=config.training.local_epochs,
+        max_steps=config.training.max_steps,
+        learning_rate=config.training.learning_rate,
+        weight_decay=config.training.weight_decay,
+        max_seq_len=config.training.max_seq_len,
+        quantization=Quantization(config.training.quantization),
+        deadline_s=config.run.round_deadline_s,
+        seed=config.run.seed,
+    )
+    metrics = CoordinatorMetrics()
+    orchestrator = Orchestrator(
+        config, Registry(labels), PLANNERS[config.planner], options, get_strategy(config.strategy), metrics,
+        base_path, evaluator,
+    )
+    if config.metrics.port >= 0:
+        metrics_port = serve(metrics.registry, config.metrics.host, config.metrics.port)
+        log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_port)
+    server, port = start_server(orchestrator, config.server, metrics)
+    log.info("serving fedpipe.v1.Coordinator on %s:%d (run %s, dir %s)", config.server.host, port,
+             orchestrator.run_id, config.run.run_dir)
+    (config.run.run_dir / "coordinator.port").write_text(f"{port}\n")
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.warning("signal %d: stopping the server", signum)
+        server.stop(grace=2)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        summary = orchestrator.run()
+    except RunAborted as err:
+        log.error("run aborted: %s", err)
+        return 1
+    finally:
+        server.stop(grace=2).wait(5)
+    accuracy = summary.get("final_accuracy")
+    if accuracy is not None:
+        log.info("final accuracy: %.3f (%s, round %d)", accuracy, summary["final_source"], summary["final_round"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

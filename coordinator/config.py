@@ -1,0 +1,122 @@
+"""fedpipe-coordinator's one config class: flags > FEDPIPE_COORDINATOR_* env > --config YAML > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.data import EMBEDDED, EMBEDDED_LABEL_COLUMN, EMBEDDED_LABELS, EMBEDDED_TEXT_COLUMN
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSection(_Section):
+    """The gRPC endpoint agents connect to."""
+
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    workers: int = Field(32, ge=4, description="gRPC worker threads (long polls hold one each)")
+    max_upload_bytes: int = Field(256 * 2**20, ge=1024, description="largest update payload accepted")
+    max_chunk_bytes: int = Field(4 * 2**20 - 4096, ge=1024, le=4 * 2**20 - 1024,
+                                 description="largest chunk accepted (under gRPC's 4 MiB message limit)")
+    chunk_bytes: int = Field(2 * 2**20, ge=1024, description="chunk size of downloads, and asked of uploads")
+
+    @model_validator(mode="after")
+    def _chunks_fit(self) -> ServerSection:
+        if self.chunk_bytes > self.max_chunk_bytes:
+            raise ValueError(f"chunk_bytes {self.chunk_bytes} exceeds max_chunk_bytes {self.max_chunk_bytes}")
+        return self
+
+
+class MetricsSection(_Section):
+    """Prometheus exposition."""
+
+    host: str = Field("127.0.0.1", description="address of the metrics HTTP server")
+    port: int = Field(9400, ge=-1, le=65535, description="metrics port; 0 picks a free one, -1 turns it off")
+
+
+class RunSection(_Section):
+    """The round loop."""
+
+    rounds: int = Field(5, ge=1, description="rounds to train")
+    min_agents: int = Field(2, ge=1, description="agents needed to start a round and to aggregate it")
+    round_deadline_s: float = Field(600.0, gt=0, description="seconds an agent has to train and upload")
+    eval_deadline_s: float = Field(120.0, gt=0, description="seconds agents have to evaluate a global adapter")
+    registration_timeout_s: float = Field(600.0, gt=0, description="how long to wait for min_agents")
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="how often agents beat")
+    agent_timeout_s: float = Field(30.0, gt=0, description="an agent silent this long counts as dead")
+    run_dir: Path = Field(Path("runs/latest"), description="where rounds, plans and the final adapter go")
+    seed: int = Field(0, description="seed of the round-0 adapter and of every plan")
+    finish_grace_s: float = Field(15.0, ge=0, description="how long to keep serving FINISHED to agents")
+
+
+class LoraSection(_Section):
+    """The LoRA configuration the uniform planner gives every agent."""
+
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha / rank)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    targets: list[str] = Field(["query", "value"],
+                               description="module name suffixes that get LoRA, or 'all' for every candidate")
+
+    @field_validator("targets")
+    @classmethod
+    def _nonempty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one module suffix")
+        return value
+
+
+class TrainingSection(_Section):
+    """Local work per round."""
+
+    batch_size: int = Field(16, ge=1, description="samples per optimizer step")
+    local_epochs: int = Field(1, ge=1, description="passes over the local data per round")
+    max_steps: int = Field(0, ge=0, description="cap on steps per round, 0 = none")
+    learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_seq_len: int = Field(64, ge=8, description="tokens per sample")
+    quantization: Literal["none", "int8", "nf4"] = Field("none", description="precision of the frozen base")
+
+
+class EvaluationSection(_Section):
+    """Evaluation of each global adapter."""
+
+    agents: bool = Field(True, description="ask agents to evaluate each global on their validation split")
+    heldout: str | None = Field(None, description="held-out CSV/JSONL, 'embedded' for the 1,000 reserved tweets")
+    model_path: str = Field(EMBEDDED, description="base model for held-out evaluation")
+    text_column: str = Field(EMBEDDED_TEXT_COLUMN, description="text column of the held-out file")
+    label_column: str = Field(EMBEDDED_LABEL_COLUMN, description="label column of the held-out file")
+    max_samples: int = Field(0, ge=0, description="cap on held-out samples, 0 = all")
+    initial: bool = Field(True, description="also evaluate the untrained round-0 adapter")
+
+
+class CoordinatorConfig(BaseSettings):
+    """Everything fedpipe-coordinator reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEDPIPE_COORDINATOR_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    labels: list[str] = Field(list(EMBEDDED_LABELS), description="class names; agents must report the same")
+    planner: Literal["uniform"] = Field("uniform", description="how per-agent plans are made")
+    strategy: Literal["rank-padding", "fedavg"] = Field("rank-padding", description="aggregation strategy")
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
+    server: ServerSection = ServerSection()
+    metrics: MetricsSection = MetricsSection()
+    run: RunSection = RunSection()
+    lora: LoraSection = LoraSection()
+    training: TrainingSection = TrainingSection()
+    evaluation: EvaluationSection = EvaluationSection()
+
+    @field_validator("labels")
+    @classmethod
+    def _two_labels(cls, value: list[str]) -> list[str]:
+        if len(value) < 2 or len(set(value)) != len(value):
+            raise ValueError("needs at least two distinct labels")
+        return value

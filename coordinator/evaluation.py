@@ -1,0 +1,71 @@
+"""Evaluation hook: loss and accuracy of a global adapter on a held-out file, at full precision.
+
+Optional: a coordinator without a held-out file never imports transformers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import replace
+from typing import Any, Protocol
+
+import torch
+
+from common.adapters import GlobalAdapter, broadcast_tensors
+from common.data import DataSource, Example, embedded_split, load_examples
+from common.types import Evaluation, ModelSpec, TrainPlan
+
+log = logging.getLogger(__name__)
+
+
+class Evaluator(Protocol):
+    """Anything that scores a global adapter."""
+
+    def __call__(self, global_: GlobalAdapter, template: TrainPlan, spec: ModelSpec) -> Evaluation: ...
+
+
+class HeldOutEvaluator:
+    """Scores globals on a held-out set; the base model and data load on first use and stay."""
+
+    def __init__(self, model_path: str, source: DataSource, max_samples: int, threads: int = 0) -> None:
+        self.model_path = model_path
+        self.source = source
+        self.max_samples = max_samples
+        self.threads = threads
+        self._examples: list[Example] | None = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+
+    def examples(self) -> list[Example]:
+        """The held-out examples (the embedded corpus's reserved 1,000, or the whole file)."""
+        if self._examples is None:
+            if self.source.path == "embedded":
+                examples = embedded_split(self.source)[1]
+            else:
+                examples = load_examples(self.source)
+            self._examples = examples[: self.max_samples] if self.max_samples else examples
+        return self._examples
+
+    def __call__(self, global_: GlobalAdapter, template: TrainPlan, spec: ModelSpec) -> Evaluation:
+        """Loss and accuracy of global_ at its own ranks, on CPU in fp32."""
+        from common.modeling import AdaptedModel, evaluate, load_base, load_tokenizer, resolve_model_path
+        from common.types import Quantization
+
+        with self._lock:
+            start = time.perf_counter()
+            device = torch.device("cpu")
+            if self._model is None:
+                path = resolve_model_path(self.model_path)
+                self._tokenizer = load_tokenizer(path)
+                self._model = AdaptedModel(load_base(path, spec.labels, Quantization.NONE, device))
+            ranks = global_.ranks()
+            plan = replace(template, target_modules=tuple(ranks), rank_pattern=ranks, lora_dropout=0.0,
+                           quantization=Quantization.NONE)
+            self._model.ensure(plan)
+            self._model.load(broadcast_tensors(global_, plan, spec))
+            result = evaluate(self._model.model, self._tokenizer, self.examples(), plan.max_seq_len, device)
+            log.info("held-out evaluation of round %d: %.1fs", global_.round, time.perf_counter() - start)
+            return result

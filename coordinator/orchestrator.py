@@ -1,0 +1,443 @@
+"""The round loop, and the domain calls the gRPC servicer delegates to.
+
+One run: wait for agents -> round-0 global -> per round: plan, hand out TRAIN tasks, collect uploads
+until all arrived or the deadline, aggregate, checkpoint, hand out EVALUATE tasks -> finish.
+Agents only ever see tasks; every decision is taken here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from common.adapters import GlobalAdapter, broadcast_tensors, check_tensors, expected_tensors, fold_update
+from common.adapters import init_global as make_initial
+from common.adapters import lora_parameter_count
+from common.errors import AlreadyUploaded, InvalidArgument, NotReady, StaleRound, UnknownAgent
+from common.metrics import CoordinatorMetrics
+from common.types import (
+    AdapterUpdate,
+    DeviceProfile,
+    Evaluation,
+    ModelSpec,
+    RoundResult,
+    Task,
+    TaskKind,
+    TensorInfo,
+    TrainPlan,
+    UpdateMeta,
+)
+from coordinator.checkpoint import Checkpoint, plan_record
+from coordinator.config import CoordinatorConfig
+from coordinator.evaluation import Evaluator
+from coordinator.planner import PlanOptions
+from coordinator.registry import Registry
+from coordinator.strategy import Strategy
+
+log = logging.getLogger(__name__)
+
+Planner = Callable[[Mapping[str, DeviceProfile], ModelSpec, PlanOptions, int], dict[str, TrainPlan]]
+POLL_S = 1.0  # how often waiting loops re-check liveness
+
+
+class RunAborted(Exception):
+    """The run cannot go on (too few agents); the message says why."""
+
+
+@dataclass(frozen=True)
+class RegisterInfo:
+    """What a registering agent is told."""
+
+    run_id: str
+    heartbeat_interval_s: float
+    chunk_bytes: int
+
+
+def weighted_evaluation(reports: Mapping[str, Evaluation]) -> Evaluation | None:
+    """Size-weighted mean of agents' evaluations; None when no agent reported any sample."""
+    total = sum(r.samples for r in reports.values())
+    if total == 0:
+        return None
+    return Evaluation(
+        loss=sum(r.loss * r.samples for r in reports.values()) / total,
+        accuracy=sum(r.accuracy * r.samples for r in reports.values()) / total,
+        samples=total,
+    )
+
+
+class Orchestrator:
+    """Owns the run state; thread-safe. The servicer calls the public methods, run() drives rounds."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        registry: Registry,
+        planner: Planner,
+        options: PlanOptions,
+        strategy: Strategy,
+        metrics: CoordinatorMetrics,
+        base_path: str,
+        evaluator: Evaluator | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.planner = planner
+        self.options = options
+        self.strategy = strategy
+        self.metrics = metrics
+        self.base_path = base_path
+        self.evaluator = evaluator
+        self.run_id = uuid.uuid4().hex[:12]
+        self.cond = threading.Condition()
+        self.phase = "registering"  # registering | training | aggregating | evaluating | finished
+        self.round = 0
+        self.global_: GlobalAdapter | None = None
+        self.plans: dict[str, TrainPlan] = {}  # the open training round's plans
+        self.updates: dict[str, AdapterUpdate] = {}
+        self.eval_plans: dict[str, TrainPlan] = {}  # plans of agents asked to evaluate the global
+        self.eval_reports: dict[str, Evaluation] = {}
+        self.finished_seen: set[str] = set()
+        self.results: list[RoundResult] = []
+        self.checkpoint: Checkpoint | None = None
+
+    # ------------------------------------------------------------------ calls from agents
+
+    def register(self, agent_id: str, profile: DeviceProfile, spec: ModelSpec) -> RegisterInfo:
+        """Add an agent (ModelMismatch if its model differs); it joins the next round."""
+        new = self.registry.register(agent_id, profile, spec)
+        self.metrics.agents_registered.set(len(self.registry.all()))
+        self.metrics.agent_flops.labels(agent_id).set(profile.flops_per_s)
+        self.metrics.agent_memory.labels(agent_id).set(profile.total_memory_bytes)
+        log.info("agent %s %s: %s, %.1f GiB, %.2f GFLOP/s, %d samples", agent_id,
+                 "registered" if new else "re-registered", profile.device, profile.total_memory_bytes / 2**30,
+                 profile.flops_per_s / 1e9, profile.num_train_samples)
+        with self.cond:
+            self.cond.notify_all()
+        return RegisterInfo(self.run_id, self.config.run.heartbeat_interval_s, self.config.server.chunk_bytes)
+
+    def heartbeat(self, agent_id: str, state: str) -> tuple[bool, int]:
+        """(known, current round); an unknown agent is told to register again."""
+        try:
+            self.registry.heartbeat(agent_id, state)
+        except UnknownAgent:
+            return False, self.round
+        return True, self.round
+
+    def get_task(self, agent_id: str, wait_s: float) -> Task:
+        """The agent's next task, waiting up to wait_s (capped at 30 s) while there is none."""
+        self.registry.touch(agent_id)
+        end = time.monotonic() + min(max(wait_s, 0.0), 30.0)
+        with self.cond:
+            while True:
+                task = self._task_for(agent_id)
+                remaining = end - time.monotonic()
+                if task.kind is not TaskKind.WAIT or remaining <= 0:
+                    if task.kind is TaskKind.FINISHED:
+                        self.finished_seen.add(agent_id)
+                        self.cond.notify_all()
+                    return task
+                self.cond.wait(remaining)
+
+    def _task_for(self, agent_id: str) -> Task:
+        if self.phase == "finished":
+            return Task(TaskKind.FINISHED, round=self.round, message="the run is complete")
+        assert self.global_ is not None or self.phase == "registering"
+        if self.phase == "training" and agent_id in self.plans and agent_id not in self.updates:
+            assert self.global_ is not None
+            return Task(TaskKind.TRAIN, round=self.round, global_round=self.global_.round, plan=self.plans[agent_id])
+        if self.phase == "evaluating" and agent_id in self.eval_plans and agent_id not in self.eval_reports:
+            assert self.global_ is not None
+            return Task(TaskKind.EVALUATE, round=self.global_.round, global_round=self.global_.round,
+                        plan=self.eval_plans[agent_id])
+        return Task(TaskKind.WAIT, round=self.round, retry_after_s=0.0, message=f"phase {self.phase}")
+
+    def global_for(self, agent_id: str, global_round: int, plan_id: str) -> dict[str, torch.Tensor]:
+        """The global adapter truncated to the agent's plan; StaleRound when it is not the current one."""
+        self.registry.touch(agent_id)
+        with self.cond:
+            global_ = self.global_
+            plan = self._plan_of(agent_id, plan_id)
+            spec = self.registry.spec
+        if global_ is None or spec is None:
+            raise NotReady("no global adapter yet")
+        if global_round != global_.round:
+            raise StaleRound(f"global round {global_round} is gone; the current one is {global_.round}")
+        tensors = broadcast_tensors(global_, plan, spec)
+        self.metrics.download_bytes.labels(agent_id).inc(sum(t.numel() * t.element_size() for t in tensors.values()))
+        return tensors
+
+    def _plan_of(self, agent_id: str, plan_id: str) -> TrainPlan:
+        for plans in (self.plans, self.eval_plans):
+            plan = plans.get(agent_id)
+            if plan is not None and plan.plan_id == plan_id:
+                return plan
+        raise StaleRound(f"plan {plan_id!r} is not current for agent {agent_id}")
+
+    def check_upload(self, meta: UpdateMeta, infos: list[TensorInfo]) -> None:
+        """Refuse an upload from its header alone, before its payload is read."""
+        self.registry.get(meta.agent_id)
+        with self.cond:
+            self._check_open(meta)
+            plan = self.plans[meta.agent_id]
+            spec = self.registry.spec
+        assert spec is not None
+        expected = expected_tensors(plan, spec)
+        declared = {info.name: info for info in infos}
+        for info in expected:
+            got = declared.get(info.name)
+            if got is None:
+                raise InvalidArgument("payload.tensors", f"missing {info.name}")
+            if got.shape != info.shape:
+                raise InvalidArgument(f"payload.tensors[{info.name}].shape", f"expected {info.shape}, got {got.shape}")
+            if got.dtype != info.dtype:
+                raise InvalidArgument(f"payload.tensors[{info.name}].dtype", f"expected {info.dtype}, got {got.dtype}")
+        extra = sorted(set(declared) - {info.name for info in expected})
+        if extra:
+            raise InvalidArgument("payload.tensors", f"not in the plan: {extra[:3]}")
+
+    def _check_open(self, meta: UpdateMeta) -> None:
+        if self.phase != "training" or meta.round != self.round:
+            open_round = self.round if self.phase == "training" else None
+            raise StaleRound(f"round {meta.round} is not open for uploads (open round: {open_round})")
+        if meta.agent_id not in self.plans:
+            raise StaleRound(f"agent {meta.agent_id} has no plan in round {self.round}; it joins the next")
+        if meta.plan_id != self.plans[meta.agent_id].plan_id:
+            raise InvalidArgument("plan_id", f"{meta.plan_id!r} is not this round's plan for {meta.agent_id}")
+        if meta.agent_id in self.updates:
+            raise AlreadyUploaded(f"agent {meta.agent_id} already uploaded round {self.round}")
+        if meta.samples == 0:
+            raise InvalidArgument("samples", "must be positive: an update with no samples has no weight")
+
+    def accept_update(self, update: AdapterUpdate) -> str:
+        """Validate every tensor against the plan and keep the update for this round's aggregation."""
+        with self.cond:
+            self._check_open(update.meta)
+            plan = self.plans[update.meta.agent_id]
+            spec = self.registry.spec
+        assert spec is not None
+        check_tensors(update.tensors, expected_tensors(plan, spec))
+        with self.cond:
+            self._check_open(update.meta)  # the round may have closed while tensors were checked
+            self.updates[update.meta.agent_id] = update
+            count, planned = len(self.updates), len(self.plans)
+            self.cond.notify_all()
+        agent = update.meta.agent_id
+        nbytes = sum(t.numel() * t.element_size() for t in update.tensors.values())
+        self.metrics.updates_accepted.labels(agent).inc()
+        self.metrics.upload_bytes.labels(agent).inc(nbytes)
+        self.metrics.agent_train_seconds.labels(agent).set(update.meta.train_seconds)
+        self.metrics.agent_samples.labels(agent).set(update.meta.samples)
+        self.metrics.agent_samples_per_second.labels(agent).set(
+            update.meta.samples / max(update.meta.train_seconds, 1e-9))
+        self.metrics.agent_peak_memory.labels(agent).set(update.meta.peak_memory_bytes)
+        log.info("round %d: update from %s accepted (%d samples, %.1fs, loss %.4f) [%d/%d]", update.meta.round,
+                 agent, update.meta.samples, update.meta.train_seconds, update.meta.train_loss, count, planned)
+        return f"accepted for round {update.meta.round} ({count}/{planned})"
+
+    def report_evaluation(self, agent_id: str, global_round: int, evaluation: Evaluation) -> None:
+        """Keep an agent's evaluation of the current global adapter."""
+        self.registry.touch(agent_id)
+        with self.cond:
+            if self.phase != "evaluating" or self.global_ is None or global_round != self.global_.round:
+                raise StaleRound(f"no evaluation of global round {global_round} is open")
+            if agent_id not in self.eval_plans:
+                raise StaleRound(f"agent {agent_id} was not asked to evaluate round {global_round}")
+            self.eval_reports[agent_id] = evaluation
+            self.cond.notify_all()
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        """Drive every round to the end; returns the run summary."""
+        cfg = self.config.run
+        log.info("waiting for %d agents (up to %.0fs)", cfg.min_agents, cfg.registration_timeout_s)
+        alive = self._await_agents()
+        spec = self.registry.spec
+        assert spec is not None
+        plans = self.planner({a: r.profile for a, r in alive.items()}, spec, self.options, 0)
+        template = next(iter(plans.values()))
+        self.checkpoint = Checkpoint(cfg.run_dir, self.base_path, template.lora_alpha, spec, template.modules_to_save)
+        resumed = self.checkpoint.load_state()
+        if resumed is not None:
+            log.info("resuming from %s after round %d", cfg.run_dir, resumed.round)
+            global_ = resumed
+        else:
+            global_ = make_initial(spec, _widest(plans), cfg.seed)
+            self.checkpoint.save_state(global_)
+        with self.cond:
+            self.global_ = global_
+        (cfg.run_dir / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
+        if resumed is None and self.config.evaluation.initial:
+            self.results.append(self._evaluate(0, plans, RoundResult(0, (), 0.0, 0)))
+        for round_ in range(global_.round + 1, cfg.rounds + 1):
+            self.results.append(self._train_round(round_))
+        return self._finish()
+
+    def _await_agents(self) -> dict[str, Any]:
+        cfg = self.config.run
+        alive = self.registry.wait_for(cfg.min_agents, cfg.registration_timeout_s, cfg.agent_timeout_s)
+        self.metrics.agents_alive.set(len(alive))
+        if len(alive) < cfg.min_agents:
+            raise RunAborted(f"only {len(alive)} of the {cfg.min_agents} agents needed are alive "
+                             f"after {cfg.registration_timeout_s:.0f}s")
+        return alive
+
+    def _train_round(self, round_: int) -> RoundResult:
+        cfg = self.config.run
+        alive = self._await_agents()
+        spec = self.registry.spec
+        assert spec is not None and self.global_ is not None and self.checkpoint is not None
+        plans = self.planner({a: r.profile for a, r in alive.items()}, spec, self.options, round_)
+        for agent, plan in plans.items():
+            self.metrics.plan_rank.labels(agent).set(max(plan.rank_pattern.values()))
+            self.metrics.plan_batch.labels(agent).set(plan.batch_size)
+            self.metrics.plan_bits.labels(agent).set(plan.quantization.bits)
+            self.metrics.plan_trainable.labels(agent).set(lora_parameter_count(plan.rank_pattern, spec))
+        start = time.monotonic()
+        deadline = start + cfg.round_deadline_s
+        with self.cond:
+            self.phase, self.round, self.plans, self.updates = "training", round_, plans, {}
+            self.cond.notify_all()
+        self.metrics.current_round.set(round_)
+        log.info("round %d/%d: training on %d agents: %s", round_, cfg.rounds, len(plans), ", ".join(sorted(plans)))
+        self._wait_until(lambda: len(self.updates) == len(self.plans), deadline, plans)
+        with self.cond:
+            self.phase = "aggregating"
+            updates = dict(self.updates)
+        dropped = tuple(sorted(set(plans) - set(updates)))
+        for agent in dropped:
+            self.metrics.stragglers.labels(agent).inc()
+        if len(updates) < cfg.min_agents:
+            self.metrics.rounds_failed.labels("too_few_updates").inc()
+            log.error("round %d: only %d of %d needed updates arrived by the deadline; global unchanged (missing %s)",
+                      round_, len(updates), cfg.min_agents, ", ".join(dropped))
+            return RoundResult(round_, tuple(sorted(updates)), time.monotonic() - start, 0, dropped=dropped)
+        folded = [fold_update(a, float(u.meta.samples), u.tensors, plans[a]) for a, u in sorted(updates.items())]
+        agg_start = time.perf_counter()
+        new_global, agg_metrics = self.strategy(self.global_, folded)
+        self.metrics.aggregation_duration.observe(time.perf_counter() - agg_start)
+        new_global = replace(new_global, round=round_)
+        report = {a: {"samples": u.meta.samples, "steps": u.meta.steps, "train_seconds": u.meta.train_seconds,
+                      "train_loss": u.meta.train_loss, "peak_memory_bytes": u.meta.peak_memory_bytes}
+                  for a, u in updates.items()}
+        self.checkpoint.save_round(new_global, plans, report)
+        with self.cond:
+            self.global_ = new_global
+        seconds = time.monotonic() - start
+        self.metrics.round_duration.observe(seconds)
+        self.metrics.rounds_completed.inc()
+        samples = sum(u.meta.samples for u in updates.values())
+        train_loss = sum(u.meta.train_loss * u.meta.samples for u in updates.values()) / samples
+        log.info("round %d: aggregated %d updates (%d samples, |dW| change %.4f) in %.2fs", round_, len(updates),
+                 samples, agg_metrics["delta_norm"], time.perf_counter() - agg_start)
+        result = RoundResult(round_, tuple(sorted(updates)), seconds, samples, train_loss=train_loss, dropped=dropped)
+        return self._evaluate(round_, plans, result)
+
+    def _wait_until(self, done: Callable[[], bool], deadline: float, expected: Mapping[str, object]) -> None:
+        """Wait for done() or the deadline; stop early once every outstanding agent is dead."""
+        timeout = self.config.run.agent_timeout_s
+        with self.cond:
+            while not done():
+                now = time.monotonic()
+                if now >= deadline:
+                    return
+                pending = set(expected) - set(self.updates if self.phase == "training" else self.eval_reports)
+                if pending and not pending & set(self.registry.alive(timeout)):
+                    log.warning("agents %s stopped beating; not waiting for them", ", ".join(sorted(pending)))
+                    return
+                self.cond.wait(min(POLL_S, deadline - now))
+
+    def _evaluate(self, round_: int, plans: Mapping[str, TrainPlan], result: RoundResult) -> RoundResult:
+        """Score the current global: held-out on this host, and validation splits on the agents."""
+        assert self.global_ is not None and self.registry.spec is not None
+        global_, spec = self.global_, self.registry.spec
+        heldout: list[Evaluation] = []
+        worker: threading.Thread | None = None
+        if self.evaluator is not None:
+            evaluator = self.evaluator
+            template = next(iter(plans.values()))
+            worker = threading.Thread(target=lambda: heldout.append(evaluator(global_, template, spec)),
+                                      name="heldout-eval", daemon=True)
+            worker.start()
+        agents_eval = None
+        if self.config.evaluation.agents:
+            alive = set(self.registry.alive(self.config.run.agent_timeout_s))
+            with self.cond:
+                self.phase, self.eval_reports = "evaluating", {}
+                self.eval_plans = {a: p for a, p in plans.items() if a in alive}
+                self.cond.notify_all()
+            self._wait_until(lambda: len(self.eval_reports) == len(self.eval_plans),
+                             time.monotonic() + self.config.run.eval_deadline_s, self.eval_plans)
+            with self.cond:
+                reports = dict(self.eval_reports)
+                self.phase = "aggregating"
+            agents_eval = weighted_evaluation(reports)
+        if worker is not None:
+            worker.join()
+        result = replace(result, heldout=heldout[0] if heldout else None, agents_eval=agents_eval)
+        for source, evaluation in (("heldout", result.heldout), ("agents", agents_eval)):
+            if evaluation is not None:
+                self.metrics.global_accuracy.labels(source).set(evaluation.accuracy)
+                self.metrics.global_loss.labels(source).set(evaluation.loss)
+        log.info("%s", round_line(result, self.config.run.rounds))
+        self._append_round_record(result)
+        return result
+
+    def _append_round_record(self, result: RoundResult) -> None:
+        path = self.config.run.run_dir / "rounds.jsonl"
+        with path.open("a") as handle:
+            handle.write(json.dumps(asdict(result), default=str) + "\n")
+
+    def _finish(self) -> dict[str, Any]:
+        assert self.global_ is not None and self.checkpoint is not None
+        final_eval = (self.results[-1].heldout or self.results[-1].agents_eval) if self.results else None
+        summary = {
+            "run_id": self.run_id,
+            "rounds": [asdict(r) for r in self.results],
+            "final_round": self.global_.round,
+            "final_accuracy": final_eval.accuracy if final_eval else None,
+            "final_loss": final_eval.loss if final_eval else None,
+            "final_source": "heldout" if self.results and self.results[-1].heldout else "agents",
+            "plans": {a: plan_record(p) for a, p in self.plans.items()},
+        }
+        final = self.checkpoint.finalize(self.global_, summary)
+        log.info("run complete: final adapter in %s", final)
+        with self.cond:
+            self.phase = "finished"
+            self.cond.notify_all()
+            # Let agents hear FINISHED before the server goes away.
+            end = time.monotonic() + self.config.run.finish_grace_s
+            while time.monotonic() < end and not set(self.registry.alive(self.config.run.agent_timeout_s)) <= \
+                    self.finished_seen:
+                self.cond.wait(min(POLL_S, end - time.monotonic()))
+        return summary
+
+
+def _widest(plans: Mapping[str, TrainPlan]) -> TrainPlan:
+    """A plan over the union of modules at each module's largest planned rank (the round-0 global's layout)."""
+    first = next(iter(plans.values()))
+    ranks: dict[str, int] = {}
+    for plan in plans.values():
+        for module, rank in plan.rank_pattern.items():
+            ranks[module] = max(rank, ranks.get(module, 0))
+    return replace(first, target_modules=tuple(ranks), rank_pattern=ranks)
+
+
+def round_line(result: RoundResult, rounds: int) -> str:
+    """The one line per round an operator reads."""
+    parts = [f"round {result.round}/{rounds}", f"agents {len(result.agents)}", f"{result.seconds:.1f}s"]
+    if result.heldout is not None:
+        parts.append(f"held-out accuracy {result.heldout.accuracy:.3f} loss {result.heldout.loss:.4f}")
+    if result.agents_eval is not None:
+        parts.append(f"agents' validation accuracy {result.agents_eval.accuracy:.3f}")
+    if result.dropped:
+        parts.append(f"dropped {','.join(result.dropped)}")
+    return " | ".join(parts)

@@ -1,0 +1,134 @@
+"""gRPC edge of the coordinator: translate each request, call one domain function, translate back.
+
+Errors map through common.rpc's status table; unexpected ones become INTERNAL with a logged traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from common import serde
+from common.errors import FedPipeError, InvalidArgument
+from common.metrics import CoordinatorMetrics
+from common.rpc import status_for
+from common.types import AdapterUpdate
+from coordinator.config import ServerSection
+from coordinator.orchestrator import Orchestrator
+from fedpipe.v1 import fedpipe_pb2 as pb
+from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+REJECT_REASONS = {  # bounded label values for fedpipe_updates_rejected_total
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.DATA_LOSS: "integrity",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "too_large",
+    grpc.StatusCode.NOT_FOUND: "unknown_agent",
+    grpc.StatusCode.FAILED_PRECONDITION: "stale",
+    grpc.StatusCode.ALREADY_EXISTS: "duplicate",
+}
+
+
+def mapped(method: F) -> F:
+    """Turn domain errors into gRPC statuses (the one table in common.rpc)."""
+
+    @functools.wraps(method)
+    def wrapper(self: CoordinatorServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except FedPipeError as err:
+            code = status_for(err)
+            if method.__name__ == "UploadUpdate":
+                self.metrics.updates_rejected.labels(REJECT_REASONS.get(code, "other")).inc()
+            log.warning("%s refused: %s %s", method.__name__, code.name, err)
+            context.abort(code, str(err))
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error (see coordinator log)")
+
+    return wrapper  # type: ignore[return-value]
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """fedpipe.v1.Coordinator over an Orchestrator."""
+
+    def __init__(self, orchestrator: Orchestrator, limits: ServerSection, metrics: CoordinatorMetrics) -> None:
+        self.orchestrator = orchestrator
+        self.limits = limits
+        self.metrics = metrics
+
+    @mapped
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
+        if not request.agent_id:
+            raise InvalidArgument("agent_id", "empty")
+        if not request.HasField("profile") or not request.HasField("model"):
+            raise InvalidArgument("profile" if not request.HasField("profile") else "model", "missing")
+        info = self.orchestrator.register(
+            request.agent_id, serde.profile_from_pb(request.profile), serde.spec_from_pb(request.model)
+        )
+        return pb.RegisterResponse(run_id=info.run_id, heartbeat_interval_s=info.heartbeat_interval_s,
+                                   chunk_bytes=info.chunk_bytes)
+
+    @mapped
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        known, round_ = self.orchestrator.heartbeat(request.agent_id, request.state)
+        return pb.HeartbeatResponse(known=known, current_round=round_)
+
+    @mapped
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.GetTaskResponse:
+        return serde.task_to_pb(self.orchestrator.get_task(request.agent_id, request.wait_s))
+
+    @mapped
+    def DownloadGlobal(
+        self, request: pb.DownloadGlobalRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.DownloadGlobalResponse]:
+        tensors = self.orchestrator.global_for(request.agent_id, request.global_round, request.plan_id)
+        header, payload = serde.encode_payload(tensors)
+        return _download_stream(header, payload, self.limits.chunk_bytes)
+
+    @mapped
+    def UploadUpdate(
+        self, request_iterator: Iterator[pb.UploadUpdateRequest], context: grpc.ServicerContext
+    ) -> pb.UploadUpdateResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("header", "an upload must start with its header")
+        meta = serde.update_meta_from_pb(first.header)
+        infos = serde.tensor_infos(first.header.payload)
+        self.orchestrator.check_upload(meta, infos)
+        tensors = serde.decode_payload(
+            first.header.payload,
+            _chunks(request_iterator),
+            self.limits.max_upload_bytes,
+            self.limits.max_chunk_bytes,
+        )
+        message = self.orchestrator.accept_update(AdapterUpdate(meta=meta, tensors=tensors))
+        return pb.UploadUpdateResponse(accepted=True, round=meta.round, message=message)
+
+    @mapped
+    def ReportEvaluation(
+        self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
+    ) -> pb.ReportEvaluationResponse:
+        evaluation = serde.evaluation_from_pb(request)
+        self.orchestrator.report_evaluation(request.agent_id, request.global_round, evaluation)
+        return pb.ReportEvaluationResponse()
+
+
+def _download_stream(header: pb.PayloadHeader, payload: bytes, chunk_bytes: int) -> Iterator[pb.DownloadGlobalResponse]:
+    yield pb.DownloadGlobalResponse(header=header)
+    for chunk in serde.chunked(payload, chunk_bytes):
+        yield pb.DownloadGlobalResponse(chunk=chunk)
+
+
+def _chunks(messages: Iterator[pb.UploadUpdateRequest]) -> Iterator[bytes]:
+    for index, message in enumerate(messages, start=1):
+        if message.WhichOneof("part") != "chunk":
+            raise InvalidArgument(f"message[{index}]", "only chunks may follow the header")
+        yield message.chunk

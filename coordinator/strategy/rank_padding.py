@@ -1,0 +1,75 @@
+"""FedPipe's default aggregation: zero-pad folded LoRA factors to one rank, average per rank slot.
+
+Per module m, only the agents that trained m take part. Every update is already folded (B carries
+alpha / r, see common.adapters), so all dW share one scale. A (r_i x d_in) and B (d_out x r_i) are
+padded to R = max(global rank, r_i), and slot j of the new global is the sample-weighted mean over
+the agents with r_i > j; a slot no agent covers keeps its global value. With equal ranks and weights
+this is exactly FedAvg of A and B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from common.adapters import FoldedUpdate, GlobalAdapter, LoraPair, pad_rank
+from coordinator.strategy.weighted import average_heads, total_weight, update_norm, weighted_mean
+
+
+def aggregate_module(
+    current: LoraPair | None, pairs: Sequence[LoraPair], weights: Sequence[float]
+) -> LoraPair:
+    """Rank-padded, per-slot weighted mean of one module's pairs."""
+    rank = max([pair.rank for pair in pairs] + ([current.rank] if current is not None else []))
+    base = pad_rank(current, rank) if current is not None else None
+    a_rows: list[torch.Tensor] = []
+    b_cols: list[torch.Tensor] = []
+    for slot in range(rank):
+        covering = [(pair, w) for pair, w in zip(pairs, weights, strict=True) if pair.rank > slot]
+        if not covering:
+            assert base is not None  # rank exceeds every pair's only through the global's rank
+            a_rows.append(base.a[slot])
+            b_cols.append(base.b[:, slot])
+            continue
+        slot_weights = [w for _, w in covering]
+        a_rows.append(weighted_mean([pair.a[slot] for pair, _ in covering], slot_weights))
+        b_cols.append(weighted_mean([pair.b[:, slot] for pair, _ in covering], slot_weights))
+    return LoraPair(a=torch.stack(a_rows), b=torch.stack(b_cols, dim=1))
+
+
+def aggregate(
+    global_: GlobalAdapter, updates: Sequence[FoldedUpdate]
+) -> tuple[GlobalAdapter, dict[str, float]]:
+    """New global adapter from the updates of one round; modules nobody trained keep their value."""
+    total = total_weight(updates)
+    # A zero-sample update has no say; kept in, it alone could cover a slot or head and divide 0 by 0.
+    updates = [update for update in updates if update.weight > 0]
+    lora = dict(global_.lora)
+    modules = sorted({module for update in updates for module in update.lora})
+    for module in modules:
+        holders = [update for update in updates if module in update.lora]
+        lora[module] = aggregate_module(
+            global_.lora.get(module), [u.lora[module] for u in holders], [u.weight for u in holders]
+        )
+    heads = average_heads(global_.heads, updates)
+    new = GlobalAdapter(round=global_.round + 1, lora=lora, heads=heads)
+    metrics = {
+        "updates": float(len(updates)),
+        "samples": total,
+        "modules": float(len(modules)),
+        "max_rank": float(max((pair.rank for pair in lora.values()), default=0)),
+        "delta_norm": _delta_norm(global_, new),
+    }
+    return new, metrics
+
+
+def _delta_norm(before: GlobalAdapter, after: GlobalAdapter) -> float:
+    """Norm of the change in dW and heads, comparable across ranks."""
+    squared = 0.0
+    for module, pair in after.lora.items():
+        new_dw = pair.b @ pair.a
+        old = before.lora.get(module)
+        old_dw = old.b @ old.a if old is not None else torch.zeros_like(new_dw)
+        squared += float((new_dw.double() - old_dw.double()).pow(2).sum())
+    return float((squared + update_norm(before.heads, after.heads) ** 2) ** 0.5)

@@ -1,0 +1,52 @@
+"""Small arithmetic shared by the strategies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from common.adapters import FoldedUpdate
+
+
+def total_weight(updates: Sequence[FoldedUpdate]) -> float:
+    """Sum of update weights; ValueError when there is nothing to average or a weight is negative."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    negative = [update.agent_id for update in updates if update.weight < 0]
+    if negative:
+        raise ValueError(f"negative weight (samples) from {negative[:3]}")
+    total = sum(update.weight for update in updates)
+    if not total > 0:
+        raise ValueError("updates carry no samples (total weight 0)")
+    return float(total)
+
+
+def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """sum_i w_i x_i / sum_i w_i, accumulated in float64 so the order of agents does not matter."""
+    total = float(sum(weights))
+    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for tensor, weight in zip(tensors, weights, strict=True):
+        acc += tensor.to(torch.float64) * weight
+    return (acc / total).to(tensors[0].dtype)
+
+
+def average_heads(
+    current: Mapping[str, torch.Tensor], updates: Sequence[FoldedUpdate]
+) -> dict[str, torch.Tensor]:
+    """Per head tensor, the weighted mean over the updates that carry it; others keep their value."""
+    heads = dict(current)
+    names = {name for update in updates for name in update.heads}
+    for name in sorted(names):
+        holders = [update for update in updates if name in update.heads]
+        heads[name] = weighted_mean([u.heads[name] for u in holders], [u.weight for u in holders])
+    return heads
+
+
+def update_norm(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of the change between two tensor maps over their common names."""
+    squared = 0.0
+    for name, value in after.items():
+        if name in before and before[name].shape == value.shape:
+            squared += float((value.double() - before[name].double()).pow(2).sum())
+    return float(squared**0.5)  # float ** float is Any to mypy

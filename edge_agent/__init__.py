@@ -1,0 +1,1 @@
+"""The FedPipe edge agent: profiles its device, trains LoRA locally on private data, uploads adapters."""

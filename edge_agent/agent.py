@@ -1,0 +1,149 @@
+"""The agent's loop: register, then poll for tasks and run them; no gRPC in here (see client.py)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+
+from common.errors import UnknownAgent
+from common.metrics import AgentMetrics
+from common.modeling import evaluate
+from common.types import DeviceProfile, Evaluation, ModelSpec, Task, TaskKind, UpdateMeta
+from edge_agent.data import LocalData
+from edge_agent.model import LocalModel
+from edge_agent.profiler import memory_in_use_bytes
+from edge_agent.trainer import train_local
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+UPLOAD_RESERVE_S = 2.0  # stop training this long before the deadline so the upload still makes it
+
+
+class Gateway(Protocol):
+    """What the agent needs from the coordinator; edge_agent.client.CoordinatorClient provides it."""
+
+    def register(self, profile: DeviceProfile, spec: ModelSpec, version: str) -> float: ...
+    def heartbeat(self, state: str) -> bool: ...
+    def get_task(self, wait_s: float) -> Task: ...
+    def download(self, global_round: int, plan_id: str) -> dict[str, torch.Tensor]: ...
+    def upload(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor]) -> str: ...
+    def report_evaluation(self, global_round: int, evaluation: Evaluation) -> None: ...
+
+
+class Agent:
+    """Runs tasks from the coordinator until it says the run is over."""
+
+    def __init__(
+        self,
+        agent_id: str,
+        gateway: Gateway,
+        model: LocalModel,
+        data: LocalData,
+        profile: DeviceProfile,
+        spec: ModelSpec,
+        metrics: AgentMetrics,
+        poll_wait_s: float = 10.0,
+        progress: str = "auto",
+    ) -> None:
+        self.agent_id = agent_id
+        self.gateway = gateway
+        self.model = model
+        self.data = data
+        self.profile = profile
+        self.spec = spec
+        self.metrics = metrics
+        self.poll_wait_s = poll_wait_s
+        self.progress = progress
+        self.state = "idle"
+        self.stop = threading.Event()
+        self.heartbeat_s = 5.0
+
+    def register(self) -> None:
+        """Announce this agent; retried inside the gateway while the coordinator is unreachable."""
+        self.heartbeat_s = self.gateway.register(self.profile, self.spec, VERSION) or self.heartbeat_s
+        self.metrics.ready.set(1)
+        log.info("registered with the coordinator (%d train / %d validation samples, %.2f GFLOP/s)",
+                 self.profile.num_train_samples, self.profile.num_val_samples, self.profile.flops_per_s / 1e9)
+
+    def run(self) -> None:
+        """Register, then run tasks until FINISHED; re-registers when the coordinator forgot us."""
+        self.register()
+        beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            while not self.stop.is_set():
+                try:
+                    task = self.gateway.get_task(self.poll_wait_s)
+                    if task.kind is TaskKind.FINISHED:
+                        log.info("the coordinator finished the run: %s", task.message or "done")
+                        return
+                    if task.kind is TaskKind.WAIT:
+                        if task.retry_after_s > 0:
+                            self.stop.wait(min(task.retry_after_s, self.poll_wait_s))
+                        continue
+                    self.execute(task)
+                except UnknownAgent:
+                    log.warning("the coordinator does not know this agent; registering again")
+                    self.register()
+        finally:
+            self.stop.set()
+
+    def execute(self, task: Task) -> None:
+        """Run one TRAIN or EVALUATE task."""
+        assert task.plan is not None
+        plan = task.plan
+        received = time.monotonic()
+        self.state = "loading"
+        adapted = self.model.prepare(plan)
+        adapted.load(self.gateway.download(task.global_round, plan.plan_id))
+        if task.kind is TaskKind.EVALUATE:
+            self.state = "evaluating"
+            result = evaluate(adapted.model, self.model.tokenizer, self.data.val, plan.max_seq_len, self.model.device)
+            self.gateway.report_evaluation(task.global_round, result)
+            self.metrics.eval_accuracy.set(result.accuracy)
+            log.info("round %d global: validation loss %.4f accuracy %.3f on %d samples", task.global_round,
+                     result.loss, result.accuracy, result.samples)
+            self.state = "idle"
+            return
+        self.state = "training"
+        deadline = received + plan.deadline_s - UPLOAD_RESERVE_S
+        trained = train_local(
+            adapted.model, self.model.tokenizer, self.data.train, plan, self.model.device, deadline,
+            self.progress, on_step=self._count_step,
+        )
+        tensors = adapted.extract()
+        meta = UpdateMeta(
+            agent_id=self.agent_id, round=task.round, plan_id=plan.plan_id, samples=trained.samples,
+            steps=trained.steps, train_seconds=trained.seconds, train_loss=trained.mean_loss,
+            peak_memory_bytes=trained.peak_memory_bytes,
+        )
+        self.state = "uploading"
+        message = self.gateway.upload(meta, tensors)
+        self.metrics.rounds.inc()
+        self.metrics.loss.set(trained.mean_loss)
+        self.metrics.train_seconds.set(trained.seconds)
+        self.metrics.samples_per_second.set(trained.samples / max(trained.seconds, 1e-9))
+        self.metrics.peak_memory.set(trained.peak_memory_bytes)
+        self.metrics.device_memory.set(memory_in_use_bytes(self.model.device))
+        log.info("round %d: trained %d steps / %d samples in %.1fs, loss %.4f, peak %.0f MiB; %s", task.round,
+                 trained.steps, trained.samples, trained.seconds, trained.mean_loss,
+                 trained.peak_memory_bytes / 2**20, message)
+        self.state = "idle"
+
+    def _count_step(self, samples: int, loss: float) -> None:
+        self.metrics.steps.inc()
+        self.metrics.samples.inc(samples)
+
+    def _heartbeats(self) -> None:
+        while not self.stop.wait(self.heartbeat_s):
+            try:
+                if not self.gateway.heartbeat(self.state):
+                    log.warning("heartbeat: the coordinator does not know this agent")
+            except Exception as err:  # a missed beat is logged, never fatal
+                log.warning("heartbeat failed: %s", err)

@@ -1,0 +1,83 @@
+"""fedpipe-agent: parse config, load data, profile the device, build the model, run the agent loop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from common import logs
+from common.errors import ConfigError, FedPipeError
+from common.settings import build
+
+if TYPE_CHECKING:
+    from edge_agent.config import AgentConfig
+
+log = logging.getLogger("fedpipe.agent")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of fedpipe-agent; returns the exit code."""
+    from edge_agent.config import AgentConfig
+
+    try:
+        config = build(AgentConfig, sys.argv[1:] if argv is None else argv, "fedpipe-agent")
+    except ConfigError as err:
+        print(f"fedpipe-agent: config error: {err}", file=sys.stderr)
+        return 2
+    logs.setup(f"agent[{config.agent_id}]", config.log_format)
+    try:
+        return run(config)
+    except FedPipeError as err:
+        log.error("%s", err)
+        return 1
+
+
+def run(config: AgentConfig) -> int:
+    """Build every part from the config, then hand over to the agent loop."""
+    import torch
+
+    from common.metrics import AgentMetrics, serve
+    from common.modeling import compute_dtype, model_spec, pick_device, resolve_model_path
+    from edge_agent.agent import Agent
+    from edge_agent.client import CoordinatorClient
+    from edge_agent.data import load_local
+    from edge_agent.model import LocalModel
+    from edge_agent.profiler import profile
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    path = resolve_model_path(config.model.path)
+    labels = tuple(config.data.labels)
+    data = load_local(config.data)
+    spec = model_spec(path, labels, config.model.include_mlp)
+    measured = profile(device, compute_dtype(device), len(data.train), len(data.val))
+    log.info("device %s (%s): %.1f GiB, %.2f GFLOP/s %s, %d threads", measured.device, measured.device_name,
+             measured.total_memory_bytes / 2**30, measured.flops_per_s / 1e9, measured.compute_dtype,
+             measured.threads)
+    metrics = AgentMetrics()
+    if config.metrics.port >= 0:
+        port = serve(metrics.registry, config.metrics.host, config.metrics.port)
+        log.info("metrics on http://%s:%d/metrics", config.metrics.host, port)
+    model = LocalModel(path, labels, device)
+    client = CoordinatorClient(config.coordinator, config.agent_id, metrics)
+    agent = Agent(config.agent_id, client, model, data, measured, spec, metrics, config.poll_wait_s, config.progress)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping after the current step", signum)
+        agent.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        agent.run()
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The agent's only gRPC user: typed calls, retries with backoff, chunked upload and download."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
+
+import grpc
+import torch
+
+from common import serde
+from common.errors import FedPipeError, UnknownAgent
+from common.metrics import AgentMetrics
+from common.rpc import RetryPolicy, make_channel
+from common.types import DeviceProfile, Evaluation, ModelSpec, Task, UpdateMeta
+from fedpipe.v1 import fedpipe_pb2 as pb
+from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+MAX_DOWNLOAD_BYTES = 1 << 31  # the global adapter of a 70B model at rank 64 all-linear is far below this
+
+
+class RejectedError(FedPipeError):
+    """The coordinator refused a call for a reason other than transport trouble."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class CoordinatorClient:
+    """Typed access to the coordinator's service for one agent."""
+
+    def __init__(self, address: str, agent_id: str, metrics: AgentMetrics, retry: RetryPolicy | None = None) -> None:
+        self.agent_id = agent_id
+        self.metrics = metrics
+        self.retry = retry or RetryPolicy()
+        self.channel = make_channel(address)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.chunk_bytes = serde.DEFAULT_CHUNK_BYTES
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def _retrying(self, method: str) -> Callable[[], None]:
+        """A callback that counts one retry of method."""
+        return lambda: self.metrics.rpc_retries.labels(method).inc()
+
+    def register(self, profile: DeviceProfile, spec: ModelSpec, version: str) -> float:
+        """Register; returns the heartbeat interval the coordinator asks for."""
+        request = pb.RegisterRequest(
+            agent_id=self.agent_id, profile=serde.profile_to_pb(profile), model=serde.spec_to_pb(spec),
+            agent_version=version,
+        )
+        response = _translate(
+            lambda: self.retry.call(lambda: self.stub.Register(request, timeout=30), "register",
+                                    self._retrying("Register"))
+        )
+        if response.chunk_bytes:
+            self.chunk_bytes = int(response.chunk_bytes)
+        return float(response.heartbeat_interval_s)
+
+    def heartbeat(self, state: str) -> bool:
+        """One heartbeat; False when the coordinator no longer knows this agent."""
+        request = pb.HeartbeatRequest(agent_id=self.agent_id, state=state)
+        response = self.stub.Heartbeat(request, timeout=10)
+        return bool(response.known)
+
+    def get_task(self, wait_s: float) -> Task:
+        """Long-poll for the next task."""
+        request = pb.GetTaskRequest(agent_id=self.agent_id, wait_s=wait_s)
+        response = _translate(
+            lambda: self.retry.call(lambda: self.stub.GetTask(request, timeout=wait_s + 30), "get task",
+                                    self._retrying("GetTask"))
+        )
+        return serde.task_from_pb(response)
+
+    def download(self, global_round: int, plan_id: str) -> dict[str, torch.Tensor]:
+        """The global adapter for this agent's plan, reassembled and checksum-verified."""
+        request = pb.DownloadGlobalRequest(agent_id=self.agent_id, global_round=global_round, plan_id=plan_id)
+
+        def fetch() -> dict[str, torch.Tensor]:
+            start = time.perf_counter()
+            stream = self.stub.DownloadGlobal(request, timeout=300)
+            first = next(stream)
+            if first.WhichOneof("part") != "header":
+                raise RejectedError(grpc.StatusCode.DATA_LOSS, "download did not start with a header")
+            tensors = serde.decode_payload(
+                first.header, (m.chunk for m in stream), MAX_DOWNLOAD_BYTES, serde.DEFAULT_CHUNK_BYTES * 2
+            )
+            self.metrics.download_bytes.inc(first.header.total_bytes)
+            self.metrics.download_seconds.inc(time.perf_counter() - start)
+            return tensors
+
+        return _translate(lambda: self.retry.call(fetch, "download", self._retrying("DownloadGlobal")))
+
+    def upload(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor]) -> str:
+        """Stream the update as a header and chunks; returns the coordinator's message."""
+        header, payload = serde.encode_payload(tensors)
+
+        def messages() -> Iterator[pb.UploadUpdateRequest]:
+            yield pb.UploadUpdateRequest(header=serde.update_header_to_pb(meta, header))
+            for chunk in serde.chunked(payload, self.chunk_bytes):
+                yield pb.UploadUpdateRequest(chunk=chunk)
+
+        def send() -> pb.UploadUpdateResponse:
+            start = time.perf_counter()
+            response: pb.UploadUpdateResponse = self.stub.UploadUpdate(messages(), timeout=300)
+            self.metrics.upload_bytes.inc(len(payload))
+            self.metrics.upload_seconds.inc(time.perf_counter() - start)
+            return response
+
+        response = _translate(lambda: self.retry.call(send, "upload", self._retrying("UploadUpdate")))
+        return str(response.message)
+
+    def report_evaluation(self, global_round: int, evaluation: Evaluation) -> None:
+        """Send the loss and accuracy of a global adapter on the local validation split."""
+        request = pb.ReportEvaluationRequest(
+            agent_id=self.agent_id, global_round=global_round, loss=evaluation.loss,
+            accuracy=evaluation.accuracy, samples=evaluation.samples,
+        )
+        _translate(lambda: self.retry.call(lambda: self.stub.ReportEvaluation(request, timeout=30), "report",
+                                           self._retrying("ReportEvaluation")))
+
+
+def _translate(fn: Callable[[], T]) -> T:
+    """Run a call; NOT_FOUND becomes UnknownAgent, other refusals RejectedError with the server's reason."""
+    try:
+        return fn()
+    except grpc.RpcError as err:
+        if not isinstance(err, grpc.Call):
+            raise
+        code, details = err.code(), err.details() or ""
+        if code == grpc.StatusCode.NOT_FOUND:
+            raise UnknownAgent(details) from err
+        raise RejectedError(code, details) from err

@@ -1,0 +1,98 @@
+"""fedpipe-agent's one config class: flags > FEDPIPE_AGENT_* env > --config YAML > defaults."""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.data import EMBEDDED, EMBEDDED_LABEL_COLUMN, EMBEDDED_LABELS, EMBEDDED_TEXT_COLUMN
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    """The base model."""
+
+    path: str = Field(EMBEDDED, description="model directory, or 'embedded' for MiniLM-L6")
+    include_mlp: bool = Field(False, description="offer MLP projections as LoRA candidates")
+
+
+class DataSection(_Section):
+    """The agent's private data."""
+
+    path: str = Field(EMBEDDED, description="CSV or JSONL file, or 'embedded' for the tweet corpus")
+    text_column: str = Field(EMBEDDED_TEXT_COLUMN, description="column holding the text")
+    label_column: str = Field(EMBEDDED_LABEL_COLUMN, description="column holding the label")
+    labels: list[str] = Field(list(EMBEDDED_LABELS), description="label names in class-index order")
+    shard: str = Field("1/1", description="take shard i of n (1-based), e.g. 2/3")
+    label_skew: float | None = Field(None, gt=0, description="Dirichlet alpha for non-IID shards; none = IID")
+    max_samples: int = Field(0, ge=0, description="cap on the shard's size, 0 = all")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of the shard kept for validation")
+    seed: int = Field(0, description="seed of the shard partition; equal on all agents of a run")
+
+    @field_validator("shard")
+    @classmethod
+    def _shard_format(cls, value: str) -> str:
+        match = re.fullmatch(r"(\d+)/(\d+)", value)
+        if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+            raise ValueError("must be i/n with 1 <= i <= n, e.g. 2/3")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _two_labels(cls, value: list[str]) -> list[str]:
+        if len(value) < 2 or len(set(value)) != len(value):
+            raise ValueError("needs at least two distinct labels")
+        return value
+
+    def shard_index(self) -> tuple[int, int]:
+        """(0-based index, count) of the shard."""
+        index, count = (int(part) for part in self.shard.split("/"))
+        return index - 1, count
+
+
+class MetricsSection(_Section):
+    """Prometheus exposition."""
+
+    host: str = Field("127.0.0.1", description="address of the metrics HTTP server")
+    port: int = Field(0, ge=-1, le=65535, description="metrics port; 0 picks a free one, -1 turns it off")
+
+
+class AgentConfig(BaseSettings):
+    """Everything fedpipe-agent reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEDPIPE_AGENT_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    agent_id: str = Field(default_factory=lambda: f"agent-{socket.gethostname()}",
+                          description="unique name of this agent in the run")
+    coordinator: str = Field("127.0.0.1:50051", description="coordinator address host:port")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda:N'")
+    threads: int = Field(0, ge=0, description="torch CPU threads, 0 = torch's default")
+    poll_wait_s: float = Field(10.0, gt=0, description="how long one task poll may wait on the server")
+    log_format: Literal["text", "json"] = Field("text", description="log line format")
+    progress: Literal["auto", "bar", "lines", "off"] = Field("auto", description="training progress display")
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    metrics: MetricsSection = MetricsSection()
+
+    @field_validator("agent_id")
+    @classmethod
+    def _agent_id(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value):
+            raise ValueError("use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("coordinator")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not re.fullmatch(r"[^\s:]+:\d{1,5}|\[[0-9a-fA-F:]+\]:\d{1,5}", value):
+            raise ValueError("must be host:port")
+        return value

@@ -1,0 +1,43 @@
+"""The agent's model: the base loaded once at the planned quantization, with the plan's LoRA layout."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from typing import Any
+
+import torch
+
+from common.modeling import AdaptedModel, load_base, load_tokenizer
+from common.types import Quantization, TrainPlan
+
+log = logging.getLogger(__name__)
+
+
+class LocalModel:
+    """Keeps the base model across rounds; reloads it only when the plan's quantization changes."""
+
+    def __init__(self, path: str, labels: tuple[str, ...], device: torch.device) -> None:
+        self.path = path
+        self.labels = labels
+        self.device = device
+        self.tokenizer: Any = load_tokenizer(path)
+        self.quantization: Quantization | None = None
+        self.adapted: AdaptedModel | None = None
+
+    def prepare(self, plan: TrainPlan) -> AdaptedModel:
+        """The model for this plan, with its LoRA layout applied (tensors still to be loaded)."""
+        if self.adapted is None or plan.quantization is not self.quantization:
+            self.adapted = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            start = time.perf_counter()
+            base = load_base(self.path, self.labels, plan.quantization, self.device)
+            self.adapted = AdaptedModel(base)
+            self.quantization = plan.quantization
+            log.info("model: loaded %s at %s on %s in %.1fs", self.path, plan.quantization.value, self.device,
+                     time.perf_counter() - start)
+        self.adapted.ensure(plan)
+        return self.adapted

@@ -1,0 +1,138 @@
+"""One readable local training loop: shuffle, batch, forward, backward, clip, step, log."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.data import Example
+from common.modeling import encode
+from common.types import TrainPlan
+from edge_agent.profiler import peak_memory_bytes
+
+log = logging.getLogger(__name__)
+
+MAX_GRAD_NORM = 1.0  # clipping keeps one skewed local batch from throwing the adapter far off
+WARMUP_FRACTION = 0.1  # a short warm-up: every round starts a fresh AdamW with empty moments
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a local round did."""
+
+    samples: int  # samples actually processed (the aggregation weight)
+    steps: int
+    seconds: float
+    mean_loss: float
+    peak_memory_bytes: int
+    stopped_early: bool  # the deadline cut the planned work short
+
+
+def planned_steps(num_examples: int, plan: TrainPlan) -> int:
+    """Optimizer steps the plan asks for: local epochs over the data, capped by max_steps."""
+    steps = plan.local_epochs * math.ceil(num_examples / plan.batch_size)
+    return min(steps, plan.max_steps) if plan.max_steps > 0 else steps
+
+
+def train_local(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    plan: TrainPlan,
+    device: torch.device,
+    deadline: float,
+    progress: str = "auto",
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train the model's trainable tensors on examples per the plan, stopping at the deadline.
+
+    `deadline` is a time.monotonic() value; the loop stops before a step it could not finish in time,
+    judged by the mean step time so far, and reports the samples it actually processed.
+    """
+    total = planned_steps(len(examples), plan)
+    generator = torch.Generator().manual_seed(plan.seed)
+    torch.manual_seed(plan.seed)  # LoRA dropout
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
+    warmup = max(1, int(total * WARMUP_FRACTION))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = _Progress(progress, total, f"train {plan.plan_id}")
+    model.train()
+    start = time.perf_counter()
+    steps = samples = 0
+    loss_sum = 0.0
+    stopped_early = False
+    order: list[int] = []
+    while steps < total:
+        if not order:
+            order = torch.randperm(len(examples), generator=generator).tolist()
+        batch = [examples[i] for i in order[: plan.batch_size]]
+        order = order[plan.batch_size :]
+        elapsed = time.perf_counter() - start
+        if steps and time.monotonic() + elapsed / steps > deadline:
+            stopped_early = True
+            break
+        inputs = encode(tokenizer, batch, plan.max_seq_len, device)
+        loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        samples += len(batch)
+        loss_value = float(loss.detach())
+        loss_sum += loss_value
+        if on_step is not None:
+            on_step(len(batch), loss_value)
+        bar.update(steps, loss_sum / steps)
+    seconds = time.perf_counter() - start
+    bar.close()
+    if stopped_early:
+        log.warning("train: deadline reached after %d of %d steps", steps, total)
+    return TrainResult(
+        samples=samples,
+        steps=steps,
+        seconds=seconds,
+        mean_loss=loss_sum / steps if steps else float("nan"),
+        peak_memory_bytes=peak_memory_bytes(device),
+        stopped_early=stopped_early,
+    )
+
+
+class _Progress:
+    """A tqdm bar on a terminal, else a log line every 10% of the steps."""
+
+    def __init__(self, mode: str, total: int, label: str) -> None:
+        self.total = total
+        self.label = label
+        self.bar: Any = None
+        self.next_line = 0
+        self.mode = "bar" if mode == "bar" or (mode == "auto" and sys.stderr.isatty()) else mode
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit="step", leave=False)
+        self.start = time.perf_counter()
+
+    def update(self, step: int, mean_loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}")
+        elif self.mode != "off" and step >= self.next_line:
+            rate = step / max(time.perf_counter() - self.start, 1e-9)
+            log.info("%s: step %d/%d loss %.4f (%.2f steps/s)", self.label, step, self.total, mean_loss, rate)
+            self.next_line = step + max(1, self.total // 10)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
