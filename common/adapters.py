@@ -205,9 +205,7 @@ def broadcast_tensors(global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec) 
     return tensors
 
 
-def fold_update(
-    agent_id: str, weight: float, tensors: Mapping[str, torch.Tensor], plan: TrainPlan
-) -> FoldedUpdate:
+def fold_update(agent_id: str, weight: float, tensors: Mapping[str, torch.Tensor], plan: TrainPlan) -> FoldedUpdate:
     """An agent's uploaded tensors (canonical names, plan's ranks) in the folded convention."""
     lora: dict[str, LoraPair] = {}
     for module in plan.target_modules:

@@ -24,18 +24,20 @@ class CoordinatorMetrics:
         )
         self.current_round = Gauge("fedpipe_current_round", "Round in progress (0 before the first)", registry=r)
         self.round_duration = Histogram(
-            "fedpipe_round_duration_seconds", "Wall time of a round, tasks out to global saved",
-            buckets=ROUND_BUCKETS, registry=r,
+            "fedpipe_round_duration_seconds",
+            "Wall time of a round, tasks out to global saved",
+            buckets=ROUND_BUCKETS,
+            registry=r,
         )
         self.aggregation_duration = Histogram(
-            "fedpipe_aggregation_duration_seconds", "Time in the aggregation strategy", buckets=FAST_BUCKETS,
+            "fedpipe_aggregation_duration_seconds",
+            "Time in the aggregation strategy",
+            buckets=FAST_BUCKETS,
             registry=r,
         )
         self.agents_registered = Gauge("fedpipe_agents_registered", "Agents known to the registry", registry=r)
         self.agents_alive = Gauge("fedpipe_agents_alive", "Agents with a recent heartbeat", registry=r)
-        self.updates_accepted = Counter(
-            "fedpipe_updates_accepted", "Uploads aggregated", ["agent"], registry=r
-        )
+        self.updates_accepted = Counter("fedpipe_updates_accepted", "Uploads aggregated", ["agent"], registry=r)
         self.updates_rejected = Counter(
             "fedpipe_updates_rejected", "Uploads refused, by reason", ["reason"], registry=r
         )
@@ -45,25 +47,35 @@ class CoordinatorMetrics:
         self.upload_bytes = Counter("fedpipe_upload_bytes", "Update bytes received", ["agent"], registry=r)
         self.download_bytes = Counter("fedpipe_download_bytes", "Global bytes sent", ["agent"], registry=r)
         self.agent_train_seconds = Gauge(
-            "fedpipe_agent_train_seconds", "Local training time of the agent's last update", ["agent"],
+            "fedpipe_agent_train_seconds",
+            "Local training time of the agent's last update",
+            ["agent"],
             registry=r,
         )
-        self.agent_samples = Gauge(
-            "fedpipe_agent_samples", "Samples in the agent's last update", ["agent"], registry=r
-        )
+        self.agent_samples = Gauge("fedpipe_agent_samples", "Samples in the agent's last update", ["agent"], registry=r)
         self.agent_samples_per_second = Gauge(
-            "fedpipe_agent_samples_per_second", "Training throughput of the agent's last update", ["agent"],
+            "fedpipe_agent_samples_per_second",
+            "Training throughput of the agent's last update",
+            ["agent"],
             registry=r,
         )
         self.agent_peak_memory = Gauge(
-            "fedpipe_agent_peak_memory_bytes", "Measured peak memory the agent reported", ["agent"], registry=r
+            "fedpipe_agent_peak_memory_bytes",
+            "Measured peak memory the agent reported",
+            ["agent"],
+            registry=r,
         )
         self.agent_flops = Gauge(
-            "fedpipe_agent_flops_per_second", "Measured sustained FLOP/s from the agent's profile", ["agent"],
+            "fedpipe_agent_flops_per_second",
+            "Measured sustained FLOP/s from the agent's profile",
+            ["agent"],
             registry=r,
         )
         self.agent_memory = Gauge(
-            "fedpipe_agent_memory_bytes", "Usable device memory from the agent's profile", ["agent"], registry=r
+            "fedpipe_agent_memory_bytes",
+            "Usable device memory from the agent's profile",
+            ["agent"],
+            registry=r,
         )
         self.plan_rank = Gauge("fedpipe_plan_max_rank", "Largest LoRA rank in the agent's plan", ["agent"], registry=r)
         self.plan_batch = Gauge("fedpipe_plan_batch_size", "Batch size in the agent's plan", ["agent"], registry=r)
@@ -71,14 +83,20 @@ class CoordinatorMetrics:
             "fedpipe_plan_base_bits", "Bits per frozen base weight in the agent's plan", ["agent"], registry=r
         )
         self.plan_trainable = Gauge(
-            "fedpipe_plan_trainable_parameters", "Trainable parameters in the agent's plan", ["agent"], registry=r
+            "fedpipe_plan_trainable_parameters",
+            "Trainable parameters in the agent's plan",
+            ["agent"],
+            registry=r,
         )
         self.global_accuracy = Gauge(
             "fedpipe_global_accuracy", "Accuracy of the latest global adapter", ["source"], registry=r
         )
         self.global_loss = Gauge("fedpipe_global_loss", "Loss of the latest global adapter", ["source"], registry=r)
         self.rpc_duration = Histogram(
-            "fedpipe_rpc_duration_seconds", "Server-side RPC latency", ["method", "code"], buckets=FAST_BUCKETS,
+            "fedpipe_rpc_duration_seconds",
+            "Server-side RPC latency",
+            ["method", "code"],
+            buckets=FAST_BUCKETS,
             registry=r,
         )
 
@@ -96,11 +114,11 @@ class AgentMetrics:
         self.loss = Gauge("fedpipe_agent_train_loss", "Mean training loss of the last round", registry=r)
         self.train_seconds = Gauge("fedpipe_agent_train_seconds", "Training time of the last round", registry=r)
         self.eval_accuracy = Gauge(
-            "fedpipe_agent_eval_accuracy", "Accuracy of the last global on the local validation split", registry=r
+            "fedpipe_agent_eval_accuracy",
+            "Accuracy of the last global on the local validation split",
+            registry=r,
         )
-        self.device_memory = Gauge(
-            "fedpipe_agent_device_memory_bytes", "Device memory in use (RSS on CPU)", registry=r
-        )
+        self.device_memory = Gauge("fedpipe_agent_device_memory_bytes", "Device memory in use (RSS on CPU)", registry=r)
         self.peak_memory = Gauge("fedpipe_agent_peak_memory_bytes", "Peak memory of the last round", registry=r)
         self.upload_bytes = Counter("fedpipe_agent_upload_bytes", "Update bytes sent", registry=r)
         self.upload_seconds = Counter("fedpipe_agent_upload_seconds", "Time spent uploading", registry=r)

@@ -33,10 +33,14 @@ SEQ_CLS = "seq-cls"
 # Weight matrices that may carry LoRA, per architecture (METHOD.md section 1): attention projections,
 # and the MLP projections with include_mlp.
 CANDIDATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "bert": (("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
-             ("intermediate.dense", "output.dense")),
-    "llama": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-              ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+    "bert": (
+        ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"),
+        ("intermediate.dense", "output.dense"),
+    ),
+    "llama": (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+        ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+    ),
     "gpt2": (("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj")),
 }
 CANDIDATES["roberta"] = CANDIDATES["bert"]
@@ -59,7 +63,7 @@ def resolve_model_path(path: str) -> str:
 
 
 def pick_device(requested: str) -> torch.device:
-    """"auto" -> the first CUDA device when there is one, else CPU; anything else as given."""
+    """ "auto" -> the first CUDA device when there is one, else CPU; anything else as given."""
     if requested == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
@@ -108,8 +112,11 @@ def model_spec(path: str, labels: Sequence[str], include_mlp: bool = False) -> M
     )
     head_names = {name for name, _ in heads}
     base_parameters = sum(p.numel() for n, p in model.named_parameters() if n not in head_names)
-    identity = json.dumps({"config": config.to_diff_dict(), "labels": list(labels), "task": SEQ_CLS},
-                          sort_keys=True, default=str)
+    identity = json.dumps(
+        {"config": config.to_diff_dict(), "labels": list(labels), "task": SEQ_CLS},
+        sort_keys=True,
+        default=str,
+    )
     return ModelSpec(
         fingerprint=hashlib.sha256(identity.encode()).hexdigest()[:16],
         model_type=model_type,
@@ -210,7 +217,7 @@ class AdaptedModel:
         config = LoraConfig(
             task_type="SEQ_CLS",
             r=max(ranks.values()),
-            lora_alpha=layout.lora_alpha,
+            lora_alpha=layout.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, uses alpha / r
             lora_dropout=layout.lora_dropout,
             target_modules=list(layout.target_modules),
             rank_pattern=ranks,
@@ -252,7 +259,11 @@ def batches(examples: Sequence[Example], batch_size: int) -> list[Sequence[Examp
 def encode(tokenizer: Any, batch: Sequence[Example], max_seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Tokenize a batch, padded to its longest member, with labels."""
     encoded = tokenizer(
-        [e.text for e in batch], truncation=True, max_length=max_seq_len, padding="longest", return_tensors="pt"
+        [e.text for e in batch],
+        truncation=True,
+        max_length=max_seq_len,
+        padding="longest",
+        return_tensors="pt",
     )
     inputs = {k: v.to(device) for k, v in encoded.items()}
     inputs["labels"] = torch.tensor([e.label for e in batch], device=device)
@@ -260,8 +271,14 @@ def encode(tokenizer: Any, batch: Sequence[Example], max_seq_len: int, device: t
 
 
 @torch.no_grad()
-def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], max_seq_len: int,
-             device: torch.device, batch_size: int = 64) -> Evaluation:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    max_seq_len: int,
+    device: torch.device,
+    batch_size: int = 64,
+) -> Evaluation:
     """Mean cross-entropy and accuracy of a classifier on examples."""
     if not examples:
         return Evaluation(loss=0.0, accuracy=0.0, samples=0)
@@ -278,8 +295,9 @@ def evaluate(model: Any, tokenizer: Any, examples: Sequence[Example], max_seq_le
     return Evaluation(loss=loss_sum / len(examples), accuracy=correct / len(examples), samples=len(examples))
 
 
-def write_adapter_config(directory: Path, base_path: str, ranks: Mapping[str, int], alpha: float,
-                         modules_to_save: Sequence[str]) -> dict[str, Any]:
+def write_adapter_config(
+    directory: Path, base_path: str, ranks: Mapping[str, int], alpha: float, modules_to_save: Sequence[str]
+) -> dict[str, Any]:
     """adapter_config.json that peft's PeftModel.from_pretrained reads; returns what it wrote."""
     config: dict[str, Any] = {
         "peft_type": "LORA",

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -50,7 +50,7 @@ def status_for(error: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def make_server(max_workers: int, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
+def make_server(max_workers: int, interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = ()) -> grpc.Server:
     """A gRPC server with FedPipe's message limits and keepalive settings."""
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=list(interceptors), options=_OPTIONS
@@ -83,7 +83,9 @@ class RetryPolicy:
                 code = err.code() if isinstance(err, grpc.Call) else None
                 if code not in RETRYABLE or attempt == self.attempts:
                     if code in RETRYABLE:
-                        raise errors.ServerUnavailable(f"{what}: coordinator unreachable after {attempt} tries") from err
+                        raise errors.ServerUnavailable(
+                            f"{what}: coordinator unreachable after {attempt} tries"
+                        ) from err
                     raise
                 if on_retry is not None:
                     on_retry()

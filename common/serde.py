@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
+from fedpipe.v1 import fedpipe_pb2 as pb
 
 from common.errors import IntegrityError, InvalidArgument, ResourceExhausted
 from common.types import (
@@ -28,7 +29,6 @@ from common.types import (
     TrainPlan,
     UpdateMeta,
 )
-from fedpipe.v1 import fedpipe_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024  # well under gRPC's 4 MiB default message limit
 
@@ -89,9 +89,7 @@ def encode_payload(tensors: Mapping[str, torch.Tensor]) -> tuple[pb.PayloadHeade
         infos.append(pb.TensorInfo(name=name, shape=list(tensor.shape), dtype=dtype_name(tensor.dtype)))
         parts.append(tensor_bytes(tensor))
     payload = b"".join(parts)
-    header = pb.PayloadHeader(
-        tensors=infos, total_bytes=len(payload), sha256=hashlib.sha256(payload).digest()
-    )
+    header = pb.PayloadHeader(tensors=infos, total_bytes=len(payload), sha256=hashlib.sha256(payload).digest())
     return header, payload
 
 
@@ -121,9 +119,7 @@ def tensor_infos(header: pb.PayloadHeader) -> list[TensorInfo]:
         infos.append(TensorInfo(name=item.name, shape=tuple(int(d) for d in item.shape), dtype=item.dtype))
     declared = sum(info.nbytes for info in infos)
     if declared != header.total_bytes:
-        raise InvalidArgument(
-            "payload.total_bytes", f"{header.total_bytes} but the tensors declare {declared} bytes"
-        )
+        raise InvalidArgument("payload.total_bytes", f"{header.total_bytes} but the tensors declare {declared} bytes")
     if len(header.sha256) != hashlib.sha256().digest_size:
         raise InvalidArgument("payload.sha256", f"must be 32 bytes, got {len(header.sha256)}")
     return infos
@@ -214,8 +210,7 @@ def spec_to_pb(spec: ModelSpec) -> pb.ModelSpec:
         task=spec.task,
         labels=list(spec.labels),
         candidates=[
-            pb.ModuleShape(name=m.name, in_features=m.in_features, out_features=m.out_features)
-            for m in spec.candidates
+            pb.ModuleShape(name=m.name, in_features=m.in_features, out_features=m.out_features) for m in spec.candidates
         ],
         heads=[pb.TensorShape(name=name, shape=list(shape)) for name, shape in spec.heads],
         base_parameters=spec.base_parameters,
@@ -234,8 +229,7 @@ def spec_from_pb(message: pb.ModelSpec) -> ModelSpec:
         task=message.task,
         labels=tuple(message.labels),
         candidates=tuple(
-            ModuleShape(name=m.name, in_features=m.in_features, out_features=m.out_features)
-            for m in message.candidates
+            ModuleShape(name=m.name, in_features=m.in_features, out_features=m.out_features) for m in message.candidates
         ),
         heads=tuple((h.name, tuple(int(d) for d in h.shape)) for h in message.heads),
         base_parameters=message.base_parameters,

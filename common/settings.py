@@ -89,7 +89,7 @@ def build(settings_cls: type[S], argv: Sequence[str], prog: str) -> S:
         ) -> tuple[PydanticBaseSettingsSource, ...]:
             return (init_settings, env_settings, yaml_source)
 
-    cli = CliSettingsSource(
+    cli: CliSettingsSource[Any] = CliSettingsSource(
         _Sourced, cli_parse_args=rest, cli_prog_name=prog, cli_kebab_case=True, cli_implicit_flags=True
     )
     try:

@@ -53,14 +53,18 @@ def plan_record(plan: TrainPlan) -> dict[str, Any]:
     return record
 
 
-def write_adapter(directory: Path, global_: GlobalAdapter, alpha: float, base_path: str,
-                  modules_to_save: tuple[str, ...]) -> None:
+def write_adapter(
+    directory: Path, global_: GlobalAdapter, alpha: float, base_path: str, modules_to_save: tuple[str, ...]
+) -> None:
     """A peft adapter directory (adapter_config.json + adapter_model.safetensors), written atomically."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(global_to_peft(global_, alpha), str(tmp / "adapter_model.safetensors"),
-              metadata={"format": "pt", "fedpipe_round": str(global_.round)})
+    save_file(
+        global_to_peft(global_, alpha),
+        str(tmp / "adapter_model.safetensors"),
+        metadata={"format": "pt", "fedpipe_round": str(global_.round)},
+    )
     write_adapter_config(tmp, base_path, global_.ranks(), alpha, modules_to_save)
     for name in os.listdir(tmp):
         with (tmp / name).open("rb") as handle:
@@ -73,8 +77,9 @@ def write_adapter(directory: Path, global_: GlobalAdapter, alpha: float, base_pa
 class Checkpoint:
     """The run directory: rounds/NNNN/ (peft adapter + plans.json), state/ (resume), final/."""
 
-    def __init__(self, run_dir: Path, base_path: str, alpha: float, spec: ModelSpec,
-                 modules_to_save: tuple[str, ...]) -> None:
+    def __init__(
+        self, run_dir: Path, base_path: str, alpha: float, spec: ModelSpec, modules_to_save: tuple[str, ...]
+    ) -> None:
         self.run_dir = run_dir
         self.base_path = base_path
         self.alpha = alpha
@@ -91,8 +96,10 @@ class Checkpoint:
         """Persist a round: peft adapter and plans for humans and peft, folded state for resume."""
         directory = self.round_dir(global_.round)
         write_adapter(directory, global_, self.alpha, self.base_path, self.modules_to_save)
-        write_json(directory / "plans.json", {agent: {"plan": plan_record(plan), **dict(report.get(agent, {}))}
-                                              for agent, plan in plans.items()})
+        write_json(
+            directory / "plans.json",
+            {agent: {"plan": plan_record(plan), **dict(report.get(agent, {}))} for agent, plan in plans.items()},
+        )
         self.save_state(global_)
         return directory
 

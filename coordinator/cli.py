@@ -75,15 +75,26 @@ def run(config: CoordinatorConfig) -> int:
     )
     metrics = CoordinatorMetrics()
     orchestrator = Orchestrator(
-        config, Registry(labels), PLANNERS[config.planner], options, get_strategy(config.strategy), metrics,
-        base_path, evaluator,
+        config,
+        Registry(labels),
+        PLANNERS[config.planner],
+        options,
+        get_strategy(config.strategy),
+        metrics,
+        base_path,
+        evaluator,
     )
     if config.metrics.port >= 0:
         metrics_port = serve(metrics.registry, config.metrics.host, config.metrics.port)
         log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_port)
     server, port = start_server(orchestrator, config.server, metrics)
-    log.info("serving fedpipe.v1.Coordinator on %s:%d (run %s, dir %s)", config.server.host, port,
-             orchestrator.run_id, config.run.run_dir)
+    log.info(
+        "serving fedpipe.v1.Coordinator on %s:%d (run %s, dir %s)",
+        config.server.host,
+        port,
+        orchestrator.run_id,
+        config.run.run_dir,
+    )
     (config.run.run_dir / "coordinator.port").write_text(f"{port}\n")
 
     def stop(signum: int, frame: FrameType | None) -> None:

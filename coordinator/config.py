@@ -22,8 +22,12 @@ class ServerSection(_Section):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     workers: int = Field(32, ge=4, description="gRPC worker threads (long polls hold one each)")
     max_upload_bytes: int = Field(256 * 2**20, ge=1024, description="largest update payload accepted")
-    max_chunk_bytes: int = Field(4 * 2**20 - 4096, ge=1024, le=4 * 2**20 - 1024,
-                                 description="largest chunk accepted (under gRPC's 4 MiB message limit)")
+    max_chunk_bytes: int = Field(
+        4 * 2**20 - 4096,
+        ge=1024,
+        le=4 * 2**20 - 1024,
+        description="largest chunk accepted (under gRPC's 4 MiB message limit)",
+    )
     chunk_bytes: int = Field(2 * 2**20, ge=1024, description="chunk size of downloads, and asked of uploads")
 
     @model_validator(mode="after")
@@ -61,8 +65,9 @@ class LoraSection(_Section):
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha / rank)")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
-    targets: list[str] = Field(["query", "value"],
-                               description="module name suffixes that get LoRA, or 'all' for every candidate")
+    targets: list[str] = Field(
+        ["query", "value"], description="module name suffixes that get LoRA, or 'all' for every candidate"
+    )
 
     @field_validator("targets")
     @classmethod

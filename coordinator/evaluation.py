@@ -42,10 +42,7 @@ class HeldOutEvaluator:
     def examples(self) -> list[Example]:
         """The held-out examples (the embedded corpus's reserved 1,000, or the whole file)."""
         if self._examples is None:
-            if self.source.path == "embedded":
-                examples = embedded_split(self.source)[1]
-            else:
-                examples = load_examples(self.source)
+            examples = embedded_split(self.source)[1] if self.source.path == "embedded" else load_examples(self.source)
             self._examples = examples[: self.max_samples] if self.max_samples else examples
         return self._examples
 
@@ -62,8 +59,13 @@ class HeldOutEvaluator:
                 self._tokenizer = load_tokenizer(path)
                 self._model = AdaptedModel(load_base(path, spec.labels, Quantization.NONE, device))
             ranks = global_.ranks()
-            plan = replace(template, target_modules=tuple(ranks), rank_pattern=ranks, lora_dropout=0.0,
-                           quantization=Quantization.NONE)
+            plan = replace(
+                template,
+                target_modules=tuple(ranks),
+                rank_pattern=ranks,
+                lora_dropout=0.0,
+                quantization=Quantization.NONE,
+            )
             self._model.ensure(plan)
             self._model.load(broadcast_tensors(global_, plan, spec))
             result = evaluate(self._model.model, self._tokenizer, self.examples(), plan.max_seq_len, device)

@@ -18,9 +18,15 @@ from typing import Any
 
 import torch
 
-from common.adapters import GlobalAdapter, broadcast_tensors, check_tensors, expected_tensors, fold_update
+from common.adapters import (
+    GlobalAdapter,
+    broadcast_tensors,
+    check_tensors,
+    expected_tensors,
+    fold_update,
+    lora_parameter_count,
+)
 from common.adapters import init_global as make_initial
-from common.adapters import lora_parameter_count
 from common.errors import AlreadyUploaded, InvalidArgument, NotReady, StaleRound, UnknownAgent
 from common.metrics import CoordinatorMetrics
 from common.types import (
@@ -116,9 +122,15 @@ class Orchestrator:
         self.metrics.agents_registered.set(len(self.registry.all()))
         self.metrics.agent_flops.labels(agent_id).set(profile.flops_per_s)
         self.metrics.agent_memory.labels(agent_id).set(profile.total_memory_bytes)
-        log.info("agent %s %s: %s, %.1f GiB, %.2f GFLOP/s, %d samples", agent_id,
-                 "registered" if new else "re-registered", profile.device, profile.total_memory_bytes / 2**30,
-                 profile.flops_per_s / 1e9, profile.num_train_samples)
+        log.info(
+            "agent %s %s: %s, %.1f GiB, %.2f GFLOP/s, %d samples",
+            agent_id,
+            "registered" if new else "re-registered",
+            profile.device,
+            profile.total_memory_bytes / 2**30,
+            profile.flops_per_s / 1e9,
+            profile.num_train_samples,
+        )
         with self.cond:
             self.cond.notify_all()
         return RegisterInfo(self.run_id, self.config.run.heartbeat_interval_s, self.config.server.chunk_bytes)
@@ -155,8 +167,12 @@ class Orchestrator:
             return Task(TaskKind.TRAIN, round=self.round, global_round=self.global_.round, plan=self.plans[agent_id])
         if self.phase == "evaluating" and agent_id in self.eval_plans and agent_id not in self.eval_reports:
             assert self.global_ is not None
-            return Task(TaskKind.EVALUATE, round=self.global_.round, global_round=self.global_.round,
-                        plan=self.eval_plans[agent_id])
+            return Task(
+                TaskKind.EVALUATE,
+                round=self.global_.round,
+                global_round=self.global_.round,
+                plan=self.eval_plans[agent_id],
+            )
         return Task(TaskKind.WAIT, round=self.round, retry_after_s=0.0, message=f"phase {self.phase}")
 
     def global_for(self, agent_id: str, global_round: int, plan_id: str) -> dict[str, torch.Tensor]:
@@ -236,10 +252,19 @@ class Orchestrator:
         self.metrics.agent_train_seconds.labels(agent).set(update.meta.train_seconds)
         self.metrics.agent_samples.labels(agent).set(update.meta.samples)
         self.metrics.agent_samples_per_second.labels(agent).set(
-            update.meta.samples / max(update.meta.train_seconds, 1e-9))
+            update.meta.samples / max(update.meta.train_seconds, 1e-9)
+        )
         self.metrics.agent_peak_memory.labels(agent).set(update.meta.peak_memory_bytes)
-        log.info("round %d: update from %s accepted (%d samples, %.1fs, loss %.4f) [%d/%d]", update.meta.round,
-                 agent, update.meta.samples, update.meta.train_seconds, update.meta.train_loss, count, planned)
+        log.info(
+            "round %d: update from %s accepted (%d samples, %.1fs, loss %.4f) [%d/%d]",
+            update.meta.round,
+            agent,
+            update.meta.samples,
+            update.meta.train_seconds,
+            update.meta.train_loss,
+            count,
+            planned,
+        )
         return f"accepted for round {update.meta.round} ({count}/{planned})"
 
     def report_evaluation(self, agent_id: str, global_round: int, evaluation: Evaluation) -> None:
@@ -286,8 +311,10 @@ class Orchestrator:
         alive = self.registry.wait_for(cfg.min_agents, cfg.registration_timeout_s, cfg.agent_timeout_s)
         self.metrics.agents_alive.set(len(alive))
         if len(alive) < cfg.min_agents:
-            raise RunAborted(f"only {len(alive)} of the {cfg.min_agents} agents needed are alive "
-                             f"after {cfg.registration_timeout_s:.0f}s")
+            raise RunAborted(
+                f"only {len(alive)} of the {cfg.min_agents} agents needed are alive "
+                f"after {cfg.registration_timeout_s:.0f}s"
+            )
         return alive
 
     def _train_round(self, round_: int) -> RoundResult:
@@ -317,17 +344,29 @@ class Orchestrator:
             self.metrics.stragglers.labels(agent).inc()
         if len(updates) < cfg.min_agents:
             self.metrics.rounds_failed.labels("too_few_updates").inc()
-            log.error("round %d: only %d of %d needed updates arrived by the deadline; global unchanged (missing %s)",
-                      round_, len(updates), cfg.min_agents, ", ".join(dropped))
+            log.error(
+                "round %d: only %d of %d needed updates arrived by the deadline; global unchanged (missing %s)",
+                round_,
+                len(updates),
+                cfg.min_agents,
+                ", ".join(dropped),
+            )
             return RoundResult(round_, tuple(sorted(updates)), time.monotonic() - start, 0, dropped=dropped)
         folded = [fold_update(a, float(u.meta.samples), u.tensors, plans[a]) for a, u in sorted(updates.items())]
         agg_start = time.perf_counter()
         new_global, agg_metrics = self.strategy(self.global_, folded)
         self.metrics.aggregation_duration.observe(time.perf_counter() - agg_start)
         new_global = replace(new_global, round=round_)
-        report = {a: {"samples": u.meta.samples, "steps": u.meta.steps, "train_seconds": u.meta.train_seconds,
-                      "train_loss": u.meta.train_loss, "peak_memory_bytes": u.meta.peak_memory_bytes}
-                  for a, u in updates.items()}
+        report = {
+            a: {
+                "samples": u.meta.samples,
+                "steps": u.meta.steps,
+                "train_seconds": u.meta.train_seconds,
+                "train_loss": u.meta.train_loss,
+                "peak_memory_bytes": u.meta.peak_memory_bytes,
+            }
+            for a, u in updates.items()
+        }
         self.checkpoint.save_round(new_global, plans, report)
         with self.cond:
             self.global_ = new_global
@@ -336,8 +375,14 @@ class Orchestrator:
         self.metrics.rounds_completed.inc()
         samples = sum(u.meta.samples for u in updates.values())
         train_loss = sum(u.meta.train_loss * u.meta.samples for u in updates.values()) / samples
-        log.info("round %d: aggregated %d updates (%d samples, |dW| change %.4f) in %.2fs", round_, len(updates),
-                 samples, agg_metrics["delta_norm"], time.perf_counter() - agg_start)
+        log.info(
+            "round %d: aggregated %d updates (%d samples, |dW| change %.4f) in %.2fs",
+            round_,
+            len(updates),
+            samples,
+            agg_metrics["delta_norm"],
+            time.perf_counter() - agg_start,
+        )
         result = RoundResult(round_, tuple(sorted(updates)), seconds, samples, train_loss=train_loss, dropped=dropped)
         return self._evaluate(round_, plans, result)
 
@@ -364,8 +409,11 @@ class Orchestrator:
         if self.evaluator is not None:
             evaluator = self.evaluator
             template = next(iter(plans.values()))
-            worker = threading.Thread(target=lambda: heldout.append(evaluator(global_, template, spec)),
-                                      name="heldout-eval", daemon=True)
+            worker = threading.Thread(
+                target=lambda: heldout.append(evaluator(global_, template, spec)),
+                name="heldout-eval",
+                daemon=True,
+            )
             worker.start()
         agents_eval = None
         if self.config.evaluation.agents:
@@ -374,8 +422,11 @@ class Orchestrator:
                 self.phase, self.eval_reports = "evaluating", {}
                 self.eval_plans = {a: p for a, p in plans.items() if a in alive}
                 self.cond.notify_all()
-            self._wait_until(lambda: len(self.eval_reports) == len(self.eval_plans),
-                             time.monotonic() + self.config.run.eval_deadline_s, self.eval_plans)
+            self._wait_until(
+                lambda: len(self.eval_reports) == len(self.eval_plans),
+                time.monotonic() + self.config.run.eval_deadline_s,
+                self.eval_plans,
+            )
             with self.cond:
                 reports = dict(self.eval_reports)
                 self.phase = "aggregating"
@@ -415,8 +466,10 @@ class Orchestrator:
             self.cond.notify_all()
             # Let agents hear FINISHED before the server goes away.
             end = time.monotonic() + self.config.run.finish_grace_s
-            while time.monotonic() < end and not set(self.registry.alive(self.config.run.agent_timeout_s)) <= \
-                    self.finished_seen:
+            while (
+                time.monotonic() < end
+                and not set(self.registry.alive(self.config.run.agent_timeout_s)) <= self.finished_seen
+            ):
                 self.cond.wait(min(POLL_S, end - time.monotonic()))
         return summary
 

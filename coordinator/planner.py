@@ -38,9 +38,7 @@ def resolve_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...
     """Full module names of the candidates matching the suffixes, in model order; ConfigError if none match."""
     if targets == ("all",):
         return tuple(m.name for m in spec.candidates)
-    chosen = tuple(
-        m.name for m in spec.candidates if any(m.name == t or m.name.endswith("." + t) for t in targets)
-    )
+    chosen = tuple(m.name for m in spec.candidates if any(m.name == t or m.name.endswith("." + t) for t in targets))
     unmatched = [t for t in targets if not any(m == t or m.endswith("." + t) for m in chosen)]
     if unmatched:
         kinds = sorted({m.name.split(".")[-1] for m in spec.candidates})
@@ -62,8 +60,14 @@ def uniform_plan(
     ranks = {m: options.rank for m in modules}
     plans: dict[str, TrainPlan] = {}
     for index, agent_id in enumerate(sorted(profiles)):
-        fields = {"modules": modules, "rank": options.rank, "alpha": options.alpha, "batch": options.batch_size,
-                  "quant": options.quantization.value, "lr": options.learning_rate}
+        fields = {
+            "modules": modules,
+            "rank": options.rank,
+            "alpha": options.alpha,
+            "batch": options.batch_size,
+            "quant": options.quantization.value,
+            "lr": options.learning_rate,
+        }
         plans[agent_id] = TrainPlan(
             plan_id=plan_id(round_, agent_id, fields),
             target_modules=modules,

@@ -7,16 +7,16 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 from common.metrics import CoordinatorMetrics
 from common.rpc import make_server
 from coordinator.config import ServerSection
 from coordinator.orchestrator import Orchestrator
 from coordinator.servicer import CoordinatorServicer
-from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 
-class LatencyInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class LatencyInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Observes fedpipe_rpc_duration_seconds{method, code} for unary-response RPCs."""
 
     def __init__(self, metrics: CoordinatorMetrics) -> None:
@@ -29,14 +29,17 @@ class LatencyInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         method = str(details.method).rsplit("/", 1)[-1]
         histogram = self.metrics.rpc_duration
 
-        def timed(inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def timed(
+            inner: Callable[[Any, grpc.ServicerContext], Any],
+        ) -> Callable[[Any, grpc.ServicerContext], Any]:
             def call(request: Any, context: grpc.ServicerContext) -> Any:
                 start = time.perf_counter()
                 code = "OK"
                 try:
                     return inner(request, context)
                 except Exception:
-                    code = context.code().name if context.code() is not None else "UNKNOWN"
+                    status = getattr(context, "code", lambda: None)()
+                    code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
                     raise
                 finally:
                     histogram.labels(method, code).observe(time.perf_counter() - start)

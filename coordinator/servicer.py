@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+from fedpipe.v1 import fedpipe_pb2 as pb
+from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 from common import serde
 from common.errors import FedPipeError, InvalidArgument
@@ -19,8 +21,6 @@ from common.rpc import status_for
 from common.types import AdapterUpdate
 from coordinator.config import ServerSection
 from coordinator.orchestrator import Orchestrator
-from fedpipe.v1 import fedpipe_pb2 as pb
-from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         info = self.orchestrator.register(
             request.agent_id, serde.profile_from_pb(request.profile), serde.spec_from_pb(request.model)
         )
-        return pb.RegisterResponse(run_id=info.run_id, heartbeat_interval_s=info.heartbeat_interval_s,
-                                   chunk_bytes=info.chunk_bytes)
+        return pb.RegisterResponse(
+            run_id=info.run_id, heartbeat_interval_s=info.heartbeat_interval_s, chunk_bytes=info.chunk_bytes
+        )
 
     @mapped
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:

@@ -51,8 +51,10 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     accuracy = held["accuracy"] if held else (agents_eval["accuracy"] if agents_eval else float("nan"))
     source = "held-out" if held else "agents"
     dropped = f", dropped {','.join(record['dropped'])}" if record.get("dropped") else ""
-    return (f"round {record['round']}/{rounds}: {len(record['agents'])} agents, {record['seconds']:.1f}s, "
-            f"{source} accuracy {accuracy:.3f}{dropped}")
+    return (
+        f"round {record['round']}/{rounds}: {len(record['agents'])} agents, {record['seconds']:.1f}s, "
+        f"{source} accuracy {accuracy:.3f}{dropped}"
+    )
 
 
 def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> int:
@@ -72,8 +74,12 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     procs: list[subprocess.Popen[bytes]] = []
     with (logs / "coordinator.log").open("wb") as out:
-        coordinator = subprocess.Popen([script("fedpipe-coordinator"), "--config", str(run_dir / "coordinator.yaml")],
-                                       stdout=out, stderr=subprocess.STDOUT, env=env)
+        coordinator = subprocess.Popen(
+            [script("fedpipe-coordinator"), "--config", str(run_dir / "coordinator.yaml")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     procs.append(coordinator)
     try:
         port_file = run_dir / "coordinator.port"
@@ -89,16 +95,28 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
         overrides = agents_spec.get("overrides", {})
         for i in range(1, count + 1):
             agent_id = f"agent-{i}"
-            agent_cfg = merge(agents_spec.get("config", {}), {
-                "agent_id": agent_id, "coordinator": address, "data": {"shard": f"{i}/{count}"},
-                "metrics": {"port": 0}, "progress": "lines",
-            })
+            agent_cfg = merge(
+                agents_spec.get("config", {}),
+                {
+                    "agent_id": agent_id,
+                    "coordinator": address,
+                    "data": {"shard": f"{i}/{count}"},
+                    "metrics": {"port": 0},
+                    "progress": "lines",
+                },
+            )
             agent_cfg = merge(agent_cfg, overrides.get(agent_id, {}))
             path = run_dir / f"{agent_id}.yaml"
             path.write_text(yaml.safe_dump(agent_cfg))
             with (logs / f"{agent_id}.log").open("wb") as out:
-                procs.append(subprocess.Popen([script("fedpipe-agent"), "--config", str(path)],
-                                              stdout=out, stderr=subprocess.STDOUT, env=env))
+                procs.append(
+                    subprocess.Popen(
+                        [script("fedpipe-agent"), "--config", str(path)],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                    )
+                )
         seen = 0
         records = run_dir / "rounds.jsonl"
         while True:
@@ -111,7 +129,10 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
                 break
             for index, proc in enumerate(procs[1:], start=1):
                 if proc.poll() not in (None, 0):
-                    print(f"agent-{index} exited with {proc.returncode}; see {logs}/agent-{index}.log", flush=True)
+                    print(
+                        f"agent-{index} exited with {proc.returncode}; see {logs}/agent-{index}.log",
+                        flush=True,
+                    )
                     procs.remove(proc)
                     break
             if time.monotonic() - start > timeout_s:

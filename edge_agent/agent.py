@@ -68,8 +68,12 @@ class Agent:
         """Announce this agent; retried inside the gateway while the coordinator is unreachable."""
         self.heartbeat_s = self.gateway.register(self.profile, self.spec, VERSION) or self.heartbeat_s
         self.metrics.ready.set(1)
-        log.info("registered with the coordinator (%d train / %d validation samples, %.2f GFLOP/s)",
-                 self.profile.num_train_samples, self.profile.num_val_samples, self.profile.flops_per_s / 1e9)
+        log.info(
+            "registered with the coordinator (%d train / %d validation samples, %.2f GFLOP/s)",
+            self.profile.num_train_samples,
+            self.profile.num_val_samples,
+            self.profile.flops_per_s / 1e9,
+        )
 
     def run(self) -> None:
         """Register, then run tasks until FINISHED; re-registers when the coordinator forgot us."""
@@ -107,20 +111,36 @@ class Agent:
             result = evaluate(adapted.model, self.model.tokenizer, self.data.val, plan.max_seq_len, self.model.device)
             self.gateway.report_evaluation(task.global_round, result)
             self.metrics.eval_accuracy.set(result.accuracy)
-            log.info("round %d global: validation loss %.4f accuracy %.3f on %d samples", task.global_round,
-                     result.loss, result.accuracy, result.samples)
+            log.info(
+                "round %d global: validation loss %.4f accuracy %.3f on %d samples",
+                task.global_round,
+                result.loss,
+                result.accuracy,
+                result.samples,
+            )
             self.state = "idle"
             return
         self.state = "training"
         deadline = received + plan.deadline_s - UPLOAD_RESERVE_S
         trained = train_local(
-            adapted.model, self.model.tokenizer, self.data.train, plan, self.model.device, deadline,
-            self.progress, on_step=self._count_step,
+            adapted.model,
+            self.model.tokenizer,
+            self.data.train,
+            plan,
+            self.model.device,
+            deadline,
+            self.progress,
+            on_step=self._count_step,
         )
         tensors = adapted.extract()
         meta = UpdateMeta(
-            agent_id=self.agent_id, round=task.round, plan_id=plan.plan_id, samples=trained.samples,
-            steps=trained.steps, train_seconds=trained.seconds, train_loss=trained.mean_loss,
+            agent_id=self.agent_id,
+            round=task.round,
+            plan_id=plan.plan_id,
+            samples=trained.samples,
+            steps=trained.steps,
+            train_seconds=trained.seconds,
+            train_loss=trained.mean_loss,
             peak_memory_bytes=trained.peak_memory_bytes,
         )
         self.state = "uploading"
@@ -131,9 +151,16 @@ class Agent:
         self.metrics.samples_per_second.set(trained.samples / max(trained.seconds, 1e-9))
         self.metrics.peak_memory.set(trained.peak_memory_bytes)
         self.metrics.device_memory.set(memory_in_use_bytes(self.model.device))
-        log.info("round %d: trained %d steps / %d samples in %.1fs, loss %.4f, peak %.0f MiB; %s", task.round,
-                 trained.steps, trained.samples, trained.seconds, trained.mean_loss,
-                 trained.peak_memory_bytes / 2**20, message)
+        log.info(
+            "round %d: trained %d steps / %d samples in %.1fs, loss %.4f, peak %.0f MiB; %s",
+            task.round,
+            trained.steps,
+            trained.samples,
+            trained.seconds,
+            trained.mean_loss,
+            trained.peak_memory_bytes / 2**20,
+            message,
+        )
         self.state = "idle"
 
     def _count_step(self, samples: int, loss: float) -> None:

@@ -56,9 +56,15 @@ def run(config: AgentConfig) -> int:
     data = load_local(config.data)
     spec = model_spec(path, labels, config.model.include_mlp)
     measured = profile(device, compute_dtype(device), len(data.train), len(data.val))
-    log.info("device %s (%s): %.1f GiB, %.2f GFLOP/s %s, %d threads", measured.device, measured.device_name,
-             measured.total_memory_bytes / 2**30, measured.flops_per_s / 1e9, measured.compute_dtype,
-             measured.threads)
+    log.info(
+        "device %s (%s): %.1f GiB, %.2f GFLOP/s %s, %d threads",
+        measured.device,
+        measured.device_name,
+        measured.total_memory_bytes / 2**30,
+        measured.flops_per_s / 1e9,
+        measured.compute_dtype,
+        measured.threads,
+    )
     metrics = AgentMetrics()
     if config.metrics.port >= 0:
         port = serve(metrics.registry, config.metrics.host, config.metrics.port)

@@ -8,14 +8,14 @@ from typing import TypeVar
 
 import grpc
 import torch
+from fedpipe.v1 import fedpipe_pb2 as pb
+from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 from common import serde
 from common.errors import FedPipeError, UnknownAgent
 from common.metrics import AgentMetrics
 from common.rpc import RetryPolicy, make_channel
 from common.types import DeviceProfile, Evaluation, ModelSpec, Task, UpdateMeta
-from fedpipe.v1 import fedpipe_pb2 as pb
-from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
@@ -53,12 +53,15 @@ class CoordinatorClient:
     def register(self, profile: DeviceProfile, spec: ModelSpec, version: str) -> float:
         """Register; returns the heartbeat interval the coordinator asks for."""
         request = pb.RegisterRequest(
-            agent_id=self.agent_id, profile=serde.profile_to_pb(profile), model=serde.spec_to_pb(spec),
+            agent_id=self.agent_id,
+            profile=serde.profile_to_pb(profile),
+            model=serde.spec_to_pb(spec),
             agent_version=version,
         )
         response = _translate(
-            lambda: self.retry.call(lambda: self.stub.Register(request, timeout=30), "register",
-                                    self._retrying("Register"))
+            lambda: self.retry.call(
+                lambda: self.stub.Register(request, timeout=30), "register", self._retrying("Register")
+            )
         )
         if response.chunk_bytes:
             self.chunk_bytes = int(response.chunk_bytes)
@@ -74,8 +77,9 @@ class CoordinatorClient:
         """Long-poll for the next task."""
         request = pb.GetTaskRequest(agent_id=self.agent_id, wait_s=wait_s)
         response = _translate(
-            lambda: self.retry.call(lambda: self.stub.GetTask(request, timeout=wait_s + 30), "get task",
-                                    self._retrying("GetTask"))
+            lambda: self.retry.call(
+                lambda: self.stub.GetTask(request, timeout=wait_s + 30), "get task", self._retrying("GetTask")
+            )
         )
         return serde.task_from_pb(response)
 
@@ -85,7 +89,7 @@ class CoordinatorClient:
 
         def fetch() -> dict[str, torch.Tensor]:
             start = time.perf_counter()
-            stream = self.stub.DownloadGlobal(request, timeout=300)
+            stream = iter(self.stub.DownloadGlobal(request, timeout=300))
             first = next(stream)
             if first.WhichOneof("part") != "header":
                 raise RejectedError(grpc.StatusCode.DATA_LOSS, "download did not start with a header")
@@ -120,11 +124,19 @@ class CoordinatorClient:
     def report_evaluation(self, global_round: int, evaluation: Evaluation) -> None:
         """Send the loss and accuracy of a global adapter on the local validation split."""
         request = pb.ReportEvaluationRequest(
-            agent_id=self.agent_id, global_round=global_round, loss=evaluation.loss,
-            accuracy=evaluation.accuracy, samples=evaluation.samples,
+            agent_id=self.agent_id,
+            global_round=global_round,
+            loss=evaluation.loss,
+            accuracy=evaluation.accuracy,
+            samples=evaluation.samples,
         )
-        _translate(lambda: self.retry.call(lambda: self.stub.ReportEvaluation(request, timeout=30), "report",
-                                           self._retrying("ReportEvaluation")))
+        _translate(
+            lambda: self.retry.call(
+                lambda: self.stub.ReportEvaluation(request, timeout=30),
+                "report",
+                self._retrying("ReportEvaluation"),
+            )
+        )
 
 
 def _translate(fn: Callable[[], T]) -> T:

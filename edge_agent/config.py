@@ -71,8 +71,10 @@ class AgentConfig(BaseSettings):
         env_prefix="FEDPIPE_AGENT_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
-    agent_id: str = Field(default_factory=lambda: f"agent-{socket.gethostname()}",
-                          description="unique name of this agent in the run")
+    agent_id: str = Field(
+        default_factory=lambda: f"agent-{socket.gethostname()}",
+        description="unique name of this agent in the run",
+    )
     coordinator: str = Field("127.0.0.1:50051", description="coordinator address host:port")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda:N'")
     threads: int = Field(0, ge=0, description="torch CPU threads, 0 = torch's default")

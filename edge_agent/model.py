@@ -37,7 +37,12 @@ class LocalModel:
             base = load_base(self.path, self.labels, plan.quantization, self.device)
             self.adapted = AdaptedModel(base)
             self.quantization = plan.quantization
-            log.info("model: loaded %s at %s on %s in %.1fs", self.path, plan.quantization.value, self.device,
-                     time.perf_counter() - start)
+            log.info(
+                "model: loaded %s at %s on %s in %.1fs",
+                self.path,
+                plan.quantization.value,
+                self.device,
+                time.perf_counter() - start,
+            )
         self.adapted.ensure(plan)
         return self.adapted

@@ -8,9 +8,7 @@ from common.adapters import FoldedUpdate, GlobalAdapter
 from coordinator.strategy import rank_padding
 
 
-def aggregate(
-    global_: GlobalAdapter, updates: Sequence[FoldedUpdate]
-) -> tuple[GlobalAdapter, dict[str, float]]:
+def aggregate(global_: GlobalAdapter, updates: Sequence[FoldedUpdate]) -> tuple[GlobalAdapter, dict[str, float]]:
     """FedAvg; ValueError when ranks differ, since plain averaging is then undefined."""
     # A module new to the global must still arrive at one rank: the first update's sets it.
     ranks = {module: pair.rank for module, pair in global_.lora.items()}

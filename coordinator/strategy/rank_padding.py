@@ -17,9 +17,7 @@ from common.adapters import FoldedUpdate, GlobalAdapter, LoraPair, pad_rank
 from coordinator.strategy.weighted import average_heads, total_weight, update_norm, weighted_mean
 
 
-def aggregate_module(
-    current: LoraPair | None, pairs: Sequence[LoraPair], weights: Sequence[float]
-) -> LoraPair:
+def aggregate_module(current: LoraPair | None, pairs: Sequence[LoraPair], weights: Sequence[float]) -> LoraPair:
     """Rank-padded, per-slot weighted mean of one module's pairs."""
     rank = max([pair.rank for pair in pairs] + ([current.rank] if current is not None else []))
     base = pad_rank(current, rank) if current is not None else None
@@ -38,9 +36,7 @@ def aggregate_module(
     return LoraPair(a=torch.stack(a_rows), b=torch.stack(b_cols, dim=1))
 
 
-def aggregate(
-    global_: GlobalAdapter, updates: Sequence[FoldedUpdate]
-) -> tuple[GlobalAdapter, dict[str, float]]:
+def aggregate(global_: GlobalAdapter, updates: Sequence[FoldedUpdate]) -> tuple[GlobalAdapter, dict[str, float]]:
     """New global adapter from the updates of one round; modules nobody trained keep their value."""
     total = total_weight(updates)
     # A zero-sample update has no say; kept in, it alone could cover a slot or head and divide 0 by 0.

@@ -31,9 +31,7 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     return (acc / total).to(tensors[0].dtype)
 
 
-def average_heads(
-    current: Mapping[str, torch.Tensor], updates: Sequence[FoldedUpdate]
-) -> dict[str, torch.Tensor]:
+def average_heads(current: Mapping[str, torch.Tensor], updates: Sequence[FoldedUpdate]) -> dict[str, torch.Tensor]:
     """Per head tensor, the weighted mean over the updates that carry it; others keep their value."""
     heads = dict(current)
     names = {name for update in updates for name in update.heads}

@@ -88,18 +88,14 @@ def make_plan(
 def rand_pair(rank: int, d_in: int, d_out: int, seed: int) -> LoraPair:
     """A pair with every entry random (B non-zero, unlike a fresh pair)."""
     generator = torch.Generator().manual_seed(seed)
-    return LoraPair(
-        a=torch.randn(rank, d_in, generator=generator), b=torch.randn(d_out, rank, generator=generator)
-    )
+    return LoraPair(a=torch.randn(rank, d_in, generator=generator), b=torch.randn(d_out, rank, generator=generator))
 
 
 def make_global(ranks: Mapping[str, int], seed: int = 0) -> GlobalAdapter:
     """A global adapter over SPEC with random folded pairs at these ranks and random heads."""
     generator = torch.Generator().manual_seed(seed + 1000)
     lora = {
-        module: rand_pair(
-            rank, SPEC.candidate(module).in_features, SPEC.candidate(module).out_features, seed + i
-        )
+        module: rand_pair(rank, SPEC.candidate(module).in_features, SPEC.candidate(module).out_features, seed + i)
         for i, (module, rank) in enumerate(ranks.items())
     }
     heads = {
@@ -500,9 +496,7 @@ def test_broadcast_at_global_rank_reproduces_folded_delta_w() -> None:
     for module in (Q, V):
         a_name, b_name = lora_names(module)
         scale = plan.lora_alpha / plan.rank_pattern[module]
-        assert torch.equal(
-            scale * tensors[b_name] @ tensors[a_name], global_.lora[module].b @ global_.lora[module].a
-        )
+        assert torch.equal(scale * tensors[b_name] @ tensors[a_name], global_.lora[module].b @ global_.lora[module].a)
 
 
 @settings(max_examples=50, deadline=None)
@@ -511,9 +505,7 @@ def test_broadcast_at_global_rank_reproduces_folded_delta_w() -> None:
     alpha=st.floats(0.25, 64.0, allow_nan=False, allow_infinity=False),
     seed=st.integers(0, 2**16),
 )
-def test_broadcast_at_global_rank_reproduces_delta_w_for_any_alpha(
-    rank: int, alpha: float, seed: int
-) -> None:
+def test_broadcast_at_global_rank_reproduces_delta_w_for_any_alpha(rank: int, alpha: float, seed: int) -> None:
     # Prepare
     global_ = make_global({V: rank}, seed=seed)
     plan = make_plan({V: rank}, alpha=alpha)

@@ -118,9 +118,7 @@ def _raises(exc: type[InvalidArgument], field: str) -> pytest.RaisesExc[InvalidA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_tensor_bytes_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
     # Prepare: special values included (bit patterns compared, so NaN counts too)
-    values = torch.tensor(
-        [0.0, -0.0, 1.0, -2.5, 1e-3, 3.14159, 65504.0, float("inf"), float("-inf"), float("nan")]
-    )
+    values = torch.tensor([0.0, -0.0, 1.0, -2.5, 1e-3, 3.14159, 65504.0, float("inf"), float("-inf"), float("nan")])
     tensor = torch.cat([values, torch.randn(14, generator=torch.Generator().manual_seed(0))]).to(dtype)
     tensor = tensor.reshape(4, 6)
     info = TensorInfo("t", (4, 6), dtype_name(dtype))
@@ -508,9 +506,7 @@ def test_profile_round_trip() -> None:
 )
 def test_profile_round_trip_property(flops: float, share: float, memory: int, threads: int) -> None:
     # Prepare
-    profile = replace(
-        PROFILE, flops_per_s=flops, compute_share=share, total_memory_bytes=memory, threads=threads
-    )
+    profile = replace(PROFILE, flops_per_s=flops, compute_share=share, total_memory_bytes=memory, threads=threads)
 
     # Execute
     back = profile_from_pb(profile_to_pb(profile))
@@ -609,9 +605,7 @@ def test_plan_round_trip(quantization: Quantization) -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    ranks=st.dictionaries(
-        st.from_regex(r"[a-z]{1,4}(\.[a-z0-9]{1,4}){0,3}", fullmatch=True), st.integers(1, 256)
-    ),
+    ranks=st.dictionaries(st.from_regex(r"[a-z]{1,4}(\.[a-z0-9]{1,4}){0,3}", fullmatch=True), st.integers(1, 256)),
     alpha=st.floats(0.0, 1e4),
     seed=st.integers(0, 2**64 - 1),
     deadline=st.floats(0.0, 1e6),
@@ -718,9 +712,7 @@ def test_wait_task_ignores_a_stray_plan() -> None:
         (pb.GetTaskResponse(kind=pb.TASK_KIND_TRAIN), "task.plan"),
         (pb.GetTaskResponse(kind=pb.TASK_KIND_EVALUATE), "task.plan"),
         (
-            pb.GetTaskResponse(
-                kind=pb.TASK_KIND_TRAIN, plan=pb.TrainPlan(quantization=pb.QUANTIZATION_UNSPECIFIED)
-            ),
+            pb.GetTaskResponse(kind=pb.TASK_KIND_TRAIN, plan=pb.TrainPlan(quantization=pb.QUANTIZATION_UNSPECIFIED)),
             "plan.quantization",
         ),
     ],

@@ -31,9 +31,7 @@ def pair(rank: int, seed: int, d_in: int = D_IN, d_out: int = D_OUT, dyadic: boo
             a=torch.randint(-16, 17, (rank, d_in), generator=generator).float() / 8,
             b=torch.randint(-16, 17, (d_out, rank), generator=generator).float() / 8,
         )
-    return LoraPair(
-        a=torch.randn(rank, d_in, generator=generator), b=torch.randn(d_out, rank, generator=generator)
-    )
+    return LoraPair(a=torch.randn(rank, d_in, generator=generator), b=torch.randn(d_out, rank, generator=generator))
 
 
 def update(
@@ -51,9 +49,7 @@ def global_adapter(
     return GlobalAdapter(round=round_, lora=dict(lora), heads=dict(heads or {}))
 
 
-def reference_rank_padding(
-    current: LoraPair | None, pairs: Sequence[LoraPair], weights: Sequence[float]
-) -> LoraPair:
+def reference_rank_padding(current: LoraPair | None, pairs: Sequence[LoraPair], weights: Sequence[float]) -> LoraPair:
     """Independent vectorised statement of METHOD.md section 4, in float64.
 
     Pad every folded pair to R with zeros, mask the slots each agent covers, and take
@@ -149,17 +145,11 @@ def test_hand_computed_example_two_agents_ranks_one_and_two() -> None:
 
 def test_hand_computed_example_without_global_module() -> None:
     # Prepare: same agents as above, already folded; the global has never seen the module.
-    agent1 = update(
-        "a1", 1.0, {M: LoraPair(a=torch.tensor([[1.0, 2.0, 3.0]]), b=torch.tensor([[2.0], [4.0]]))}
-    )
+    agent1 = update("a1", 1.0, {M: LoraPair(a=torch.tensor([[1.0, 2.0, 3.0]]), b=torch.tensor([[2.0], [4.0]]))})
     agent2 = update(
         "a2",
         3.0,
-        {
-            M: LoraPair(
-                a=torch.tensor([[3.0, 0.0, 3.0], [1.0, 1.0, 1.0]]), b=torch.tensor([[2.0, 0.0], [0.0, 2.0]])
-            )
-        },
+        {M: LoraPair(a=torch.tensor([[3.0, 0.0, 3.0], [1.0, 1.0, 1.0]]), b=torch.tensor([[2.0, 0.0], [0.0, 2.0]]))},
     )
 
     # Execute
@@ -177,12 +167,8 @@ def test_hand_computed_example_without_global_module() -> None:
 def test_scaling_is_folded_before_averaging() -> None:
     # Prepare: the same dW = B A uploaded at rank 1 with alpha 1 and alpha 4 (scales 1 and 4).
     a = torch.tensor([[1.0, 0.0, 0.0]])
-    agent_small = fold_update(
-        "s", 1.0, {f"{M}.lora_A": a, f"{M}.lora_B": torch.tensor([[4.0], [8.0]])}, plan(1, 1.0)
-    )
-    agent_big = fold_update(
-        "b", 1.0, {f"{M}.lora_A": a, f"{M}.lora_B": torch.tensor([[1.0], [2.0]])}, plan(1, 4.0)
-    )
+    agent_small = fold_update("s", 1.0, {f"{M}.lora_A": a, f"{M}.lora_B": torch.tensor([[4.0], [8.0]])}, plan(1, 1.0))
+    agent_big = fold_update("b", 1.0, {f"{M}.lora_A": a, f"{M}.lora_B": torch.tensor([[1.0], [2.0]])}, plan(1, 4.0))
 
     # Execute
     new, _ = rank_padding(global_adapter({}), [agent_small, agent_big])
@@ -224,9 +210,7 @@ def test_equal_ranks_and_weights_is_exactly_fedavg(
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    n_agents=st.integers(1, 5), rank=st.integers(1, 4), weight=st.floats(0.1, 1e4), seed=st.integers(0, 2**16)
-)
+@given(n_agents=st.integers(1, 5), rank=st.integers(1, 4), weight=st.floats(0.1, 1e4), seed=st.integers(0, 2**16))
 def test_equal_ranks_and_weights_matches_fedavg_for_random_floats(
     n_agents: int, rank: int, weight: float, seed: int
 ) -> None:
@@ -325,9 +309,7 @@ def test_modules_and_heads_nobody_trained_keep_the_global_value() -> None:
     # Prepare
     untouched = pair(3, 5)
     head_kept = torch.tensor([1.0, 2.0])
-    global_ = global_adapter(
-        {M: pair(2, 4), N: untouched}, {"kept.bias": head_kept, "classifier.bias": torch.zeros(2)}
-    )
+    global_ = global_adapter({M: pair(2, 4), N: untouched}, {"kept.bias": head_kept, "classifier.bias": torch.zeros(2)})
     updates = [update("a1", 2.0, {M: pair(2, 6)}, {"classifier.bias": torch.tensor([4.0, 8.0])})]
 
     # Execute
