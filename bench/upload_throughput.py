@@ -1,0 +1,332 @@
+"""Adapter upload (and download) throughput over loopback gRPC, against serde without gRPC.
+
+In one process this starts the real coordinator: `coordinator.server.start_server` over an
+`Orchestrator` with the uniform planner, on 127.0.0.1:0. For each payload size it registers
+`repeats + 1` agents through the agent's own `CoordinatorClient` with a hand-made `ModelSpec` whose
+LoRA candidates are sized so that the plan's upload is exactly that many bytes, runs the round loop in
+a daemon thread, and has every agent fetch its TRAIN task, download the global adapter and upload an
+update of `expected_tensors(plan, spec)`. The first agent of each size is a warm-up and is not counted.
+
+Measured paths (both exactly what a real agent and the real coordinator execute):
+
+* upload: `CoordinatorClient.upload` -> `serde.encode_payload` (SHA-256) -> chunked client stream ->
+  `CoordinatorServicer.UploadUpdate` -> `Orchestrator.check_upload` -> `serde.decode_payload`
+  (size checks, SHA-256 verification) -> `Orchestrator.accept_update` (`check_tensors`: shapes,
+  dtypes, finiteness) -> response.
+* download: `CoordinatorClient.download` -> `Orchestrator.global_for` (`broadcast_tensors`) ->
+  `serde.encode_payload` -> server stream -> `serde.decode_payload` on the client.
+
+Baselines, same tensors, same process, no gRPC: `serde` = encode_payload + chunked + decode_payload;
+`serde+check` additionally runs `check_tensors`, i.e. all the CPU work of an upload except gRPC and
+the orchestrator's bookkeeping. Ratios are time ratios (gRPC path seconds / baseline seconds), so 1.0
+means gRPC and loopback cost nothing. Throughput is in MB/s with MB = 10**6 bytes.
+
+Writes bench/results/upload_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import serde
+from common.adapters import check_tensors, expected_tensors
+from common.metrics import AgentMetrics, CoordinatorMetrics
+from common.rpc import RetryPolicy
+from common.types import DeviceProfile, ModelSpec, ModuleShape, Quantization, TaskKind, TrainPlan, UpdateMeta
+from coordinator.config import CoordinatorConfig, EvaluationSection, RunSection, ServerSection
+from coordinator.orchestrator import Orchestrator
+from coordinator.planner import PlanOptions, uniform_plan
+from coordinator.registry import Registry
+from coordinator.server import start_server
+from coordinator.strategy import get_strategy
+from edge_agent.client import CoordinatorClient
+
+MIB = 2**20
+HIDDEN = 4096  # a 7B-class hidden size: 64 such modules at rank 16 are LLaMA-7B's q,v adapter
+BYTES_PER_MODULE_AND_RANK = 2 * HIDDEN * 4  # A (r, d) + B (d, r), float32
+DEFAULT_SIZES_MIB = (0.25, 1.0, 8.0, 32.0)
+RESULTS = Path(__file__).resolve().parent / "results" / "upload_throughput.json"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Modules and rank that give a payload of exactly `nbytes` bytes."""
+
+    modules: int
+    rank: int
+
+    @property
+    def nbytes(self) -> int:
+        """Upload size of the plan for this shape."""
+        return self.modules * self.rank * BYTES_PER_MODULE_AND_RANK
+
+
+def shape_for(nbytes: int) -> Shape:
+    """Rank 16 on as many 4096x4096 modules as needed; one module at a lower rank below 0.5 MiB."""
+    per_rank = BYTES_PER_MODULE_AND_RANK
+    modules = max(1, nbytes // (16 * per_rank))
+    rank = nbytes // (modules * per_rank)
+    shape = Shape(modules, rank)
+    if rank < 1 or shape.nbytes != nbytes:
+        raise SystemExit(f"{nbytes} bytes is not a multiple of {per_rank} (rank x 4096 x 2 x fp32)")
+    return shape
+
+
+def model_spec(shape: Shape, labels: tuple[str, ...]) -> ModelSpec:
+    """A hand-made spec: `shape.modules` square candidates and no trainable head."""
+    return ModelSpec(
+        fingerprint=f"bench-{shape.modules}x{HIDDEN}",
+        model_type="bench",
+        task="seq-cls",
+        labels=labels,
+        candidates=tuple(ModuleShape(f"layers.{i}.proj", HIDDEN, HIDDEN) for i in range(shape.modules)),
+        heads=(),
+        base_parameters=shape.modules * HIDDEN * HIDDEN,
+    )
+
+
+PROFILE = DeviceProfile(
+    device="cpu",
+    device_name="bench",
+    total_memory_bytes=8 * 2**30,
+    free_memory_bytes=8 * 2**30,
+    host_memory_bytes=8 * 2**30,
+    flops_per_s=1e10,
+    compute_dtype="float32",
+    threads=1,
+    num_train_samples=100,
+    num_val_samples=10,
+)
+
+
+def options(rank: int) -> PlanOptions:
+    """Plan options for the uniform planner: every candidate at `rank`."""
+    return PlanOptions(
+        targets=("all",),
+        rank=rank,
+        alpha=2.0 * rank,
+        dropout=0.0,
+        batch_size=8,
+        local_epochs=1,
+        max_steps=0,
+        learning_rate=1e-3,
+        weight_decay=0.0,
+        max_seq_len=32,
+        quantization=Quantization.NONE,
+        deadline_s=600.0,
+        seed=0,
+    )
+
+
+def update_tensors(plan: TrainPlan, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Finite random tensors with exactly the names, shapes and dtypes the plan expects, in wire order."""
+    generator = torch.Generator().manual_seed(1)
+    return {
+        info.name: torch.randn(info.shape, generator=generator, dtype=torch.float32) * 0.01
+        for info in expected_tensors(plan, spec)
+    }
+
+
+def measure_grpc(shape: Shape, repeats: int, workdir: Path) -> dict[str, Any]:
+    """Real coordinator on loopback: per agent, download the global then upload an update; timings in s."""
+    agents = repeats + 1  # agent 0 warms up channel, server threads and allocator
+    server_section = ServerSection(host="127.0.0.1", port=0, max_upload_bytes=max(256 * MIB, 2 * shape.nbytes))
+    config = CoordinatorConfig(
+        server=server_section,
+        run=RunSection(
+            rounds=1,
+            min_agents=agents,
+            round_deadline_s=600.0,
+            registration_timeout_s=60.0,
+            agent_timeout_s=600.0,
+            run_dir=workdir / f"run-{shape.nbytes}",
+            finish_grace_s=0.0,
+        ),
+        evaluation=EvaluationSection(agents=False, initial=False),
+    )
+    config.run.run_dir.mkdir(parents=True)
+    labels = tuple(config.labels)
+    spec = model_spec(shape, labels)
+    metrics = CoordinatorMetrics()
+    orchestrator = Orchestrator(
+        config,
+        Registry(labels),
+        uniform_plan,
+        options(shape.rank),
+        get_strategy("rank-padding"),
+        metrics,
+        base_path="bench",
+    )
+    server, port = start_server(orchestrator, server_section, metrics)
+    clients: list[CoordinatorClient] = []
+    outcome: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            orchestrator.run()
+        except BaseException as err:  # reported to the main thread
+            outcome.append(err)
+
+    try:
+        for i in range(agents):
+            client = CoordinatorClient(f"127.0.0.1:{port}", f"bench-{i}", AgentMetrics(), RetryPolicy(attempts=1))
+            client.register(PROFILE, spec, "bench")
+            clients.append(client)
+        loop = threading.Thread(target=drive, name="orchestrator", daemon=True)
+        loop.start()
+        downloads: list[float] = []
+        uploads: list[float] = []
+        tensors: dict[str, torch.Tensor] | None = None
+        for i, client in enumerate(clients):
+            task = client.get_task(30.0)
+            if task.kind is not TaskKind.TRAIN or task.plan is None:
+                raise SystemExit(f"{client.agent_id}: expected a TRAIN task, got {task}")
+            plan = task.plan
+            if tensors is None:
+                tensors = update_tensors(plan, spec)
+                got = sum(t.numel() * t.element_size() for t in tensors.values())
+                assert got == shape.nbytes, (got, shape.nbytes)
+            meta = UpdateMeta(client.agent_id, task.round, plan.plan_id, 100, 13, 1.0, 0.5, 0)
+            start = time.perf_counter()
+            client.download(task.global_round, plan.plan_id)
+            middle = time.perf_counter()
+            client.upload(meta, tensors)
+            download, upload = middle - start, time.perf_counter() - middle
+            if i > 0:
+                downloads.append(download)
+                uploads.append(upload)
+        loop.join(120.0)
+        if outcome:
+            raise outcome[0]
+        if loop.is_alive():
+            raise SystemExit("the orchestrator did not finish its round")
+        return {"upload_s": uploads, "download_s": downloads}
+    finally:
+        for client in clients:
+            client.close()
+        server.stop(0).wait(5)
+
+
+def measure_serde(shape: Shape, repeats: int) -> dict[str, Any]:
+    """The same payload through serde alone, plus the server's tensor check; timings in s."""
+    spec = model_spec(shape, ("a", "b"))
+    plan = next(iter(uniform_plan({"bench-0": PROFILE}, spec, options(shape.rank), 1).values()))
+    tensors = update_tensors(plan, spec)
+    expected = expected_tensors(plan, spec)
+    limits = ServerSection()
+    chunk = serde.DEFAULT_CHUNK_BYTES
+
+    def round_trip() -> dict[str, torch.Tensor]:
+        header, payload = serde.encode_payload(tensors)
+        return serde.decode_payload(
+            header,
+            serde.chunked(payload, chunk),
+            max(limits.max_upload_bytes, 2 * shape.nbytes),
+            limits.max_chunk_bytes,
+        )
+
+    round_trip()  # warm-up
+    serde_s: list[float] = []
+    check_s: list[float] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        decoded = round_trip()
+        middle = time.perf_counter()
+        check_tensors(decoded, expected)
+        end = time.perf_counter()
+        serde_s.append(middle - start)
+        check_s.append(end - start)
+    return {"serde_s": serde_s, "serde_check_s": check_s}
+
+
+def mbps(nbytes: int, seconds: float) -> float:
+    """MB/s with MB = 10**6 bytes."""
+    return nbytes / seconds / 1e6
+
+
+def main() -> int:
+    """Measure every size, print a table and write the JSON results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--sizes-mib", type=float, nargs="+", default=list(DEFAULT_SIZES_MIB))
+    parser.add_argument("--repeats", type=int, default=5, help="timed uploads per size (after one warm-up)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    rows: list[dict[str, Any]] = []
+    header = (
+        f"{'size MiB':>8} {'upload MB/s':>11} {'download MB/s':>13} {'serde MB/s':>10} {'serde+chk MB/s':>14} "
+        f"{'up/serde':>8} {'up/serde+chk':>12} {'up ms':>7}"
+    )
+    print(header)
+    with tempfile.TemporaryDirectory(prefix="fedpipe-bench-") as tmp:
+        for size in args.sizes_mib:
+            shape = shape_for(round(size * MIB))
+            grpc_times = measure_grpc(shape, args.repeats, Path(tmp))
+            base = measure_serde(shape, args.repeats)
+            up = statistics.median(grpc_times["upload_s"])
+            down = statistics.median(grpc_times["download_s"])
+            raw = statistics.median(base["serde_s"])
+            raw_check = statistics.median(base["serde_check_s"])
+            row = {
+                "size_mib": shape.nbytes / MIB,
+                "bytes": shape.nbytes,
+                "modules": shape.modules,
+                "rank": shape.rank,
+                "hidden": HIDDEN,
+                "repeats": args.repeats,
+                "upload_mbps": mbps(shape.nbytes, up),
+                "download_mbps": mbps(shape.nbytes, down),
+                "serde_mbps": mbps(shape.nbytes, raw),
+                "serde_check_mbps": mbps(shape.nbytes, raw_check),
+                "upload_over_serde": up / raw,
+                "upload_over_serde_check": up / raw_check,
+                "median_upload_s": up,
+                "median_download_s": down,
+                "median_serde_s": raw,
+                "median_serde_check_s": raw_check,
+                **grpc_times,
+                **base,
+            }
+            rows.append(row)
+            print(
+                f"{row['size_mib']:>8.2f} {row['upload_mbps']:>11.1f} {row['download_mbps']:>13.1f} "
+                f"{row['serde_mbps']:>10.1f} {row['serde_check_mbps']:>14.1f} {row['upload_over_serde']:>8.2f} "
+                f"{row['upload_over_serde_check']:>12.2f} {up * 1e3:>7.1f}",
+                flush=True,
+            )
+    result = {
+        "benchmark": "upload_throughput",
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "mb": "10**6 bytes",
+        "statistic": f"median of {args.repeats} timed transfers after one warm-up",
+        "torch_threads": 1,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
+        "rows": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""A real federation: fedpipe-coordinator and two fedpipe-agent processes via the console scripts,
+real MiniLM training on the embedded tweets, adapters over gRPC on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+HELDOUT = 300
+
+
+def federation_config(run_dir: Path) -> dict[str, Any]:
+    return {
+        "coordinator": {
+            "run": {
+                "rounds": 2,
+                "min_agents": 2,
+                "run_dir": str(run_dir),
+                "round_deadline_s": 240,
+                "registration_timeout_s": 120,
+                "finish_grace_s": 10,
+            },
+            "lora": {"rank": 8, "alpha": 16, "targets": ["query", "value"]},
+            "training": {"batch_size": 16, "learning_rate": 0.002, "max_seq_len": 48},
+            "evaluation": {"heldout": "embedded", "max_samples": HELDOUT},
+        },
+        "agents": {"count": 2, "config": {"threads": 1, "data": {"max_samples": 320, "val_fraction": 0.1}}},
+    }
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Run the whole federation once for the module; returns the run dir and the launcher output."""
+    base = tmp_path_factory.mktemp("federation")
+    run_dir = base / "run"
+    config = base / "federation.yaml"
+    config.write_text(yaml.safe_dump(federation_config(run_dir)))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "local_federation.py"), "--config", str(config), "--timeout", "900"],
+        capture_output=True,
+        text=True,
+        timeout=960,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"federation failed:\n{proc.stdout}\n{proc.stderr}"
+    return run_dir, proc.stdout
+
+
+@pytest.mark.integration
+def test_rounds_complete_and_beat_the_untrained_adapter(federation: tuple[Path, str]) -> None:
+    run_dir, output = federation
+    records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    untrained, final = records[0]["heldout"]["accuracy"], records[-1]["heldout"]["accuracy"]
+    assert final > untrained + 0.05, (untrained, final)
+    assert all(sorted(r["agents"]) == ["agent-1", "agent-2"] for r in records[1:])
+    assert all(r["agents_eval"]["samples"] > 0 for r in records), "agents evaluated every global on their own data"
+    lines = output.strip().splitlines()
+    assert lines[-1] == f"final accuracy: {final:.3f}"
+    assert sum(line.startswith("round ") for line in lines) == 3
+
+
+@pytest.mark.integration
+def test_plans_and_round_adapters_are_written(federation: tuple[Path, str]) -> None:
+    run_dir, _ = federation
+    for round_ in (1, 2):
+        directory = run_dir / "rounds" / f"{round_:04d}"
+        plans = json.loads((directory / "plans.json").read_text())
+        assert sorted(plans) == ["agent-1", "agent-2"]
+        for entry in plans.values():
+            assert entry["samples"] > 0 and entry["train_seconds"] > 0
+            assert set(entry["plan"]["rank_pattern"].values()) == {8}
+        assert (directory / "adapter_model.safetensors").stat().st_size > 0
+    config = json.loads((run_dir / "final" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and config["modules_to_save"] == ["classifier"]
+
+
+@pytest.mark.integration
+def test_final_adapter_loads_in_peft_and_reproduces_the_reported_accuracy(federation: tuple[Path, str]) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from common.data import DataSource, embedded_split
+    from common.modeling import evaluate, load_tokenizer, resolve_model_path
+
+    run_dir, _ = federation
+    summary = json.loads((run_dir / "summary.json").read_text())
+    path = resolve_model_path("embedded")
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = PeftModel.from_pretrained(base, str(run_dir / "final"))
+    held = embedded_split(DataSource("embedded"))[1][:HELDOUT]
+    result = evaluate(model, load_tokenizer(path), held, 48, torch.device("cpu"))
+    assert result.accuracy == pytest.approx(summary["final_accuracy"], abs=1e-9)
+    assert result.loss == pytest.approx(summary["final_loss"], rel=1e-4)

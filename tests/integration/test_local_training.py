@@ -1,0 +1,82 @@
+"""The agent's model and training loop on the real MiniLM at every quantization level (CPU)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from common.adapters import broadcast_tensors, check_tensors, expected_tensors, init_global
+from common.data import DataSource, embedded_split
+from common.modeling import model_spec, resolve_model_path
+from common.types import ModelSpec, Quantization, TrainPlan
+from coordinator.planner import PlanOptions, uniform_plan
+from edge_agent.model import LocalModel
+from edge_agent.profiler import measure_flops, profile
+from edge_agent.trainer import train_local
+
+LABELS = ("negative", "positive")
+
+
+def make_plan(quantization: Quantization) -> tuple[TrainPlan, ModelSpec]:
+    path = resolve_model_path("embedded")
+    spec = model_spec(path, LABELS)
+    options = PlanOptions(("query", "value"), 4, 8.0, 0.0, 8, 1, 3, 2e-3, 0.0, 32, quantization, 60.0, 1)
+    measured = profile(torch.device("cpu"), torch.float32, 24, 0)
+    return uniform_plan({"a": measured}, spec, options, 1)["a"], spec
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("quantization", [Quantization.NONE, Quantization.INT8, Quantization.NF4])
+def test_quantized_base_trains_lora_and_extracts_planned_tensors(quantization: Quantization) -> None:
+    plan, spec = make_plan(quantization)
+    model = LocalModel(resolve_model_path("embedded"), LABELS, torch.device("cpu"))
+    adapted = model.prepare(plan)
+    start = broadcast_tensors(init_global(spec, plan, seed=0), plan, spec)
+    adapted.load(start)
+    examples = embedded_split(DataSource("embedded"))[0][:24]
+    result = train_local(
+        adapted.model, model.tokenizer, examples, plan, torch.device("cpu"), time.monotonic() + 120, progress="off"
+    )
+    tensors = adapted.extract()
+    check_tensors(tensors, expected_tensors(plan, spec))
+    assert result.steps == 3 and result.samples == 24 and result.mean_loss == result.mean_loss
+    moved = [name for name in tensors if name.endswith(".lora_B") and float(tensors[name].abs().sum()) > 0]
+    assert moved, "training must move B away from its zero start"
+    if quantization is not Quantization.NONE:
+        layer = adapted.model.base_model.model.bert.encoder.layer[0].attention.self.query
+        assert "bnb" in type(layer).__module__ or "bnb" in type(layer.base_layer).__module__
+
+
+@pytest.mark.integration
+def test_deadline_stops_training_early_and_counts_what_was_done() -> None:
+    plan, _ = make_plan(Quantization.NONE)
+    model = LocalModel(resolve_model_path("embedded"), LABELS, torch.device("cpu"))
+    adapted = model.prepare(plan)
+    examples = embedded_split(DataSource("embedded"))[0][:24]
+    result = train_local(
+        adapted.model, model.tokenizer, examples, plan, torch.device("cpu"), time.monotonic() - 1, progress="off"
+    )
+    assert result.stopped_early and result.steps == 1 and result.samples == 8
+
+
+def test_flops_measurement_is_positive_and_sane() -> None:
+    flops = measure_flops(torch.device("cpu"), torch.float32, seconds=0.2, size=256)
+    assert 1e7 < flops < 1e13
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_profile_reports_device_memory_and_nf4_trains() -> None:
+    device = torch.device("cuda:0")
+    measured = profile(device, torch.bfloat16, 1, 0)
+    _, total = torch.cuda.mem_get_info(device)
+    assert measured.total_memory_bytes == total and measured.device.startswith("cuda")
+    plan, spec = make_plan(Quantization.NF4)
+    model = LocalModel(resolve_model_path("embedded"), LABELS, device)
+    adapted = model.prepare(plan)
+    adapted.load(broadcast_tensors(init_global(spec, plan, seed=0), plan, spec))
+    examples = embedded_split(DataSource("embedded"))[0][:24]
+    result = train_local(adapted.model, model.tokenizer, examples, plan, device, time.monotonic() + 120, "off")
+    assert result.steps == 3 and result.peak_memory_bytes > 0
