@@ -5,15 +5,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource
 
 from common.errors import ConfigError
 
 S = TypeVar("S", bound=BaseSettings)
+
+
+class Section(BaseModel):
+    """A nested config section; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _distinct_labels(value: list[str]) -> list[str]:
+    if len(value) < 2 or len(set(value)) != len(value):
+        raise ValueError("needs at least two distinct labels")
+    return value
+
+
+Labels = Annotated[list[str], AfterValidator(_distinct_labels)]  # class names in index order
 
 
 class YamlSource(PydanticBaseSettingsSource):

@@ -5,17 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.data import EMBEDDED, EMBEDDED_LABEL_COLUMN, EMBEDDED_LABELS, EMBEDDED_TEXT_COLUMN
+from common.settings import Labels, Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ServerSection(_Section):
+class ServerSection(Section):
     """The gRPC endpoint agents connect to."""
 
     host: str = Field("127.0.0.1", description="address to bind")
@@ -37,14 +34,14 @@ class ServerSection(_Section):
         return self
 
 
-class MetricsSection(_Section):
+class MetricsSection(Section):
     """Prometheus exposition."""
 
     host: str = Field("127.0.0.1", description="address of the metrics HTTP server")
     port: int = Field(9400, ge=-1, le=65535, description="metrics port; 0 picks a free one, -1 turns it off")
 
 
-class RunSection(_Section):
+class RunSection(Section):
     """The round loop."""
 
     rounds: int = Field(5, ge=1, description="rounds to train")
@@ -59,7 +56,7 @@ class RunSection(_Section):
     finish_grace_s: float = Field(15.0, ge=0, description="how long to keep serving FINISHED to agents")
 
 
-class LoraSection(_Section):
+class LoraSection(Section):
     """The LoRA configuration the uniform planner gives every agent."""
 
     rank: int = Field(8, ge=1, le=1024, description="LoRA rank")
@@ -77,7 +74,7 @@ class LoraSection(_Section):
         return value
 
 
-class TrainingSection(_Section):
+class TrainingSection(Section):
     """Local work per round."""
 
     batch_size: int = Field(16, ge=1, description="samples per optimizer step")
@@ -89,7 +86,7 @@ class TrainingSection(_Section):
     quantization: Literal["none", "int8", "nf4"] = Field("none", description="precision of the frozen base")
 
 
-class EvaluationSection(_Section):
+class EvaluationSection(Section):
     """Evaluation of each global adapter."""
 
     agents: bool = Field(True, description="ask agents to evaluate each global on their validation split")
@@ -108,7 +105,7 @@ class CoordinatorConfig(BaseSettings):
         env_prefix="FEDPIPE_COORDINATOR_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
-    labels: list[str] = Field(list(EMBEDDED_LABELS), description="class names; agents must report the same")
+    labels: Labels = Field(list(EMBEDDED_LABELS), description="class names; agents must report the same")
     planner: Literal["uniform"] = Field("uniform", description="how per-agent plans are made")
     strategy: Literal["rank-padding", "fedavg"] = Field("rank-padding", description="aggregation strategy")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
@@ -118,10 +115,3 @@ class CoordinatorConfig(BaseSettings):
     lora: LoraSection = LoraSection()
     training: TrainingSection = TrainingSection()
     evaluation: EvaluationSection = EvaluationSection()
-
-    @field_validator("labels")
-    @classmethod
-    def _two_labels(cls, value: list[str]) -> list[str]:
-        if len(value) < 2 or len(set(value)) != len(value):
-            raise ValueError("needs at least two distinct labels")
-        return value

@@ -6,30 +6,27 @@ import re
 import socket
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.data import EMBEDDED, EMBEDDED_LABEL_COLUMN, EMBEDDED_LABELS, EMBEDDED_TEXT_COLUMN
+from common.settings import Labels, Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSection(_Section):
+class ModelSection(Section):
     """The base model."""
 
     path: str = Field(EMBEDDED, description="model directory, or 'embedded' for MiniLM-L6")
     include_mlp: bool = Field(False, description="offer MLP projections as LoRA candidates")
 
 
-class DataSection(_Section):
+class DataSection(Section):
     """The agent's private data."""
 
     path: str = Field(EMBEDDED, description="CSV or JSONL file, or 'embedded' for the tweet corpus")
     text_column: str = Field(EMBEDDED_TEXT_COLUMN, description="column holding the text")
     label_column: str = Field(EMBEDDED_LABEL_COLUMN, description="column holding the label")
-    labels: list[str] = Field(list(EMBEDDED_LABELS), description="label names in class-index order")
+    labels: Labels = Field(list(EMBEDDED_LABELS), description="label names in class-index order")
     shard: str = Field("1/1", description="take shard i of n (1-based), e.g. 2/3")
     label_skew: float | None = Field(None, gt=0, description="Dirichlet alpha for non-IID shards; none = IID")
     max_samples: int = Field(0, ge=0, description="cap on the shard's size, 0 = all")
@@ -44,20 +41,13 @@ class DataSection(_Section):
             raise ValueError("must be i/n with 1 <= i <= n, e.g. 2/3")
         return value
 
-    @field_validator("labels")
-    @classmethod
-    def _two_labels(cls, value: list[str]) -> list[str]:
-        if len(value) < 2 or len(set(value)) != len(value):
-            raise ValueError("needs at least two distinct labels")
-        return value
-
     def shard_index(self) -> tuple[int, int]:
         """(0-based index, count) of the shard."""
         index, count = (int(part) for part in self.shard.split("/"))
         return index - 1, count
 
 
-class MetricsSection(_Section):
+class MetricsSection(Section):
     """Prometheus exposition."""
 
     host: str = Field("127.0.0.1", description="address of the metrics HTTP server")
