@@ -13,7 +13,9 @@ and reads the run's artefacts:
   only: no model preparation, no download, no upload);
 * `rounds/NNNN/adapter_model.safetensors`: header only, for module shapes, so that each agent's upload
   size (= its download size) follows from its plan's ranks;
-* `logs/coordinator.log`: the aggregation time of each round, for the breakdown.
+* `logs/coordinator.log`: the "aggregated ... in X s" line of each round, for the breakdown. X is
+  measured from the start of the aggregation strategy to after `Checkpoint.save_round`, so it holds
+  strategy + checkpoint writing (the strategy-only figure is the fedpipe_aggregation_duration_seconds metric).
 
 Transfer times are not in the artefacts. They are estimated as payload bytes / the throughput that
 bench/upload_throughput.py measured over loopback gRPC for the nearest payload size (upload and
@@ -141,7 +143,7 @@ def nearest(rows: list[dict[str, Any]], nbytes: int) -> dict[str, Any]:
 
 
 def aggregation_seconds(log_path: Path) -> dict[int, float]:
-    """Round -> seconds in the aggregation strategy, from the coordinator log."""
+    """Round -> seconds from the coordinator log's "aggregated" line: strategy + checkpoint write."""
     if not log_path.is_file():
         return {}
     found: dict[int, float] = {}
@@ -204,7 +206,7 @@ def analyze(run_dir: Path, throughput: list[dict[str, Any]] | None) -> list[dict
                 "work_seconds": work,
                 "overhead_ratio": wall / work,
                 "overhead_seconds": wall - work,
-                "aggregation_seconds": aggregation.get(round_),
+                "aggregate_and_checkpoint_seconds": aggregation.get(round_),
                 "agents": agents,
             }
         )
@@ -235,16 +237,16 @@ def main() -> int:
         raise SystemExit(f"no aggregated round in {args.run_dir / 'rounds.jsonl'}")
     print(
         f"{'round':>5} {'wall s':>7} {'slowest':>9} {'train s':>8} {'xfer ms':>8} {'ratio':>6} "
-        f"{'overhead s':>10} {'aggr s':>6} {'payload KB':>10}"
+        f"{'overhead s':>10} {'aggr+ckpt s':>11} {'payload KB':>10}"
     )
     for row in rows:
-        aggr = row["aggregation_seconds"]
+        aggr = row["aggregate_and_checkpoint_seconds"]
         payload = row["agents"][row["slowest_agent"]]["payload_bytes"]
         print(
             f"{row['round']:>5} {row['wall_seconds']:>7.2f} {row['slowest_agent']:>9} "
             f"{row['slowest_train_seconds']:>8.2f} {row['slowest_transfer_seconds_est'] * 1e3:>8.2f} "
             f"{row['overhead_ratio']:>6.3f} {row['overhead_seconds']:>10.2f} "
-            f"{'-' if aggr is None else f'{aggr:.2f}':>6} {payload / 1e3:>10.1f}"
+            f"{'-' if aggr is None else f'{aggr:.2f}':>11} {payload / 1e3:>10.1f}"
         )
     wall = sum(row["wall_seconds"] for row in rows)
     work = sum(row["work_seconds"] for row in rows)

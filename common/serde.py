@@ -8,6 +8,7 @@ checksum before any tensor is used.
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -336,6 +337,10 @@ def update_meta_from_pb(message: pb.UpdateHeader) -> UpdateMeta:
         raise InvalidArgument("header.agent_id", "empty")
     if not message.HasField("payload"):
         raise InvalidArgument("header.payload", "missing")
+    if not math.isfinite(message.train_loss):
+        raise InvalidArgument("header.train_loss", f"must be a finite number, got {message.train_loss}")
+    if not (math.isfinite(message.train_seconds) and message.train_seconds >= 0):
+        raise InvalidArgument("header.train_seconds", f"must be finite and >= 0, got {message.train_seconds}")
     return UpdateMeta(
         agent_id=message.agent_id,
         round=message.round,

@@ -98,6 +98,11 @@ class TrainPlan:
     deadline_s: float  # seconds from task start until the upload must be done
     seed: int  # seeds dropout and data order, so a round is reproducible
 
+    def steps_for(self, num_examples: int) -> int:
+        """Optimizer steps this plan asks for on num_examples: local epochs, capped by max_steps."""
+        steps = self.local_epochs * -(-num_examples // self.batch_size)
+        return min(steps, self.max_steps) if self.max_steps > 0 else steps
+
 
 @dataclass(frozen=True)
 class Task:
@@ -177,5 +182,5 @@ class RoundResult:
     samples: int
     heldout: Evaluation | None = None
     agents_eval: Evaluation | None = None  # size-weighted over agents' validation splits
-    train_loss: float = float("nan")
+    train_loss: float | None = None  # sample-weighted mean of the agents' training loss
     dropped: tuple[str, ...] = field(default_factory=tuple)  # planned agents without an accepted update

@@ -231,6 +231,12 @@ class Orchestrator:
             raise AlreadyUploaded(f"agent {meta.agent_id} already uploaded round {self.round}")
         if meta.samples == 0:
             raise InvalidArgument("samples", "must be positive: an update with no samples has no weight")
+        # The weight of an update is its sample count: bound it by the work the plan allows on the
+        # data the agent reported, so one agent cannot claim to outweigh the others.
+        plan = self.plans[meta.agent_id]
+        limit = plan.steps_for(self.registry.get(meta.agent_id).profile.num_train_samples) * plan.batch_size
+        if meta.samples > limit:
+            raise InvalidArgument("samples", f"{meta.samples} exceeds the {limit} this plan allows on the agent's data")
 
     def accept_update(self, update: AdapterUpdate) -> str:
         """Validate every tensor against the plan and keep the update for this round's aggregation."""
@@ -323,6 +329,7 @@ class Orchestrator:
         spec = self.registry.spec
         assert spec is not None and self.global_ is not None and self.checkpoint is not None
         plans = self.planner({a: r.profile for a, r in alive.items()}, spec, self.options, round_)
+        self._check_payload_limit(plans, spec)
         for agent, plan in plans.items():
             self.metrics.plan_rank.labels(agent).set(max(plan.rank_pattern.values()))
             self.metrics.plan_batch.labels(agent).set(plan.batch_size)
@@ -355,7 +362,8 @@ class Orchestrator:
         folded = [fold_update(a, float(u.meta.samples), u.tensors, plans[a]) for a, u in sorted(updates.items())]
         agg_start = time.perf_counter()
         new_global, agg_metrics = self.strategy(self.global_, folded)
-        self.metrics.aggregation_duration.observe(time.perf_counter() - agg_start)
+        agg_seconds = time.perf_counter() - agg_start
+        self.metrics.aggregation_duration.observe(agg_seconds)
         new_global = replace(new_global, round=round_)
         report = {
             a: {
@@ -381,10 +389,18 @@ class Orchestrator:
             len(updates),
             samples,
             agg_metrics["delta_norm"],
-            time.perf_counter() - agg_start,
+            agg_seconds,
         )
         result = RoundResult(round_, tuple(sorted(updates)), seconds, samples, train_loss=train_loss, dropped=dropped)
         return self._evaluate(round_, plans, result)
+
+    def _check_payload_limit(self, plans: Mapping[str, TrainPlan], spec: ModelSpec) -> None:
+        """Abort before a round whose planned updates could never be accepted."""
+        limit = self.config.server.max_upload_bytes
+        for agent, plan in plans.items():
+            size = sum(info.nbytes for info in expected_tensors(plan, spec))
+            if size > limit:
+                raise RunAborted(f"{agent}'s planned update is {size} bytes, over server.max_upload_bytes {limit}")
 
     def _wait_until(self, done: Callable[[], bool], deadline: float, expected: Mapping[str, object]) -> None:
         """Wait for done() or the deadline; stop early once every outstanding agent is dead."""

@@ -81,6 +81,7 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
             env=env,
         )
     procs.append(coordinator)
+    agents: dict[str, subprocess.Popen[bytes]] = {}
     try:
         port_file = run_dir / "coordinator.port"
         start = time.monotonic()
@@ -109,14 +110,10 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
             path = run_dir / f"{agent_id}.yaml"
             path.write_text(yaml.safe_dump(agent_cfg))
             with (logs / f"{agent_id}.log").open("wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [script("fedpipe-agent"), "--config", str(path)],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                    )
+                agents[agent_id] = subprocess.Popen(
+                    [script("fedpipe-agent"), "--config", str(path)], stdout=out, stderr=subprocess.STDOUT, env=env
                 )
+                procs.append(agents[agent_id])
         seen = 0
         records = run_dir / "rounds.jsonl"
         while True:
@@ -127,13 +124,10 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
                 seen = len(lines)
             if coordinator.poll() is not None:
                 break
-            for index, proc in enumerate(procs[1:], start=1):
+            for agent_id, proc in list(agents.items()):
                 if proc.poll() not in (None, 0):
-                    print(
-                        f"agent-{index} exited with {proc.returncode}; see {logs}/agent-{index}.log",
-                        flush=True,
-                    )
-                    procs.remove(proc)
+                    print(f"{agent_id} exited with {proc.returncode}; see {logs}/{agent_id}.log", flush=True)
+                    del agents[agent_id]  # reported once; the run goes on while quorum holds
                     break
             if time.monotonic() - start > timeout_s:
                 print(f"timed out after {timeout_s:.0f}s", file=sys.stderr)

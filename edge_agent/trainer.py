@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -35,12 +34,6 @@ class TrainResult:
     stopped_early: bool  # the deadline cut the planned work short
 
 
-def planned_steps(num_examples: int, plan: TrainPlan) -> int:
-    """Optimizer steps the plan asks for: local epochs over the data, capped by max_steps."""
-    steps = plan.local_epochs * math.ceil(num_examples / plan.batch_size)
-    return min(steps, plan.max_steps) if plan.max_steps > 0 else steps
-
-
 def train_local(
     model: Any,
     tokenizer: Any,
@@ -56,7 +49,7 @@ def train_local(
     `deadline` is a time.monotonic() value; the loop stops before a step it could not finish in time,
     judged by the mean step time so far, and reports the samples it actually processed.
     """
-    total = planned_steps(len(examples), plan)
+    total = plan.steps_for(len(examples))
     generator = torch.Generator().manual_seed(plan.seed)
     torch.manual_seed(plan.seed)  # LoRA dropout
     params = [p for p in model.parameters() if p.requires_grad]

@@ -60,12 +60,19 @@ def aggregate(global_: GlobalAdapter, updates: Sequence[FoldedUpdate]) -> tuple[
     return new, metrics
 
 
+def _product_inner(x: LoraPair, y: LoraPair) -> float:
+    """<B_x A_x, B_y A_y> (Frobenius) from r x r factors, never forming a d_out x d_in matrix."""
+    gram_b = x.b.double().T @ y.b.double()
+    gram_a = x.a.double() @ y.a.double().T
+    return float((gram_b * gram_a).sum())
+
+
 def _delta_norm(before: GlobalAdapter, after: GlobalAdapter) -> float:
     """Norm of the change in dW and heads, comparable across ranks."""
     squared = 0.0
     for module, pair in after.lora.items():
-        new_dw = pair.b @ pair.a
+        squared += _product_inner(pair, pair)
         old = before.lora.get(module)
-        old_dw = old.b @ old.a if old is not None else torch.zeros_like(new_dw)
-        squared += float((new_dw.double() - old_dw.double()).pow(2).sum())
-    return float((squared + update_norm(before.heads, after.heads) ** 2) ** 0.5)
+        if old is not None:
+            squared += _product_inner(old, old) - 2 * _product_inner(pair, old)
+    return float((max(squared, 0.0) + update_norm(before.heads, after.heads) ** 2) ** 0.5)
