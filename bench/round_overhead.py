@@ -60,6 +60,7 @@ def federation_config(agents: int, rounds: int, max_samples: int, eval_samples: 
                 "registration_timeout_s": 180,
             },
             "lora": {"rank": 8, "alpha": 16, "targets": ["query", "value"]},
+            "selection": {"mode": "all"},  # no probe: the figure is the round loop's own overhead
             "training": {"batch_size": 16, "local_epochs": 1, "learning_rate": 0.001, "max_seq_len": 64},
             "evaluation": {"heldout": "embedded", "max_samples": eval_samples},
         },

@@ -47,7 +47,7 @@ from common.adapters import check_tensors, expected_tensors
 from common.metrics import AgentMetrics, CoordinatorMetrics
 from common.rpc import RetryPolicy
 from common.types import DeviceProfile, ModelSpec, ModuleShape, Quantization, TaskKind, TrainPlan, UpdateMeta
-from coordinator.config import CoordinatorConfig, EvaluationSection, RunSection, ServerSection
+from coordinator.config import CoordinatorConfig, EvaluationSection, RunSection, SelectionSection, ServerSection
 from coordinator.orchestrator import Orchestrator
 from coordinator.planner import PlanOptions, uniform_plan
 from coordinator.registry import Registry
@@ -156,6 +156,7 @@ def measure_grpc(shape: Shape, repeats: int, workdir: Path) -> dict[str, Any]:
             run_dir=workdir / f"run-{shape.nbytes}",
             finish_grace_s=0.0,
         ),
+        selection=SelectionSection(mode="all"),  # uploads only: no importance probe
         evaluation=EvaluationSection(agents=False, initial=False),
     )
     config.run.run_dir.mkdir(parents=True)

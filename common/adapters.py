@@ -14,6 +14,7 @@ for heads trained in full.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -176,24 +177,44 @@ def init_global(spec: ModelSpec, plan: TrainPlan, seed: int) -> GlobalAdapter:
     return GlobalAdapter(round=0, lora=lora, heads=heads)
 
 
+def slot_generator(global_round: int, module: str) -> torch.Generator:
+    """Seed for fresh slots of one module at one global round: equal on every agent, so all start alike."""
+    return torch.Generator().manual_seed((zlib.crc32(module.encode()) << 20) ^ global_round)
+
+
+def with_modules(global_: GlobalAdapter, ranks: Mapping[str, int], spec: ModelSpec) -> GlobalAdapter:
+    """The global adapter plus a fresh pair (A random, B = 0, so dW = 0) for each module it lacks."""
+    lora = dict(global_.lora)
+    for module, rank in ranks.items():
+        if module not in lora:
+            shape = spec.candidate(module)
+            lora[module] = fresh_pair(
+                shape.in_features, shape.out_features, rank, slot_generator(global_.round, module)
+            )
+    return GlobalAdapter(round=global_.round, lora=lora, heads=global_.heads)
+
+
 def broadcast_tensors(global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The global adapter as one agent must load it: truncated to its ranks, unfolded with its alpha.
 
-    A module the global adapter lacks (it enters the mask now), or rank slots beyond the global rank,
-    start as peft would start them, A random and B = 0, drawn from the plan's seed: dW is unchanged and
-    the new slots still receive gradient (zero A and zero B would never move).
+    A module the global adapter lacks, or rank slots beyond the global rank, start as peft would start
+    them, A random and B = 0 (dW unchanged; zero A and zero B would never move), drawn from a seed of the
+    global round and module, so every agent that receives them gets the same values.
     """
-    generator = torch.Generator().manual_seed(plan.seed)
     tensors: dict[str, torch.Tensor] = {}
     for module in plan.target_modules:
         rank = plan.rank_pattern[module]
         shape = spec.candidate(module)
         pair = global_.lora.get(module)
+        generator = slot_generator(global_.round, module)
         if pair is None:
             pair = fresh_pair(shape.in_features, shape.out_features, rank, generator)
         elif rank > pair.rank:
-            extra = fresh_pair(shape.in_features, shape.out_features, rank - pair.rank, generator)
-            pair = LoraPair(a=torch.cat([pair.a, extra.a]), b=torch.cat([pair.b, extra.b], dim=1))
+            # Draw the full rank and keep the tail, so an agent at rank 8 and one at 16 share slots 5..8.
+            fresh = fresh_pair(shape.in_features, shape.out_features, rank, generator)
+            pair = LoraPair(
+                a=torch.cat([pair.a, fresh.a[pair.rank :]]), b=torch.cat([pair.b, fresh.b[:, pair.rank :]], dim=1)
+            )
         a, b = unfold(truncate_rank(pair, rank), plan.lora_alpha)
         a_name, b_name = lora_names(module)
         tensors[a_name] = a.contiguous()

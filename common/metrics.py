@@ -92,6 +92,16 @@ class CoordinatorMetrics:
             "fedpipe_global_accuracy", "Accuracy of the latest global adapter", ["source"], registry=r
         )
         self.global_loss = Gauge("fedpipe_global_loss", "Loss of the latest global adapter", ["source"], registry=r)
+        self.mask_size = Gauge("fedpipe_selection_mask_size", "Weight matrices in the current LoRA mask", registry=r)
+        self.mask_parameters = Gauge(
+            "fedpipe_selection_trainable_parameters", "LoRA parameters of the mask at the planned rank", registry=r
+        )
+        self.selection_score = Gauge(
+            "fedpipe_selection_score", "Combined importance of each selected matrix", ["matrix"], registry=r
+        )
+        self.probe_seconds = Gauge(
+            "fedpipe_agent_probe_seconds", "Duration of the agent's last importance probe", ["agent"], registry=r
+        )
         self.rpc_duration = Histogram(
             "fedpipe_rpc_duration_seconds",
             "Server-side RPC latency",

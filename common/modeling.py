@@ -83,28 +83,68 @@ def _is_candidate(name: str, suffixes: Sequence[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
-def model_spec(path: str, labels: Sequence[str], include_mlp: bool = False) -> ModelSpec:
-    """Shapes of the LoRA candidates and heads, built on the meta device (no weights loaded)."""
+def _matrix_modules(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
+    """(name, module, in, out) of every 2-D weight layer (Linear, GPT-2's Conv1D) outside the heads."""
+    found = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or name.split(".")[0] in HEAD_MODULES:
+            continue
+        if type(module).__name__ not in ("Linear", "Conv1D"):
+            continue  # embeddings are 2-D too
+        out_features, in_features = weight.shape
+        if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+            in_features, out_features = out_features, in_features
+        found.append((name, module, int(in_features), int(out_features)))
+    return found
+
+
+def _layer_kinds(names: Sequence[str]) -> list[str]:
+    """Module names with the layer index cut off ('encoder.layer.3.attention.self.query' -> its tail)."""
+    kinds = []
+    for name in names:
+        parts = name.split(".")
+        digits = [i for i, part in enumerate(parts) if part.isdigit()]
+        kind = ".".join(parts[digits[-1] + 1 :]) if digits else name
+        if kind not in kinds:
+            kinds.append(kind)
+    return kinds
+
+
+def model_spec(
+    path: str, labels: Sequence[str], include_mlp: bool = False, candidates: Sequence[str] | None = None
+) -> ModelSpec:
+    """Shapes of the LoRA candidates and heads, built on the meta device (no weights loaded).
+
+    Candidates come from the per-architecture table, or from `candidates` (module name suffixes) for an
+    architecture the table lacks; an unknown one without that list is an error naming what was found.
+    """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(path, num_labels=len(labels))
     model_type = str(config.model_type)
-    if model_type not in CANDIDATES:
-        raise ConfigError(f"model: architecture {model_type!r} has no candidate table; known {sorted(CANDIDATES)}")
-    attention, mlp = CANDIDATES[model_type]
-    suffixes = attention + (mlp if include_mlp else ())
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
-    candidates = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if _is_candidate(name, suffixes) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
-            out_features, in_features = weight.shape
-            if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)
-                in_features, out_features = out_features, in_features
-            candidates.append(ModuleShape(name=name, in_features=int(in_features), out_features=int(out_features)))
-    if not candidates:
-        raise ConfigError(f"model: no LoRA candidates matched {list(suffixes)} in {path}")
+    matrices = _matrix_modules(model)
+    if candidates:
+        suffixes = tuple(candidates)
+    elif model_type in CANDIDATES:
+        attention, mlp = CANDIDATES[model_type]
+        suffixes = attention + (mlp if include_mlp else ())
+    else:
+        kinds = _layer_kinds([name for name, *_ in matrices])
+        raise ConfigError(
+            f"model: architecture {model_type!r} has no candidate table (known: {sorted(CANDIDATES)}); its weight "
+            f"matrices end in {kinds}: name the candidates with model.candidates"
+        )
+    found = [
+        ModuleShape(name=name, in_features=d_in, out_features=d_out)
+        for name, _, d_in, d_out in matrices
+        if _is_candidate(name, suffixes)
+    ]
+    if not found:
+        kinds = _layer_kinds([name for name, *_ in matrices])
+        raise ConfigError(f"model: no weight matrix of {path} ends in {list(suffixes)}; they end in {kinds}")
     heads = tuple(
         (name, tuple(int(d) for d in param.shape))
         for name, param in model.named_parameters()
@@ -122,7 +162,7 @@ def model_spec(path: str, labels: Sequence[str], include_mlp: bool = False) -> M
         model_type=model_type,
         task=SEQ_CLS,
         labels=tuple(labels),
-        candidates=tuple(candidates),
+        candidates=tuple(found),
         heads=heads,
         base_parameters=int(base_parameters),
     )
@@ -226,6 +266,17 @@ class AdaptedModel:
         self.model = get_peft_model(self.base, config)
         self.layout = layout
         return self.model
+
+    def bare(self) -> nn.Module:
+        """The base with no adapter, frozen as load_base gave it; the next ensure() wraps anew."""
+        if self.model is not None:
+            self.base = self.model.unload()
+        self.model = None
+        self.layout = None
+        # unload() puts the trained modules_to_save copy of the head back, still requiring grad.
+        for param in self.base.parameters():
+            param.requires_grad_(False)
+        return self.base
 
     def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Set the adapter's tensors from canonical names; every trainable tensor must be given."""

@@ -21,8 +21,10 @@ from common.types import (
     TORCH_DTYPES,
     DeviceProfile,
     Evaluation,
+    ImportanceReport,
     ModelSpec,
     ModuleShape,
+    ProbePlan,
     Quantization,
     Task,
     TaskKind,
@@ -44,6 +46,7 @@ _KIND_TO_PB = {
     TaskKind.TRAIN: pb.TASK_KIND_TRAIN,
     TaskKind.EVALUATE: pb.TASK_KIND_EVALUATE,
     TaskKind.FINISHED: pb.TASK_KIND_FINISHED,
+    TaskKind.PROBE: pb.TASK_KIND_PROBE,
 }
 _KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
 
@@ -286,6 +289,45 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
     )
 
 
+def probe_to_pb(probe: ProbePlan) -> pb.ProbePlan:
+    """ProbePlan -> proto."""
+    return pb.ProbePlan(
+        probe_id=probe.probe_id,
+        candidates=list(probe.candidates),
+        rank=probe.rank,
+        steps=probe.steps,
+        batch_size=probe.batch_size,
+        learning_rate=probe.learning_rate,
+        max_seq_len=probe.max_seq_len,
+        quantization=_QUANT_TO_PB[probe.quantization],
+        seed=probe.seed,
+        deadline_s=probe.deadline_s,
+    )
+
+
+def probe_from_pb(message: pb.ProbePlan) -> ProbePlan:
+    """proto -> ProbePlan; InvalidArgument for a probe an agent cannot run."""
+    if message.quantization not in _QUANT_FROM_PB:
+        raise InvalidArgument("probe.quantization", f"unknown value {message.quantization}")
+    for field in ("rank", "steps", "batch_size"):
+        if getattr(message, field) == 0:
+            raise InvalidArgument(f"probe.{field}", "must be positive")
+    if not message.candidates:
+        raise InvalidArgument("probe.candidates", "empty")
+    return ProbePlan(
+        probe_id=message.probe_id,
+        candidates=tuple(message.candidates),
+        rank=message.rank,
+        steps=message.steps,
+        batch_size=message.batch_size,
+        learning_rate=message.learning_rate,
+        max_seq_len=message.max_seq_len,
+        quantization=_QUANT_FROM_PB[message.quantization],
+        seed=message.seed,
+        deadline_s=message.deadline_s,
+    )
+
+
 def task_to_pb(task: Task) -> pb.GetTaskResponse:
     """Task -> proto."""
     return pb.GetTaskResponse(
@@ -293,6 +335,7 @@ def task_to_pb(task: Task) -> pb.GetTaskResponse:
         round=task.round,
         global_round=task.global_round,
         plan=plan_to_pb(task.plan) if task.plan is not None else None,
+        probe=probe_to_pb(task.probe) if task.probe is not None else None,
         retry_after_s=task.retry_after_s,
         message=task.message,
     )
@@ -306,11 +349,14 @@ def task_from_pb(message: pb.GetTaskResponse) -> Task:
     needs_plan = kind in (TaskKind.TRAIN, TaskKind.EVALUATE)
     if needs_plan and not message.HasField("plan"):
         raise InvalidArgument("task.plan", f"a {kind.value} task needs a plan")
+    if kind is TaskKind.PROBE and not message.HasField("probe"):
+        raise InvalidArgument("task.probe", "a probe task needs a probe plan")
     return Task(
         kind=kind,
         round=message.round,
         global_round=message.global_round,
         plan=plan_from_pb(message.plan) if needs_plan else None,
+        probe=probe_from_pb(message.probe) if kind is TaskKind.PROBE else None,
         retry_after_s=message.retry_after_s,
         message=message.message,
     )
@@ -360,3 +406,31 @@ def evaluation_from_pb(message: pb.ReportEvaluationRequest) -> Evaluation:
     if message.loss != message.loss or message.loss < 0:
         raise InvalidArgument("loss", f"must be a non-negative number, got {message.loss}")
     return Evaluation(loss=message.loss, accuracy=message.accuracy, samples=message.samples)
+
+
+def importance_to_pb(agent_id: str, report: ImportanceReport) -> pb.ReportImportanceRequest:
+    """ImportanceReport -> proto."""
+    return pb.ReportImportanceRequest(
+        agent_id=agent_id,
+        probe_id=report.probe_id,
+        scores=dict(report.scores),
+        samples=report.samples,
+        steps=report.steps,
+        seconds=report.seconds,
+    )
+
+
+def importance_from_pb(message: pb.ReportImportanceRequest) -> ImportanceReport:
+    """proto -> ImportanceReport; InvalidArgument for non-finite or negative scores."""
+    for name, score in message.scores.items():
+        if not (math.isfinite(score) and score >= 0):
+            raise InvalidArgument(f"scores[{name}]", f"must be finite and >= 0, got {score}")
+    if message.samples == 0:
+        raise InvalidArgument("samples", "must be positive: the weight of these scores")
+    return ImportanceReport(
+        probe_id=message.probe_id,
+        scores=dict(message.scores),
+        samples=message.samples,
+        steps=message.steps,
+        seconds=message.seconds,
+    )

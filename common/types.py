@@ -29,6 +29,7 @@ class TaskKind(enum.Enum):
     TRAIN = "train"
     EVALUATE = "evaluate"
     FINISHED = "finished"
+    PROBE = "probe"
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,33 @@ class TrainPlan:
 
 
 @dataclass(frozen=True)
+class ProbePlan:
+    """An importance probe: AdaLoRA (SVD-form) adapters of a small rank on every candidate matrix."""
+
+    probe_id: str  # reports must name it
+    candidates: tuple[str, ...]  # full module names to score
+    rank: int  # probe rank r0
+    steps: int  # probe steps on local data
+    batch_size: int
+    learning_rate: float
+    max_seq_len: int
+    quantization: Quantization  # precision of the base during the probe
+    seed: int  # seeds the head, data order: equal on all agents of a probe
+    deadline_s: float  # seconds from task start until the report must be in
+
+
+@dataclass(frozen=True)
+class ImportanceReport:
+    """One agent's probe result."""
+
+    probe_id: str
+    scores: Mapping[str, float]  # candidate module -> importance
+    samples: int  # samples the probe saw; the weight when combining agents
+    steps: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Task:
     """The answer to an agent's poll."""
 
@@ -112,6 +140,7 @@ class Task:
     round: int = 0  # TRAIN: the round being trained; EVALUATE: the global's round
     global_round: int = 0  # the global adapter to download before acting
     plan: TrainPlan | None = None
+    probe: ProbePlan | None = None
     retry_after_s: float = 1.0
     message: str = ""
 

@@ -63,7 +63,9 @@ class LoraSection(Section):
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha / rank)")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
     targets: list[str] = Field(
-        ["query", "value"], description="module name suffixes that get LoRA, or 'all' for every candidate"
+        ["all"],
+        description="candidate matrices: module name suffixes (e.g. query, v_proj) or 'all' for the model's table; "
+        "with selection.mode=all every candidate gets LoRA, with importance the probe picks among them",
     )
 
     @field_validator("targets")
@@ -72,6 +74,23 @@ class LoraSection(Section):
         if not value:
             raise ValueError("needs at least one module suffix")
         return value
+
+
+class SelectionSection(Section):
+    """Which candidate matrices get LoRA (METHOD.md section 1)."""
+
+    mode: Literal["importance", "all"] = Field(
+        "importance", description="importance: probe and keep the top matrices; all: every candidate"
+    )
+    budget: float = Field(
+        0.34, gt=0, description="trainable LoRA parameters: a fraction (<= 1) of all candidates, or a count (> 1)"
+    )
+    probe_rank: int = Field(4, ge=1, le=64, description="rank of the AdaLoRA probe adapters")
+    probe_steps: int = Field(20, ge=1, description="probe steps on each agent's data")
+    probe_batch_size: int = Field(16, ge=1, description="samples per probe step")
+    probe_learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the probe")
+    probe_deadline_s: float = Field(300.0, gt=0, description="seconds agents have to report their scores")
+    reselect_every: int = Field(0, ge=0, description="probe and re-select every N rounds; 0 = select once")
 
 
 class TrainingSection(Section):
@@ -113,5 +132,6 @@ class CoordinatorConfig(BaseSettings):
     metrics: MetricsSection = MetricsSection()
     run: RunSection = RunSection()
     lora: LoraSection = LoraSection()
+    selection: SelectionSection = SelectionSection()
     training: TrainingSection = TrainingSection()
     evaluation: EvaluationSection = EvaluationSection()

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -25,6 +25,7 @@ from common.adapters import (
     expected_tensors,
     fold_update,
     lora_parameter_count,
+    with_modules,
 )
 from common.adapters import init_global as make_initial
 from common.errors import AlreadyUploaded, InvalidArgument, NotReady, StaleRound, UnknownAgent
@@ -33,7 +34,9 @@ from common.types import (
     AdapterUpdate,
     DeviceProfile,
     Evaluation,
+    ImportanceReport,
     ModelSpec,
+    ProbePlan,
     RoundResult,
     Task,
     TaskKind,
@@ -41,11 +44,12 @@ from common.types import (
     TrainPlan,
     UpdateMeta,
 )
-from coordinator.checkpoint import Checkpoint, plan_record
+from coordinator.checkpoint import Checkpoint, plan_record, write_json
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
-from coordinator.planner import PlanOptions
-from coordinator.registry import Registry
+from coordinator.planner import PlanOptions, resolve_targets
+from coordinator.registry import AgentRecord, Registry
+from coordinator.selection import combine, resolve_budget, select
 from coordinator.strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -103,7 +107,7 @@ class Orchestrator:
         self.evaluator = evaluator
         self.run_id = uuid.uuid4().hex[:12]
         self.cond = threading.Condition()
-        self.phase = "registering"  # registering | training | aggregating | evaluating | finished
+        self.phase = "registering"  # registering | probing | training | aggregating | evaluating | finished
         self.round = 0
         self.global_: GlobalAdapter | None = None
         self.plans: dict[str, TrainPlan] = {}  # the open training round's plans
@@ -111,6 +115,10 @@ class Orchestrator:
         self.eval_plans: dict[str, TrainPlan] = {}  # plans of agents asked to evaluate the global
         self.eval_reports: dict[str, Evaluation] = {}
         self.finished_seen: set[str] = set()
+        self.probe: ProbePlan | None = None  # the open importance probe
+        self.probe_agents: set[str] = set()
+        self.importance: dict[str, ImportanceReport] = {}
+        self.mask: tuple[str, ...] | None = None  # selected modules; None = every candidate
         self.results: list[RoundResult] = []
         self.checkpoint: Checkpoint | None = None
 
@@ -161,7 +169,6 @@ class Orchestrator:
     def _task_for(self, agent_id: str) -> Task:
         if self.phase == "finished":
             return Task(TaskKind.FINISHED, round=self.round, message="the run is complete")
-        assert self.global_ is not None or self.phase == "registering"
         if self.phase == "training" and agent_id in self.plans and agent_id not in self.updates:
             assert self.global_ is not None
             return Task(TaskKind.TRAIN, round=self.round, global_round=self.global_.round, plan=self.plans[agent_id])
@@ -173,6 +180,8 @@ class Orchestrator:
                 global_round=self.global_.round,
                 plan=self.eval_plans[agent_id],
             )
+        if self.phase == "probing" and agent_id in self.probe_agents and agent_id not in self.importance:
+            return Task(TaskKind.PROBE, round=self.round, probe=self.probe)
         return Task(TaskKind.WAIT, round=self.round, retry_after_s=0.0, message=f"phase {self.phase}")
 
     def global_for(self, agent_id: str, global_round: int, plan_id: str) -> dict[str, torch.Tensor]:
@@ -284,6 +293,29 @@ class Orchestrator:
             self.eval_reports[agent_id] = evaluation
             self.cond.notify_all()
 
+    def report_importance(self, agent_id: str, report: ImportanceReport) -> None:
+        """Keep an agent's probe scores; every candidate of the probe must be scored, nothing else."""
+        self.registry.touch(agent_id)
+        with self.cond:
+            probe = self.probe
+            if self.phase != "probing" or probe is None or report.probe_id != probe.probe_id:
+                raise StaleRound(f"probe {report.probe_id!r} is not open")
+            if agent_id not in self.probe_agents:
+                raise StaleRound(f"agent {agent_id} was not asked to take part in probe {probe.probe_id}")
+            if agent_id in self.importance:
+                raise AlreadyUploaded(f"agent {agent_id} already reported probe {probe.probe_id}")
+        missing = sorted(set(probe.candidates) - set(report.scores))
+        extra = sorted(set(report.scores) - set(probe.candidates))
+        if missing or extra:
+            raise InvalidArgument("scores", f"missing {missing[:3]}, not candidates {extra[:3]}")
+        with self.cond:
+            self.importance[agent_id] = report
+            self.cond.notify_all()
+        self.metrics.probe_seconds.labels(agent_id).set(report.seconds)
+        log.info(
+            "probe %s: scores from %s (%d samples, %.1fs)", report.probe_id, agent_id, report.samples, report.seconds
+        )
+
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
@@ -293,10 +325,12 @@ class Orchestrator:
         alive = self._await_agents()
         spec = self.registry.spec
         assert spec is not None
-        plans = self.planner({a: r.profile for a, r in alive.items()}, spec, self.options, 0)
+        plans = self._plan(alive, spec, 0)  # every candidate: fixes alpha and heads before selection
         template = next(iter(plans.values()))
         self.checkpoint = Checkpoint(cfg.run_dir, self.base_path, template.lora_alpha, spec, template.modules_to_save)
         resumed = self.checkpoint.load_state()
+        self._select(resumed.round if resumed is not None else 0, alive, spec)
+        plans = self._plan(alive, spec, 0)
         if resumed is not None:
             log.info("resuming from %s after round %d", cfg.run_dir, resumed.round)
             global_ = resumed
@@ -328,8 +362,14 @@ class Orchestrator:
         alive = self._await_agents()
         spec = self.registry.spec
         assert spec is not None and self.global_ is not None and self.checkpoint is not None
-        plans = self.planner({a: r.profile for a, r in alive.items()}, spec, self.options, round_)
+        every = self.config.selection.reselect_every
+        if every and round_ > 1 and (round_ - 1) % every == 0:
+            self._select(round_ - 1, alive, spec)
+        plans = self._plan(alive, spec, round_)
         self._check_payload_limit(plans, spec)
+        with self.cond:
+            # Matrices entering the mask start in the global adapter (A random, B = 0), alike for every agent.
+            self.global_ = with_modules(self.global_, _widest(plans).rank_pattern, spec)
         for agent, plan in plans.items():
             self.metrics.plan_rank.labels(agent).set(max(plan.rank_pattern.values()))
             self.metrics.plan_batch.labels(agent).set(plan.batch_size)
@@ -342,7 +382,7 @@ class Orchestrator:
             self.cond.notify_all()
         self.metrics.current_round.set(round_)
         log.info("round %d/%d: training on %d agents: %s", round_, cfg.rounds, len(plans), ", ".join(sorted(plans)))
-        self._wait_until(lambda: len(self.updates) == len(self.plans), deadline, plans)
+        self._wait_for(plans, lambda: self.updates, deadline)
         with self.cond:
             self.phase = "aggregating"
             updates = dict(self.updates)
@@ -394,6 +434,78 @@ class Orchestrator:
         result = RoundResult(round_, tuple(sorted(updates)), seconds, samples, train_loss=train_loss, dropped=dropped)
         return self._evaluate(round_, plans, result)
 
+    def _plan(self, alive: Mapping[str, AgentRecord], spec: ModelSpec, round_: int) -> dict[str, TrainPlan]:
+        """Plans for the alive agents over the current mask (every candidate before selection)."""
+        options = replace(self.options, targets=self.mask) if self.mask is not None else self.options
+        return self.planner({a: r.profile for a, r in alive.items()}, spec, options, round_)
+
+    def _select(self, after_round: int, alive: Mapping[str, AgentRecord], spec: ModelSpec) -> None:
+        """Probe the candidates on the alive agents and set the mask from their combined scores."""
+        sel = self.config.selection
+        if sel.mode == "all":
+            return
+        candidates = resolve_targets(spec, self.options.targets)
+        shapes = [spec.candidate(name) for name in candidates]
+        probe = ProbePlan(
+            probe_id=f"p{after_round}-{uuid.uuid4().hex[:8]}",
+            candidates=candidates,
+            rank=sel.probe_rank,
+            steps=sel.probe_steps,
+            batch_size=sel.probe_batch_size,
+            learning_rate=sel.probe_learning_rate,
+            max_seq_len=self.options.max_seq_len,
+            quantization=self.options.quantization,
+            seed=self.options.seed * 7919 + after_round,
+            deadline_s=sel.probe_deadline_s,
+        )
+        with self.cond:
+            self.phase, self.probe, self.probe_agents, self.importance = "probing", probe, set(alive), {}
+            self.cond.notify_all()
+        log.info("probe %s: scoring %d candidates on %d agents", probe.probe_id, len(candidates), len(alive))
+        self._wait_for(self.probe_agents, lambda: self.importance, time.monotonic() + sel.probe_deadline_s)
+        with self.cond:
+            reports = dict(self.importance)
+            self.phase, self.probe = "aggregating", None
+        if not reports:
+            raise RunAborted(f"no agent reported importance scores within {sel.probe_deadline_s:.0f}s")
+        scores = combine(reports, candidates)
+        selection = select(scores, shapes, self.options.rank, resolve_budget(sel.budget, shapes, self.options.rank))
+        previous, self.mask = self.mask, selection.mask
+        self.metrics.mask_size.set(len(selection.mask))
+        self.metrics.mask_parameters.set(selection.used)
+        self.metrics.selection_score.clear()
+        for name in selection.mask:
+            self.metrics.selection_score.labels(name).set(scores[name])
+        top = ", ".join(f"{name} {scores[name]:.3f}" for name in sorted(selection.mask, key=lambda n: -scores[n])[:3])
+        log.info(
+            "selection: %d of %d matrices, %d of %d LoRA parameters; top: %s",
+            len(selection.mask),
+            len(candidates),
+            selection.used,
+            selection.budget,
+            top,
+        )
+        if previous is not None and previous != selection.mask:
+            log.info(
+                "selection: entering %s; leaving %s (their learned update stays in the global adapter)",
+                sorted(set(selection.mask) - set(previous)),
+                sorted(set(previous) - set(selection.mask)),
+            )
+        record = {
+            "probe": probe.probe_id,
+            "after_round": after_round,
+            "mask": list(selection.mask),
+            "budget": selection.budget,
+            "used": selection.used,
+            "combined": scores,
+            "agents": {
+                a: {"samples": r.samples, "seconds": r.seconds, "scores": dict(r.scores)} for a, r in reports.items()
+            },
+        }
+        directory = self.config.run.run_dir / "selection"
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / f"{after_round:04d}.json", record)
+
     def _check_payload_limit(self, plans: Mapping[str, TrainPlan], spec: ModelSpec) -> None:
         """Abort before a round whose planned updates could never be accepted."""
         limit = self.config.server.max_upload_bytes
@@ -402,16 +514,16 @@ class Orchestrator:
             if size > limit:
                 raise RunAborted(f"{agent}'s planned update is {size} bytes, over server.max_upload_bytes {limit}")
 
-    def _wait_until(self, done: Callable[[], bool], deadline: float, expected: Mapping[str, object]) -> None:
-        """Wait for done() or the deadline; stop early once every outstanding agent is dead."""
+    def _wait_for(self, expected: Collection[str], received: Callable[[], Collection[str]], deadline: float) -> None:
+        """Wait until every expected agent delivered, the deadline passed, or every outstanding agent is dead."""
         timeout = self.config.run.agent_timeout_s
         with self.cond:
-            while not done():
+            while True:
+                pending = set(expected) - set(received())
                 now = time.monotonic()
-                if now >= deadline:
+                if not pending or now >= deadline:
                     return
-                pending = set(expected) - set(self.updates if self.phase == "training" else self.eval_reports)
-                if pending and not pending & set(self.registry.alive(timeout)):
+                if not pending & set(self.registry.alive(timeout)):
                     log.warning("agents %s stopped beating; not waiting for them", ", ".join(sorted(pending)))
                     return
                 self.cond.wait(min(POLL_S, deadline - now))
@@ -438,10 +550,8 @@ class Orchestrator:
                 self.phase, self.eval_reports = "evaluating", {}
                 self.eval_plans = {a: p for a, p in plans.items() if a in alive}
                 self.cond.notify_all()
-            self._wait_until(
-                lambda: len(self.eval_reports) == len(self.eval_plans),
-                time.monotonic() + self.config.run.eval_deadline_s,
-                self.eval_plans,
+            self._wait_for(
+                self.eval_plans, lambda: self.eval_reports, time.monotonic() + self.config.run.eval_deadline_s
             )
             with self.cond:
                 reports = dict(self.eval_reports)

@@ -121,6 +121,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.orchestrator.report_evaluation(request.agent_id, request.global_round, evaluation)
         return pb.ReportEvaluationResponse()
 
+    @mapped
+    def ReportImportance(
+        self, request: pb.ReportImportanceRequest, context: grpc.ServicerContext
+    ) -> pb.ReportImportanceResponse:
+        self.orchestrator.report_importance(request.agent_id, serde.importance_from_pb(request))
+        return pb.ReportImportanceResponse()
+
 
 def _download_stream(header: pb.PayloadHeader, payload: bytes, chunk_bytes: int) -> Iterator[pb.DownloadGlobalResponse]:
     yield pb.DownloadGlobalResponse(header=header)

@@ -13,7 +13,7 @@ import torch
 from common.errors import UnknownAgent
 from common.metrics import AgentMetrics
 from common.modeling import evaluate
-from common.types import DeviceProfile, Evaluation, ModelSpec, Task, TaskKind, UpdateMeta
+from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, ProbePlan, Task, TaskKind, UpdateMeta
 from edge_agent.data import LocalData
 from edge_agent.model import LocalModel
 from edge_agent.profiler import memory_in_use_bytes
@@ -34,6 +34,7 @@ class Gateway(Protocol):
     def download(self, global_round: int, plan_id: str) -> dict[str, torch.Tensor]: ...
     def upload(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor]) -> str: ...
     def report_evaluation(self, global_round: int, evaluation: Evaluation) -> None: ...
+    def report_importance(self, report: ImportanceReport) -> None: ...
 
 
 class Agent:
@@ -99,7 +100,11 @@ class Agent:
             self.stop.set()
 
     def execute(self, task: Task) -> None:
-        """Run one TRAIN or EVALUATE task."""
+        """Run one TRAIN, EVALUATE or PROBE task."""
+        if task.kind is TaskKind.PROBE:
+            assert task.probe is not None
+            self.probe(task.probe)
+            return
         assert task.plan is not None
         plan = task.plan
         received = time.monotonic()
@@ -161,6 +166,31 @@ class Agent:
             trained.peak_memory_bytes / 2**20,
             message,
         )
+        self.state = "idle"
+
+    def probe(self, probe: ProbePlan) -> None:
+        """Score every candidate matrix on the local training data and report the scores."""
+        from edge_agent.probe import run_probe
+
+        received = time.monotonic()
+        self.state = "probing"
+        adapted = self.model.base_at(probe.quantization)
+        result = run_probe(
+            adapted,
+            self.model.tokenizer,
+            self.data.train,
+            probe.candidates,
+            probe.rank,
+            probe.steps,
+            probe.batch_size,
+            probe.learning_rate,
+            probe.max_seq_len,
+            probe.seed,
+            self.model.device,
+            received + probe.deadline_s - UPLOAD_RESERVE_S,
+        )
+        report = ImportanceReport(probe.probe_id, result.scores, result.samples, result.steps, result.seconds)
+        self.gateway.report_importance(report)
         self.state = "idle"
 
     def _count_step(self, samples: int, loss: float) -> None:

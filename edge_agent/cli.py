@@ -54,7 +54,7 @@ def run(config: AgentConfig) -> int:
     path = resolve_model_path(config.model.path)
     labels = tuple(config.data.labels)
     data = load_local(config.data)
-    spec = model_spec(path, labels, config.model.include_mlp)
+    spec = model_spec(path, labels, config.model.include_mlp, config.model.candidates)
     measured = profile(device, compute_dtype(device), len(data.train), len(data.val))
     log.info(
         "device %s (%s): %.1f GiB, %.2f GFLOP/s %s, %d threads",

@@ -15,7 +15,7 @@ from common import serde
 from common.errors import FedPipeError, UnknownAgent
 from common.metrics import AgentMetrics
 from common.rpc import RetryPolicy, make_channel
-from common.types import DeviceProfile, Evaluation, ModelSpec, Task, UpdateMeta
+from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, Task, UpdateMeta
 
 T = TypeVar("T")
 
@@ -135,6 +135,17 @@ class CoordinatorClient:
                 lambda: self.stub.ReportEvaluation(request, timeout=30),
                 "report",
                 self._retrying("ReportEvaluation"),
+            )
+        )
+
+    def report_importance(self, report: ImportanceReport) -> None:
+        """Send the probe's score per candidate matrix."""
+        request = serde.importance_to_pb(self.agent_id, report)
+        _translate(
+            lambda: self.retry.call(
+                lambda: self.stub.ReportImportance(request, timeout=30),
+                "report importance",
+                self._retrying("ReportImportance"),
             )
         )
 

@@ -18,6 +18,9 @@ class ModelSection(Section):
 
     path: str = Field(EMBEDDED, description="model directory, or 'embedded' for MiniLM-L6")
     include_mlp: bool = Field(False, description="offer MLP projections as LoRA candidates")
+    candidates: list[str] | None = Field(
+        None, description="module name suffixes that may carry LoRA, for architectures without a built-in table"
+    )
 
 
 class DataSection(Section):

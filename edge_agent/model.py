@@ -26,23 +26,28 @@ class LocalModel:
         self.quantization: Quantization | None = None
         self.adapted: AdaptedModel | None = None
 
-    def prepare(self, plan: TrainPlan) -> AdaptedModel:
-        """The model for this plan, with its LoRA layout applied (tensors still to be loaded)."""
-        if self.adapted is None or plan.quantization is not self.quantization:
+    def base_at(self, quantization: Quantization) -> AdaptedModel:
+        """The model at this quantization, loading the base only when the precision changes."""
+        if self.adapted is None or quantization is not self.quantization:
             self.adapted = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             start = time.perf_counter()
-            base = load_base(self.path, self.labels, plan.quantization, self.device)
+            base = load_base(self.path, self.labels, quantization, self.device)
             self.adapted = AdaptedModel(base)
-            self.quantization = plan.quantization
+            self.quantization = quantization
             log.info(
                 "model: loaded %s at %s on %s in %.1fs",
                 self.path,
-                plan.quantization.value,
+                quantization.value,
                 self.device,
                 time.perf_counter() - start,
             )
-        self.adapted.ensure(plan)
         return self.adapted
+
+    def prepare(self, plan: TrainPlan) -> AdaptedModel:
+        """The model for this plan, with its LoRA layout applied (tensors still to be loaded)."""
+        adapted = self.base_at(plan.quantization)
+        adapted.ensure(plan)
+        return adapted

@@ -27,7 +27,8 @@ def federation_config(run_dir: Path) -> dict[str, Any]:
                 "registration_timeout_s": 120,
                 "finish_grace_s": 10,
             },
-            "lora": {"rank": 8, "alpha": 16, "targets": ["query", "value"]},
+            "lora": {"rank": 8, "alpha": 16},
+            "selection": {"mode": "importance", "budget": 0.34, "probe_steps": 10},
             "training": {"batch_size": 16, "learning_rate": 0.002, "max_seq_len": 48},
             "evaluation": {"heldout": "embedded", "max_samples": HELDOUT},
         },
@@ -77,7 +78,11 @@ def test_plans_and_round_adapters_are_written(federation: tuple[Path, str]) -> N
         for entry in plans.values():
             assert entry["samples"] > 0 and entry["train_seconds"] > 0
             assert set(entry["plan"]["rank_pattern"].values()) == {8}
+            assert len(entry["plan"]["target_modules"]) == 8  # a third of the 24 attention matrices
         assert (directory / "adapter_model.safetensors").stat().st_size > 0
+    selection = json.loads((run_dir / "selection" / "0000.json").read_text())
+    assert sorted(selection["agents"]) == ["agent-1", "agent-2"] and len(selection["combined"]) == 24
+    assert tuple(selection["mask"]) == tuple(plans["agent-1"]["plan"]["target_modules"])
     config = json.loads((run_dir / "final" / "adapter_config.json").read_text())
     assert config["rank_pattern"] and config["modules_to_save"] == ["classifier"]
 

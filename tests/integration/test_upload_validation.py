@@ -34,6 +34,7 @@ from coordinator.config import (
     LoraSection,
     MetricsSection,
     RunSection,
+    SelectionSection,
     ServerSection,
 )
 from coordinator.orchestrator import Orchestrator, RunAborted
@@ -176,6 +177,7 @@ def coordinator_config(run_dir: Path, max_upload_bytes: int) -> CoordinatorConfi
             finish_grace_s=0.0,
         ),
         lora=LoraSection(rank=RANK, alpha=ALPHA, dropout=0.0, targets=["query", "value"]),
+        selection=SelectionSection(mode="all"),
         evaluation=EvaluationSection(agents=False, heldout=None, initial=False),
     )
 

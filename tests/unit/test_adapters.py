@@ -541,7 +541,8 @@ def test_broadcast_above_global_rank_adds_fresh_slots_that_keep_delta_w() -> Non
     # Execute
     tensors = broadcast_tensors(global_, plan, SPEC)
     again = broadcast_tensors(global_, plan, SPEC)
-    other_seed = broadcast_tensors(global_, replace(plan, seed=plan.seed + 1), SPEC)
+    other_agent = broadcast_tensors(global_, replace(plan, seed=plan.seed + 1), SPEC)
+    next_round = broadcast_tensors(replace(global_, round=global_.round + 1), plan, SPEC)
 
     # Assert
     a, b = tensors[f"{Q}.lora_A"], tensors[f"{Q}.lora_B"]
@@ -554,7 +555,8 @@ def test_broadcast_above_global_rank_adds_fresh_slots_that_keep_delta_w() -> Non
     assert float(a[1:].abs().max()) <= 1.0 / math.sqrt(3)
     assert torch.equal(2.0 * b @ a, global_.lora[Q].b @ global_.lora[Q].a)
     assert torch.equal(again[f"{Q}.lora_A"], a)
-    assert not torch.equal(other_seed[f"{Q}.lora_A"][1:], a[1:])
+    assert torch.equal(other_agent[f"{Q}.lora_A"], a)  # every agent gets the same fresh slots
+    assert not torch.equal(next_round[f"{Q}.lora_A"][1:], a[1:])  # drawn anew for each global round
 
 
 def test_broadcast_of_module_missing_from_global_starts_fresh() -> None:

@@ -14,7 +14,7 @@ from edge_agent.config import AgentConfig
 
 def test_defaults_build() -> None:
     config = build(CoordinatorConfig, [], "fedpipe-coordinator")
-    assert config.run.rounds == 5 and config.lora.targets == ["query", "value"]
+    assert config.run.rounds == 5 and config.lora.targets == ["all"] and config.selection.mode == "importance"
 
 
 def test_flags_override_env_override_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

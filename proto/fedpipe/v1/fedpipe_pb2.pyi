@@ -59,6 +59,8 @@ class _TaskKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskKind.Val
     """download global, evaluate, report"""
     TASK_KIND_FINISHED: _TaskKind.ValueType  # 4
     """the run is over; the agent may exit"""
+    TASK_KIND_PROBE: _TaskKind.ValueType  # 5
+    """score candidate matrices on local data, report"""
 
 class TaskKind(_TaskKind, metaclass=_TaskKindEnumTypeWrapper): ...
 
@@ -71,6 +73,8 @@ TASK_KIND_EVALUATE: TaskKind.ValueType  # 3
 """download global, evaluate, report"""
 TASK_KIND_FINISHED: TaskKind.ValueType  # 4
 """the run is over; the agent may exit"""
+TASK_KIND_PROBE: TaskKind.ValueType  # 5
+"""score candidate matrices on local data, report"""
 Global___TaskKind: _TypeAlias = TaskKind  # noqa: Y015
 
 @_typing.final
@@ -326,6 +330,58 @@ class TrainPlan(_message.Message):
 Global___TrainPlan: _TypeAlias = TrainPlan  # noqa: Y015
 
 @_typing.final
+class ProbePlan(_message.Message):
+    """An importance probe: SVD-form (AdaLoRA) adapters of a small rank on every candidate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROBE_ID_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    MAX_SEQ_LEN_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    DEADLINE_S_FIELD_NUMBER: _builtins.int
+    probe_id: _builtins.str
+    rank: _builtins.int
+    """probe rank r0"""
+    steps: _builtins.int
+    batch_size: _builtins.int
+    learning_rate: _builtins.float
+    max_seq_len: _builtins.int
+    quantization: Global___Quantization.ValueType
+    seed: _builtins.int
+    deadline_s: _builtins.float
+    @_builtins.property
+    def candidates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """full module names to score"""
+
+    def __init__(
+        self,
+        *,
+        probe_id: _builtins.str = ...,
+        candidates: _abc.Iterable[_builtins.str] | None = ...,
+        rank: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+        learning_rate: _builtins.float = ...,
+        max_seq_len: _builtins.int = ...,
+        quantization: Global___Quantization.ValueType = ...,
+        seed: _builtins.int = ...,
+        deadline_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "candidates", b"candidates", "deadline_s", b"deadline_s", "learning_rate", b"learning_rate", "max_seq_len", b"max_seq_len", "probe_id", b"probe_id", "quantization", b"quantization", "rank", b"rank", "seed", b"seed", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProbePlan: _TypeAlias = ProbePlan  # noqa: Y015
+
+@_typing.final
 class RegisterRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -460,6 +516,7 @@ class GetTaskResponse(_message.Message):
     PLAN_FIELD_NUMBER: _builtins.int
     RETRY_AFTER_S_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    PROBE_FIELD_NUMBER: _builtins.int
     kind: Global___TaskKind.ValueType
     round: _builtins.int
     """for TRAIN: the round being trained; for EVALUATE: the global's round"""
@@ -469,6 +526,10 @@ class GetTaskResponse(_message.Message):
     message: _builtins.str
     @_builtins.property
     def plan(self) -> Global___TrainPlan: ...
+    @_builtins.property
+    def probe(self) -> Global___ProbePlan:
+        """for PROBE"""
+
     def __init__(
         self,
         *,
@@ -478,10 +539,11 @@ class GetTaskResponse(_message.Message):
         plan: Global___TrainPlan | None = ...,
         retry_after_s: _builtins.float = ...,
         message: _builtins.str = ...,
+        probe: Global___ProbePlan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "probe", b"probe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["global_round", b"global_round", "kind", b"kind", "message", b"message", "plan", b"plan", "retry_after_s", b"retry_after_s", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["global_round", b"global_round", "kind", b"kind", "message", b"message", "plan", b"plan", "probe", b"probe", "retry_after_s", b"retry_after_s", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -735,3 +797,76 @@ class ReportEvaluationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportEvaluationResponse: _TypeAlias = ReportEvaluationResponse  # noqa: Y015
+
+@_typing.final
+class ReportImportanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ScoresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    PROBE_ID_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    SECONDS_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    probe_id: _builtins.str
+    samples: _builtins.int
+    """samples the probe saw; the weight when scores are combined"""
+    steps: _builtins.int
+    seconds: _builtins.float
+    @_builtins.property
+    def scores(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """candidate module -> importance (sum of triplet scores)"""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        probe_id: _builtins.str = ...,
+        scores: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        samples: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "probe_id", b"probe_id", "samples", b"samples", "scores", b"scores", "seconds", b"seconds", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportImportanceRequest: _TypeAlias = ReportImportanceRequest  # noqa: Y015
+
+@_typing.final
+class ReportImportanceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportImportanceResponse: _TypeAlias = ReportImportanceResponse  # noqa: Y015

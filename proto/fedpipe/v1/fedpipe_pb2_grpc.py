@@ -65,6 +65,11 @@ class CoordinatorStub:
                 request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.ReportEvaluationRequest.SerializeToString,
                 response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.ReportEvaluationResponse.FromString,
                 _registered_method=True)
+        self.ReportImportance = channel.unary_unary(
+                '/fedpipe.v1.Coordinator/ReportImportance',
+                request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.ReportImportanceRequest.SerializeToString,
+                response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.ReportImportanceResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -113,6 +118,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportImportance(self, request, context):
+        """Importance score per candidate weight matrix from a probe on the agent's data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +157,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.ReportEvaluationRequest.FromString,
                     response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.ReportEvaluationResponse.SerializeToString,
+            ),
+            'ReportImportance': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportImportance,
+                    request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.ReportImportanceRequest.FromString,
+                    response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.ReportImportanceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +327,33 @@ class Coordinator:
             '/fedpipe.v1.Coordinator/ReportEvaluation',
             fedpipe_dot_v1_dot_fedpipe__pb2.ReportEvaluationRequest.SerializeToString,
             fedpipe_dot_v1_dot_fedpipe__pb2.ReportEvaluationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportImportance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpipe.v1.Coordinator/ReportImportance',
+            fedpipe_dot_v1_dot_fedpipe__pb2.ReportImportanceRequest.SerializeToString,
+            fedpipe_dot_v1_dot_fedpipe__pb2.ReportImportanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class CoordinatorStub:
     """The agent's trained update: a header then chunks; integrity-checked."""
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_fedpipe_pb2.ReportEvaluationRequest, _fedpipe_pb2.ReportEvaluationResponse]
     """Loss and accuracy of a global adapter on the agent's own validation split."""
+    ReportImportance: _grpc.UnaryUnaryMultiCallable[_fedpipe_pb2.ReportImportanceRequest, _fedpipe_pb2.ReportImportanceResponse]
+    """Importance score per candidate weight matrix from a probe on the agent's data."""
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -63,6 +65,8 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """The agent's trained update: a header then chunks; integrity-checked."""
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_fedpipe_pb2.ReportEvaluationRequest, _fedpipe_pb2.ReportEvaluationResponse]  # type: ignore[assignment]
     """Loss and accuracy of a global adapter on the agent's own validation split."""
+    ReportImportance: _aio.UnaryUnaryMultiCallable[_fedpipe_pb2.ReportImportanceRequest, _fedpipe_pb2.ReportImportanceResponse]  # type: ignore[assignment]
+    """Importance score per candidate weight matrix from a probe on the agent's data."""
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     """Agents talk to the coordinator only through this service."""
@@ -114,5 +118,13 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_fedpipe_pb2.ReportEvaluationResponse, _abc.Awaitable[_fedpipe_pb2.ReportEvaluationResponse]]:
         """Loss and accuracy of a global adapter on the agent's own validation split."""
+
+    @_abc_1.abstractmethod
+    def ReportImportance(
+        self,
+        request: _fedpipe_pb2.ReportImportanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedpipe_pb2.ReportImportanceResponse, _abc.Awaitable[_fedpipe_pb2.ReportImportanceResponse]]:
+        """Importance score per candidate weight matrix from a probe on the agent's data."""
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

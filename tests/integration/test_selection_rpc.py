@@ -1,0 +1,158 @@
+"""Importance selection over gRPC: a real coordinator on 127.0.0.1 hands out PROBE tasks, checks the
+reports, combines them and puts the selected mask into every agent's TRAIN plan."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from fedpipe.v1 import fedpipe_pb2 as pb
+from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
+
+from common import serde
+from common.metrics import CoordinatorMetrics
+from common.types import DeviceProfile, ImportanceReport, ModelSpec, ModuleShape, Quantization, Task, TaskKind
+from coordinator.config import (
+    CoordinatorConfig,
+    EvaluationSection,
+    LoraSection,
+    MetricsSection,
+    RunSection,
+    SelectionSection,
+    ServerSection,
+)
+from coordinator.orchestrator import Orchestrator
+from coordinator.planner import PlanOptions, uniform_plan
+from coordinator.registry import Registry
+from coordinator.selection import combine, select
+from coordinator.server import start_server
+from coordinator.strategy import get_strategy
+
+LABELS = ("negative", "positive")
+MODULES = tuple(ModuleShape(f"enc.{i}.attention.self.{k}", 8, 8) for i in range(2) for k in ("query", "value"))
+SPEC = ModelSpec("fp", "bert", "seq-cls", LABELS, MODULES, (("classifier.weight", (2, 8)),), 100)
+PROFILE = DeviceProfile("cpu", "cpu", 2**30, 2**30, 2**30, 1e9, "float32", 1, 100, 10)
+SCORES = {
+    "a": {MODULES[0].name: 1.0, MODULES[1].name: 5.0, MODULES[2].name: 0.5, MODULES[3].name: 3.5},
+    "b": {MODULES[0].name: 0.2, MODULES[1].name: 0.1, MODULES[2].name: 0.1, MODULES[3].name: 0.6},
+}
+
+
+@dataclass
+class Running:
+    orchestrator: Orchestrator
+    stub: pb_grpc.CoordinatorStub
+    run_dir: Path
+    thread: threading.Thread
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Running]:
+    config = CoordinatorConfig(
+        labels=list(LABELS),
+        server=ServerSection(host="127.0.0.1", port=0, workers=8),
+        metrics=MetricsSection(port=-1),
+        run=RunSection(
+            rounds=1,
+            min_agents=2,
+            round_deadline_s=5.0,
+            registration_timeout_s=10.0,
+            run_dir=tmp_path,
+            finish_grace_s=0.0,
+        ),
+        lora=LoraSection(rank=2, alpha=4.0, targets=["all"]),
+        selection=SelectionSection(mode="importance", budget=0.5, probe_deadline_s=10.0),
+        evaluation=EvaluationSection(agents=False, initial=False),
+    )
+    options = PlanOptions(("all",), 2, 4.0, 0.0, 4, 1, 0, 1e-3, 0.0, 16, Quantization.NONE, 5.0, 0)
+    metrics = CoordinatorMetrics()
+    orchestrator = Orchestrator(
+        config, Registry(LABELS), uniform_plan, options, get_strategy("rank-padding"), metrics, "base"
+    )
+    server, port = start_server(orchestrator, config.server, metrics)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    thread = threading.Thread(target=lambda: _run_quietly(orchestrator), daemon=True)
+    thread.start()
+    stub = pb_grpc.CoordinatorStub(channel)
+    for agent in ("a", "b"):
+        stub.Register(
+            pb.RegisterRequest(agent_id=agent, profile=serde.profile_to_pb(PROFILE), model=serde.spec_to_pb(SPEC)),
+            timeout=5,
+        )
+    yield Running(orchestrator, stub, tmp_path, thread)
+    channel.close()
+    server.stop(grace=None)
+
+
+def _run_quietly(orchestrator: Orchestrator) -> None:
+    # The round ends at its deadline with no uploads and the run then aborts; the tests need only the plans.
+    with contextlib.suppress(Exception):
+        orchestrator.run()
+
+
+def task(stub: pb_grpc.CoordinatorStub, agent: str) -> Task:
+    return serde.task_from_pb(stub.GetTask(pb.GetTaskRequest(agent_id=agent, wait_s=5.0), timeout=10))
+
+
+def report(stub: pb_grpc.CoordinatorStub, agent: str, probe_id: str, scores: dict[str, float]) -> None:
+    message = serde.importance_to_pb(agent, ImportanceReport(probe_id, scores, 100, 20, 1.0))
+    stub.ReportImportance(message, timeout=5)
+
+
+@pytest.mark.integration
+def test_probe_then_train_with_the_selected_mask(running: Running) -> None:
+    # Prepare: both agents are asked to probe every candidate
+    probes = {agent: task(running.stub, agent) for agent in ("a", "b")}
+    assert all(t.kind is TaskKind.PROBE for t in probes.values())
+    probe = probes["a"].probe
+    assert probe is not None and probe.candidates == tuple(m.name for m in MODULES) and probe.rank == 4
+
+    # Execute
+    for agent, scores in SCORES.items():
+        report(running.stub, agent, probe.probe_id, scores)
+    trains = {agent: task(running.stub, agent) for agent in ("a", "b")}
+
+    # Assert: the mask is select(combine(...)) under half the all-candidates budget, in every plan
+    reports = {a: ImportanceReport(probe.probe_id, s, 100, 20, 1.0) for a, s in SCORES.items()}
+    expected = select(combine(reports, [m.name for m in MODULES]), MODULES, 2, 64).mask
+    assert expected == (MODULES[1].name, MODULES[3].name)
+    for t in trains.values():
+        assert t.kind is TaskKind.TRAIN and t.plan is not None
+        assert t.plan.target_modules == expected
+    record = json.loads((running.run_dir / "selection" / "0000.json").read_text())
+    assert record["mask"] == list(expected) and record["used"] == 64 and set(record["agents"]) == {"a", "b"}
+    assert running.orchestrator.metrics.mask_size._value.get() == 2
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("mutate", "code", "details"),
+    [
+        (lambda s, p: (p + "-old", s), grpc.StatusCode.FAILED_PRECONDITION, "is not open"),
+        (
+            lambda s, p: (p, {k: v for k, v in s.items() if "1.attention.self.value" not in k}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "scores: missing",
+        ),
+        (lambda s, p: (p, {**s, "enc.9.x": 1.0}), grpc.StatusCode.INVALID_ARGUMENT, "not candidates"),
+        (lambda s, p: (p, {**s, MODULES[0].name: float("nan")}), grpc.StatusCode.INVALID_ARGUMENT, "must be finite"),
+    ],
+)
+def test_bad_importance_reports_are_refused_and_change_nothing(
+    running: Running, mutate: object, code: grpc.StatusCode, details: str
+) -> None:
+    probe = task(running.stub, "a").probe
+    assert probe is not None
+    probe_id, scores = mutate(SCORES["a"], probe.probe_id)  # type: ignore[operator]
+    with pytest.raises(grpc.RpcError) as caught:
+        report(running.stub, "a", probe_id, scores)
+    assert caught.value.code() == code and details in (caught.value.details() or "")
+    assert running.orchestrator.importance == {}
+    again = task(running.stub, "a")
+    assert again.kind is TaskKind.PROBE  # still owed: the refused report was not kept
