@@ -79,8 +79,10 @@ class LoraSection(Section):
 class SelectionSection(Section):
     """Which candidate matrices get LoRA (METHOD.md section 1)."""
 
-    mode: Literal["importance", "all"] = Field(
-        "importance", description="importance: probe and keep the top matrices; all: every candidate"
+    mode: Literal["importance", "all", "random"] = Field(
+        "importance",
+        description="importance: probe and keep the top matrices; all: every candidate; "
+        "random: a seeded random mask under the same budget (a baseline for comparisons)",
     )
     budget: float = Field(
         0.34, gt=0, description="trainable LoRA parameters: a fraction (<= 1) of all candidates, or a count (> 1)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 import uuid
@@ -36,6 +37,7 @@ from common.types import (
     Evaluation,
     ImportanceReport,
     ModelSpec,
+    ModuleShape,
     ProbePlan,
     RoundResult,
     Task,
@@ -446,6 +448,10 @@ class Orchestrator:
             return
         candidates = resolve_targets(spec, self.options.targets)
         shapes = [spec.candidate(name) for name in candidates]
+        if sel.mode == "random":
+            generator = random.Random(self.options.seed * 7919 + after_round)
+            self._apply_selection(after_round, {name: generator.random() for name in candidates}, shapes, {}, "random")
+            return
         probe = ProbePlan(
             probe_id=f"p{after_round}-{uuid.uuid4().hex[:8]}",
             candidates=candidates,
@@ -468,7 +474,19 @@ class Orchestrator:
             self.phase, self.probe = "aggregating", None
         if not reports:
             raise RunAborted(f"no agent reported importance scores within {sel.probe_deadline_s:.0f}s")
-        scores = combine(reports, candidates)
+        self._apply_selection(after_round, combine(reports, candidates), shapes, reports, probe.probe_id)
+
+    def _apply_selection(
+        self,
+        after_round: int,
+        scores: Mapping[str, float],
+        shapes: list[ModuleShape],
+        reports: Mapping[str, ImportanceReport],
+        source: str,
+    ) -> None:
+        """Choose the mask from combined scores under the budget; metrics, log and selection/NNNN.json."""
+        sel = self.config.selection
+        candidates = [m.name for m in shapes]
         selection = select(scores, shapes, self.options.rank, resolve_budget(sel.budget, shapes, self.options.rank))
         previous, self.mask = self.mask, selection.mask
         self.metrics.mask_size.set(len(selection.mask))
@@ -492,7 +510,7 @@ class Orchestrator:
                 sorted(set(previous) - set(selection.mask)),
             )
         record = {
-            "probe": probe.probe_id,
+            "probe": source,
             "after_round": after_round,
             "mask": list(selection.mask),
             "budget": selection.budget,

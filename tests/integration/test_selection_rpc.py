@@ -156,3 +156,42 @@ def test_bad_importance_reports_are_refused_and_change_nothing(
     assert running.orchestrator.importance == {}
     again = task(running.stub, "a")
     assert again.kind is TaskKind.PROBE  # still owed: the refused report was not kept
+
+
+@pytest.mark.integration
+def test_random_mode_skips_the_probe_and_keeps_the_budget(tmp_path: Path) -> None:
+    # Prepare: the same coordinator with a seeded random mask (the ablation baseline)
+    config = CoordinatorConfig(
+        labels=list(LABELS),
+        server=ServerSection(host="127.0.0.1", port=0, workers=8),
+        metrics=MetricsSection(port=-1),
+        run=RunSection(rounds=1, min_agents=1, round_deadline_s=2.0, run_dir=tmp_path, finish_grace_s=0.0),
+        lora=LoraSection(rank=2, alpha=4.0, targets=["all"]),
+        selection=SelectionSection(mode="random", budget=0.5),
+        evaluation=EvaluationSection(agents=False, initial=False),
+    )
+    options = PlanOptions(("all",), 2, 4.0, 0.0, 4, 1, 0, 1e-3, 0.0, 16, Quantization.NONE, 2.0, 3)
+    metrics = CoordinatorMetrics()
+    orchestrator = Orchestrator(
+        config, Registry(LABELS), uniform_plan, options, get_strategy("rank-padding"), metrics, "base"
+    )
+    server, port = start_server(orchestrator, config.server, metrics)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.CoordinatorStub(channel)
+    threading.Thread(target=lambda: _run_quietly(orchestrator), daemon=True).start()
+    try:
+        # Execute
+        stub.Register(
+            pb.RegisterRequest(agent_id="a", profile=serde.profile_to_pb(PROFILE), model=serde.spec_to_pb(SPEC)),
+            timeout=5,
+        )
+        first = task(stub, "a")
+
+        # Assert: straight to training, two of four equal-cost matrices, recorded as random
+        assert first.kind is TaskKind.TRAIN and first.plan is not None
+        assert len(first.plan.target_modules) == 2
+        record = json.loads((tmp_path / "selection" / "0000.json").read_text())
+        assert record["probe"] == "random" and record["mask"] == list(first.plan.target_modules)
+    finally:
+        channel.close()
+        server.stop(grace=None)
