@@ -28,7 +28,7 @@ def federation_config(run_dir: Path) -> dict[str, Any]:
                 "finish_grace_s": 10,
             },
             "lora": {"rank": 8, "alpha": 16},
-            "selection": {"mode": "importance", "budget": 0.34, "probe_steps": 10},
+            "selection": {"mode": "importance", "budget": 0.34, "probe_steps": 10, "reselect_every": 1},
             "training": {"batch_size": 16, "learning_rate": 0.002, "max_seq_len": 48},
             "evaluation": {"heldout": "embedded", "max_samples": HELDOUT},
         },
@@ -82,7 +82,11 @@ def test_plans_and_round_adapters_are_written(federation: tuple[Path, str]) -> N
         assert (directory / "adapter_model.safetensors").stat().st_size > 0
     selection = json.loads((run_dir / "selection" / "0000.json").read_text())
     assert sorted(selection["agents"]) == ["agent-1", "agent-2"] and len(selection["combined"]) == 24
-    assert tuple(selection["mask"]) == tuple(plans["agent-1"]["plan"]["target_modules"])
+    reselection = json.loads((run_dir / "selection" / "0001.json").read_text())  # probed again before round 2
+    assert tuple(reselection["mask"]) == tuple(plans["agent-1"]["plan"]["target_modules"])  # plans: round 2
+    # every matrix ever selected stays in the global adapter, and the saved adapter still loads in peft (below)
+    config_modules = json.loads((run_dir / "final" / "adapter_config.json").read_text())["target_modules"]
+    assert set(selection["mask"]) | set(reselection["mask"]) == set(config_modules)
     config = json.loads((run_dir / "final" / "adapter_config.json").read_text())
     assert config["rank_pattern"] and config["modules_to_save"] == ["classifier"]
 

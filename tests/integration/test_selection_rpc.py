@@ -9,15 +9,26 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import torch
 from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 from common import serde
 from common.metrics import CoordinatorMetrics
-from common.types import DeviceProfile, ImportanceReport, ModelSpec, ModuleShape, Quantization, Task, TaskKind
+from common.types import (
+    DeviceProfile,
+    ImportanceReport,
+    ModelSpec,
+    ModuleShape,
+    Quantization,
+    Task,
+    TaskKind,
+    UpdateMeta,
+)
 from coordinator.config import (
     CoordinatorConfig,
     EvaluationSection,
@@ -192,6 +203,87 @@ def test_random_mode_skips_the_probe_and_keeps_the_budget(tmp_path: Path) -> Non
         assert len(first.plan.target_modules) == 2
         record = json.loads((tmp_path / "selection" / "0000.json").read_text())
         assert record["probe"] == "random" and record["mask"] == list(first.plan.target_modules)
+    finally:
+        channel.close()
+        server.stop(grace=None)
+
+
+def upload(stub: pb_grpc.CoordinatorStub, agent: str, round_: int, plan_id: str, tensors: dict[str, Any]) -> None:
+    header, payload = serde.encode_payload(tensors)
+    meta = UpdateMeta(agent, round_, plan_id, 40, 10, 1.0, 0.5, 1)
+    messages = [pb.UploadUpdateRequest(header=serde.update_header_to_pb(meta, header))]
+    messages += [pb.UploadUpdateRequest(chunk=c) for c in serde.chunked(payload, 1024)]
+    stub.UploadUpdate(iter(messages), timeout=10)
+
+
+def download(stub: pb_grpc.CoordinatorStub, agent: str, t: Task) -> dict[str, torch.Tensor]:
+    assert t.plan is not None
+    parts = list(
+        stub.DownloadGlobal(
+            pb.DownloadGlobalRequest(agent_id=agent, global_round=t.global_round, plan_id=t.plan.plan_id), timeout=10
+        )
+    )
+    return serde.decode_payload(parts[0].header, (p.chunk for p in parts[1:]), 1 << 20, 1 << 20)
+
+
+@pytest.mark.integration
+def test_reselection_adds_entering_matrices_fresh_and_keeps_leaving_ones(tmp_path: Path) -> None:
+    # Prepare: one agent, two rounds, a new probe before round 2
+    config = CoordinatorConfig(
+        labels=list(LABELS),
+        server=ServerSection(host="127.0.0.1", port=0, workers=8),
+        metrics=MetricsSection(port=-1),
+        run=RunSection(rounds=2, min_agents=1, round_deadline_s=10.0, run_dir=tmp_path, finish_grace_s=0.0),
+        lora=LoraSection(rank=2, alpha=4.0, targets=["all"]),
+        selection=SelectionSection(mode="importance", budget=0.5, reselect_every=1),
+        evaluation=EvaluationSection(agents=False, initial=False),
+    )
+    options = PlanOptions(("all",), 2, 4.0, 0.0, 4, 1, 0, 1e-3, 0.0, 16, Quantization.NONE, 10.0, 0)
+    metrics = CoordinatorMetrics()
+    orchestrator = Orchestrator(
+        config, Registry(LABELS), uniform_plan, options, get_strategy("rank-padding"), metrics, "base"
+    )
+    server, port = start_server(orchestrator, config.server, metrics)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.CoordinatorStub(channel)
+    runner = threading.Thread(target=orchestrator.run, daemon=True)
+    runner.start()
+    m0, m1, m2, m3 = (m.name for m in MODULES)
+    try:
+        stub.Register(
+            pb.RegisterRequest(agent_id="a", profile=serde.profile_to_pb(PROFILE), model=serde.spec_to_pb(SPEC)),
+            timeout=5,
+        )
+        # Execute: round 1 on {m1, m3}, then a probe that prefers {m0, m1}
+        probe = task(stub, "a").probe
+        assert probe is not None
+        report(stub, "a", probe.probe_id, {m0: 0.1, m1: 5.0, m2: 0.0, m3: 4.0})
+        first = task(stub, "a")
+        assert first.plan is not None and first.plan.target_modules == (m1, m3)
+        trained = {
+            name: torch.full(tuple(value.shape), 0.5 if name.endswith("lora_B") else 0.25)
+            for name, value in download(stub, "a", first).items()
+        }
+        upload(stub, "a", 1, first.plan.plan_id, trained)
+        probe = task(stub, "a").probe
+        assert probe is not None
+        report(stub, "a", probe.probe_id, {m0: 9.0, m1: 5.0, m2: 0.0, m3: 0.1})
+        second = task(stub, "a")
+        received = download(stub, "a", second)
+
+        # Assert: m0 enters with B = 0, m1 carries round 1's update, m3 stays in the global adapter
+        assert second.plan is not None and second.plan.target_modules == (m0, m1)
+        assert torch.equal(received[f"{m0}.lora_B"], torch.zeros(8, 2))
+        assert bool(received[f"{m0}.lora_A"].abs().sum() > 0)
+        assert torch.equal(received[f"{m1}.lora_B"], torch.full((8, 2), 0.5))
+        global_ = orchestrator.global_
+        assert global_ is not None and set(global_.lora) == {m0, m1, m3}
+        assert torch.equal(global_.lora[m3].b, torch.full((8, 2), 0.5 * 4.0 / 2))  # folded alpha / r
+        upload(stub, "a", 2, second.plan.plan_id, received)
+        runner.join(timeout=10)
+        saved = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
+        assert saved["target_modules"] == sorted([m0, m1, m3])
+        assert saved["rank_pattern"] == {m0: 2, m1: 2, m3: 2}
     finally:
         channel.close()
         server.stop(grace=None)
