@@ -165,6 +165,7 @@ def model_spec(
         candidates=tuple(found),
         heads=heads,
         base_parameters=int(base_parameters),
+        linear_parameters=sum(d_in * d_out for _, module, d_in, d_out in matrices if type(module).__name__ == "Linear"),
     )
 
 

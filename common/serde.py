@@ -19,6 +19,7 @@ from common.errors import IntegrityError, InvalidArgument, ResourceExhausted
 from common.types import (
     DTYPE_SIZES,
     TORCH_DTYPES,
+    CalibrationPoint,
     DeviceProfile,
     Evaluation,
     ImportanceReport,
@@ -179,6 +180,18 @@ def profile_to_pb(profile: DeviceProfile) -> pb.DeviceProfile:
         num_val_samples=profile.num_val_samples,
         memory_cap_bytes=profile.memory_cap_bytes,
         compute_share=profile.compute_share,
+        calibration=[
+            pb.CalibrationPoint(
+                batch_size=p.batch_size,
+                seq_len=p.seq_len,
+                rank=p.rank,
+                quantization=_QUANT_TO_PB[p.quantization],
+                step_seconds=p.step_seconds,
+                peak_memory_bytes=p.peak_memory_bytes,
+                trainable_parameters=p.trainable_parameters,
+            )
+            for p in profile.calibration
+        ],
     )
 
 
@@ -190,6 +203,23 @@ def profile_from_pb(message: pb.DeviceProfile) -> DeviceProfile:
         raise InvalidArgument("profile.total_memory_bytes", "must be positive (a measured figure)")
     if not 0 < message.compute_share <= 1:
         raise InvalidArgument("profile.compute_share", f"must be in (0, 1], got {message.compute_share}")
+    calibration = []
+    for index, point in enumerate(message.calibration):
+        if point.quantization not in _QUANT_FROM_PB:
+            raise InvalidArgument(f"profile.calibration[{index}].quantization", f"unknown value {point.quantization}")
+        if not (math.isfinite(point.step_seconds) and point.step_seconds > 0) or point.batch_size == 0:
+            raise InvalidArgument(f"profile.calibration[{index}]", "needs a positive batch size and step time")
+        calibration.append(
+            CalibrationPoint(
+                batch_size=point.batch_size,
+                seq_len=point.seq_len,
+                rank=point.rank,
+                quantization=_QUANT_FROM_PB[point.quantization],
+                step_seconds=point.step_seconds,
+                peak_memory_bytes=point.peak_memory_bytes,
+                trainable_parameters=point.trainable_parameters,
+            )
+        )
     return DeviceProfile(
         device=message.device,
         device_name=message.device_name,
@@ -203,6 +233,7 @@ def profile_from_pb(message: pb.DeviceProfile) -> DeviceProfile:
         num_val_samples=message.num_val_samples,
         memory_cap_bytes=message.memory_cap_bytes,
         compute_share=message.compute_share,
+        calibration=tuple(calibration),
     )
 
 
@@ -218,6 +249,7 @@ def spec_to_pb(spec: ModelSpec) -> pb.ModelSpec:
         ],
         heads=[pb.TensorShape(name=name, shape=list(shape)) for name, shape in spec.heads],
         base_parameters=spec.base_parameters,
+        linear_parameters=spec.linear_parameters,
     )
 
 
@@ -237,6 +269,7 @@ def spec_from_pb(message: pb.ModelSpec) -> ModelSpec:
         ),
         heads=tuple((h.name, tuple(int(d) for d in h.shape)) for h in message.heads),
         base_parameters=message.base_parameters,
+        linear_parameters=message.linear_parameters,
     )
 
 

@@ -33,6 +33,19 @@ class TaskKind(enum.Enum):
 
 
 @dataclass(frozen=True)
+class CalibrationPoint:
+    """One short measured training run on an agent; the coordinator fits its cost model to these."""
+
+    batch_size: int
+    seq_len: int
+    rank: int  # LoRA rank on every candidate during the run
+    quantization: Quantization
+    step_seconds: float  # mean optimizer step time, throttling included
+    peak_memory_bytes: int  # process peak (CPU) or CUDA allocator peak during the run
+    trainable_parameters: int
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """Measured facts about an agent's device; caps are already applied to the memory figures."""
 
@@ -48,6 +61,7 @@ class DeviceProfile:
     num_val_samples: int  # local validation samples
     memory_cap_bytes: int = 0  # operator cap, 0 = none
     compute_share: float = 1.0  # operator cap on compute, 1.0 = none
+    calibration: tuple[CalibrationPoint, ...] = ()  # measured runs at two batch sizes
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,7 @@ class ModelSpec:
     candidates: tuple[ModuleShape, ...]  # LoRA candidates, in model order
     heads: tuple[tuple[str, tuple[int, ...]], ...]  # trainable head tensors: (canonical name, shape)
     base_parameters: int  # parameter count of the frozen base
+    linear_parameters: int = 0  # weights of the Linear layers bitsandbytes quantizes (no heads, embeddings)
 
     def candidate(self, name: str) -> ModuleShape:
         """The candidate called name; KeyError when the model has none of that name."""

@@ -78,6 +78,48 @@ TASK_KIND_PROBE: TaskKind.ValueType  # 5
 Global___TaskKind: _TypeAlias = TaskKind  # noqa: Y015
 
 @_typing.final
+class CalibrationPoint(_message.Message):
+    """One short measured training run on the agent: the cost model is fitted to these."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    SEQ_LEN_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    STEP_SECONDS_FIELD_NUMBER: _builtins.int
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    TRAINABLE_PARAMETERS_FIELD_NUMBER: _builtins.int
+    batch_size: _builtins.int
+    seq_len: _builtins.int
+    rank: _builtins.int
+    """LoRA rank on every candidate during the run"""
+    quantization: Global___Quantization.ValueType
+    step_seconds: _builtins.float
+    """mean optimizer step time, throttling included"""
+    peak_memory_bytes: _builtins.int
+    """process peak (CPU) or CUDA allocator peak during the run"""
+    trainable_parameters: _builtins.int
+    def __init__(
+        self,
+        *,
+        batch_size: _builtins.int = ...,
+        seq_len: _builtins.int = ...,
+        rank: _builtins.int = ...,
+        quantization: Global___Quantization.ValueType = ...,
+        step_seconds: _builtins.float = ...,
+        peak_memory_bytes: _builtins.int = ...,
+        trainable_parameters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "peak_memory_bytes", b"peak_memory_bytes", "quantization", b"quantization", "rank", b"rank", "seq_len", b"seq_len", "step_seconds", b"step_seconds", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CalibrationPoint: _TypeAlias = CalibrationPoint  # noqa: Y015
+
+@_typing.final
 class DeviceProfile(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -93,6 +135,7 @@ class DeviceProfile(_message.Message):
     NUM_VAL_SAMPLES_FIELD_NUMBER: _builtins.int
     MEMORY_CAP_BYTES_FIELD_NUMBER: _builtins.int
     COMPUTE_SHARE_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """"cuda:0" or "cpu" """
     device_name: _builtins.str
@@ -115,6 +158,8 @@ class DeviceProfile(_message.Message):
     """operator cap, 0 = none"""
     compute_share: _builtins.float
     """operator cap on compute, 1.0 = none"""
+    @_builtins.property
+    def calibration(self) -> _containers.RepeatedCompositeFieldContainer[Global___CalibrationPoint]: ...
     def __init__(
         self,
         *,
@@ -130,10 +175,11 @@ class DeviceProfile(_message.Message):
         num_val_samples: _builtins.int = ...,
         memory_cap_bytes: _builtins.int = ...,
         compute_share: _builtins.float = ...,
+        calibration: _abc.Iterable[Global___CalibrationPoint] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_dtype", b"compute_dtype", "compute_share", b"compute_share", "device", b"device", "device_name", b"device_name", "flops_per_s", b"flops_per_s", "free_memory_bytes", b"free_memory_bytes", "host_memory_bytes", b"host_memory_bytes", "memory_cap_bytes", b"memory_cap_bytes", "num_train_samples", b"num_train_samples", "num_val_samples", b"num_val_samples", "threads", b"threads", "total_memory_bytes", b"total_memory_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "compute_dtype", b"compute_dtype", "compute_share", b"compute_share", "device", b"device", "device_name", b"device_name", "flops_per_s", b"flops_per_s", "free_memory_bytes", b"free_memory_bytes", "host_memory_bytes", b"host_memory_bytes", "memory_cap_bytes", b"memory_cap_bytes", "num_train_samples", b"num_train_samples", "num_val_samples", b"num_val_samples", "threads", b"threads", "total_memory_bytes", b"total_memory_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -199,6 +245,7 @@ class ModelSpec(_message.Message):
     CANDIDATES_FIELD_NUMBER: _builtins.int
     HEADS_FIELD_NUMBER: _builtins.int
     BASE_PARAMETERS_FIELD_NUMBER: _builtins.int
+    LINEAR_PARAMETERS_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.str
     """hash of the base model's config and task head"""
     model_type: _builtins.str
@@ -206,6 +253,8 @@ class ModelSpec(_message.Message):
     task: _builtins.str
     """"seq-cls" """
     base_parameters: _builtins.int
+    linear_parameters: _builtins.int
+    """weights of Linear layers bitsandbytes would quantize"""
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """class names in index order"""
@@ -228,10 +277,11 @@ class ModelSpec(_message.Message):
         candidates: _abc.Iterable[Global___ModuleShape] | None = ...,
         heads: _abc.Iterable[Global___TensorShape] | None = ...,
         base_parameters: _builtins.int = ...,
+        linear_parameters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_parameters", b"base_parameters", "candidates", b"candidates", "fingerprint", b"fingerprint", "heads", b"heads", "labels", b"labels", "model_type", b"model_type", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_parameters", b"base_parameters", "candidates", b"candidates", "fingerprint", b"fingerprint", "heads", b"heads", "labels", b"labels", "linear_parameters", b"linear_parameters", "model_type", b"model_type", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
