@@ -61,6 +61,7 @@ def federation_config(agents: int, rounds: int, max_samples: int, eval_samples: 
             },
             "lora": {"rank": 8, "alpha": 16, "targets": ["query", "value"]},
             "selection": {"mode": "all"},  # no probe: the figure is the round loop's own overhead
+            "planner": "uniform",
             "training": {"batch_size": 16, "local_epochs": 1, "learning_rate": 0.001, "max_seq_len": 64},
             "evaluation": {"heldout": "embedded", "max_samples": eval_samples},
         },
@@ -178,10 +179,11 @@ def analyze(run_dir: Path, throughput: list[dict[str, Any]] | None) -> list[dict
                 upload_s = nbytes / (row["upload_mbps"] * 1e6)
                 download_s = nbytes / (row["download_mbps"] * 1e6)
                 measured_at = row["bytes"]
+            measured = entry["measured"]
             agents[agent] = {
-                "train_seconds": float(entry["train_seconds"]),
-                "steps": int(entry["steps"]),
-                "samples": int(entry["samples"]),
+                "train_seconds": float(measured["train_seconds"]),
+                "steps": int(measured["steps"]),
+                "samples": int(measured["samples"]),
                 "payload_bytes": nbytes,
                 "upload_seconds_est": upload_s,
                 "download_seconds_est": download_s,

@@ -225,7 +225,7 @@ def measure_grpc(shape: Shape, repeats: int, workdir: Path) -> dict[str, Any]:
 def measure_serde(shape: Shape, repeats: int) -> dict[str, Any]:
     """The same payload through serde alone, plus the server's tensor check; timings in s."""
     spec = model_spec(shape, ("a", "b"))
-    plan = next(iter(uniform_plan({"bench-0": PROFILE}, spec, options(shape.rank), 1).values()))
+    plan = next(iter(uniform_plan({"bench-0": PROFILE}, spec, options(shape.rank), 1).plans.values()))
     tensors = update_tensors(plan, spec)
     expected = expected_tensors(plan, spec)
     limits = ServerSection()

@@ -88,6 +88,30 @@ class CoordinatorMetrics:
             ["agent"],
             registry=r,
         )
+        self.plan_memory = Gauge(
+            "fedpipe_plan_predicted_memory_bytes",
+            "Peak memory the cost model predicts for the plan",
+            ["agent"],
+            registry=r,
+        )
+        self.plan_step_seconds = Gauge(
+            "fedpipe_plan_predicted_step_seconds",
+            "Step time the cost model predicts for the plan",
+            ["agent"],
+            registry=r,
+        )
+        self.plan_round_seconds = Gauge(
+            "fedpipe_plan_round_seconds", "Training time per round the planner sized every agent to", registry=r
+        )
+        self.agent_step_seconds = Gauge(
+            "fedpipe_agent_step_seconds", "Measured step time of the agent's last update", ["agent"], registry=r
+        )
+        self.agent_excluded = Gauge(
+            "fedpipe_agent_excluded",
+            "1 when the planner left the agent out (it fits no configuration)",
+            ["agent"],
+            registry=r,
+        )
         self.global_accuracy = Gauge(
             "fedpipe_global_accuracy", "Accuracy of the latest global adapter", ["source"], registry=r
         )

@@ -15,6 +15,7 @@ from common.settings import build
 
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
+    from coordinator.planner import SearchSpace
 
 log = logging.getLogger("fedpipe.coordinator")
 
@@ -72,6 +73,7 @@ def run(config: CoordinatorConfig) -> int:
         quantization=Quantization(config.training.quantization),
         deadline_s=config.run.round_deadline_s,
         seed=config.run.seed,
+        search=search_space(config),
     )
     metrics = CoordinatorMetrics()
     orchestrator = Orchestrator(
@@ -114,6 +116,26 @@ def run(config: CoordinatorConfig) -> int:
     if accuracy is not None:
         log.info("final accuracy: %.3f (%s, round %d)", accuracy, summary["final_source"], summary["final_round"])
     return 0
+
+
+def search_space(config: CoordinatorConfig) -> SearchSpace:
+    """The fedpipe planner's search space from the planning section."""
+    from common.types import Quantization
+    from coordinator.planner import SearchSpace
+
+    planning = config.planning
+    return SearchSpace(
+        ranks=tuple(planning.ranks),
+        batch_sizes=tuple(planning.batch_sizes),
+        quantizations=tuple(Quantization(q) for q in planning.quantizations),
+        mask_fractions=tuple(planning.mask_fractions),
+        max_under_training=planning.max_under_training,
+        max_local_epochs=planning.max_local_epochs,
+        round_time_slack=planning.round_time_slack,
+        memory_headroom=planning.memory_headroom,
+        bandwidth_bytes_per_s=planning.bandwidth_bytes_per_s,
+        max_round_upload_bytes=planning.max_round_upload_bytes,
+    )
 
 
 if __name__ == "__main__":

@@ -95,6 +95,33 @@ class SelectionSection(Section):
     reselect_every: int = Field(0, ge=0, description="probe and re-select every N rounds; 0 = select once")
 
 
+class PlanningSection(Section):
+    """The fedpipe planner's search space and limits (METHOD.md section 2)."""
+
+    ranks: list[int] = Field([2, 4, 8, 16, 32, 64], description="LoRA ranks to choose from")
+    batch_sizes: list[int] = Field([1, 2, 4, 8, 16, 32], description="batch sizes to choose from")
+    quantizations: list[Literal["none", "int8", "nf4"]] = Field(
+        ["none", "int8", "nf4"], description="base precisions to choose from"
+    )
+    mask_fractions: list[float] = Field([1.0, 0.5], description="shares of the mask a weak agent may train")
+    max_under_training: float = Field(0.0, ge=0, lt=1, description="allowed data-weighted under-training rate")
+    max_local_epochs: int = Field(4, ge=1, description="epochs a fast agent may train within the round time")
+    round_time_slack: float = Field(
+        0.1, ge=0, description="round time above the shortest feasible, so slow agents afford richer configurations"
+    )
+    memory_headroom: float = Field(0.1, ge=0, lt=1, description="share of usable memory kept free")
+    bandwidth_bytes_per_s: float = Field(12.5e6, gt=0, description="assumed link speed for transfer time")
+    max_round_upload_bytes: int = Field(0, ge=0, description="bound on a round's total upload bytes, 0 = none")
+    refit_threshold: float = Field(0.2, gt=0, description="relative prediction error that triggers a refit")
+
+    @field_validator("ranks", "batch_sizes", "quantizations", "mask_fractions")
+    @classmethod
+    def _nonempty(cls, value: list[object]) -> list[object]:
+        if not value:
+            raise ValueError("needs at least one value")
+        return value
+
+
 class TrainingSection(Section):
     """Local work per round."""
 
@@ -127,7 +154,9 @@ class CoordinatorConfig(BaseSettings):
     )
 
     labels: Labels = Field(list(EMBEDDED_LABELS), description="class names; agents must report the same")
-    planner: Literal["uniform"] = Field("uniform", description="how per-agent plans are made")
+    planner: Literal["fedpipe", "uniform"] = Field(
+        "fedpipe", description="fedpipe: per-agent plans from measured resources; uniform: one plan for all"
+    )
     strategy: Literal["rank-padding", "fedavg"] = Field("rank-padding", description="aggregation strategy")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     server: ServerSection = ServerSection()
@@ -135,5 +164,6 @@ class CoordinatorConfig(BaseSettings):
     run: RunSection = RunSection()
     lora: LoraSection = LoraSection()
     selection: SelectionSection = SelectionSection()
+    planning: PlanningSection = PlanningSection()
     training: TrainingSection = TrainingSection()
     evaluation: EvaluationSection = EvaluationSection()

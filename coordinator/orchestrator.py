@@ -49,14 +49,13 @@ from common.types import (
 from coordinator.checkpoint import Checkpoint, plan_record, write_json
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
-from coordinator.planner import PlanOptions, resolve_targets
+from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction, resolve_targets
 from coordinator.registry import AgentRecord, Registry
 from coordinator.selection import combine, resolve_budget, select
 from coordinator.strategy import Strategy
 
 log = logging.getLogger(__name__)
 
-Planner = Callable[[Mapping[str, DeviceProfile], ModelSpec, PlanOptions, int], dict[str, TrainPlan]]
 POLL_S = 1.0  # how often waiting loops re-check liveness
 
 
@@ -121,6 +120,10 @@ class Orchestrator:
         self.probe_agents: set[str] = set()
         self.importance: dict[str, ImportanceReport] = {}
         self.mask: tuple[str, ...] | None = None  # selected modules; None = every candidate
+        self.mask_scores: dict[str, float] = {}  # combined importance of the candidates
+        self.excluded: dict[str, str] = {}  # agents the planner left out this round, with the reason
+        self.corrections: dict[str, tuple[float, float]] = {}  # agent -> (time, memory) scale from measurements
+        self.predictions: dict[str, Prediction] = {}
         self.results: list[RoundResult] = []
         self.checkpoint: Checkpoint | None = None
 
@@ -184,6 +187,9 @@ class Orchestrator:
             )
         if self.phase == "probing" and agent_id in self.probe_agents and agent_id not in self.importance:
             return Task(TaskKind.PROBE, round=self.round, probe=self.probe)
+        if agent_id in self.excluded:
+            message = f"left out of round {self.round}: {self.excluded[agent_id]}"
+            return Task(TaskKind.WAIT, round=self.round, retry_after_s=0.0, message=message)
         return Task(TaskKind.WAIT, round=self.round, retry_after_s=0.0, message=f"phase {self.phase}")
 
     def global_for(self, agent_id: str, global_round: int, plan_id: str) -> dict[str, torch.Tensor]:
@@ -327,12 +333,12 @@ class Orchestrator:
         alive = self._await_agents()
         spec = self.registry.spec
         assert spec is not None
-        plans = self._plan(alive, spec, 0)  # every candidate: fixes alpha and heads before selection
+        plans = self._plan(alive, spec, 0).plans  # every candidate: fixes alpha and heads before selection
         template = next(iter(plans.values()))
         self.checkpoint = Checkpoint(cfg.run_dir, self.base_path, template.lora_alpha, spec, template.modules_to_save)
         resumed = self.checkpoint.load_state()
         self._select(resumed.round if resumed is not None else 0, alive, spec)
-        plans = self._plan(alive, spec, 0)
+        plans = self._plan(alive, spec, 0).plans
         if resumed is not None:
             log.info("resuming from %s after round %d", cfg.run_dir, resumed.round)
             global_ = resumed
@@ -367,11 +373,17 @@ class Orchestrator:
         every = self.config.selection.reselect_every
         if every and round_ > 1 and (round_ - 1) % every == 0:
             self._select(round_ - 1, alive, spec)
-        plans = self._plan(alive, spec, round_)
+        planned = self._plan(alive, spec, round_)
+        plans = planned.plans
         self._check_payload_limit(plans, spec)
         with self.cond:
             # Matrices entering the mask start in the global adapter (A random, B = 0), alike for every agent.
             self.global_ = with_modules(self.global_, _widest(plans).rank_pattern, spec)
+        for agent, prediction in planned.predictions.items():
+            self.metrics.plan_memory.labels(agent).set(prediction.peak_memory_bytes)
+            self.metrics.plan_step_seconds.labels(agent).set(prediction.step_seconds)
+        if planned.round_seconds:
+            self.metrics.plan_round_seconds.set(planned.round_seconds)
         for agent, plan in plans.items():
             self.metrics.plan_rank.labels(agent).set(max(plan.rank_pattern.values()))
             self.metrics.plan_batch.labels(agent).set(plan.batch_size)
@@ -407,16 +419,19 @@ class Orchestrator:
         agg_seconds = time.perf_counter() - agg_start
         self.metrics.aggregation_duration.observe(agg_seconds)
         new_global = replace(new_global, round=round_)
-        report = {
-            a: {
+        report: dict[str, dict[str, Any]] = {
+            a: {"predicted": asdict(p)} for a, p in planned.predictions.items() if a in plans
+        }
+        for a, u in updates.items():
+            report.setdefault(a, {})["measured"] = {
                 "samples": u.meta.samples,
                 "steps": u.meta.steps,
                 "train_seconds": u.meta.train_seconds,
+                "step_seconds": u.meta.train_seconds / max(u.meta.steps, 1),
                 "train_loss": u.meta.train_loss,
                 "peak_memory_bytes": u.meta.peak_memory_bytes,
             }
-            for a, u in updates.items()
-        }
+        self._refit(updates, planned.predictions)
         self.checkpoint.save_round(new_global, plans, report)
         with self.cond:
             self.global_ = new_global
@@ -436,10 +451,28 @@ class Orchestrator:
         result = RoundResult(round_, tuple(sorted(updates)), seconds, samples, train_loss=train_loss, dropped=dropped)
         return self._evaluate(round_, plans, result)
 
-    def _plan(self, alive: Mapping[str, AgentRecord], spec: ModelSpec, round_: int) -> dict[str, TrainPlan]:
-        """Plans for the alive agents over the current mask (every candidate before selection)."""
-        options = replace(self.options, targets=self.mask) if self.mask is not None else self.options
-        return self.planner({a: r.profile for a, r in alive.items()}, spec, options, round_)
+    def _plan(self, alive: Mapping[str, AgentRecord], spec: ModelSpec, round_: int) -> PlanSet:
+        """Plans for the alive agents over the current mask; agents that fit nowhere are left out, loudly."""
+        options = replace(self.options, scores=self.mask_scores, corrections=dict(self.corrections))
+        if self.mask is not None:
+            options = replace(options, targets=self.mask)
+        planned = self.planner({a: r.profile for a, r in alive.items()}, spec, options, round_)
+        for agent in alive:
+            self.metrics.agent_excluded.labels(agent).set(1 if agent in planned.excluded else 0)
+        for agent, reason in planned.excluded.items():
+            log.warning("round %d: %s left out: %s", round_, agent, reason)
+        with self.cond:
+            self.excluded = dict(planned.excluded)
+            self.predictions = dict(planned.predictions)
+        if len(planned.plans) < self.config.run.min_agents:
+            reasons = "; ".join(f"{a}: {r}" for a, r in planned.excluded.items())
+            raise RunAborted(
+                f"only {len(planned.plans)} agents can be planned, {self.config.run.min_agents} needed"
+                + (f" ({reasons})" if reasons else "")
+            )
+        if planned.round_seconds:
+            log.info("round %d: planned %.1fs of training per agent", round_, planned.round_seconds)
+        return planned
 
     def _select(self, after_round: int, alive: Mapping[str, AgentRecord], spec: ModelSpec) -> None:
         """Probe the candidates on the alive agents and set the mask from their combined scores."""
@@ -489,6 +522,7 @@ class Orchestrator:
         candidates = [m.name for m in shapes]
         selection = select(scores, shapes, self.options.rank, resolve_budget(sel.budget, shapes, self.options.rank))
         previous, self.mask = self.mask, selection.mask
+        self.mask_scores = dict(scores)
         self.metrics.mask_size.set(len(selection.mask))
         self.metrics.mask_parameters.set(selection.used)
         self.metrics.selection_score.clear()
@@ -523,6 +557,39 @@ class Orchestrator:
         directory = self.config.run.run_dir / "selection"
         directory.mkdir(parents=True, exist_ok=True)
         write_json(directory / f"{after_round:04d}.json", record)
+
+    def _refit(self, updates: Mapping[str, AdapterUpdate], predictions: Mapping[str, Prediction]) -> None:
+        """Closed loop: when an agent's measured step time or peak memory is off the prediction by more than
+        planning.refit_threshold, scale that agent's cost model by the measured ratio for the next plans."""
+        threshold = self.config.planning.refit_threshold
+        for agent, update in updates.items():
+            predicted = predictions.get(agent)
+            if predicted is None or update.meta.steps == 0:
+                continue
+            step = update.meta.train_seconds / update.meta.steps
+            self.metrics.agent_step_seconds.labels(agent).set(step)
+            time_ratio = step / predicted.step_seconds if predicted.step_seconds > 0 else 1.0
+            memory_ratio = (
+                update.meta.peak_memory_bytes / predicted.peak_memory_bytes if predicted.peak_memory_bytes > 0 else 1.0
+            )
+            time_scale, memory_scale = self.corrections.get(agent, (1.0, 1.0))
+            refit = False
+            if abs(time_ratio - 1) > threshold:
+                time_scale, refit = time_scale * time_ratio, True
+            if update.meta.peak_memory_bytes and abs(memory_ratio - 1) > threshold:
+                memory_scale, refit = memory_scale * memory_ratio, True
+            if refit:
+                self.corrections[agent] = (time_scale, memory_scale)
+                log.info(
+                    "refit %s: step %.3fs measured vs %.3fs predicted, peak %.0f vs %.0f MiB; scales now %.2f, %.2f",
+                    agent,
+                    step,
+                    predicted.step_seconds,
+                    update.meta.peak_memory_bytes / 2**20,
+                    predicted.peak_memory_bytes / 2**20,
+                    time_scale,
+                    memory_scale,
+                )
 
     def _check_payload_limit(self, plans: Mapping[str, TrainPlan], spec: ModelSpec) -> None:
         """Abort before a round whose planned updates could never be accepted."""

@@ -1,18 +1,26 @@
-"""Per-agent plans: profiles + model spec in, one TrainPlan per agent out. Pure functions.
+"""Per-agent plans: profiles + model spec + mask in, one TrainPlan per agent out. Pure functions.
 
 `uniform` gives every agent the same configuration; it stays as the baseline the paper compares with.
+`fedpipe` (METHOD.md section 2) gives each agent its own batch size, LoRA rank, base precision and mask
+subset from its measured profile: every feasible configuration is priced by the cost model, the round
+time T is the smallest (bisection) at which the data-weighted under-training rate is within the allowed
+bound, and at that T one configuration per agent is chosen exactly by a MILP over one-hot binaries
+(coordinator.solver): least under-training first, then rank capacity, then precision. Each agent then
+trains for about T: faster agents process more samples (aggregation weighs them by samples).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from common.adapters import head_modules
 from common.errors import ConfigError
 from common.types import DeviceProfile, ModelSpec, Quantization, TrainPlan
+from coordinator import costmodel, solver
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,49 @@ class PlanOptions:
     quantization: Quantization
     deadline_s: float
     seed: int
+    search: SearchSpace = field(default_factory=lambda: SearchSpace())
+    scores: Mapping[str, float] = field(default_factory=dict)  # importance per mask module, for subsets
+    corrections: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # agent -> (time, memory)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The fedpipe planner's discrete choices and limits."""
+
+    ranks: tuple[int, ...] = (2, 4, 8, 16, 32, 64)
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    quantizations: tuple[Quantization, ...] = (Quantization.NONE, Quantization.INT8, Quantization.NF4)
+    mask_fractions: tuple[float, ...] = (1.0, 0.5)  # a weak agent may train the top half of the mask
+    max_under_training: float = 0.0  # allowed data-weighted under-training rate at the chosen T
+    max_local_epochs: int = 4  # a fast agent trains at most this many epochs in T
+    round_time_slack: float = 0.1  # T is this much above the shortest feasible, room for richer configurations
+    memory_headroom: float = 0.1  # plan to (1 - headroom) of the usable memory
+    bandwidth_bytes_per_s: float = 12.5e6  # assumed link speed for transfer time (100 Mbit/s)
+    max_round_upload_bytes: int = 0  # bound on the round's total upload (0 = none): couples the agents
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the cost model expects of one agent's plan, and what limits it."""
+
+    peak_memory_bytes: int
+    usable_memory_bytes: int
+    step_seconds: float
+    steps: int
+    samples: int
+    round_seconds: float  # training plus transfer
+    under_training: float
+    binding: str  # "memory", "deadline" or "none"
+
+
+@dataclass(frozen=True)
+class PlanSet:
+    """The planner's answer for one round."""
+
+    plans: dict[str, TrainPlan]
+    predictions: dict[str, Prediction] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)  # agent -> the reason it was left out
+    round_seconds: float = 0.0  # T, the training time every planned agent is sized to
 
 
 def resolve_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[str, ...]:
@@ -52,40 +103,276 @@ def plan_id(round_: int, agent_id: str, fields: Mapping[str, object]) -> str:
     return f"r{round_}-{agent_id}-{digest}"
 
 
-def uniform_plan(
-    profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options: PlanOptions, round_: int
-) -> dict[str, TrainPlan]:
+def _make_plan(
+    options: PlanOptions,
+    round_: int,
+    agent_id: str,
+    index: int,
+    spec: ModelSpec,
+    modules: tuple[str, ...],
+    rank: int,
+    batch_size: int,
+    quantization: Quantization,
+    local_epochs: int,
+    max_steps: int,
+) -> TrainPlan:
+    # Alpha grows with the rank (alpha / r stays the configured scale), so ranks share one update scale.
+    alpha = options.alpha * rank / options.rank
+    fields = {
+        "modules": modules,
+        "rank": rank,
+        "alpha": alpha,
+        "batch": batch_size,
+        "quant": quantization.value,
+        "lr": options.learning_rate,
+        "epochs": local_epochs,
+        "steps": max_steps,
+    }
+    return TrainPlan(
+        plan_id=plan_id(round_, agent_id, fields),
+        target_modules=modules,
+        rank_pattern=dict.fromkeys(modules, rank),
+        lora_alpha=alpha,
+        lora_dropout=options.dropout,
+        modules_to_save=head_modules(spec),
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        max_steps=max_steps,
+        learning_rate=options.learning_rate,
+        weight_decay=options.weight_decay,
+        quantization=quantization,
+        max_seq_len=options.max_seq_len,
+        deadline_s=options.deadline_s,
+        seed=options.seed * 1_000_003 + round_ * 1_009 + index,
+    )
+
+
+def _price(
+    profile: DeviceProfile,
+    spec: ModelSpec,
+    options: PlanOptions,
+    agent_id: str,
+    config: costmodel.Config,
+    coefficients: costmodel.Fit | None = None,
+) -> costmodel.Cost:
+    time_scale, memory_scale = options.corrections.get(agent_id, (1.0, 1.0))
+    return costmodel.predict(
+        profile,
+        spec,
+        coefficients or costmodel.fit(profile, spec),
+        config,
+        options.max_seq_len,
+        options.search.bandwidth_bytes_per_s,
+        time_scale,
+        memory_scale,
+    )
+
+
+def _usable(profile: DeviceProfile, search: SearchSpace) -> int:
+    return int(profile.total_memory_bytes * (1 - search.memory_headroom))
+
+
+def uniform_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options: PlanOptions, round_: int) -> PlanSet:
     """The same configuration for every agent (seeds differ per agent so dropout and order differ)."""
     modules = resolve_targets(spec, options.targets)
-    ranks = {m: options.rank for m in modules}
     plans: dict[str, TrainPlan] = {}
+    predictions: dict[str, Prediction] = {}
+    config = costmodel.Config(options.batch_size, options.rank, options.quantization, modules)
     for index, agent_id in enumerate(sorted(profiles)):
-        fields = {
-            "modules": modules,
-            "rank": options.rank,
-            "alpha": options.alpha,
-            "batch": options.batch_size,
-            "quant": options.quantization.value,
-            "lr": options.learning_rate,
-        }
-        plans[agent_id] = TrainPlan(
-            plan_id=plan_id(round_, agent_id, fields),
-            target_modules=modules,
-            rank_pattern=ranks,
-            lora_alpha=options.alpha,
-            lora_dropout=options.dropout,
-            modules_to_save=head_modules(spec),
-            batch_size=options.batch_size,
-            local_epochs=options.local_epochs,
-            max_steps=options.max_steps,
-            learning_rate=options.learning_rate,
-            weight_decay=options.weight_decay,
-            quantization=options.quantization,
-            max_seq_len=options.max_seq_len,
-            deadline_s=options.deadline_s,
-            seed=options.seed * 1_000_003 + round_ * 1_009 + index,
+        plan = _make_plan(
+            options,
+            round_,
+            agent_id,
+            index,
+            spec,
+            modules,
+            options.rank,
+            options.batch_size,
+            options.quantization,
+            options.local_epochs,
+            options.max_steps,
         )
-    return plans
+        plans[agent_id] = plan
+        profile = profiles[agent_id]
+        cost = _price(profile, spec, options, agent_id, config)
+        steps = plan.steps_for(profile.num_train_samples)
+        predictions[agent_id] = Prediction(
+            peak_memory_bytes=round(cost.peak_memory_bytes),
+            usable_memory_bytes=_usable(profile, options.search),
+            step_seconds=cost.step_seconds,
+            steps=steps,
+            samples=min(steps * plan.batch_size, plan.local_epochs * profile.num_train_samples),
+            round_seconds=steps * cost.step_seconds + cost.transfer_seconds,
+            under_training=0.0,
+            binding="none",
+        )
+    return PlanSet(plans=plans, predictions=predictions)
 
 
-PLANNERS = {"uniform": uniform_plan}
+PRECISION = {Quantization.NONE: 1.0, Quantization.INT8: 0.5, Quantization.NF4: 0.25}
+W_UNDER, W_CAPACITY, W_PRECISION = 1e7, 1e2, 1.0  # lexicographic: under-training, then rank, then precision
+BISECTION_STEPS = 30
+
+
+@dataclass(frozen=True)
+class _Choice:
+    config: costmodel.Config
+    cost: costmodel.Cost
+
+
+def mask_subsets(
+    modules: tuple[str, ...], scores: Mapping[str, float], fractions: tuple[float, ...]
+) -> list[tuple[str, ...]]:
+    """The mask and its top fractions by importance (model order kept), without duplicates."""
+    ranked = sorted(modules, key=lambda m: (-scores.get(m, 0.0), modules.index(m)))
+    subsets: list[tuple[str, ...]] = []
+    for fraction in sorted(fractions, reverse=True):
+        keep = set(ranked[: max(1, math.ceil(fraction * len(modules)))])
+        subset = tuple(m for m in modules if m in keep)
+        if subset not in subsets:
+            subsets.append(subset)
+    return subsets
+
+
+def steps_within(cost: costmodel.Cost, seconds: float) -> int:
+    """Whole steps that fit in `seconds` after the transfer."""
+    return max(0, math.floor((seconds - cost.transfer_seconds) / cost.step_seconds))
+
+
+def under_training(cost: costmodel.Cost, batch_size: int, target: int, seconds: float) -> float:
+    """u = max(0, 1 - samples done in `seconds` / target)."""
+    return max(0.0, 1.0 - min(steps_within(cost, seconds) * batch_size, target) / target)
+
+
+def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options: PlanOptions, round_: int) -> PlanSet:
+    """Per-agent batch, rank, precision and mask subset from measured profiles (module docstring)."""
+    search = options.search
+    modules = resolve_targets(spec, options.targets)
+    subsets = mask_subsets(modules, options.scores, search.mask_fractions)
+    configs = [
+        costmodel.Config(b, r, q, subset)
+        for subset in subsets
+        for q in search.quantizations
+        for r in search.ranks
+        for b in search.batch_sizes
+    ]
+    max_capacity = max(search.ranks) * len(modules)
+    feasible: dict[str, list[_Choice]] = {}
+    excluded: dict[str, str] = {}
+    for agent_id in sorted(profiles):
+        profile = profiles[agent_id]
+        usable = _usable(profile, search)
+        coefficients = costmodel.fit(profile, spec)
+        priced = [_Choice(c, _price(profile, spec, options, agent_id, c, coefficients)) for c in configs]
+        fits = [choice for choice in priced if choice.cost.peak_memory_bytes <= usable]
+        if not fits:
+            smallest = min(priced, key=lambda ch: ch.cost.peak_memory_bytes)
+            excluded[agent_id] = (
+                f"needs {smallest.cost.peak_memory_bytes / 2**30:.2f} GiB at its smallest configuration (batch "
+                f"{smallest.config.batch_size}, rank {smallest.config.rank}, {smallest.config.quantization.value}, "
+                f"{len(smallest.config.modules)} matrices), has {usable / 2**30:.2f} GiB usable"
+            )
+        else:
+            feasible[agent_id] = fits
+    if not feasible:
+        return PlanSet(plans={}, excluded=excluded)
+    targets = {a: max(1, options.local_epochs * profiles[a].num_train_samples) for a in feasible}
+    total = sum(profiles[a].num_train_samples for a in feasible) or 1
+    weights = {a: profiles[a].num_train_samples / total for a in feasible}
+
+    def instance(seconds: float) -> solver.Instance:
+        rows = []
+        for agent_id, choices in feasible.items():
+            rows.append(
+                [
+                    solver.Option(
+                        cost=W_UNDER
+                        * weights[agent_id]
+                        * under_training(ch.cost, ch.config.batch_size, targets[agent_id], seconds)
+                        - W_CAPACITY * ch.config.rank * len(ch.config.modules) / max_capacity
+                        - W_PRECISION * PRECISION[ch.config.quantization],
+                        upload_bytes=ch.cost.payload_bytes,
+                    )
+                    for ch in choices
+                ]
+            )
+        return solver.Instance(rows, search.max_round_upload_bytes)
+
+    def weighted_under(seconds: float) -> tuple[list[int], float]:
+        chosen, _ = solver.solve(instance(seconds))
+        u = sum(
+            weights[a] * under_training(feasible[a][c].cost, feasible[a][c].config.batch_size, targets[a], seconds)
+            for a, c in zip(feasible, chosen, strict=True)
+        )
+        return chosen, u
+
+    high = options.deadline_s
+    chosen, u_high = weighted_under(high)
+    seconds = high
+    if u_high <= search.max_under_training + 1e-12:
+        low = 0.0
+        for _ in range(BISECTION_STEPS):  # u(T) never increases with T, so bisection finds the smallest T
+            middle = (low + high) / 2
+            if weighted_under(middle)[1] <= search.max_under_training + 1e-12:
+                high = middle
+            else:
+                low = middle
+        # A little more than the shortest T lets slow agents afford richer configurations (rank, precision).
+        seconds = min(options.deadline_s, high * (1 + search.round_time_slack))
+        chosen, _ = weighted_under(seconds)
+    plans: dict[str, TrainPlan] = {}
+    predictions: dict[str, Prediction] = {}
+    for index, (agent_id, pick) in enumerate(zip(feasible, chosen, strict=True)):
+        choice = feasible[agent_id][pick]
+        config, cost = choice.config, choice.cost
+        n = profiles[agent_id].num_train_samples
+        epoch_steps = max(1, math.ceil(n / config.batch_size))
+        steps = max(1, min(steps_within(cost, seconds), search.max_local_epochs * epoch_steps))
+        plans[agent_id] = _make_plan(
+            options,
+            round_,
+            agent_id,
+            index,
+            spec,
+            config.modules,
+            config.rank,
+            config.batch_size,
+            config.quantization,
+            search.max_local_epochs,
+            steps,
+        )
+        u = under_training(cost, config.batch_size, targets[agent_id], seconds)
+        predictions[agent_id] = Prediction(
+            peak_memory_bytes=round(cost.peak_memory_bytes),
+            usable_memory_bytes=_usable(profiles[agent_id], search),
+            step_seconds=cost.step_seconds,
+            steps=steps,
+            samples=steps * config.batch_size,
+            round_seconds=steps * cost.step_seconds + cost.transfer_seconds,
+            under_training=u,
+            binding=_binding(choice, feasible[agent_id], configs, u),
+        )
+    return PlanSet(plans=plans, predictions=predictions, excluded=excluded, round_seconds=seconds)
+
+
+def _binding(choice: _Choice, fits: list[_Choice], configs: list[costmodel.Config], u: float) -> str:
+    """What kept the agent from a better configuration (more rank capacity, precision or batch): "deadline"
+    when its share does not fit the round or a better one fits memory but would not finish in T; "memory"
+    when every better one exceeds its memory; "none" when nothing better exists in the search space."""
+    if u > 0:
+        return "deadline"
+
+    def key(c: costmodel.Config) -> tuple[int, float, int]:
+        return c.rank * len(c.modules), PRECISION[c.quantization], c.batch_size
+
+    mine = key(choice.config)
+    better = [c for c in configs if all(x >= y for x, y in zip(key(c), mine, strict=True)) and key(c) != mine]
+    fitting = {ch.config for ch in fits}
+    if any(c in fitting for c in better):
+        return "deadline"
+    return "memory" if better else "none"
+
+
+Planner = Callable[[Mapping[str, DeviceProfile], ModelSpec, PlanOptions, int], PlanSet]
+
+PLANNERS: dict[str, Planner] = {"uniform": uniform_plan, "fedpipe": fedpipe_plan}

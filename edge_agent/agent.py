@@ -14,6 +14,7 @@ from common.errors import UnknownAgent
 from common.metrics import AgentMetrics
 from common.modeling import evaluate
 from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, ProbePlan, Task, TaskKind, UpdateMeta
+from edge_agent.caps import Throttle, check_peak
 from edge_agent.data import LocalData
 from edge_agent.model import LocalModel
 from edge_agent.profiler import memory_in_use_bytes
@@ -51,6 +52,7 @@ class Agent:
         metrics: AgentMetrics,
         poll_wait_s: float = 10.0,
         progress: str = "auto",
+        throttle: Throttle | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.gateway = gateway
@@ -61,6 +63,7 @@ class Agent:
         self.metrics = metrics
         self.poll_wait_s = poll_wait_s
         self.progress = progress
+        self.throttle = throttle or Throttle(1.0)  # the operator's compute share, applied to every step
         self.state = "idle"
         self.stop = threading.Event()
         self.heartbeat_s = 5.0
@@ -136,6 +139,7 @@ class Agent:
             deadline,
             self.progress,
             on_step=self._count_step,
+            throttle=self.throttle,
         )
         tensors = adapted.extract()
         meta = UpdateMeta(
@@ -156,6 +160,7 @@ class Agent:
         self.metrics.samples_per_second.set(trained.samples / max(trained.seconds, 1e-9))
         self.metrics.peak_memory.set(trained.peak_memory_bytes)
         self.metrics.device_memory.set(memory_in_use_bytes(self.model.device))
+        check_peak(trained.peak_memory_bytes, self.profile.memory_cap_bytes, f"round {task.round}")
         log.info(
             "round %d: trained %d steps / %d samples in %.1fs, loss %.4f, peak %.0f MiB; %s",
             task.round,

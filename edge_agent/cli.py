@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -43,6 +44,8 @@ def run(config: AgentConfig) -> int:
     from common.metrics import AgentMetrics, serve
     from common.modeling import compute_dtype, model_spec, pick_device, resolve_model_path
     from edge_agent.agent import Agent
+    from edge_agent.calibrate import calibrate
+    from edge_agent.caps import Throttle, apply_memory_cap, check_peak
     from edge_agent.client import CoordinatorClient
     from edge_agent.data import load_local
     from edge_agent.model import LocalModel
@@ -51,27 +54,64 @@ def run(config: AgentConfig) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
+    memory_cap = config.memory_limit_bytes()
+    apply_memory_cap(device, memory_cap)
+    throttle = Throttle(config.compute_share)
     path = resolve_model_path(config.model.path)
     labels = tuple(config.data.labels)
     data = load_local(config.data)
     spec = model_spec(path, labels, config.model.include_mlp, config.model.candidates)
-    measured = profile(device, compute_dtype(device), len(data.train), len(data.val))
+    measured = profile(device, compute_dtype(device), len(data.train), len(data.val), memory_cap, config.compute_share)
     log.info(
-        "device %s (%s): %.1f GiB, %.2f GFLOP/s %s, %d threads",
+        "device %s (%s): %.1f GiB, %.2f GFLOP/s %s, %d threads%s",
         measured.device,
         measured.device_name,
         measured.total_memory_bytes / 2**30,
         measured.flops_per_s / 1e9,
         measured.compute_dtype,
         measured.threads,
+        f", compute share {config.compute_share:g}" if throttle.active else "",
     )
     metrics = AgentMetrics()
     if config.metrics.port >= 0:
         port = serve(metrics.registry, config.metrics.host, config.metrics.port)
         log.info("metrics on http://%s:%d/metrics", config.metrics.host, port)
     model = LocalModel(path, labels, device)
+    if config.calibration.enabled:
+        section = config.calibration
+        points = calibrate(
+            model,
+            data.train,
+            spec,
+            (section.batch_sizes[0], section.batch_sizes[1]),
+            section.seq_len,
+            section.rank,
+            section.steps,
+            throttle,
+        )
+        for point in points:
+            log.info(
+                "calibration: batch %d x %d tokens: %.2f s/step, peak %.0f MiB",
+                point.batch_size,
+                point.seq_len,
+                point.step_seconds,
+                point.peak_memory_bytes / 2**20,
+            )
+            check_peak(point.peak_memory_bytes, memory_cap, f"calibration at batch {point.batch_size}")
+        measured = dataclasses.replace(measured, calibration=points)
     client = CoordinatorClient(config.coordinator, config.agent_id, metrics)
-    agent = Agent(config.agent_id, client, model, data, measured, spec, metrics, config.poll_wait_s, config.progress)
+    agent = Agent(
+        config.agent_id,
+        client,
+        model,
+        data,
+        measured,
+        spec,
+        metrics,
+        config.poll_wait_s,
+        config.progress,
+        throttle,
+    )
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping after the current step", signum)

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.data import EMBEDDED, EMBEDDED_LABEL_COLUMN, EMBEDDED_LABELS, EMBEDDED_TEXT_COLUMN
 from common.settings import Labels, Section
+from edge_agent.caps import parse_size
 
 
 class ModelSection(Section):
@@ -57,6 +58,23 @@ class MetricsSection(Section):
     port: int = Field(0, ge=-1, le=65535, description="metrics port; 0 picks a free one, -1 turns it off")
 
 
+class CalibrationSection(Section):
+    """Short measured training runs at start-up that the coordinator fits its cost model to."""
+
+    enabled: bool = Field(True, description="measure step time and peak memory before registering")
+    batch_sizes: list[int] = Field([2, 8], description="the two batch sizes measured, increasing")
+    seq_len: int = Field(64, ge=1, description="tokens per sample in the calibration runs")
+    rank: int = Field(8, ge=1, description="LoRA rank on every candidate during calibration")
+    steps: int = Field(3, ge=2, description="optimizer steps per batch size; the first one is warm-up")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _two_increasing(cls, value: list[int]) -> list[int]:
+        if len(value) != 2 or not 1 <= value[0] < value[1]:
+            raise ValueError("needs exactly two increasing positive batch sizes, e.g. [2, 8]")
+        return value
+
+
 class AgentConfig(BaseSettings):
     """Everything fedpipe-agent reads at start-up."""
 
@@ -74,9 +92,14 @@ class AgentConfig(BaseSettings):
     poll_wait_s: float = Field(10.0, gt=0, description="how long one task poll may wait on the server")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     progress: Literal["auto", "bar", "lines", "off"] = Field("auto", description="training progress display")
+    memory_limit: str | None = Field(
+        None, description="cap on usable device memory, e.g. 1.5GiB, 800MiB, 2GB or bytes; none = the device's"
+    )
+    compute_share: float = Field(1.0, gt=0, le=1, description="share of the device's compute to use (duty cycle)")
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     metrics: MetricsSection = MetricsSection()
+    calibration: CalibrationSection = CalibrationSection()
 
     @field_validator("agent_id")
     @classmethod
@@ -84,6 +107,19 @@ class AgentConfig(BaseSettings):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value):
             raise ValueError("use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return value
+
+    @field_validator("memory_limit", mode="before")
+    @classmethod
+    def _memory_limit(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # a YAML byte count arrives as an int
+        if isinstance(value, str):
+            parse_size(value)
+        return value
+
+    def memory_limit_bytes(self) -> int:
+        """The memory cap in bytes, 0 = none."""
+        return parse_size(self.memory_limit) if self.memory_limit else 0
 
     @field_validator("coordinator")
     @classmethod

@@ -1,4 +1,9 @@
-"""Measures the device an agent runs on: memory (torch.cuda or host), and sustained matmul FLOP/s."""
+"""Measures the device an agent runs on: memory (torch.cuda or host), and sustained matmul FLOP/s.
+
+Operator caps (edge_agent.caps) are part of the measurement: memory figures are clipped to the memory
+cap, and the FLOP/s benchmark runs under the compute throttle, so a share of 0.25 measures about a
+quarter of the device's FLOP/s.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import time
 import torch
 
 from common.types import DeviceProfile
+from edge_agent.caps import Throttle
 
 
 def host_memory_bytes() -> tuple[int, int]:
@@ -38,9 +44,14 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def measure_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0, size: int = 0) -> float:
-    """Sustained FLOP/s of square matmuls in dtype, timed for about `seconds` after a warm-up."""
+def measure_flops(
+    device: torch.device, dtype: torch.dtype, seconds: float = 1.0, size: int = 0, throttle: Throttle | None = None
+) -> float:
+    """Sustained FLOP/s of square matmuls in dtype, timed for about `seconds` after a warm-up, throttle included."""
     n = size or (4096 if device.type == "cuda" else 512)
+    throttle = throttle or Throttle(1.0)
+    # CUDA launches are asynchronous: the throttle must time a synchronized group of matmuls, not launches.
+    group = 8 if device.type == "cuda" else 1
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up: kernel selection, allocator
@@ -49,21 +60,50 @@ def measure_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0
     iterations = 0
     start = time.perf_counter()
     while True:
-        torch.matmul(a, b)
-        iterations += 1
-        if device.type == "cuda" and iterations % 8:
-            continue
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        with throttle:
+            for _ in range(group):
+                torch.matmul(a, b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        iterations += group
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return 2.0 * n**3 * iterations / elapsed
 
 
+def _status_kib(field: str) -> int | None:
+    """A "<field>: N kB" line of /proc/self/status in KiB, None where there is no such file or line."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: the CUDA allocator's, or the process's high-water mark (VmHWM) on CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        # "5" resets VmHWM to the current RSS (Linux >= 4.0); elsewhere the peak stays the process's lifetime one.
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory so far: CUDA allocator peak on GPU, peak resident set size on CPU."""
+    """Peak memory since reset_peak_memory: CUDA allocator peak on GPU, resident set high-water mark on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
+    # ru_maxrss cannot be reset: the lifetime peak is an upper bound of the run's.
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
@@ -78,23 +118,34 @@ def memory_in_use_bytes(device: torch.device) -> int:
         return peak_memory_bytes(device)
 
 
-def profile(device: torch.device, dtype: torch.dtype, num_train: int, num_val: int) -> DeviceProfile:
-    """Measure this device; the sample counts come from the agent's local data."""
+def profile(
+    device: torch.device,
+    dtype: torch.dtype,
+    num_train: int,
+    num_val: int,
+    memory_cap_bytes: int = 0,
+    compute_share: float = 1.0,
+) -> DeviceProfile:
+    """Measure this device under the operator's caps; the sample counts come from the agent's local data."""
     host_total, host_free = host_memory_bytes()
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(device)  # the card's figures: the allocator fraction is not in them
         name = torch.cuda.get_device_name(device)
     else:
         total, free, name = host_total, host_free, cpu_name()
+    if memory_cap_bytes > 0:
+        total, free = min(total, memory_cap_bytes), min(free, memory_cap_bytes)
     return DeviceProfile(
         device=str(device),
         device_name=name,
         total_memory_bytes=int(total),
         free_memory_bytes=int(free),
         host_memory_bytes=int(host_total),
-        flops_per_s=measure_flops(device, dtype),
+        flops_per_s=measure_flops(device, dtype, throttle=Throttle(compute_share)),
         compute_dtype=str(dtype).removeprefix("torch."),
         threads=torch.get_num_threads(),
         num_train_samples=num_train,
         num_val_samples=num_val,
+        memory_cap_bytes=memory_cap_bytes,
+        compute_share=compute_share,
     )

@@ -14,7 +14,8 @@ import torch
 from common.data import Example
 from common.modeling import encode
 from common.types import TrainPlan
-from edge_agent.profiler import peak_memory_bytes
+from edge_agent.caps import Throttle
+from edge_agent.profiler import peak_memory_bytes, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,13 @@ def train_local(
     deadline: float,
     progress: str = "auto",
     on_step: Callable[[int, float], None] | None = None,
+    throttle: Throttle | None = None,
 ) -> TrainResult:
     """Train the model's trainable tensors on examples per the plan, stopping at the deadline.
 
     `deadline` is a time.monotonic() value; the loop stops before a step it could not finish in time,
-    judged by the mean step time so far, and reports the samples it actually processed.
+    judged by the mean step time so far, and reports the samples it actually processed. `throttle`
+    (the agent's compute share) sleeps after each step, so step times and the deadline include it.
     """
     total = plan.steps_for(len(examples))
     generator = torch.Generator().manual_seed(plan.seed)
@@ -56,8 +59,8 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
     warmup = max(1, int(total * WARMUP_FRACTION))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    throttle = throttle or Throttle(1.0)
+    reset_peak_memory(device)
     bar = _Progress(progress, total, f"train {plan.plan_id}")
     model.train()
     start = time.perf_counter()
@@ -74,16 +77,17 @@ def train_local(
         if steps and time.monotonic() + elapsed / steps > deadline:
             stopped_early = True
             break
-        inputs = encode(tokenizer, batch, plan.max_seq_len, device)
-        loss = model(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        with throttle:  # float(loss) waits for the GPU, so the throttle times the whole step
+            inputs = encode(tokenizer, batch, plan.max_seq_len, device)
+            loss = model(**inputs).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = float(loss.detach())
         steps += 1
         samples += len(batch)
-        loss_value = float(loss.detach())
         loss_sum += loss_value
         if on_step is not None:
             on_step(len(batch), loss_value)

@@ -69,26 +69,37 @@ def test_rounds_complete_and_beat_the_untrained_adapter(federation: tuple[Path, 
 
 
 @pytest.mark.integration
-def test_plans_and_round_adapters_are_written(federation: tuple[Path, str]) -> None:
+def test_selection_plans_and_round_adapters_are_written(federation: tuple[Path, str]) -> None:
     run_dir, _ = federation
+    masks = {
+        1: json.loads((run_dir / "selection" / "0000.json").read_text()),
+        2: json.loads((run_dir / "selection" / "0001.json").read_text()),  # probed again before round 2
+    }
     for round_ in (1, 2):
+        selection = masks[round_]
+        assert sorted(selection["agents"]) == ["agent-1", "agent-2"] and len(selection["combined"]) == 24
+        assert len(selection["mask"]) == 8  # a third of the 24 attention matrices at rank 8
         directory = run_dir / "rounds" / f"{round_:04d}"
         plans = json.loads((directory / "plans.json").read_text())
         assert sorted(plans) == ["agent-1", "agent-2"]
         for entry in plans.values():
-            assert entry["samples"] > 0 and entry["train_seconds"] > 0
-            assert set(entry["plan"]["rank_pattern"].values()) == {8}
-            assert len(entry["plan"]["target_modules"]) == 8  # a third of the 24 attention matrices
+            plan, predicted, measured = entry["plan"], entry["predicted"], entry["measured"]
+            assert set(plan["target_modules"]) <= set(selection["mask"])  # the planner may give a subset
+            assert set(plan["rank_pattern"].values()) <= {2, 4, 8, 16, 32, 64}
+            assert measured["samples"] > 0 and measured["train_seconds"] > 0
+            assert predicted["peak_memory_bytes"] <= predicted["usable_memory_bytes"]
+            assert measured["peak_memory_bytes"] <= predicted["usable_memory_bytes"]
         assert (directory / "adapter_model.safetensors").stat().st_size > 0
-    selection = json.loads((run_dir / "selection" / "0000.json").read_text())
-    assert sorted(selection["agents"]) == ["agent-1", "agent-2"] and len(selection["combined"]) == 24
-    reselection = json.loads((run_dir / "selection" / "0001.json").read_text())  # probed again before round 2
-    assert tuple(reselection["mask"]) == tuple(plans["agent-1"]["plan"]["target_modules"])  # plans: round 2
-    # every matrix ever selected stays in the global adapter, and the saved adapter still loads in peft (below)
-    config_modules = json.loads((run_dir / "final" / "adapter_config.json").read_text())["target_modules"]
-    assert set(selection["mask"]) | set(reselection["mask"]) == set(config_modules)
+    # every matrix ever trained stays in the global adapter, and the saved adapter still loads in peft (below)
     config = json.loads((run_dir / "final" / "adapter_config.json").read_text())
-    assert config["rank_pattern"] and config["modules_to_save"] == ["classifier"]
+    trained = {
+        m
+        for r in (1, 2)
+        for e in json.loads((run_dir / "rounds" / f"{r:04d}" / "plans.json").read_text()).values()
+        for m in e["plan"]["target_modules"]
+    }
+    assert trained <= set(config["target_modules"]) <= set(masks[1]["mask"]) | set(masks[2]["mask"])
+    assert config["modules_to_save"] == ["classifier"]
 
 
 @pytest.mark.integration

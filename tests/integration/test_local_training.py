@@ -24,7 +24,7 @@ def make_plan(quantization: Quantization) -> tuple[TrainPlan, ModelSpec]:
     spec = model_spec(path, LABELS)
     options = PlanOptions(("query", "value"), 4, 8.0, 0.0, 8, 1, 3, 2e-3, 0.0, 32, quantization, 60.0, 1)
     measured = profile(torch.device("cpu"), torch.float32, 24, 0)
-    return uniform_plan({"a": measured}, spec, options, 1)["a"], spec
+    return uniform_plan({"a": measured}, spec, options, 1).plans["a"], spec
 
 
 @pytest.mark.integration

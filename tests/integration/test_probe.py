@@ -129,7 +129,7 @@ def test_probe_hands_back_a_bare_frozen_base_with_the_agents_head(probed: Probed
 @pytest.mark.integration
 def test_plain_lora_plan_wraps_and_trains_after_the_probe(setup: Setup, probed: Probed) -> None:
     options = PlanOptions(("query", "value"), 4, 8.0, 0.0, 8, 1, 1, 2e-3, 0.0, 32, Quantization.NONE, 60.0, 1)
-    plan = uniform_plan({"a": profile(CPU, torch.float32, 8, 0)}, setup.spec, options, 1)["a"]
+    plan = uniform_plan({"a": profile(CPU, torch.float32, 8, 0)}, setup.spec, options, 1).plans["a"]
 
     model = probed.adapted.ensure(plan)
     result = train_local(model, setup.tokenizer, setup.examples[:8], plan, CPU, time.monotonic() + 60, "off")

@@ -756,7 +756,11 @@ def test_round_of_two_agents_is_their_sample_weighted_mean_written_as_a_peft_ada
     expected_head = weighted_mean((a.tensors[HEAD_W], SAMPLES_A), (b.tensors[HEAD_W], SAMPLES_B))
     torch.testing.assert_close(state[to_peft_key(HEAD_W)], expected_head)
     plans = json.loads((directory / "plans.json").read_text())
-    assert {agent: entry["samples"] for agent, entry in plans.items()} == {AGENT_A: SAMPLES_A, AGENT_B: SAMPLES_B}
+    assert {agent: entry["measured"]["samples"] for agent, entry in plans.items()} == {
+        AGENT_A: SAMPLES_A,
+        AGENT_B: SAMPLES_B,
+    }
+    assert all(entry["predicted"]["peak_memory_bytes"] > 0 for entry in plans.values())
 
 
 # ---------------------------------------------------------------- registration

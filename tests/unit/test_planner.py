@@ -41,10 +41,10 @@ def test_unknown_target_is_named_with_the_known_ends() -> None:
 
 
 def test_uniform_plan_is_the_same_for_everyone_but_the_seed() -> None:
-    plans = uniform_plan({"b": PROFILE, "a": PROFILE}, SPEC, OPTIONS, round_=3)
+    plans = uniform_plan({"b": PROFILE, "a": PROFILE}, SPEC, OPTIONS, round_=3).plans
     a, b = plans["a"], plans["b"]
     assert a.target_modules == b.target_modules and dict(a.rank_pattern) == dict(b.rank_pattern)
     assert set(a.rank_pattern.values()) == {4}
     assert a.modules_to_save == ("classifier",) and a.quantization is Quantization.NF4
     assert a.seed != b.seed and a.plan_id != b.plan_id and a.plan_id.startswith("r3-a-")
-    assert uniform_plan({"a": PROFILE}, SPEC, OPTIONS, round_=3)["a"] == a  # pure: same inputs, same plan
+    assert uniform_plan({"a": PROFILE}, SPEC, OPTIONS, round_=3).plans["a"] == a  # pure: same inputs, same plan

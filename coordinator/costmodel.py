@@ -1,0 +1,171 @@
+"""Memory and time of one agent's configuration, fitted to its calibration runs. Pure functions.
+
+Memory (bytes) = frozen base at the chosen precision + trainable tensors x 16 (fp32 weight, gradient and
+two AdamW moments) + activations, linear in the tokens of a batch + fixed overhead (runtime, tokenizer,
+allocator). The activation slope and the overhead are fitted to the agent's two calibration runs; the
+base follows from the parameter counts:
+
+- 16-bit ("none"): every base parameter in the compute dtype (fp32 on CPU, bf16 on GPU);
+- int8 (LLM.int8): Linear weights at 1 byte plus one fp32 scale per output row; the rest in compute dtype;
+- NF4 with double quantization: Linear weights at 4 bits, an 8-bit absmax per block of 64 and an fp32
+  second-level scale per 256 blocks: 0.5 + 1/64 + 4/16384 bytes per weight; the rest in compute dtype.
+
+Time (seconds per step) = (t0 + k * tokens) fitted to the calibration runs, scaled by the FLOP ratio of the
+LoRA rank against the calibration rank (a frozen base costs ~4 FLOPs per weight and token: forward and the
+input gradient; a trainable adapter ~6) and by a per-precision factor (dequantization on the fly).
+Without calibration both fall back to formulas over the measured FLOP/s. A per-agent correction factor,
+refitted from measured rounds, multiplies both predictions (the closed loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.types import DeviceProfile, ModelSpec, Quantization
+
+ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient, AdamW exp_avg and exp_avg_sq
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit code, 8-bit absmax per 64, fp32 per 256 blocks
+INT8_BYTES_PER_WEIGHT = 1.0
+# Per-precision step-time factors before any measurement: bitsandbytes dequantizes on the fly. CPU NF4 was
+# measured at 1.07x fp32 (STACK.md); the others are priors the closed loop corrects per agent.
+TIME_FACTORS = {
+    "cpu": {Quantization.NONE: 1.0, Quantization.INT8: 1.5, Quantization.NF4: 1.1},
+    "cuda": {Quantization.NONE: 1.0, Quantization.INT8: 1.8, Quantization.NF4: 1.3},
+}
+FALLBACK_OVERHEAD_BYTES = 400 * 2**20  # runtime, tokenizer and allocator slack when nothing was measured
+FALLBACK_EFFICIENCY = 0.25  # share of matmul FLOP/s a training step reaches when nothing was measured
+
+
+def device_kind(profile: DeviceProfile) -> str:
+    """ "cuda" or "cpu", for the per-precision factors."""
+    return "cuda" if profile.device.startswith("cuda") else "cpu"
+
+
+def compute_bytes(profile: DeviceProfile) -> int:
+    """Bytes per element of the agent's compute dtype."""
+    return 2 if profile.compute_dtype in ("bfloat16", "float16") else 4
+
+
+def mean_in_features(spec: ModelSpec) -> float:
+    """Average input width of the candidates: sets int8's per-row scale overhead."""
+    return sum(m.in_features for m in spec.candidates) / len(spec.candidates)
+
+
+def base_bytes(spec: ModelSpec, quantization: Quantization, element_bytes: int) -> int:
+    """Bytes of the frozen base at a precision (see the module docstring for the layouts)."""
+    other = spec.base_parameters - spec.linear_parameters
+    if quantization is Quantization.NONE:
+        return spec.base_parameters * element_bytes
+    if quantization is Quantization.INT8:
+        per_weight = INT8_BYTES_PER_WEIGHT + 4 / mean_in_features(spec)  # one fp32 scale per output row
+    else:
+        per_weight = NF4_BYTES_PER_WEIGHT
+    return round(spec.linear_parameters * per_weight) + other * element_bytes
+
+
+def head_parameters(spec: ModelSpec) -> int:
+    """Parameters of the heads trained in full."""
+    total = 0
+    for _, shape in spec.heads:
+        count = 1
+        for dim in shape:
+            count *= dim
+        total += count
+    return total
+
+
+def step_flops_per_token(spec: ModelSpec, lora_parameters: int) -> float:
+    """FLOPs of one training step per token: frozen base ~4 per weight, trainable adapter ~6."""
+    return 4.0 * spec.linear_parameters + 6.0 * (lora_parameters + head_parameters(spec))
+
+
+@dataclass(frozen=True)
+class Fit:
+    """An agent's fitted coefficients."""
+
+    activation_bytes_per_token: float
+    overhead_bytes: float
+    step_seconds_fixed: float  # t0: per-step cost independent of the batch
+    step_seconds_per_token: float  # k
+    calibration_lora_parameters: int  # trainable LoRA parameters during calibration
+    calibrated: bool  # False: formulas only
+
+
+def fit(profile: DeviceProfile, spec: ModelSpec) -> Fit:
+    """Fit activation slope, overhead and step-time line to the two calibration runs (or use formulas)."""
+    points = sorted(profile.calibration, key=lambda p: p.batch_size * p.seq_len)
+    element = compute_bytes(profile)
+    if len(points) >= 2 and points[-1].batch_size * points[-1].seq_len > points[0].batch_size * points[0].seq_len:
+        low, high = points[0], points[-1]
+        tokens_low, tokens_high = low.batch_size * low.seq_len, high.batch_size * high.seq_len
+        slope = max(0.0, (high.peak_memory_bytes - low.peak_memory_bytes) / (tokens_high - tokens_low))
+        intercept = low.peak_memory_bytes - slope * tokens_low
+        lora = max(0, low.trainable_parameters - head_parameters(spec))
+        fixed_memory = base_bytes(spec, low.quantization, element) + low.trainable_parameters * ADAM_BYTES_PER_PARAM
+        per_token = max(0.0, (high.step_seconds - low.step_seconds) / (tokens_high - tokens_low))
+        t0 = max(0.0, low.step_seconds - per_token * tokens_low)
+        return Fit(slope, max(0.0, intercept - fixed_memory), t0, per_token, lora, True)
+    # Formulas: ~34 bytes of activations per token and hidden unit per layer at 16 bits (Korthikanti et al.
+    # 2022), scaled to the compute dtype; time from the matmul benchmark at a typical training efficiency.
+    hidden = spec.candidates[0].in_features
+    layers = max(1, len({m.name.rsplit(".", 3)[0] for m in spec.candidates}))
+    slope = 34.0 * hidden * layers * element / 2
+    per_token = step_flops_per_token(spec, 0) / (profile.flops_per_s * FALLBACK_EFFICIENCY)
+    return Fit(slope, FALLBACK_OVERHEAD_BYTES, 0.0, per_token, 0, False)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One candidate configuration of an agent."""
+
+    batch_size: int
+    rank: int
+    quantization: Quantization
+    modules: tuple[str, ...]  # the (possibly reduced) mask
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Predicted cost of one configuration on one agent."""
+
+    peak_memory_bytes: float
+    step_seconds: float
+    transfer_seconds: float  # download + upload of the adapter
+    payload_bytes: int  # one direction
+
+
+def lora_parameters(spec: ModelSpec, modules: tuple[str, ...], rank: int) -> int:
+    """LoRA parameters of a rank on these modules."""
+    return sum(rank * (spec.candidate(m).in_features + spec.candidate(m).out_features) for m in modules)
+
+
+def predict(
+    profile: DeviceProfile,
+    spec: ModelSpec,
+    coefficients: Fit,
+    config: Config,
+    seq_len: int,
+    bandwidth_bytes_per_s: float,
+    time_scale: float = 1.0,
+    memory_scale: float = 1.0,
+) -> Cost:
+    """Memory and time of a configuration; the scales are the closed loop's corrections."""
+    lora = lora_parameters(spec, config.modules, config.rank)
+    trainable = lora + head_parameters(spec)
+    tokens = config.batch_size * seq_len
+    memory = (
+        base_bytes(spec, config.quantization, compute_bytes(profile))
+        + trainable * ADAM_BYTES_PER_PARAM
+        + coefficients.activation_bytes_per_token * tokens
+        + coefficients.overhead_bytes
+    )
+    flop_ratio = step_flops_per_token(spec, lora) / step_flops_per_token(spec, coefficients.calibration_lora_parameters)
+    factor = TIME_FACTORS[device_kind(profile)][config.quantization]
+    step = (coefficients.step_seconds_fixed + coefficients.step_seconds_per_token * tokens) * flop_ratio * factor
+    payload = trainable * 4
+    return Cost(
+        peak_memory_bytes=memory * memory_scale,
+        step_seconds=step * time_scale,
+        transfer_seconds=2 * payload / bandwidth_bytes_per_s,
+        payload_bytes=payload,
+    )

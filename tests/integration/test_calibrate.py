@@ -1,0 +1,83 @@
+"""Calibration runs and capped profiles on the real MiniLM (CPU)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from common.adapters import expected_tensors
+from common.data import DataSource, Example, embedded_split
+from common.modeling import encode, model_spec, resolve_model_path
+from common.types import ModelSpec, Quantization
+from edge_agent.calibrate import calibrate, calibration_plan, long_examples
+from edge_agent.caps import Throttle
+from edge_agent.model import LocalModel
+from edge_agent.profiler import peak_memory_bytes, profile, reset_peak_memory
+
+LABELS = ("negative", "positive")
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: LocalModel
+    spec: ModelSpec
+    examples: list[Example]
+
+
+@pytest.fixture(scope="module")
+def setup() -> Setup:
+    path = resolve_model_path("embedded")
+    return Setup(
+        LocalModel(path, LABELS, CPU), model_spec(path, LABELS), embedded_split(DataSource("embedded"))[0][:64]
+    )
+
+
+@pytest.mark.integration
+def test_calibration_measures_two_batch_sizes_and_leaves_a_usable_model(setup: Setup) -> None:
+    points = calibrate(setup.model, setup.examples, setup.spec, (2, 8), 32, 8, 3, Throttle(1.0))
+
+    small, large = points
+    assert (small.batch_size, large.batch_size) == (2, 8)
+    assert all(p.seq_len == 32 and p.rank == 8 and p.quantization is Quantization.NONE for p in points)
+    assert large.step_seconds > small.step_seconds > 0
+    assert large.peak_memory_bytes > small.peak_memory_bytes > 0
+    plan = calibration_plan(setup.spec, 2, 32, 8, 3)
+    lora_and_heads = sum(torch.Size(info.shape).numel() for info in expected_tensors(plan, setup.spec))
+    assert small.trainable_parameters == large.trainable_parameters == lora_and_heads
+    trainable = sum(p.numel() for p in setup.model.adapted.model.parameters() if p.requires_grad)  # type: ignore[union-attr]
+    assert trainable == lora_and_heads  # the count is what the optimizer really held
+    assert setup.model.quantization is Quantization.NONE
+
+
+@pytest.mark.integration
+def test_calibration_batches_are_exactly_seq_len_tokens(setup: Setup) -> None:
+    texts = long_examples(setup.model.tokenizer, [*setup.examples[:3], Example("", 1)], 8, 32)
+
+    inputs = encode(setup.model.tokenizer, texts, 32, CPU)
+
+    assert inputs["input_ids"].shape == (8, 32) and bool(inputs["attention_mask"].all())
+
+
+def test_cpu_peak_memory_resets_to_the_current_resident_set() -> None:
+    reset_peak_memory(CPU)
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    high = peak_memory_bytes(CPU)
+    del block
+    reset_peak_memory(CPU)
+    assert high - peak_memory_bytes(CPU) > 32 * 2**20
+
+
+def test_profile_reports_caps_and_measures_flops_under_the_throttle() -> None:
+    capped = profile(CPU, torch.float32, 10, 2, memory_cap_bytes=2**30, compute_share=0.5)
+    assert capped.total_memory_bytes == 2**30 and capped.free_memory_bytes <= 2**30
+    assert capped.memory_cap_bytes == 2**30 and capped.compute_share == 0.5
+    # Interleaved pairs and a median: other processes on the machine move both figures, not their ratio.
+    ratios = [capped.flops_per_s / profile(CPU, torch.float32, 10, 2).flops_per_s]
+    for _ in range(2):
+        full = profile(CPU, torch.float32, 10, 2).flops_per_s
+        ratios.append(profile(CPU, torch.float32, 10, 2, compute_share=0.5).flops_per_s / full)
+    assert 0.3 <= statistics.median(ratios) <= 0.75, ratios

@@ -1,0 +1,173 @@
+"""Cost model arithmetic against hand figures, and the fedpipe planner's decisions on made-up profiles."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from common.types import CalibrationPoint, DeviceProfile, ModelSpec, ModuleShape, Quantization
+from coordinator import costmodel
+from coordinator.planner import PlanOptions, SearchSpace, fedpipe_plan, mask_subsets, uniform_plan
+
+# MiniLM-L6's figures: 24 attention candidates of 384 x 384, 10,764,288 Linear weights, 22,713,216 in all.
+SPEC = ModelSpec(
+    fingerprint="minilm",
+    model_type="bert",
+    task="seq-cls",
+    labels=("negative", "positive"),
+    candidates=tuple(
+        ModuleShape(f"bert.encoder.layer.{i}.attention.{k}", 384, 384)
+        for i in range(6)
+        for k in ("self.query", "self.key", "self.value", "output.dense")
+    ),
+    heads=(("classifier.weight", (2, 384)), ("classifier.bias", (2,))),
+    base_parameters=22_713_216,
+    linear_parameters=10_764_288,
+)
+GIB = 2**30
+
+
+def calibration(step_low: float, step_high: float, peak_low: int, peak_high: int) -> tuple[CalibrationPoint, ...]:
+    trainable = 24 * 8 * 768 + 770
+    return (
+        CalibrationPoint(2, 64, 8, Quantization.NONE, step_low, peak_low, trainable),
+        CalibrationPoint(8, 64, 8, Quantization.NONE, step_high, peak_high, trainable),
+    )
+
+
+def profile(memory: float, step_scale: float = 1.0, samples: int = 540) -> DeviceProfile:
+    points = calibration(0.1 * step_scale, 0.34 * step_scale, 700 * 2**20, 760 * 2**20)
+    return DeviceProfile(
+        "cpu",
+        "cpu",
+        int(memory * GIB),
+        int(memory * GIB),
+        24 * GIB,
+        5e10,
+        "float32",
+        1,
+        samples,
+        60,
+        calibration=points,
+    )
+
+
+OPTIONS = PlanOptions(
+    ("all",),
+    8,
+    16.0,
+    0.0,
+    16,
+    1,
+    0,
+    1e-3,
+    0.0,
+    64,
+    Quantization.NONE,
+    300.0,
+    0,
+    search=SearchSpace(ranks=(4, 8, 16), batch_sizes=(2, 4, 8, 16)),
+)
+
+
+@pytest.mark.parametrize(
+    ("quantization", "element", "expected"),
+    [
+        (Quantization.NONE, 4, 22_713_216 * 4),  # 90,852,864
+        (Quantization.NONE, 2, 22_713_216 * 2),  # bf16 on a GPU
+        # int8: 1 byte per Linear weight + one fp32 scale per output row (4 / 384 per weight); rest fp32
+        (Quantization.INT8, 4, 10_764_288 + 112_128 + 11_948_928 * 4),  # 58,672,128
+        # NF4 with double quantization: 0.5 + 1/64 + 4/16384 bytes per weight = 5,552,964; rest fp32
+        (Quantization.NF4, 4, 5_382_144 + 168_192 + 2_628 + 11_948_928 * 4),  # 53,348,676
+    ],
+)
+def test_base_bytes_match_hand_figures(quantization: Quantization, element: int, expected: int) -> None:
+    assert costmodel.base_bytes(SPEC, quantization, element) == expected
+
+
+def test_fit_to_two_calibration_runs() -> None:
+    measured = profile(4.0)
+    fit = costmodel.fit(measured, SPEC)
+    # memory: 60 MiB more for 384 more tokens; time: 0.24 s more for 384 more tokens
+    assert fit.activation_bytes_per_token == pytest.approx(60 * 2**20 / 384)
+    assert fit.step_seconds_per_token == pytest.approx(0.24 / 384)
+    assert fit.step_seconds_fixed == pytest.approx(0.1 - 0.24 / 384 * 128)
+    fixed = 22_713_216 * 4 + (24 * 8 * 768 + 770) * 16
+    assert fit.overhead_bytes == pytest.approx(700 * 2**20 - 60 * 2**20 / 384 * 128 - fixed)
+    # the prediction at a calibrated point gives back the measurement
+    config = costmodel.Config(8, 8, Quantization.NONE, tuple(m.name for m in SPEC.candidates))
+    cost = costmodel.predict(measured, SPEC, fit, config, 64, 1e9)
+    assert cost.peak_memory_bytes == pytest.approx(760 * 2**20)
+    assert cost.step_seconds == pytest.approx(0.34)
+    assert cost.payload_bytes == (24 * 8 * 768 + 770) * 4
+
+
+def test_quantization_lowers_predicted_memory_by_the_base_difference() -> None:
+    measured = profile(4.0)
+    fit = costmodel.fit(measured, SPEC)
+    modules = tuple(m.name for m in SPEC.candidates)
+    full = costmodel.predict(measured, SPEC, fit, costmodel.Config(8, 8, Quantization.NONE, modules), 64, 1e9)
+    nf4 = costmodel.predict(measured, SPEC, fit, costmodel.Config(8, 8, Quantization.NF4, modules), 64, 1e9)
+    assert full.peak_memory_bytes - nf4.peak_memory_bytes == pytest.approx(90_852_864 - 53_348_676)
+    assert nf4.step_seconds == pytest.approx(full.step_seconds * 1.1)
+
+
+def test_fast_and_slow_agents_get_the_same_round_time_and_the_fast_one_more_samples() -> None:
+    planned = fedpipe_plan({"fast": profile(8.0), "slow": profile(8.0, step_scale=4.0)}, SPEC, OPTIONS, 1)
+    fast, slow = planned.predictions["fast"], planned.predictions["slow"]
+    assert slow.under_training == 0.0 and slow.samples >= 540  # the slowest still does its whole share
+    assert fast.samples > slow.samples
+    assert fast.round_seconds <= planned.round_seconds + 1e-9 and slow.round_seconds <= planned.round_seconds + 1e-9
+    assert fast.round_seconds == pytest.approx(slow.round_seconds, rel=0.25)
+    assert planned.plans["fast"].max_steps == fast.steps
+
+
+@pytest.mark.parametrize(
+    ("memory", "quantization", "batch", "binding"),
+    [
+        (0.8, Quantization.NONE, 4, "memory"),  # batch 8 at full precision would not fit
+        # NF4 at batch 2 fits; int8 at batch 2 fits too but its slower steps would miss the round time
+        (0.74, Quantization.NF4, 2, "deadline"),
+    ],
+)
+def test_small_memory_gets_a_cheaper_configuration_within_its_cap(
+    memory: float, quantization: Quantization, batch: int, binding: str
+) -> None:
+    planned = fedpipe_plan({"big": profile(8.0), "small": profile(memory)}, SPEC, OPTIONS, 1)
+    big, small = planned.plans["big"], planned.plans["small"]
+    assert (big.quantization, big.batch_size) == (Quantization.NONE, 16)
+    assert (small.quantization, small.batch_size) == (quantization, batch)
+    prediction = planned.predictions["small"]
+    assert prediction.peak_memory_bytes <= prediction.usable_memory_bytes
+    assert prediction.binding == binding
+    assert planned.predictions["big"].binding == "none"  # the richest configuration of the search space
+
+
+def test_an_agent_that_fits_nothing_is_left_out_with_the_reason() -> None:
+    planned = fedpipe_plan({"ok": profile(8.0), "tiny": profile(0.3)}, SPEC, OPTIONS, 1)
+    assert set(planned.plans) == {"ok"}
+    reason = planned.excluded["tiny"]
+    assert reason.startswith("needs ") and "at its smallest configuration" in reason and "usable" in reason
+
+
+def test_allowing_under_training_shortens_the_round() -> None:
+    profiles = {"fast": profile(8.0), "slow": profile(8.0, step_scale=4.0)}
+    strict = fedpipe_plan(profiles, SPEC, OPTIONS, 1)
+    loose = fedpipe_plan(profiles, SPEC, replace(OPTIONS, search=replace(OPTIONS.search, max_under_training=0.3)), 1)
+    assert loose.round_seconds < strict.round_seconds
+    weighted = sum(p.under_training for p in loose.predictions.values()) / 2
+    assert 0 < weighted <= 0.3 + 1e-9
+
+
+def test_planner_is_pure_and_uniform_predicts_too() -> None:
+    profiles = {"a": profile(8.0), "b": profile(2.0, step_scale=2.0)}
+    assert fedpipe_plan(profiles, SPEC, OPTIONS, 3) == fedpipe_plan(profiles, SPEC, OPTIONS, 3)
+    uniform = uniform_plan(profiles, SPEC, OPTIONS, 3)
+    assert uniform.predictions["b"].step_seconds == pytest.approx(2 * uniform.predictions["a"].step_seconds)
+
+
+def test_mask_subsets_keep_the_most_important_in_model_order() -> None:
+    modules = ("m0", "m1", "m2", "m3")
+    subsets = mask_subsets(modules, {"m0": 0.1, "m1": 0.9, "m2": 0.5, "m3": 0.2}, (1.0, 0.5))
+    assert subsets == [modules, ("m1", "m2")]
