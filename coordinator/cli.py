@@ -15,7 +15,7 @@ from common.settings import build
 
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
-    from coordinator.planner import SearchSpace
+    from coordinator.planner import PlanOptions, SearchSpace
 
 log = logging.getLogger("fedpipe.coordinator")
 
@@ -24,8 +24,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of fedpipe-coordinator; returns the exit code."""
     from coordinator.config import CoordinatorConfig
 
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["plan"]:
+        return explain(args[1:])
     try:
-        config = build(CoordinatorConfig, sys.argv[1:] if argv is None else argv, "fedpipe-coordinator")
+        config = build(CoordinatorConfig, args, "fedpipe-coordinator")
         config.run.run_dir.mkdir(parents=True, exist_ok=True)
     except (ConfigError, OSError) as err:
         print(f"fedpipe-coordinator: config error: {err}", file=sys.stderr)
@@ -43,10 +46,9 @@ def run(config: CoordinatorConfig) -> int:
     from common.data import DataSource
     from common.metrics import CoordinatorMetrics, serve
     from common.modeling import resolve_model_path
-    from common.types import Quantization
     from coordinator.evaluation import HeldOutEvaluator
     from coordinator.orchestrator import Orchestrator, RunAborted
-    from coordinator.planner import PLANNERS, PlanOptions
+    from coordinator.planner import PLANNERS
     from coordinator.registry import Registry
     from coordinator.server import start_server
     from coordinator.strategy import get_strategy
@@ -59,22 +61,7 @@ def run(config: CoordinatorConfig) -> int:
         source = DataSource(evaluation.heldout, evaluation.text_column, evaluation.label_column, labels)
         evaluator = HeldOutEvaluator(base_path, source, evaluation.max_samples)
         evaluator.examples()  # fail now, not after the first round, if the file is wrong
-    options = PlanOptions(
-        targets=tuple(config.lora.targets),
-        rank=config.lora.rank,
-        alpha=config.lora.alpha,
-        dropout=config.lora.dropout,
-        batch_size=config.training.batch_size,
-        local_epochs=config.training.local_epochs,
-        max_steps=config.training.max_steps,
-        learning_rate=config.training.learning_rate,
-        weight_decay=config.training.weight_decay,
-        max_seq_len=config.training.max_seq_len,
-        quantization=Quantization(config.training.quantization),
-        deadline_s=config.run.round_deadline_s,
-        seed=config.run.seed,
-        search=search_space(config),
-    )
+    options = plan_options(config)
     metrics = CoordinatorMetrics()
     orchestrator = Orchestrator(
         config,
@@ -115,6 +102,63 @@ def run(config: CoordinatorConfig) -> int:
     accuracy = summary.get("final_accuracy")
     if accuracy is not None:
         log.info("final accuracy: %.3f (%s, round %d)", accuracy, summary["final_source"], summary["final_round"])
+    return 0
+
+
+def plan_options(config: CoordinatorConfig) -> PlanOptions:
+    """Run-wide planning settings from the config."""
+    from common.types import Quantization
+    from coordinator.planner import PlanOptions
+
+    return PlanOptions(
+        targets=tuple(config.lora.targets),
+        rank=config.lora.rank,
+        alpha=config.lora.alpha,
+        dropout=config.lora.dropout,
+        batch_size=config.training.batch_size,
+        local_epochs=config.training.local_epochs,
+        max_steps=config.training.max_steps,
+        learning_rate=config.training.learning_rate,
+        weight_decay=config.training.weight_decay,
+        max_seq_len=config.training.max_seq_len,
+        quantization=Quantization(config.training.quantization),
+        deadline_s=config.run.round_deadline_s,
+        seed=config.run.seed,
+        search=search_space(config),
+    )
+
+
+def explain(argv: Sequence[str]) -> int:
+    """`fedpipe-coordinator plan --explain --run-dir DIR [flags]`: re-plan from a run's saved agents."""
+    from pathlib import Path
+
+    from coordinator.config import CoordinatorConfig
+    from coordinator.explain import render, replan
+
+    args = list(argv)
+    if "--explain" in args:
+        args.remove("--explain")
+    run_dir: Path | None = None
+    if "--run-dir" in args:
+        index = args.index("--run-dir")
+        if index + 1 >= len(args):
+            print("fedpipe-coordinator plan: --run-dir needs a folder", file=sys.stderr)
+            return 2
+        run_dir = Path(args[index + 1])
+        del args[index : index + 2]
+    if run_dir is None:
+        print("usage: fedpipe-coordinator plan --explain --run-dir RUN_DIR [config flags]", file=sys.stderr)
+        return 2
+    if "--config" not in args and (run_dir / "config.json").is_file():
+        args = ["--config", str(run_dir / "config.json"), *args]  # the run's own settings (JSON is YAML)
+    try:
+        config = build(CoordinatorConfig, args, "fedpipe-coordinator plan")
+        planned, profiles = replan(config.planner, plan_options(config), run_dir)
+    except FedPipeError as err:
+        print(f"fedpipe-coordinator plan: {err}", file=sys.stderr)
+        return 2
+    print(f"planner {config.planner}, {len(profiles)} agents from {run_dir}")
+    print(render(planned, profiles))
     return 0
 
 

@@ -49,6 +49,7 @@ from common.types import (
 from coordinator.checkpoint import Checkpoint, plan_record, write_json
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
+from coordinator.explain import AGENTS_FILE, snapshot
 from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction, resolve_targets
 from coordinator.registry import AgentRecord, Registry
 from coordinator.selection import combine, resolve_budget, select
@@ -456,7 +457,12 @@ class Orchestrator:
         options = replace(self.options, scores=self.mask_scores, corrections=dict(self.corrections))
         if self.mask is not None:
             options = replace(options, targets=self.mask)
-        planned = self.planner({a: r.profile for a, r in alive.items()}, spec, options, round_)
+        profiles = {a: r.profile for a, r in alive.items()}
+        write_json(
+            self.config.run.run_dir / AGENTS_FILE,
+            snapshot(profiles, spec, self.mask, self.mask_scores, self.corrections),
+        )
+        planned = self.planner(profiles, spec, options, round_)
         for agent in alive:
             self.metrics.agent_excluded.labels(agent).set(1 if agent in planned.excluded else 0)
         for agent, reason in planned.excluded.items():

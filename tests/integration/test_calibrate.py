@@ -48,7 +48,9 @@ def test_calibration_measures_two_batch_sizes_and_leaves_a_usable_model(setup: S
     plan = calibration_plan(setup.spec, 2, 32, 8, 3)
     lora_and_heads = sum(torch.Size(info.shape).numel() for info in expected_tensors(plan, setup.spec))
     assert small.trainable_parameters == large.trainable_parameters == lora_and_heads
-    trainable = sum(p.numel() for p in setup.model.adapted.model.parameters() if p.requires_grad)  # type: ignore[union-attr]
+    adapted = setup.model.adapted
+    assert adapted is not None
+    trainable = sum(p.numel() for p in adapted.model.parameters() if p.requires_grad)
     assert trainable == lora_and_heads  # the count is what the optimizer really held
     assert setup.model.quantization is Quantization.NONE
 
