@@ -114,8 +114,12 @@ def run_name(variant: str, seed: int) -> str:
 
 
 def federation_config(demo: dict[str, Any], variant: Variant, seed: int, run_dir: Path) -> dict[str, Any]:
-    """demo.yaml with the variant's coordinator keys, run.seed = seed and data.seed 0 on every agent."""
-    override = merge(variant.coordinator, {"run": {"seed": seed, "run_dir": str(run_dir)}})
+    """demo.yaml with the variant's coordinator keys, run.seed = seed and data.seed 0 on every agent.
+
+    The planner is pinned to `uniform`: every agent gets the variant's rank, batch 16 and one epoch, so the
+    trainable-parameter budget is the variant's and nothing else differs between arms.
+    """
+    override = merge(variant.coordinator, {"planner": "uniform", "run": {"seed": seed, "run_dir": str(run_dir)}})
     config = merge(demo, {"coordinator": override, "agents": {"config": {"data": {"seed": 0}}}})
     return config
 
@@ -173,6 +177,12 @@ def plan_parameters(plan: dict[str, Any], shapes: dict[str, tuple[tuple[int, ...
     return lora, head
 
 
+def agent_train_seconds(entry: dict[str, Any]) -> float:
+    """An agent's reported training seconds from a plans.json entry (under 'measured' in newer runs)."""
+    measured: dict[str, Any] = entry.get("measured", entry)
+    return float(measured["train_seconds"])
+
+
 def clock_seconds(line: str) -> float | None:
     """Seconds since midnight of a coordinator log line (HH:MM:SS), or None."""
     match = LOG_TIME.match(line)
@@ -227,7 +237,7 @@ def analyze_run(run_dir: Path) -> dict[str, Any]:
                 "seconds": float(record["seconds"]),
                 "heldout_accuracy": curve.get(int(record["round"])),
                 "upload_bytes": upload,
-                "max_agent_train_seconds": max(float(plans[a]["train_seconds"]) for a in record["agents"]),
+                "max_agent_train_seconds": max(agent_train_seconds(plans[a]) for a in record["agents"]),
             }
         )
     if not rounds:
@@ -248,10 +258,14 @@ def analyze_run(run_dir: Path) -> dict[str, Any]:
             "agent_seconds_mean": statistics.fmean(agent_seconds) if agent_seconds else 0.0,
             "coordinator_span_seconds": probe_span_seconds(run_dir / "logs" / "coordinator.log"),
         }
+    config = json.loads((run_dir / "config.json").read_text())
+    if config.get("planner", "uniform") != "uniform":
+        raise ValueError(f"{run_dir}: planner {config['planner']!r}, not uniform: not a run of this ablation")
     wall_path = run_dir / "ablation_wall.json"
     wall = json.loads(wall_path.read_text()) if wall_path.is_file() else {}
     return {
         "run_dir": str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir),
+        "planner": config.get("planner", "uniform"),
         "final_accuracy": float(summary["final_accuracy"]),
         "final_source": summary.get("final_source"),
         "best_accuracy": max(curve[r["round"]] for r in rounds if r["round"] in curve),
@@ -362,6 +376,18 @@ def print_table(summaries: dict[str, dict[str, Any]]) -> None:
         )
 
 
+def code_version() -> dict[str, Any]:
+    """Where the code under test came from: this script's repository root and its git HEAD (None outside git)."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False, timeout=10
+        )
+        head = done.stdout.strip() if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        head = None
+    return {"root": str(ROOT), "git_head": head}
+
+
 def main() -> int:
     """Run the ablation (unless --analyze-only), print the table and write the JSON results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -410,6 +436,13 @@ def main() -> int:
     heldout = int(demo["coordinator"].get("evaluation", {}).get("max_samples", 0) or 1000)
     for summary in summaries.values():
         summary["heldout_standard_error"] = heldout_standard_error(summary["final_accuracy_mean"], heldout)
+    if "importance" in summaries and "random" in summaries:
+        chosen = summaries["importance"]["masks"]
+        summaries["random"]["overlap_with_importance_mask"] = {
+            seed: len(set(mask) & set(chosen[seed]))
+            for seed, mask in summaries["random"]["masks"].items()
+            if seed in chosen
+        }
     print_table(summaries)
     checked = verdict(summaries)
     if checked is not None:
@@ -440,6 +473,7 @@ def main() -> int:
             "probe_seconds": "importance only, once before round 1: slowest agent's probe seconds "
             "(selection/0000.json) and the coordinator log span from 'probe ... scoring' to 'selection:'",
         },
+        "code": code_version(),
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),

@@ -330,6 +330,7 @@ class Orchestrator:
     def run(self) -> dict[str, Any]:
         """Drive every round to the end; returns the run summary."""
         cfg = self.config.run
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
         log.info("waiting for %d agents (up to %.0fs)", cfg.min_agents, cfg.registration_timeout_s)
         alive = self._await_agents()
         spec = self.registry.spec

@@ -67,6 +67,7 @@ class Agent:
         self.state = "idle"
         self.stop = threading.Event()
         self.heartbeat_s = 5.0
+        self.last_notice = ""
 
     def register(self) -> None:
         """Announce this agent; retried inside the gateway while the coordinator is unreachable."""
@@ -92,6 +93,9 @@ class Agent:
                         log.info("the coordinator finished the run: %s", task.message or "done")
                         return
                     if task.kind is TaskKind.WAIT:
+                        if task.message.startswith("left out") and task.message != self.last_notice:
+                            log.warning("%s", task.message)  # the planner's reason, once per change
+                        self.last_notice = task.message
                         if task.retry_after_s > 0:
                             self.stop.wait(min(task.retry_after_s, self.poll_wait_s))
                         continue

@@ -7,6 +7,7 @@ quarter of the device's FLOP/s.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import resource
@@ -51,6 +52,7 @@ def measure_flops(
     n = size or (4096 if device.type == "cuda" else 512)
     throttle = throttle or Throttle(1.0)
     # CUDA launches are asynchronous: the throttle must time a synchronized group of matmuls, not launches.
+    # On a CPU single matmuls measured closer to the share than groups of 8 (longer sleeps, slower wake-ups).
     group = 8 if device.type == "cuda" else 1
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -88,12 +90,26 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    _release_free_heap()
     try:
         # "5" resets VmHWM to the current RSS (Linux >= 4.0); elsewhere the peak stays the process's lifetime one.
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
     except OSError:
         pass
+
+
+def _release_free_heap() -> None:
+    """Give freed heap back to the OS (glibc malloc_trim), so the new peak starts from memory in use.
+
+    Without it the resident set keeps what an earlier, larger run freed, and a smaller run's peak would
+    read as high as the larger one's.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the peak includes retained heap, an upper bound
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.errors import ConfigError
 from common.settings import build
-from edge_agent.caps import Throttle, check_peak, parse_size
+from edge_agent.caps import Throttle, apply_memory_cap, check_peak, parse_size
 from edge_agent.config import AgentConfig
 
 
@@ -159,3 +160,8 @@ def test_bad_caps_and_calibration_config_names_the_field(argv: list[str], messag
     with pytest.raises(ConfigError) as caught:
         build(AgentConfig, ["--agent-id", "a1", *argv], "fedpipe-agent")
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("limit", [0, 2**30])
+def test_memory_cap_on_cpu_is_reported_not_enforced(limit: int) -> None:
+    assert apply_memory_cap(torch.device("cpu"), limit) is None
