@@ -49,7 +49,7 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     held = record.get("heldout")
     agents_eval = record.get("agents_eval")
     accuracy = held["accuracy"] if held else (agents_eval["accuracy"] if agents_eval else float("nan"))
-    source = "held-out" if held else "agents"
+    source = "held-out" if held else ("agents'" if agents_eval else "no")
     dropped = f", dropped {','.join(record['dropped'])}" if record.get("dropped") else ""
     return (
         f"round {record['round']}/{rounds}: {len(record['agents'])} agents, {record['seconds']:.1f}s, "
@@ -147,7 +147,11 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
                 proc.terminate()
         summary = json.loads((run_dir / "summary.json").read_text())
         print(f"final adapter: {run_dir / 'final'}; logs: {logs}", flush=True)
-        print(f"final accuracy: {summary['final_accuracy']:.3f}", flush=True)
+        accuracy = summary.get("final_accuracy")
+        if accuracy is None:
+            print("final accuracy: n/a (the run evaluates nothing)", flush=True)
+        else:
+            print(f"final accuracy: {accuracy:.3f}", flush=True)
         return 0
     finally:
         for proc in procs:
