@@ -1,8 +1,8 @@
 """Weight selection ablation on the embedded task: importance mask vs random mask vs all candidates.
 
 Every run is `deploy/demo.yaml` (3 agents, 600 embedded tweets each, Dirichlet label skew 1.0, 5 rounds,
-MiniLM-L6, classifier head trained in full, 1,000 held-out embedded tweets) with only these coordinator
-keys changed:
+MiniLM-L6, classifier head trained in full, 1,000 held-out embedded tweets) with `planner: uniform` pinned
+(every agent trains the same plan), the demo's per-agent caps dropped, and only these coordinator keys changed:
 
 * importance:    selection.mode importance, budget 0.34, lora.rank 8, alpha 16 (the demo itself: the AdaLoRA
                  probe picks 8 of the 24 attention matrices, 49,152 LoRA parameters)
@@ -117,10 +117,14 @@ def federation_config(demo: dict[str, Any], variant: Variant, seed: int, run_dir
     """demo.yaml with the variant's coordinator keys, run.seed = seed and data.seed 0 on every agent.
 
     The planner is pinned to `uniform`: every agent gets the variant's rank, batch 16 and one epoch, so the
-    trainable-parameter budget is the variant's and nothing else differs between arms.
+    trainable-parameter budget is the variant's and nothing else differs between arms. Per-agent overrides
+    of the demo (emulated memory and compute caps) are dropped: the agents are alike, as in the demo this
+    ablation was first run on.
     """
     override = merge(variant.coordinator, {"planner": "uniform", "run": {"seed": seed, "run_dir": str(run_dir)}})
-    config = merge(demo, {"coordinator": override, "agents": {"config": {"data": {"seed": 0}}}})
+    base = copy.deepcopy(demo)
+    base.get("agents", {}).pop("overrides", None)
+    config = merge(base, {"coordinator": override, "agents": {"config": {"data": {"seed": 0}}}})
     return config
 
 
@@ -405,10 +409,12 @@ def main() -> int:
     for seed in args.seeds:  # seeds outermost: a slow spell on the machine hits every variant alike
         for name in args.variants:
             run_dir = args.root / run_name(name, seed)
-            configs[run_name(name, seed)] = config = federation_config(demo, VARIANTS[name], seed, run_dir)
-            if args.analyze_only:
-                continue
             config_path = args.root / "configs" / f"{run_name(name, seed)}.yaml"
+            if args.analyze_only:  # what actually ran, when the config file is still there
+                if config_path.is_file():
+                    configs[run_name(name, seed)] = yaml.safe_load(config_path.read_text())
+                continue
+            configs[run_name(name, seed)] = config = federation_config(demo, VARIANTS[name], seed, run_dir)
             config_path.parent.mkdir(parents=True, exist_ok=True)
             config_path.write_text(yaml.safe_dump(config, sort_keys=False))
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
