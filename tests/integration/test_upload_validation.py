@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 from common import serde
 from common.adapters import to_peft_key
 from common.metrics import CoordinatorMetrics
-from common.types import DeviceProfile, ModelSpec, ModuleShape, Quantization, Task, TaskKind, TrainPlan, UpdateMeta
+from common.types import DeviceProfile, ModelSpec, ModuleShape, Task, TaskKind, TrainPlan, UpdateMeta
+from coordinator.cli import plan_options
 from coordinator.config import (
     CoordinatorConfig,
     EvaluationSection,
@@ -38,7 +39,7 @@ from coordinator.config import (
     ServerSection,
 )
 from coordinator.orchestrator import Orchestrator, RunAborted
-from coordinator.planner import PlanOptions, uniform_plan
+from coordinator.planner import uniform_plan
 from coordinator.registry import Registry
 from coordinator.server import start_server
 from coordinator.servicer import REJECT_REASONS
@@ -182,25 +183,6 @@ def coordinator_config(run_dir: Path, max_upload_bytes: int) -> CoordinatorConfi
     )
 
 
-def plan_options(config: CoordinatorConfig) -> PlanOptions:
-    """The planner's options from the config, as the coordinator's CLI builds them."""
-    return PlanOptions(
-        targets=tuple(config.lora.targets),
-        rank=config.lora.rank,
-        alpha=config.lora.alpha,
-        dropout=config.lora.dropout,
-        batch_size=config.training.batch_size,
-        local_epochs=config.training.local_epochs,
-        max_steps=config.training.max_steps,
-        learning_rate=config.training.learning_rate,
-        weight_decay=config.training.weight_decay,
-        max_seq_len=config.training.max_seq_len,
-        quantization=Quantization(config.training.quantization),
-        deadline_s=config.run.round_deadline_s,
-        seed=config.run.seed,
-    )
-
-
 @pytest.fixture
 def start_coordinator(tmp_path: Path) -> Iterator[Callable[[int], Coordinator]]:
     """Starts coordinators with a given max_upload_bytes; stops every one of them afterwards."""
@@ -214,7 +196,7 @@ def start_coordinator(tmp_path: Path) -> Iterator[Callable[[int], Coordinator]]:
             config,
             Registry(LABELS, clock=clock),
             uniform_plan,
-            plan_options(config),
+            plan_options(config),  # exactly as the coordinator's CLI builds them
             get_strategy("rank-padding"),
             metrics,
             BASE_PATH,
