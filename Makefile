@@ -60,6 +60,7 @@ test: install proto-check lint typecheck
 	$(PY) -m pytest -q tests
 
 bench: install
+	$(PY) bench/upload_throughput.py
 	$(PY) bench/round_overhead.py
 
 clean:
