@@ -159,11 +159,15 @@ def fresh_pair(in_features: int, out_features: int, rank: int, generator: torch.
 
 
 def init_global(spec: ModelSpec, plan: TrainPlan, seed: int) -> GlobalAdapter:
-    """Round-0 global adapter: fresh pairs at the plan's ranks, heads N(0, 0.02) with zero bias."""
-    generator = torch.Generator().manual_seed(seed)
+    """Round-0 global adapter: fresh pairs at the plan's ranks, heads N(0, 0.02) with zero bias.
+
+    Every module and head draws from its own generator (seed and name), so the head, and each module's
+    leading rank slots, start the same whatever the planner chose for the other modules.
+    """
     lora: dict[str, LoraPair] = {}
     for module in plan.target_modules:
         shape = spec.candidate(module)
+        generator = named_generator(seed, module)
         lora[module] = fresh_pair(shape.in_features, shape.out_features, plan.rank_pattern[module], generator)
     heads: dict[str, torch.Tensor] = {}
     saved = set(plan.modules_to_save)
@@ -171,15 +175,20 @@ def init_global(spec: ModelSpec, plan: TrainPlan, seed: int) -> GlobalAdapter:
         if name.rsplit(".", 1)[0] not in saved:
             continue
         if len(head_shape) >= 2:
-            heads[name] = torch.randn(*head_shape, generator=generator) * HEAD_INIT_STD
+            heads[name] = torch.randn(*head_shape, generator=named_generator(seed, name)) * HEAD_INIT_STD
         else:
             heads[name] = torch.zeros(*head_shape)
     return GlobalAdapter(round=0, lora=lora, heads=heads)
 
 
+def named_generator(seed: int, name: str) -> torch.Generator:
+    """A generator for one tensor: the seed and the tensor's name, independent of every other draw."""
+    return torch.Generator().manual_seed((zlib.crc32(name.encode()) << 20) ^ seed)
+
+
 def slot_generator(global_round: int, module: str) -> torch.Generator:
     """Seed for fresh slots of one module at one global round: equal on every agent, so all start alike."""
-    return torch.Generator().manual_seed((zlib.crc32(module.encode()) << 20) ^ global_round)
+    return named_generator(global_round, module)
 
 
 def with_modules(global_: GlobalAdapter, ranks: Mapping[str, int], spec: ModelSpec) -> GlobalAdapter:

@@ -112,7 +112,7 @@ class PlanningSection(Section):
     memory_headroom: float = Field(0.1, ge=0, lt=1, description="share of usable memory kept free")
     bandwidth_bytes_per_s: float = Field(12.5e6, gt=0, description="assumed link speed for transfer time")
     max_round_upload_bytes: int = Field(0, ge=0, description="bound on a round's total upload bytes, 0 = none")
-    refit_threshold: float = Field(0.2, gt=0, description="relative prediction error that triggers a refit")
+    refit_threshold: float = Field(0.1, gt=0, description="relative prediction error that triggers a refit")
 
     @field_validator("ranks", "batch_sizes", "quantizations", "mask_fractions")
     @classmethod

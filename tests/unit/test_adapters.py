@@ -780,3 +780,19 @@ def test_global_adapter_ranks() -> None:
 
     # Assert
     assert ranks == {Q: 3, V: 1}
+
+
+def test_init_global_head_and_leading_slots_do_not_depend_on_other_ranks() -> None:
+    # Prepare: the same seed, one plan at rank 1 everywhere, one at rank 3 on Q (another planner's choice)
+    low = make_plan({Q: 1, V: 2})
+    high = make_plan({Q: 3, V: 2})
+
+    # Execute
+    a = init_global(SPEC, low, seed=11)
+    b = init_global(SPEC, high, seed=11)
+
+    # Assert
+    assert all(torch.equal(a.heads[name], b.heads[name]) for name in a.heads)
+    assert torch.equal(a.lora[V].a, b.lora[V].a)
+    assert torch.equal(a.lora[Q].a, b.lora[Q].a[:1])
+    assert not torch.equal(init_global(SPEC, low, seed=12).lora[Q].a, a.lora[Q].a)
