@@ -87,9 +87,8 @@ def run(config: CoordinatorConfig) -> int:
     (config.run.run_dir / "coordinator.port").write_text(f"{port}\n")
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        log.warning("signal %d: stopping the server", signum)
-        server.stop(grace=2)
-        raise SystemExit(128 + signum)
+        log.warning("signal %d: stopping the run", signum)
+        orchestrator.stop()
 
     signal.signal(signal.SIGTERM, stop)
     try:

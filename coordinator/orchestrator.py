@@ -127,6 +127,7 @@ class Orchestrator:
         self.predictions: dict[str, Prediction] = {}
         self.results: list[RoundResult] = []
         self.checkpoint: Checkpoint | None = None
+        self.stopping = threading.Event()
 
     # ------------------------------------------------------------------ calls from agents
 
@@ -356,9 +357,22 @@ class Orchestrator:
             self.results.append(self._train_round(round_))
         return self._finish()
 
+    def stop(self) -> None:
+        """End the run at the next wait (a signal, or a test's teardown); run() raises RunAborted."""
+        self.stopping.set()
+        with self.cond:
+            self.cond.notify_all()
+        with self.registry.changed:
+            self.registry.changed.notify_all()
+
+    def _check_stop(self) -> None:
+        if self.stopping.is_set():
+            raise RunAborted("stopped before the run completed")
+
     def _await_agents(self) -> dict[str, Any]:
         cfg = self.config.run
-        alive = self.registry.wait_for(cfg.min_agents, cfg.registration_timeout_s, cfg.agent_timeout_s)
+        alive = self.registry.wait_for(cfg.min_agents, cfg.registration_timeout_s, cfg.agent_timeout_s, self.stopping)
+        self._check_stop()
         self.metrics.agents_alive.set(len(alive))
         if len(alive) < cfg.min_agents:
             raise RunAborted(
@@ -399,6 +413,7 @@ class Orchestrator:
         self.metrics.current_round.set(round_)
         log.info("round %d/%d: training on %d agents: %s", round_, cfg.rounds, len(plans), ", ".join(sorted(plans)))
         self._wait_for(plans, lambda: self.updates, deadline)
+        self._check_stop()
         with self.cond:
             self.phase = "aggregating"
             updates = dict(self.updates)
@@ -509,6 +524,7 @@ class Orchestrator:
             self.cond.notify_all()
         log.info("probe %s: scoring %d candidates on %d agents", probe.probe_id, len(candidates), len(alive))
         self._wait_for(self.probe_agents, lambda: self.importance, time.monotonic() + sel.probe_deadline_s)
+        self._check_stop()
         with self.cond:
             reports = dict(self.importance)
             self.phase, self.probe = "aggregating", None
@@ -613,7 +629,7 @@ class Orchestrator:
             while True:
                 pending = set(expected) - set(received())
                 now = time.monotonic()
-                if not pending or now >= deadline:
+                if not pending or now >= deadline or self.stopping.is_set():
                     return
                 if not pending & set(self.registry.alive(timeout)):
                     log.warning("agents %s stopped beating; not waiting for them", ", ".join(sorted(pending)))

@@ -88,13 +88,15 @@ class Registry:
         with self._lock:
             return dict(self._agents)
 
-    def wait_for(self, count: int, timeout_s: float, alive_s: float) -> dict[str, AgentRecord]:
-        """Block until `count` agents are alive or timeout_s passed; returns the alive ones."""
+    def wait_for(
+        self, count: int, timeout_s: float, alive_s: float, stop: threading.Event | None = None
+    ) -> dict[str, AgentRecord]:
+        """Block until `count` agents are alive, timeout_s passed or `stop` is set; returns the alive ones."""
         end = self.clock() + timeout_s
         with self._lock:
             while True:
                 now = self.clock()
                 alive = {a: r for a, r in self._agents.items() if now - r.last_seen <= alive_s}
-                if len(alive) >= count or now >= end:
+                if len(alive) >= count or now >= end or (stop is not None and stop.is_set()):
                     return alive
                 self.changed.wait(min(1.0, end - now))

@@ -97,8 +97,16 @@ def running(tmp_path: Path) -> Iterator[Running]:
             timeout=5,
         )
     yield Running(orchestrator, stub, tmp_path, thread)
+    stop(orchestrator, thread, channel, server)
+
+
+def stop(orchestrator: Orchestrator, thread: threading.Thread, channel: grpc.Channel, server: grpc.Server) -> None:
+    """End the run loop, then the server; no thread outlives the test."""
+    orchestrator.stop()
+    thread.join(timeout=10)
     channel.close()
-    server.stop(grace=None)
+    server.stop(grace=None).wait(10)
+    assert not thread.is_alive(), "the orchestrator's run thread did not stop"
 
 
 def _run_quietly(orchestrator: Orchestrator) -> None:
@@ -189,7 +197,8 @@ def test_random_mode_skips_the_probe_and_keeps_the_budget(tmp_path: Path) -> Non
     server, port = start_server(orchestrator, config.server, metrics)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.CoordinatorStub(channel)
-    threading.Thread(target=lambda: _run_quietly(orchestrator), daemon=True).start()
+    thread = threading.Thread(target=lambda: _run_quietly(orchestrator), daemon=True)
+    thread.start()
     try:
         # Execute
         stub.Register(
@@ -204,8 +213,7 @@ def test_random_mode_skips_the_probe_and_keeps_the_budget(tmp_path: Path) -> Non
         record = json.loads((tmp_path / "selection" / "0000.json").read_text())
         assert record["probe"] == "random" and record["mask"] == list(first.plan.target_modules)
     finally:
-        channel.close()
-        server.stop(grace=None)
+        stop(orchestrator, thread, channel, server)
 
 
 def upload(stub: pb_grpc.CoordinatorStub, agent: str, round_: int, plan_id: str, tensors: dict[str, Any]) -> None:
@@ -285,5 +293,4 @@ def test_reselection_adds_entering_matrices_fresh_and_keeps_leaving_ones(tmp_pat
         assert saved["target_modules"] == sorted([m0, m1, m3])
         assert saved["rank_pattern"] == {m0: 2, m1: 2, m3: 2}
     finally:
-        channel.close()
-        server.stop(grace=None)
+        stop(orchestrator, runner, channel, server)
