@@ -197,6 +197,7 @@ class Agent:
             probe.seed,
             self.model.device,
             received + probe.deadline_s - UPLOAD_RESERVE_S,
+            self.throttle,
         )
         report = ImportanceReport(probe.probe_id, result.scores, result.samples, result.steps, result.seconds)
         self.gateway.report_importance(report)

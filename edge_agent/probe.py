@@ -22,6 +22,7 @@ from common.data import Example
 from common.errors import ConfigError
 from common.importance import SensitivityTracker, matrix_scores
 from common.modeling import HEAD_MODULES, AdaptedModel, encode
+from edge_agent.caps import Throttle
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -58,6 +59,7 @@ def run_probe(
     seed: int,
     device: torch.device,
     deadline: float,
+    throttle: Throttle | None = None,
 ) -> ProbeResult:
     """Score every candidate by AdaLoRA sensitivity x uncertainty over a few steps; leaves `adapted` bare.
 
@@ -106,6 +108,7 @@ def run_probe(
                 seed,
                 device,
                 deadline,
+                throttle or Throttle(1.0),
             )
     finally:
         # Hand the base back as bare() gave it: no adapter, the agent's own head, everything frozen.
@@ -139,6 +142,7 @@ def _train(
     seed: int,
     device: torch.device,
     deadline: float,
+    throttle: Throttle,
 ) -> tuple[SensitivityTracker, int, int]:
     """The probe's training loop; returns the tracker, the steps taken and the samples seen."""
     named = dict(peft_model.named_parameters())
@@ -156,16 +160,17 @@ def _train(
             order = torch.randperm(len(examples), generator=generator).tolist()
         batch = [examples[i] for i in order[:batch_size]]
         order = order[batch_size:]
-        inputs = encode(tokenizer, batch, max_seq_len, device)
-        labels = inputs.pop("labels")
-        # Without labels neither transformers nor AdaLoRA compute a loss, so no orthogonality penalty
-        # can sneak in whatever orth_reg_weight says.
-        logits = peft_model(**inputs).logits
-        loss = F.cross_entropy(logits.float(), labels)
-        torch.autograd.backward(loss)
-        tracker.update(watched)  # reads .grad: before zero_grad(set_to_none=True)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with throttle:  # a capped agent probes at its compute share too, as it trains
+            inputs = encode(tokenizer, batch, max_seq_len, device)
+            labels = inputs.pop("labels")
+            # Without labels neither transformers nor AdaLoRA compute a loss, so no orthogonality penalty
+            # can sneak in whatever orth_reg_weight says.
+            logits = peft_model(**inputs).logits
+            loss = F.cross_entropy(logits.float(), labels)
+            torch.autograd.backward(loss)
+            tracker.update(watched)  # reads .grad: before zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         done += 1
         samples += len(batch)
     if done < steps:

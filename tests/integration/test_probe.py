@@ -19,6 +19,7 @@ from common.importance import SensitivityTracker
 from common.modeling import AdaptedModel, load_base, load_tokenizer, model_spec, resolve_model_path
 from common.types import ModelSpec, Quantization
 from coordinator.planner import PlanOptions, uniform_plan
+from edge_agent.caps import Throttle
 from edge_agent.probe import ProbeResult, run_probe
 from edge_agent.profiler import profile
 from edge_agent.trainer import train_local
@@ -189,3 +190,23 @@ def test_tracker_matches_peft_rank_allocator_over_three_steps() -> None:
 
     for name in params:
         torch.testing.assert_close(tracker.score(name), allocator._element_score(name), rtol=1e-6, atol=0)
+
+
+@pytest.mark.integration
+def test_a_capped_agent_probes_at_its_compute_share(setup: Setup) -> None:
+    # Prepare: the same short probe with and without a half-share throttle
+    adapted = fresh_model()
+
+    def timed(throttle: Throttle | None) -> tuple[float, ProbeResult]:
+        start = time.perf_counter()
+        result = run_probe(adapted, setup.tokenizer, setup.examples, setup.candidates, 4, 4, 16, 1e-3, 48, 7, CPU,
+                           time.monotonic() + 300, throttle)  # fmt: skip
+        return time.perf_counter() - start, result
+
+    # Execute
+    free_seconds, free = timed(None)
+    capped_seconds, capped = timed(Throttle(0.5))
+
+    # Assert: about twice the time for the same scores (the throttle only sleeps)
+    assert capped_seconds >= 1.5 * free_seconds, (free_seconds, capped_seconds)
+    assert capped.scores == free.scores
