@@ -25,6 +25,7 @@ from common.adapters import (
     check_tensors,
     expected_tensors,
     fold_update,
+    head_modules,
     lora_parameter_count,
     with_modules,
 )
@@ -336,9 +337,9 @@ class Orchestrator:
         alive = self._await_agents()
         spec = self.registry.spec
         assert spec is not None
-        plans = self._plan(alive, spec, 0).plans  # every candidate: fixes alpha and heads before selection
-        template = next(iter(plans.values()))
-        self.checkpoint = Checkpoint(cfg.run_dir, self.base_path, template.lora_alpha, spec, template.modules_to_save)
+        # Saved adapters unfold the folded global with the configured alpha at each module's own rank; any
+        # alpha gives the same dW, so this needs no plan (planning before selection would be work thrown away).
+        self.checkpoint = Checkpoint(cfg.run_dir, self.base_path, self.options.alpha, spec, head_modules(spec))
         resumed = self.checkpoint.load_state()
         self._select(resumed.round if resumed is not None else 0, alive, spec)
         plans = self._plan(alive, spec, 0).plans
