@@ -40,12 +40,12 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
+from harness import Variant, merge
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -60,15 +60,6 @@ AGENT_CAPS: dict[str, dict[str, Any]] = {
 }
 GIB = 2**30
 CAP_BYTES = {"agent-1": 0, "agent-2": 3 * GIB, "agent-3": int(1.5 * GIB), "agent-4": GIB}
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One arm: coordinator keys on top of the shared base."""
-
-    name: str
-    description: str
-    coordinator: dict[str, Any]
 
 
 VARIANTS: dict[str, Variant] = {
@@ -104,17 +95,6 @@ VARIANTS: dict[str, Variant] = {
     )
 }
 DEFAULT_VARIANTS = ["fedpipe", "uniform"]
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge of two config mappings; override wins."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def base_config(run_dir: Path) -> dict[str, Any]:

@@ -43,12 +43,12 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
+from harness import Variant, merge
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -59,15 +59,6 @@ WIRE_BYTES = 4  # every uploaded tensor is float32 (common.adapters.expected_ten
 LOG_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d) coordinator ")
 PROBE_START = re.compile(r"probe \S+: scoring \d+ candidates")
 PROBE_END = re.compile(r"selection: \d+ of \d+ matrices")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One arm of the ablation: coordinator overrides on top of deploy/demo.yaml."""
-
-    name: str
-    description: str
-    coordinator: dict[str, Any]
 
 
 VARIANTS: dict[str, Variant] = {
@@ -95,17 +86,6 @@ VARIANTS: dict[str, Variant] = {
         ),
     )
 }
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge of two config mappings; override wins."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def run_name(variant: str, seed: int) -> str:
