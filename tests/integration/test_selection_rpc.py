@@ -63,25 +63,19 @@ class Running:
     thread: threading.Thread
 
 
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[Running]:
+@contextlib.contextmanager
+def coordinator(run_dir: Path, run: RunSection, selection: SelectionSection, seed: int = 0) -> Iterator[Running]:
+    """A real coordinator on 127.0.0.1 with the uniform planner, its run loop in a thread; stopped on exit."""
     config = CoordinatorConfig(
         labels=list(LABELS),
         server=ServerSection(host="127.0.0.1", port=0, workers=8),
         metrics=MetricsSection(port=-1),
-        run=RunSection(
-            rounds=1,
-            min_agents=2,
-            round_deadline_s=5.0,
-            registration_timeout_s=10.0,
-            run_dir=tmp_path,
-            finish_grace_s=0.0,
-        ),
+        run=run,
         lora=LoraSection(rank=2, alpha=4.0, targets=["all"]),
-        selection=SelectionSection(mode="importance", budget=0.5, probe_deadline_s=10.0),
+        selection=selection,
         evaluation=EvaluationSection(agents=False, initial=False),
     )
-    options = PlanOptions(("all",), 2, 4.0, 0.0, 4, 1, 0, 1e-3, 0.0, 16, Quantization.NONE, 5.0, 0)
+    options = PlanOptions(("all",), 2, 4.0, 0.0, 4, 1, 0, 1e-3, 0.0, 16, Quantization.NONE, run.round_deadline_s, seed)
     metrics = CoordinatorMetrics()
     orchestrator = Orchestrator(
         config, Registry(LABELS), uniform_plan, options, get_strategy("rank-padding"), metrics, "base"
@@ -90,23 +84,32 @@ def running(tmp_path: Path) -> Iterator[Running]:
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     thread = threading.Thread(target=lambda: _run_quietly(orchestrator), daemon=True)
     thread.start()
-    stub = pb_grpc.CoordinatorStub(channel)
-    for agent in ("a", "b"):
-        stub.Register(
-            pb.RegisterRequest(agent_id=agent, profile=serde.profile_to_pb(PROFILE), model=serde.spec_to_pb(SPEC)),
-            timeout=5,
-        )
-    yield Running(orchestrator, stub, tmp_path, thread)
-    stop(orchestrator, thread, channel, server)
+    try:
+        yield Running(orchestrator, pb_grpc.CoordinatorStub(channel), run_dir, thread)
+    finally:
+        # End the run loop, then the server; no thread outlives the test.
+        orchestrator.stop()
+        thread.join(timeout=10)
+        channel.close()
+        server.stop(grace=None).wait(10)
+        assert not thread.is_alive(), "the orchestrator's run thread did not stop"
 
 
-def stop(orchestrator: Orchestrator, thread: threading.Thread, channel: grpc.Channel, server: grpc.Server) -> None:
-    """End the run loop, then the server; no thread outlives the test."""
-    orchestrator.stop()
-    thread.join(timeout=10)
-    channel.close()
-    server.stop(grace=None).wait(10)
-    assert not thread.is_alive(), "the orchestrator's run thread did not stop"
+def register(stub: pb_grpc.CoordinatorStub, agent: str) -> None:
+    request = pb.RegisterRequest(agent_id=agent, profile=serde.profile_to_pb(PROFILE), model=serde.spec_to_pb(SPEC))
+    stub.Register(request, timeout=5)
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Running]:
+    run = RunSection(
+        rounds=1, min_agents=2, round_deadline_s=5.0, registration_timeout_s=10.0, run_dir=tmp_path, finish_grace_s=0.0
+    )
+    selection = SelectionSection(mode="importance", budget=0.5, probe_deadline_s=10.0)
+    with coordinator(tmp_path, run, selection) as started:
+        for agent in ("a", "b"):
+            register(started.stub, agent)
+        yield started
 
 
 def _run_quietly(orchestrator: Orchestrator) -> None:
@@ -180,40 +183,17 @@ def test_bad_importance_reports_are_refused_and_change_nothing(
 @pytest.mark.integration
 def test_random_mode_skips_the_probe_and_keeps_the_budget(tmp_path: Path) -> None:
     # Prepare: the same coordinator with a seeded random mask (the ablation baseline)
-    config = CoordinatorConfig(
-        labels=list(LABELS),
-        server=ServerSection(host="127.0.0.1", port=0, workers=8),
-        metrics=MetricsSection(port=-1),
-        run=RunSection(rounds=1, min_agents=1, round_deadline_s=2.0, run_dir=tmp_path, finish_grace_s=0.0),
-        lora=LoraSection(rank=2, alpha=4.0, targets=["all"]),
-        selection=SelectionSection(mode="random", budget=0.5),
-        evaluation=EvaluationSection(agents=False, initial=False),
-    )
-    options = PlanOptions(("all",), 2, 4.0, 0.0, 4, 1, 0, 1e-3, 0.0, 16, Quantization.NONE, 2.0, 3)
-    metrics = CoordinatorMetrics()
-    orchestrator = Orchestrator(
-        config, Registry(LABELS), uniform_plan, options, get_strategy("rank-padding"), metrics, "base"
-    )
-    server, port = start_server(orchestrator, config.server, metrics)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.CoordinatorStub(channel)
-    thread = threading.Thread(target=lambda: _run_quietly(orchestrator), daemon=True)
-    thread.start()
-    try:
+    run = RunSection(rounds=1, min_agents=1, round_deadline_s=2.0, run_dir=tmp_path, finish_grace_s=0.0)
+    with coordinator(tmp_path, run, SelectionSection(mode="random", budget=0.5), seed=3) as started:
         # Execute
-        stub.Register(
-            pb.RegisterRequest(agent_id="a", profile=serde.profile_to_pb(PROFILE), model=serde.spec_to_pb(SPEC)),
-            timeout=5,
-        )
-        first = task(stub, "a")
+        register(started.stub, "a")
+        first = task(started.stub, "a")
 
         # Assert: straight to training, two of four equal-cost matrices, recorded as random
         assert first.kind is TaskKind.TRAIN and first.plan is not None
         assert len(first.plan.target_modules) == 2
         record = json.loads((tmp_path / "selection" / "0000.json").read_text())
         assert record["probe"] == "random" and record["mask"] == list(first.plan.target_modules)
-    finally:
-        stop(orchestrator, thread, channel, server)
 
 
 def upload(stub: pb_grpc.CoordinatorStub, agent: str, round_: int, plan_id: str, tensors: dict[str, Any]) -> None:
@@ -237,31 +217,12 @@ def download(stub: pb_grpc.CoordinatorStub, agent: str, t: Task) -> dict[str, to
 @pytest.mark.integration
 def test_reselection_adds_entering_matrices_fresh_and_keeps_leaving_ones(tmp_path: Path) -> None:
     # Prepare: one agent, two rounds, a new probe before round 2
-    config = CoordinatorConfig(
-        labels=list(LABELS),
-        server=ServerSection(host="127.0.0.1", port=0, workers=8),
-        metrics=MetricsSection(port=-1),
-        run=RunSection(rounds=2, min_agents=1, round_deadline_s=10.0, run_dir=tmp_path, finish_grace_s=0.0),
-        lora=LoraSection(rank=2, alpha=4.0, targets=["all"]),
-        selection=SelectionSection(mode="importance", budget=0.5, reselect_every=1),
-        evaluation=EvaluationSection(agents=False, initial=False),
-    )
-    options = PlanOptions(("all",), 2, 4.0, 0.0, 4, 1, 0, 1e-3, 0.0, 16, Quantization.NONE, 10.0, 0)
-    metrics = CoordinatorMetrics()
-    orchestrator = Orchestrator(
-        config, Registry(LABELS), uniform_plan, options, get_strategy("rank-padding"), metrics, "base"
-    )
-    server, port = start_server(orchestrator, config.server, metrics)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.CoordinatorStub(channel)
-    runner = threading.Thread(target=orchestrator.run, daemon=True)
-    runner.start()
+    run = RunSection(rounds=2, min_agents=1, round_deadline_s=10.0, run_dir=tmp_path, finish_grace_s=0.0)
+    selection = SelectionSection(mode="importance", budget=0.5, reselect_every=1)
     m0, m1, m2, m3 = (m.name for m in MODULES)
-    try:
-        stub.Register(
-            pb.RegisterRequest(agent_id="a", profile=serde.profile_to_pb(PROFILE), model=serde.spec_to_pb(SPEC)),
-            timeout=5,
-        )
+    with coordinator(tmp_path, run, selection) as started:
+        stub, orchestrator = started.stub, started.orchestrator
+        register(stub, "a")
         # Execute: round 1 on {m1, m3}, then a probe that prefers {m0, m1}
         probe = task(stub, "a").probe
         assert probe is not None
@@ -288,9 +249,7 @@ def test_reselection_adds_entering_matrices_fresh_and_keeps_leaving_ones(tmp_pat
         assert global_ is not None and set(global_.lora) == {m0, m1, m3}
         assert torch.equal(global_.lora[m3].b, torch.full((8, 2), 0.5 * 4.0 / 2))  # folded alpha / r
         upload(stub, "a", 2, second.plan.plan_id, received)
-        runner.join(timeout=10)
+        started.thread.join(timeout=10)  # the run ends by itself after round 2
         saved = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
         assert saved["target_modules"] == sorted([m0, m1, m3])
         assert saved["rank_pattern"] == {m0: 2, m1: 2, m3: 2}
-    finally:
-        stop(orchestrator, runner, channel, server)
