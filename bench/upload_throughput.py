@@ -46,6 +46,7 @@ from common import serde
 from common.adapters import check_tensors, expected_tensors
 from common.metrics import AgentMetrics, CoordinatorMetrics
 from common.rpc import RetryPolicy
+from common.security import ServerSecurity
 from common.types import DeviceProfile, ModelSpec, ModuleShape, Quantization, TaskKind, TrainPlan, UpdateMeta
 from coordinator.config import CoordinatorConfig, EvaluationSection, RunSection, SelectionSection, ServerSection
 from coordinator.orchestrator import Orchestrator
@@ -146,6 +147,7 @@ def measure_grpc(shape: Shape, repeats: int, workdir: Path) -> dict[str, Any]:
     agents = repeats + 1  # agent 0 warms up channel, server threads and allocator
     server_section = ServerSection(host="127.0.0.1", port=0, max_upload_bytes=max(256 * MIB, 2 * shape.nbytes))
     config = CoordinatorConfig(
+        insecure=True,
         server=server_section,
         run=RunSection(
             rounds=1,
@@ -172,7 +174,8 @@ def measure_grpc(shape: Shape, repeats: int, workdir: Path) -> dict[str, Any]:
         metrics,
         base_path="bench",
     )
-    server, port = start_server(orchestrator, server_section, metrics)
+    serving = start_server(orchestrator, server_section, metrics, ServerSecurity.insecure())
+    server, port = serving.server, serving.port
     clients: list[CoordinatorClient] = []
     outcome: list[BaseException] = []
 
@@ -184,7 +187,9 @@ def measure_grpc(shape: Shape, repeats: int, workdir: Path) -> dict[str, Any]:
 
     try:
         for i in range(agents):
-            client = CoordinatorClient(f"127.0.0.1:{port}", f"bench-{i}", AgentMetrics(), RetryPolicy(attempts=1))
+            client = CoordinatorClient(
+                f"127.0.0.1:{port}", f"bench-{i}", AgentMetrics(), retry=RetryPolicy(give_up_s=0.0)
+            )
             client.register(PROFILE, spec, "bench")
             clients.append(client)
         loop = threading.Thread(target=drive, name="orchestrator", daemon=True)

@@ -13,6 +13,7 @@ for heads trained in full.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zlib
 from collections.abc import Iterable, Mapping
@@ -63,6 +64,19 @@ class FoldedUpdate:
     weight: float  # samples processed this round
     lora: Mapping[str, LoraPair]
     heads: Mapping[str, torch.Tensor]
+
+
+def global_digest(global_: GlobalAdapter) -> str:
+    """sha256 over the round and every tensor's name, dtype, shape and bytes, in sorted name order."""
+    named: dict[str, torch.Tensor] = {f"head::{n}": t for n, t in global_.heads.items()}
+    for module, pair in global_.lora.items():
+        named[f"lora::{module}::a"], named[f"lora::{module}::b"] = pair.a, pair.b
+    digest = hashlib.sha256(f"round {global_.round}".encode())
+    for name in sorted(named):
+        tensor = named[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def scaling(alpha: float, rank: int) -> float:

@@ -50,3 +50,20 @@ class ResourceExhausted(FedPipeError):
 
 class ServerUnavailable(FedPipeError):
     """The coordinator could not be reached after all retries."""
+
+
+class Unauthenticated(FedPipeError):
+    """A call carries no valid credentials."""
+
+
+class PermissionDenied(FedPipeError):
+    """An authenticated agent tried to act as another agent."""
+
+
+class Rejected(FedPipeError):
+    """The coordinator refused a call for a reason other than transport trouble; `status` is its gRPC code name."""
+
+    def __init__(self, status: str, details: str) -> None:
+        super().__init__(f"{status}: {details}")
+        self.status = status
+        self.details = details

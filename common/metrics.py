@@ -6,7 +6,13 @@ and kind enums; never a round number.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 ROUND_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 FAST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -40,6 +46,30 @@ class CoordinatorMetrics:
         self.updates_accepted = Counter("fedpipe_updates_accepted", "Uploads aggregated", ["agent"], registry=r)
         self.updates_rejected = Counter(
             "fedpipe_updates_rejected", "Uploads refused, by reason", ["reason"], registry=r
+        )
+        self.updates_replayed = Counter(
+            "fedpipe_updates_replayed",
+            "Identical re-sends of an accepted update, acknowledged and ignored",
+            ["agent"],
+            registry=r,
+        )
+        self.updates_clipped = Counter(
+            "fedpipe_updates_clipped", "Updates scaled down to updates.max_norm", ["agent"], registry=r
+        )
+        self.update_norm = Gauge(
+            "fedpipe_agent_update_norm",
+            "L2 norm of the agent's last update's change to its tensors",
+            ["agent"],
+            registry=r,
+        )
+        self.round_extensions = Counter(
+            "fedpipe_round_extensions", "Round deadlines extended for want of quorum", registry=r
+        )
+        self.agents_dead = Counter(
+            "fedpipe_agent_deaths", "Times an agent stopped beating and was marked dead", ["agent"], registry=r
+        )
+        self.resumed_round = Gauge(
+            "fedpipe_resumed_from_round", "Round the coordinator resumed after (0 = a fresh run)", registry=r
         )
         self.stragglers = Counter(
             "fedpipe_stragglers", "Planned agents with no update when the round closed", ["agent"], registry=r
@@ -162,7 +192,34 @@ class AgentMetrics:
         self.ready = Gauge("fedpipe_agent_ready", "1 once registered with the coordinator", registry=r)
 
 
-def serve(registry: CollectorRegistry, host: str, port: int) -> int:
-    """Expose a registry over HTTP; port 0 picks a free one. Returns the bound port."""
-    server, _ = start_http_server(port, addr=host, registry=registry)
-    return int(server.server_port)
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds would flood the log
+        pass
+
+
+Probe = Callable[[], tuple[bool, str]]
+
+
+def serve(registry: CollectorRegistry, host: str, port: int, ready: Probe | None = None) -> int:
+    """Serve /metrics, /healthz (the process answers) and /readyz (ready() holds); port 0 picks one.
+
+    Returns the bound port.
+    """
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/readyz"):
+            ok, reason = ready() if path == "/readyz" and ready is not None else (True, "ok")
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [f"{reason}\n".encode()]
+        result: Iterable[bytes] = metrics_app(environ, start_response)
+        return result
+
+    httpd = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return int(httpd.server_port)

@@ -39,6 +39,8 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.StaleRound, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.AlreadyUploaded, grpc.StatusCode.ALREADY_EXISTS),
     (errors.NotReady, grpc.StatusCode.UNAVAILABLE),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )
 
 
@@ -57,9 +59,14 @@ def make_server(max_workers: int, interceptors: Sequence[grpc.ServerInterceptor[
     )
 
 
-def make_channel(address: str) -> grpc.Channel:
-    """A plaintext channel to the coordinator (TLS arrives with the security work)."""
-    return grpc.insecure_channel(address, options=_OPTIONS)
+def make_channel(
+    address: str, credentials: grpc.ChannelCredentials | None, server_name: str | None = None
+) -> grpc.Channel:
+    """A channel to the coordinator: TLS with credentials, plaintext with None (--insecure)."""
+    if credentials is None:
+        return grpc.insecure_channel(address, options=_OPTIONS)
+    options = [*_OPTIONS, ("grpc.ssl_target_name_override", server_name)] if server_name else _OPTIONS
+    return grpc.secure_channel(address, credentials, options=options)
 
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -67,30 +74,38 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter for idempotent calls."""
+    """Exponential backoff with full jitter for idempotent calls, for up to give_up_s.
 
-    attempts: int = 8
+    The default outlasts a coordinator restart (model load, resume) so agents need no operator.
+    """
+
+    give_up_s: float = 900.0
     initial_s: float = 0.25
     max_s: float = 8.0
 
     def call(self, fn: Callable[[], T], what: str, on_retry: Callable[[], None] | None = None) -> T:
-        """Run fn, retrying retryable gRPC errors; ServerUnavailable when every attempt failed."""
+        """Run fn, retrying retryable gRPC errors; ServerUnavailable once give_up_s has passed."""
         delay = self.initial_s
-        for attempt in range(1, self.attempts + 1):
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return fn()
             except grpc.RpcError as err:
                 code = err.code() if isinstance(err, grpc.Call) else None
-                if code not in RETRYABLE or attempt == self.attempts:
-                    if code in RETRYABLE:
-                        raise errors.ServerUnavailable(
-                            f"{what}: coordinator unreachable after {attempt} tries"
-                        ) from err
+                if code not in RETRYABLE:
                     raise
+                elapsed = time.monotonic() - start
+                if elapsed >= self.give_up_s:
+                    raise errors.ServerUnavailable(
+                        f"{what}: coordinator unreachable for {elapsed:.0f}s ({attempt} tries)"
+                    ) from err
                 if on_retry is not None:
                     on_retry()
-                sleep = random.uniform(0, delay)
-                log.warning("%s failed (%s), retry %d/%d in %.1fs", what, code, attempt, self.attempts - 1, sleep)
+                sleep = min(random.uniform(0, delay), max(self.give_up_s - elapsed, 0.0))
+                # the first tries are routine (a busy server); say it loudly once it looks like an outage
+                level = logging.INFO if attempt < 4 else logging.WARNING
+                log.log(level, "%s failed (%s), retry %d in %.1fs", what, code.name if code else "?", attempt, sleep)
                 time.sleep(sleep)
                 delay = min(delay * 2, self.max_s)
-        raise AssertionError("unreachable")  # pragma: no cover

@@ -82,6 +82,8 @@ def describe(error: ValidationError) -> str:
         field = ".".join(str(part) for part in problem["loc"]) or "(config)"
         if problem["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown key")
+        elif not problem["loc"]:  # a check across fields names its fields in the message
+            lines.append(str(problem["msg"]).removeprefix("Value error, "))
         else:
             lines.append(f"{field}: {problem['msg']} (got {problem.get('input')!r})")
     return "; ".join(lines)

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.adapters import GlobalAdapter, LoraPair, global_to_peft
+from common.adapters import GlobalAdapter, LoraPair, global_digest, global_to_peft
+from common.errors import ConfigError
 from common.modeling import write_adapter_config
 from common.types import ModelSpec, TrainPlan
 
 STATE_FILE = "state.json"
-GLOBAL_FILE = "global.safetensors"
+LEGACY_GLOBAL_FILE = "global.safetensors"  # state written before the file was named by its round
 
 
 def _fsync_dir(path: Path) -> None:
@@ -92,7 +93,13 @@ class Checkpoint:
         """Folder of one round's artefacts."""
         return self.run_dir / "rounds" / f"{round_:04d}"
 
-    def save_round(self, global_: GlobalAdapter, plans: Mapping[str, TrainPlan], report: Mapping[str, Any]) -> Path:
+    def save_round(
+        self,
+        global_: GlobalAdapter,
+        plans: Mapping[str, TrainPlan],
+        report: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path:
         """Persist a round: peft adapter and plans for humans and peft, folded state for resume."""
         directory = self.round_dir(global_.round)
         write_adapter(directory, global_, self.alpha, self.base_path, self.modules_to_save)
@@ -100,11 +107,16 @@ class Checkpoint:
             directory / "plans.json",
             {agent: {"plan": plan_record(plan), **dict(report.get(agent, {}))} for agent, plan in plans.items()},
         )
-        self.save_state(global_)
+        self.save_state(global_, extra)
         return directory
 
-    def save_state(self, global_: GlobalAdapter) -> None:
-        """The folded global adapter, bit-exact, plus the round it belongs to."""
+    def save_state(self, global_: GlobalAdapter, extra: Mapping[str, Any] | None = None) -> str:
+        """Persist what a restart needs: the folded global (bit-exact) and the run's bookkeeping.
+
+        The tensors go to global-NNNN.safetensors first; state.json, renamed into place last, is the commit
+        point that names them with their digest, so a crash at any moment leaves one consistent state.
+        Returns the global's digest.
+        """
         state_dir = self.run_dir / "state"
         tensors: dict[str, torch.Tensor] = {}
         for module, pair in global_.lora.items():
@@ -112,20 +124,35 @@ class Checkpoint:
             tensors[f"lora::{module}::b"] = pair.b.contiguous()
         for name, value in global_.heads.items():
             tensors[f"head::{name}"] = value.contiguous()
-        tmp = state_dir / (GLOBAL_FILE + ".tmp")
+        name = f"global-{global_.round:04d}.safetensors"
+        tmp = state_dir / (name + ".tmp")
         save_file(tensors, str(tmp), metadata={"round": str(global_.round)})
         with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, state_dir / GLOBAL_FILE)
-        write_json(state_dir / STATE_FILE, {"round": global_.round, "fingerprint": self.spec.fingerprint})
+        os.replace(tmp, state_dir / name)
+        digest = global_digest(global_)
+        record = {**dict(extra or {}), "round": global_.round, "fingerprint": self.spec.fingerprint}
+        write_json(state_dir / STATE_FILE, {**record, "global_file": name, "global_sha256": digest})
+        for old in state_dir.glob("global*.safetensors"):
+            if old.name != name:
+                old.unlink()  # superseded once the new state.json is durable
+        return digest
 
-    def load_state(self) -> GlobalAdapter | None:
-        """The last saved global adapter, or None when the run directory has none."""
+    def load_state(self) -> tuple[GlobalAdapter, dict[str, Any]] | None:
+        """The last committed global adapter and bookkeeping, or None for a fresh run directory.
+
+        Refuses (ConfigError) a state of another base model or whose tensors do not match their digest.
+        """
         state_dir = self.run_dir / "state"
         if not (state_dir / STATE_FILE).is_file():
             return None
         meta = json.loads((state_dir / STATE_FILE).read_text())
-        tensors = load_file(str(state_dir / GLOBAL_FILE))
+        if meta.get("fingerprint") != self.spec.fingerprint:
+            raise ConfigError(
+                f"run.run_dir: {self.run_dir} holds a run of base model {meta.get('fingerprint')}, "
+                f"the agents run {self.spec.fingerprint}; use another run directory"
+            )
+        tensors = load_file(str(state_dir / meta.get("global_file", LEGACY_GLOBAL_FILE)))
         lora: dict[str, LoraPair] = {}
         heads: dict[str, torch.Tensor] = {}
         for key in sorted(tensors):
@@ -135,7 +162,11 @@ class Checkpoint:
             elif rest.endswith("::a"):
                 module = rest[: -len("::a")]
                 lora[module] = LoraPair(a=tensors[key], b=tensors[f"lora::{module}::b"])
-        return GlobalAdapter(round=int(meta["round"]), lora=lora, heads=heads)
+        global_ = GlobalAdapter(round=int(meta["round"]), lora=lora, heads=heads)
+        expected = meta.get("global_sha256")
+        if expected is not None and global_digest(global_) != expected:
+            raise ConfigError(f"run.run_dir: {state_dir} is corrupt: the global adapter does not match its sha256")
+        return global_, meta
 
     def finalize(self, global_: GlobalAdapter, summary: Mapping[str, Any]) -> Path:
         """final/ holds the last global adapter in peft format; summary.json the run's figures."""

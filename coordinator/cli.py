@@ -27,6 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["plan"]:
         return explain(args[1:])
+    if args[:1] == ["certs"]:
+        from common.certs import certs_main
+
+        return certs_main(args[1:])
+    if args[:1] == ["token"]:
+        return token(args[1:])
     try:
         config = build(CoordinatorConfig, args, "fedpipe-coordinator")
         config.run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -36,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup("coordinator", config.log_format)
     try:
         return run(config)
+    except ConfigError as err:
+        log.error("config error: %s", err)
+        return 2
     except FedPipeError as err:
         log.error("%s", err)
         return 1
@@ -46,6 +55,7 @@ def run(config: CoordinatorConfig) -> int:
     from common.data import DataSource
     from common.metrics import CoordinatorMetrics, serve
     from common.modeling import resolve_model_path
+    from common.security import server_security
     from coordinator.evaluation import HeldOutEvaluator
     from coordinator.orchestrator import Orchestrator, RunAborted
     from coordinator.planner import PLANNERS
@@ -53,6 +63,11 @@ def run(config: CoordinatorConfig) -> int:
     from coordinator.server import start_server
     from coordinator.strategy import get_strategy
 
+    # Credentials first: a bad certificate path must not leave a half-started coordinator behind.
+    tls = config.tls
+    security = server_security(config.insecure, tls.cert, tls.key, tls.auth, tls.client_ca, tls.tokens)
+    if config.insecure:
+        log.warning("--insecure: plaintext gRPC and no agent authentication; use only on a trusted network")
     labels = tuple(config.labels)
     evaluation = config.evaluation
     base_path = resolve_model_path(evaluation.model_path) if evaluation.heldout else evaluation.model_path
@@ -76,15 +91,16 @@ def run(config: CoordinatorConfig) -> int:
     if config.metrics.port >= 0:
         metrics_port = serve(metrics.registry, config.metrics.host, config.metrics.port)
         log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_port)
-    server, port = start_server(orchestrator, config.server, metrics)
+    serving = start_server(orchestrator, config.server, metrics, security)
     log.info(
-        "serving fedpipe.v1.Coordinator on %s:%d (run %s, dir %s)",
+        "serving fedpipe.v1.Coordinator on %s:%d (%s, run %s, dir %s)",
         config.server.host,
-        port,
+        serving.port,
+        "plaintext" if config.insecure else f"TLS, {tls.auth} auth",
         orchestrator.run_id,
         config.run.run_dir,
     )
-    (config.run.run_dir / "coordinator.port").write_text(f"{port}\n")
+    (config.run.run_dir / "coordinator.port").write_text(f"{serving.port}\n")
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.warning("signal %d: stopping the run", signum)
@@ -97,7 +113,7 @@ def run(config: CoordinatorConfig) -> int:
         log.error("run aborted: %s", err)
         return 1
     finally:
-        server.stop(grace=2).wait(5)
+        serving.stop(grace_s=2)
     accuracy = summary.get("final_accuracy")
     if accuracy is not None:
         log.info("final accuracy: %.3f (%s, round %d)", accuracy, summary["final_source"], summary["final_round"])
@@ -158,6 +174,27 @@ def explain(argv: Sequence[str]) -> int:
         return 2
     print(f"planner {config.planner}, {len(profiles)} agents from {run_dir}")
     print(render(planned, profiles))
+    return 0
+
+
+def token(argv: Sequence[str]) -> int:
+    """`fedpipe-coordinator token AGENT_ID`: a new bearer token for an agent, and its line for tls.tokens."""
+    import secrets
+
+    from common.certs import check_agent_id
+    from common.security import token_digest
+
+    if len(argv) != 1:
+        print("usage: fedpipe-coordinator token AGENT_ID", file=sys.stderr)
+        return 2
+    try:
+        agent = check_agent_id(argv[0])
+    except ConfigError as err:
+        print(f"fedpipe-coordinator token: {err}", file=sys.stderr)
+        return 2
+    value = secrets.token_urlsafe(32)
+    print(f"token (give to the agent, e.g. in its tls.token_file): {value}")
+    print(f"tls.tokens entry (coordinator):  {agent}: {token_digest(value)}")
     return 0
 
 

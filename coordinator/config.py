@@ -34,6 +34,31 @@ class ServerSection(Section):
         return self
 
 
+class TlsSection(Section):
+    """Transport security: TLS with client certificates (mTLS) unless the run is started --insecure."""
+
+    cert: Path | None = Field(None, description="the coordinator's certificate (PEM)")
+    key: Path | None = Field(None, description="the coordinator's private key (PEM)")
+    auth: Literal["mtls", "token"] = Field(
+        "mtls", description="mtls: an agent is its certificate's common name; token: a per-agent bearer token"
+    )
+    client_ca: Path | None = Field(None, description="CA certificate that signs agent certificates (mtls)")
+    tokens: Path | None = Field(
+        None, description="YAML/JSON map of agent id to the sha256 hex digest of its token (token auth)"
+    )
+
+
+class UpdatesSection(Section):
+    """Bounds on what one agent's update may do to the global adapter."""
+
+    max_norm: float = Field(
+        0.0, ge=0, description="bound on the L2 norm of an update's change to its adapter tensors; 0 = none"
+    )
+    norm_action: Literal["reject", "clip"] = Field(
+        "reject", description="reject: refuse an update over max_norm; clip: scale its change down to max_norm"
+    )
+
+
 class MetricsSection(Section):
     """Prometheus exposition."""
 
@@ -54,6 +79,13 @@ class RunSection(Section):
     run_dir: Path = Field(Path("runs/latest"), description="where rounds, plans and the final adapter go")
     seed: int = Field(0, description="seed of the round-0 adapter and of every plan")
     finish_grace_s: float = Field(15.0, ge=0, description="how long to keep serving FINISHED to agents")
+    quorum_fraction: float = Field(
+        0.0, ge=0, le=1, description="share of a round's planned agents whose updates are needed to aggregate"
+    )
+    on_no_quorum: Literal["skip", "extend"] = Field(
+        "skip", description="when the deadline passes without quorum: skip the round, or extend its deadline"
+    )
+    max_extensions: int = Field(1, ge=0, description="deadline extensions of one round before it is skipped")
 
 
 class LoraSection(Section):
@@ -159,6 +191,9 @@ class CoordinatorConfig(BaseSettings):
     )
     strategy: Literal["rank-padding", "fedavg"] = Field("rank-padding", description="aggregation strategy")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
+    insecure: bool = Field(False, description="serve plaintext gRPC without authentication (tests, trusted hosts)")
+    tls: TlsSection = TlsSection()
+    updates: UpdatesSection = UpdatesSection()
     server: ServerSection = ServerSection()
     metrics: MetricsSection = MetricsSection()
     run: RunSection = RunSection()

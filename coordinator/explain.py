@@ -43,15 +43,20 @@ def snapshot(
     }
 
 
-def load_snapshot(
-    path: Path,
-) -> tuple[
+Snapshot = tuple[
     dict[str, DeviceProfile], ModelSpec, tuple[str, ...] | None, dict[str, float], dict[str, tuple[float, float]]
-]:
+]
+
+
+def load_snapshot(path: Path) -> Snapshot:
     """Inverse of snapshot, read from a run directory's agents.json."""
     if not path.is_file():
         raise ConfigError(f"--run-dir: {path} not found; a coordinator writes it when it first plans")
-    data = json.loads(path.read_text())
+    return from_snapshot(json.loads(path.read_text()))
+
+
+def from_snapshot(data: Mapping[str, Any]) -> Snapshot:
+    """Inverse of snapshot: profiles, spec, mask, scores and corrections."""
     raw = data["spec"]
     spec = ModelSpec(
         fingerprint=raw["fingerprint"],

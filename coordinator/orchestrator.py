@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -47,10 +48,10 @@ from common.types import (
     TrainPlan,
     UpdateMeta,
 )
-from coordinator.checkpoint import Checkpoint, plan_record, write_json
+from coordinator.checkpoint import STATE_FILE, Checkpoint, plan_record, write_json
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
-from coordinator.explain import AGENTS_FILE, snapshot
+from coordinator.explain import AGENTS_FILE, from_snapshot, snapshot
 from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction, resolve_targets
 from coordinator.registry import AgentRecord, Registry
 from coordinator.selection import combine, resolve_budget, select
@@ -115,6 +116,9 @@ class Orchestrator:
         self.global_: GlobalAdapter | None = None
         self.plans: dict[str, TrainPlan] = {}  # the open training round's plans
         self.updates: dict[str, AdapterUpdate] = {}
+        self.update_sha256: dict[str, bytes] = {}  # payload checksum of each accepted update (replays)
+        self.withdrawn: set[str] = set()  # planned agents that restarted mid-round
+        self.dead: set[str] = set()  # agents marked dead (missed heartbeats), until they call again
         self.eval_plans: dict[str, TrainPlan] = {}  # plans of agents asked to evaluate the global
         self.eval_reports: dict[str, Evaluation] = {}
         self.finished_seen: set[str] = set()
@@ -148,6 +152,12 @@ class Orchestrator:
             profile.num_train_samples,
         )
         with self.cond:
+            if self.phase == "training" and agent_id in self.plans and agent_id not in self.updates:
+                # It lost its work (a restart): the round stops waiting for it, and it joins the next one.
+                self.withdrawn.add(agent_id)
+                log.warning(
+                    "round %d: %s registered again mid-round; it joins round %d", self.round, agent_id, self.round + 1
+                )
             self.cond.notify_all()
         return RegisterInfo(self.run_id, self.config.run.heartbeat_interval_s, self.config.server.chunk_bytes)
 
@@ -177,7 +187,12 @@ class Orchestrator:
     def _task_for(self, agent_id: str) -> Task:
         if self.phase == "finished":
             return Task(TaskKind.FINISHED, round=self.round, message="the run is complete")
-        if self.phase == "training" and agent_id in self.plans and agent_id not in self.updates:
+        if (
+            self.phase == "training"
+            and agent_id in self.plans
+            and agent_id not in self.updates
+            and agent_id not in self.withdrawn
+        ):
             assert self.global_ is not None
             return Task(TaskKind.TRAIN, round=self.round, global_round=self.global_.round, plan=self.plans[agent_id])
         if self.phase == "evaluating" and agent_id in self.eval_plans and agent_id not in self.eval_reports:
@@ -217,10 +232,23 @@ class Orchestrator:
                 return plan
         raise StaleRound(f"plan {plan_id!r} is not current for agent {agent_id}")
 
-    def check_upload(self, meta: UpdateMeta, infos: list[TensorInfo]) -> None:
-        """Refuse an upload from its header alone, before its payload is read."""
+    def check_upload(self, meta: UpdateMeta, infos: list[TensorInfo], sha256: bytes = b"") -> bool:
+        """Refuse an upload from its header alone, before its payload is read.
+
+        True for a replay: the same payload (by checksum) as the agent's accepted update of this round,
+        which is acknowledged and ignored so that a retried upload is idempotent.
+        """
         self.registry.get(meta.agent_id)
         with self.cond:
+            if (
+                sha256
+                and self.phase == "training"
+                and meta.round == self.round
+                and self.update_sha256.get(meta.agent_id) == sha256
+            ):
+                self.metrics.updates_replayed.labels(meta.agent_id).inc()
+                log.info("round %d: replayed update from %s ignored", meta.round, meta.agent_id)
+                return True
             self._check_open(meta)
             plan = self.plans[meta.agent_id]
             spec = self.registry.spec
@@ -238,6 +266,7 @@ class Orchestrator:
         extra = sorted(set(declared) - {info.name for info in expected})
         if extra:
             raise InvalidArgument("payload.tensors", f"not in the plan: {extra[:3]}")
+        return False
 
     def _check_open(self, meta: UpdateMeta) -> None:
         if self.phase != "training" or meta.round != self.round:
@@ -245,10 +274,14 @@ class Orchestrator:
             raise StaleRound(f"round {meta.round} is not open for uploads (open round: {open_round})")
         if meta.agent_id not in self.plans:
             raise StaleRound(f"agent {meta.agent_id} has no plan in round {self.round}; it joins the next")
+        if meta.agent_id in self.withdrawn:
+            raise StaleRound(f"agent {meta.agent_id} registered again during round {self.round}; it joins the next")
         if meta.plan_id != self.plans[meta.agent_id].plan_id:
             raise InvalidArgument("plan_id", f"{meta.plan_id!r} is not this round's plan for {meta.agent_id}")
         if meta.agent_id in self.updates:
-            raise AlreadyUploaded(f"agent {meta.agent_id} already uploaded round {self.round}")
+            raise AlreadyUploaded(
+                f"agent {meta.agent_id} already uploaded round {self.round}, with a different payload"
+            )
         if meta.samples == 0:
             raise InvalidArgument("samples", "must be positive: an update with no samples has no weight")
         # The weight of an update is its sample count: bound it by the work the plan allows on the
@@ -258,17 +291,20 @@ class Orchestrator:
         if meta.samples > limit:
             raise InvalidArgument("samples", f"{meta.samples} exceeds the {limit} this plan allows on the agent's data")
 
-    def accept_update(self, update: AdapterUpdate) -> str:
-        """Validate every tensor against the plan and keep the update for this round's aggregation."""
+    def accept_update(self, update: AdapterUpdate, sha256: bytes = b"") -> str:
+        """Validate every tensor against the plan, bound its norm, keep it for this round's aggregation."""
         with self.cond:
             self._check_open(update.meta)
             plan = self.plans[update.meta.agent_id]
             spec = self.registry.spec
-        assert spec is not None
+            global_ = self.global_
+        assert spec is not None and global_ is not None
         check_tensors(update.tensors, expected_tensors(plan, spec))
+        update = self._bound_norm(update, broadcast_tensors(global_, plan, spec))
         with self.cond:
             self._check_open(update.meta)  # the round may have closed while tensors were checked
             self.updates[update.meta.agent_id] = update
+            self.update_sha256[update.meta.agent_id] = sha256
             count, planned = len(self.updates), len(self.plans)
             self.cond.notify_all()
         agent = update.meta.agent_id
@@ -292,6 +328,23 @@ class Orchestrator:
             planned,
         )
         return f"accepted for round {update.meta.round} ({count}/{planned})"
+
+    def _bound_norm(self, update: AdapterUpdate, sent: Mapping[str, torch.Tensor]) -> AdapterUpdate:
+        """updates.max_norm: refuse, or scale down, an update whose change to what it was sent is too large."""
+        agent = update.meta.agent_id
+        delta = {name: update.tensors[name].double() - sent[name].double() for name in sent}
+        norm = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
+        self.metrics.update_norm.labels(agent).set(norm)
+        bound = self.config.updates.max_norm
+        if bound <= 0 or norm <= bound:
+            return update
+        if self.config.updates.norm_action == "reject":
+            raise InvalidArgument("update norm", f"{norm:.4g} exceeds updates.max_norm {bound:g}")
+        factor = bound / norm
+        self.metrics.updates_clipped.labels(agent).inc()
+        log.warning("round %d: update from %s clipped from norm %.4g to %g", update.meta.round, agent, norm, bound)
+        tensors = {name: (sent[name].double() + factor * d).to(update.tensors[name].dtype) for name, d in delta.items()}
+        return replace(update, tensors=tensors)
 
     def report_evaluation(self, agent_id: str, global_round: int, evaluation: Evaluation) -> None:
         """Keep an agent's evaluation of the current global adapter."""
@@ -330,9 +383,10 @@ class Orchestrator:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
-        """Drive every round to the end; returns the run summary."""
+        """Drive every round to the end (resuming a run directory that holds state); returns the summary."""
         cfg = self.config.run
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        saved = self._restore_registry()
         log.info("waiting for %d agents (up to %.0fs)", cfg.min_agents, cfg.registration_timeout_s)
         alive = self._await_agents()
         spec = self.registry.spec
@@ -340,15 +394,16 @@ class Orchestrator:
         # Saved adapters unfold the folded global with the configured alpha at each module's own rank; any
         # alpha gives the same dW, so this needs no plan (planning before selection would be work thrown away).
         self.checkpoint = Checkpoint(cfg.run_dir, self.base_path, self.options.alpha, spec, head_modules(spec))
-        resumed = self.checkpoint.load_state()
-        self._select(resumed.round if resumed is not None else 0, alive, spec)
-        plans = self._plan(alive, spec, 0).plans
+        resumed = self.checkpoint.load_state() if saved else None
+        plans: Mapping[str, TrainPlan] = {}
         if resumed is not None:
-            log.info("resuming from %s after round %d", cfg.run_dir, resumed.round)
-            global_ = resumed
+            global_, meta = resumed
+            self._resume(global_, meta)
         else:
+            self._select(0, alive, spec)
+            plans = self._plan(alive, spec, 0).plans
             global_ = make_initial(spec, _widest(plans), cfg.seed)
-            self.checkpoint.save_state(global_)
+            self.checkpoint.save_state(global_, self._state())
         with self.cond:
             self.global_ = global_
         (cfg.run_dir / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
@@ -357,6 +412,51 @@ class Orchestrator:
         for round_ in range(global_.round + 1, cfg.rounds + 1):
             self.results.append(self._train_round(round_))
         return self._finish()
+
+    def _state(self) -> dict[str, Any]:
+        """The bookkeeping a restarted coordinator needs besides the global adapter."""
+        spec = self.registry.spec
+        assert spec is not None
+        profiles = {a: r.profile for a, r in self.registry.all().items()}
+        return {"run_id": self.run_id, **snapshot(profiles, spec, self.mask, self.mask_scores, self.corrections)}
+
+    def _restore_registry(self) -> bool:
+        """When the run directory holds state: the run's model and agents, so they carry on without
+        registering again. False for a fresh run."""
+        path = self.config.run.run_dir / "state" / STATE_FILE
+        if not path.is_file():
+            return False
+        meta = json.loads(path.read_text())
+        if "spec" not in meta:  # state of an older version: agents register again
+            return True
+        profiles, spec, _, _, _ = from_snapshot(meta)
+        self.registry.restore(spec, profiles)
+        return True
+
+    def _resume(self, global_: GlobalAdapter, meta: Mapping[str, Any]) -> None:
+        """Continue after the last complete round: its global, mask, cost corrections and results."""
+        if "spec" in meta:
+            _, _, self.mask, self.mask_scores, self.corrections = from_snapshot(meta)
+        self.run_id = str(meta.get("run_id", self.run_id))
+        rounds = self.config.run.run_dir / "rounds.jsonl"
+        if rounds.is_file():
+            by_round = {}
+            for line in rounds.read_text().splitlines():
+                record = json.loads(line)
+                if record["round"] <= global_.round:
+                    by_round[record["round"]] = result_from_record(record)
+            self.results = [by_round[r] for r in sorted(by_round)]
+        self.metrics.resumed_round.set(global_.round)
+        if self.mask is not None:
+            self.metrics.mask_size.set(len(self.mask))
+        log.info(
+            "resuming run %s after round %d from %s (global sha256 %s, %d matrices in the mask)",
+            self.run_id,
+            global_.round,
+            self.config.run.run_dir,
+            meta.get("global_sha256", "?"),
+            len(self.mask) if self.mask is not None else len(global_.lora),
+        )
 
     def stop(self) -> None:
         """End the run at the next wait (a signal, or a test's teardown); run() raises RunAborted."""
@@ -410,24 +510,54 @@ class Orchestrator:
         deadline = start + cfg.round_deadline_s
         with self.cond:
             self.phase, self.round, self.plans, self.updates = "training", round_, plans, {}
+            self.update_sha256, self.withdrawn = {}, set()
             self.cond.notify_all()
         self.metrics.current_round.set(round_)
         log.info("round %d/%d: training on %d agents: %s", round_, cfg.rounds, len(plans), ", ".join(sorted(plans)))
-        self._wait_for(plans, lambda: self.updates, deadline)
-        self._check_stop()
+        quorum = max(cfg.min_agents, math.ceil(cfg.quorum_fraction * len(plans)))
+
+        def received() -> set[str]:
+            return set(self.updates) | self.withdrawn
+
+        self._wait_for(plans, received, deadline)
+        extensions = 0
+        while True:
+            self._check_stop()
+            with self.cond:
+                count = len(self.updates)
+                pending = set(plans) - received()
+            live = pending & set(self.registry.alive(cfg.agent_timeout_s))
+            if count >= quorum or cfg.on_no_quorum != "extend" or extensions >= cfg.max_extensions or not live:
+                break
+            extensions += 1
+            self.metrics.round_extensions.inc()
+            log.warning(
+                "round %d: %d of %d needed updates by the deadline; extending by %.0fs (%d/%d) for %s",
+                round_,
+                count,
+                quorum,
+                cfg.round_deadline_s,
+                extensions,
+                cfg.max_extensions,
+                ", ".join(sorted(live)),
+            )
+            self._wait_for(plans, received, time.monotonic() + cfg.round_deadline_s)
         with self.cond:
             self.phase = "aggregating"
             updates = dict(self.updates)
         dropped = tuple(sorted(set(plans) - set(updates)))
         for agent in dropped:
             self.metrics.stragglers.labels(agent).inc()
-        if len(updates) < cfg.min_agents:
-            self.metrics.rounds_failed.labels("too_few_updates").inc()
+        if dropped:
+            log.warning("round %d: closing without %s", round_, ", ".join(dropped))
+        if len(updates) < quorum:
+            self.metrics.rounds_failed.labels("no_quorum").inc()
             log.error(
-                "round %d: only %d of %d needed updates arrived by the deadline; global unchanged (missing %s)",
+                "round %d: only %d of the %d updates needed (quorum) arrived; round skipped, global unchanged "
+                "(missing %s)",
                 round_,
                 len(updates),
-                cfg.min_agents,
+                quorum,
                 ", ".join(dropped),
             )
             return RoundResult(round_, tuple(sorted(updates)), time.monotonic() - start, 0, dropped=dropped)
@@ -450,7 +580,7 @@ class Orchestrator:
                 "peak_memory_bytes": u.meta.peak_memory_bytes,
             }
         self._refit(updates, planned.predictions)
-        self.checkpoint.save_round(new_global, plans, report)
+        self.checkpoint.save_round(new_global, plans, report, self._state())
         with self.cond:
             self.global_ = new_global
         seconds = time.monotonic() - start
@@ -625,17 +755,31 @@ class Orchestrator:
 
     def _wait_for(self, expected: Collection[str], received: Callable[[], Collection[str]], deadline: float) -> None:
         """Wait until every expected agent delivered, the deadline passed, or every outstanding agent is dead."""
-        timeout = self.config.run.agent_timeout_s
         with self.cond:
             while True:
                 pending = set(expected) - set(received())
                 now = time.monotonic()
                 if not pending or now >= deadline or self.stopping.is_set():
                     return
-                if not pending & set(self.registry.alive(timeout)):
+                if not pending & self._liveness():
                     log.warning("agents %s stopped beating; not waiting for them", ", ".join(sorted(pending)))
                     return
                 self.cond.wait(min(POLL_S, deadline - now))
+
+    def _liveness(self) -> set[str]:
+        """The alive agents; logs and counts each agent that goes silent, and each that comes back."""
+        alive = set(self.registry.alive(self.config.run.agent_timeout_s))
+        known = set(self.registry.all())
+        for agent in sorted((known - alive) - self.dead):
+            if agent in self.plans or agent in self.eval_plans or agent in self.probe_agents:
+                log.warning("agent %s missed heartbeats for %.0fs: marked dead", agent, self.config.run.agent_timeout_s)
+                self.metrics.agents_dead.labels(agent).inc()
+                self.dead.add(agent)
+        for agent in sorted(self.dead & alive):
+            log.info("agent %s is back", agent)
+            self.dead.discard(agent)
+        self.metrics.agents_alive.set(len(alive))
+        return alive
 
     def _evaluate(self, round_: int, plans: Mapping[str, TrainPlan], result: RoundResult) -> RoundResult:
         """Score the current global: held-out on this host, and validation splits on the agents."""
@@ -717,6 +861,24 @@ def _widest(plans: Mapping[str, TrainPlan]) -> TrainPlan:
         for module, rank in plan.rank_pattern.items():
             ranks[module] = max(rank, ranks.get(module, 0))
     return replace(first, target_modules=tuple(ranks), rank_pattern=ranks)
+
+
+def result_from_record(record: Mapping[str, Any]) -> RoundResult:
+    """A RoundResult from its rounds.jsonl line."""
+
+    def evaluation(raw: Mapping[str, Any] | None) -> Evaluation | None:
+        return Evaluation(**raw) if raw else None
+
+    return RoundResult(
+        round=record["round"],
+        agents=tuple(record["agents"]),
+        seconds=record["seconds"],
+        samples=record["samples"],
+        train_loss=record.get("train_loss"),
+        heldout=evaluation(record.get("heldout")),
+        agents_eval=evaluation(record.get("agents_eval")),
+        dropped=tuple(record.get("dropped", ())),
+    )
 
 
 def round_line(result: RoundResult, rounds: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from common.errors import ModelMismatch, UnknownAgent
@@ -50,6 +50,17 @@ class Registry:
             self._agents[agent_id] = AgentRecord(agent_id, profile, now, now)
             self.changed.notify_all()
             return new
+
+    def restore(self, spec: ModelSpec, profiles: Mapping[str, DeviceProfile]) -> None:
+        """After a coordinator restart: the run's model and its agents, each dead until it calls again.
+
+        Agents then carry on with their heartbeats and task polls; none has to register again.
+        """
+        with self._lock:
+            self.spec = self.spec or spec
+            for agent_id, profile in profiles.items():
+                self._agents.setdefault(agent_id, AgentRecord(agent_id, profile, float("-inf"), float("-inf")))
+            self.changed.notify_all()
 
     def heartbeat(self, agent_id: str, state: str) -> None:
         """Mark an agent alive; UnknownAgent if it never registered (or the coordinator restarted)."""

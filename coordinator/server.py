@@ -1,16 +1,21 @@
-"""Builds the coordinator's gRPC server: servicer, RPC latency interceptor, bound port."""
+"""Builds the coordinator's gRPC server: servicer, health, reflection, RPC latency interceptor, bound port."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from common.metrics import CoordinatorMetrics
 from common.rpc import make_server
+from common.security import ServerSecurity
 from coordinator.config import ServerSection
 from coordinator.orchestrator import Orchestrator
 from coordinator.servicer import CoordinatorServicer
@@ -53,14 +58,41 @@ class LatencyInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         return handler
 
 
+SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+@dataclass
+class Serving:
+    """A started server, the port it bound and its health service."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+
+    def stop(self, grace_s: float) -> None:
+        """Report NOT_SERVING to health checks, then stop taking calls."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace=grace_s).wait(grace_s + 5)
+
+
 def start_server(
-    orchestrator: Orchestrator, section: ServerSection, metrics: CoordinatorMetrics
-) -> tuple[grpc.Server, int]:
-    """Start serving; returns the server and the port it bound (section.port 0 picks one)."""
+    orchestrator: Orchestrator, section: ServerSection, metrics: CoordinatorMetrics, security: ServerSecurity
+) -> Serving:
+    """Start serving (TLS unless security is insecure); section.port 0 picks a free port."""
     server = make_server(section.workers, interceptors=[LatencyInterceptor(metrics)])
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(orchestrator, section, metrics), server)
-    port = server.add_insecure_port(f"{section.host}:{section.port}")
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(orchestrator, section, metrics, security), server)
+    checker = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    address = f"{section.host}:{section.port}"
+    if security.credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, security.credentials)
     if port == 0:
-        raise OSError(f"server: cannot bind {section.host}:{section.port}")
+        raise OSError(f"server: cannot bind {address}")
     server.start()
-    return server, port
+    for name in ("", SERVICE):
+        checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Serving(server, port, checker)

@@ -18,6 +18,7 @@ from common import serde
 from common.errors import FedPipeError, InvalidArgument
 from common.metrics import CoordinatorMetrics
 from common.rpc import status_for
+from common.security import ServerSecurity
 from common.types import AdapterUpdate
 from coordinator.config import ServerSection
 from coordinator.orchestrator import Orchestrator
@@ -33,6 +34,8 @@ REJECT_REASONS = {  # bounded label values for fedpipe_updates_rejected_total
     grpc.StatusCode.NOT_FOUND: "unknown_agent",
     grpc.StatusCode.FAILED_PRECONDITION: "stale",
     grpc.StatusCode.ALREADY_EXISTS: "duplicate",
+    grpc.StatusCode.PERMISSION_DENIED: "identity",
+    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
 }
 
 
@@ -57,12 +60,19 @@ def mapped(method: F) -> F:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    """fedpipe.v1.Coordinator over an Orchestrator."""
+    """fedpipe.v1.Coordinator over an Orchestrator; every call must come from the agent it names."""
 
-    def __init__(self, orchestrator: Orchestrator, limits: ServerSection, metrics: CoordinatorMetrics) -> None:
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        limits: ServerSection,
+        metrics: CoordinatorMetrics,
+        security: ServerSecurity,
+    ) -> None:
         self.orchestrator = orchestrator
         self.limits = limits
         self.metrics = metrics
+        self.security = security
 
     @mapped
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
@@ -70,6 +80,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             raise InvalidArgument("agent_id", "empty")
         if not request.HasField("profile") or not request.HasField("model"):
             raise InvalidArgument("profile" if not request.HasField("profile") else "model", "missing")
+        self.security.authorize(context, request.agent_id)
         info = self.orchestrator.register(
             request.agent_id, serde.profile_from_pb(request.profile), serde.spec_from_pb(request.model)
         )
@@ -79,17 +90,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @mapped
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        self.security.authorize(context, request.agent_id)
         known, round_ = self.orchestrator.heartbeat(request.agent_id, request.state)
         return pb.HeartbeatResponse(known=known, current_round=round_)
 
     @mapped
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.GetTaskResponse:
+        self.security.authorize(context, request.agent_id)
         return serde.task_to_pb(self.orchestrator.get_task(request.agent_id, request.wait_s))
 
     @mapped
     def DownloadGlobal(
         self, request: pb.DownloadGlobalRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.DownloadGlobalResponse]:
+        self.security.authorize(context, request.agent_id)
         tensors = self.orchestrator.global_for(request.agent_id, request.global_round, request.plan_id)
         header, payload = serde.encode_payload(tensors)
         return _download_stream(header, payload, self.limits.chunk_bytes)
@@ -102,21 +116,27 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("header", "an upload must start with its header")
         meta = serde.update_meta_from_pb(first.header)
+        self.security.authorize(context, meta.agent_id)
         infos = serde.tensor_infos(first.header.payload)
-        self.orchestrator.check_upload(meta, infos)
+        digest = bytes(first.header.payload.sha256)
+        if self.orchestrator.check_upload(meta, infos, digest):
+            # A retry of an upload whose answer was lost: same bytes, same answer, counted once.
+            message = f"replay of the update already accepted for round {meta.round}; ignored"
+            return pb.UploadUpdateResponse(accepted=True, round=meta.round, message=message)
         tensors = serde.decode_payload(
             first.header.payload,
             _chunks(request_iterator),
             self.limits.max_upload_bytes,
             self.limits.max_chunk_bytes,
         )
-        message = self.orchestrator.accept_update(AdapterUpdate(meta=meta, tensors=tensors))
+        message = self.orchestrator.accept_update(AdapterUpdate(meta=meta, tensors=tensors), digest)
         return pb.UploadUpdateResponse(accepted=True, round=meta.round, message=message)
 
     @mapped
     def ReportEvaluation(
         self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
     ) -> pb.ReportEvaluationResponse:
+        self.security.authorize(context, request.agent_id)
         evaluation = serde.evaluation_from_pb(request)
         self.orchestrator.report_evaluation(request.agent_id, request.global_round, evaluation)
         return pb.ReportEvaluationResponse()
@@ -125,6 +145,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def ReportImportance(
         self, request: pb.ReportImportanceRequest, context: grpc.ServicerContext
     ) -> pb.ReportImportanceResponse:
+        self.security.authorize(context, request.agent_id)
         self.orchestrator.report_importance(request.agent_id, serde.importance_from_pb(request))
         return pb.ReportImportanceResponse()
 

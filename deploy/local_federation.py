@@ -3,7 +3,8 @@
 Reads a YAML file with a `coordinator:` mapping (a fedpipe-coordinator config) and an `agents:` mapping
 (count, a shared fedpipe-agent config under `config:`, optional per-agent overrides), starts every
 process through its console script, prints one line per round and ends with `final accuracy: X`.
-Logs of each process go to <run_dir>/logs/.
+Logs of each process go to <run_dir>/logs/. Unless the coordinator config says `insecure: true`, the
+launcher makes a CA and certificates under <run_dir>/certs and every process speaks mTLS.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from common.certs import agent_paths, write_bundle
 
 START_TIMEOUT_S = 120.0
 
@@ -57,103 +61,120 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     )
 
 
-def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> int:
-    """Start everything, follow the rounds, and return the coordinator's exit code."""
-    spec = yaml.safe_load(config_path.read_text())
-    coordinator_cfg: dict[str, Any] = spec.get("coordinator", {})
-    agents_spec: dict[str, Any] = spec.get("agents", {})
-    count = int(agents_spec.get("count", 3))
-    run_dir = run_dir_override or Path(coordinator_cfg.get("run", {}).get("run_dir", "runs/demo"))
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run; a leftover state/ would resume
-    logs = run_dir / "logs"
-    logs.mkdir(parents=True)
-    coordinator_cfg = merge(coordinator_cfg, {"run": {"run_dir": str(run_dir)}, "server": {"port": 0}})
-    coordinator_cfg.setdefault("metrics", {}).setdefault("port", 0)
-    rounds = int(coordinator_cfg.get("run", {}).get("rounds", 5))
-    (run_dir / "coordinator.yaml").write_text(yaml.safe_dump(coordinator_cfg))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    procs: list[subprocess.Popen[bytes]] = []
-    with (logs / "coordinator.log").open("wb") as out:
-        coordinator = subprocess.Popen(
-            [script("fedpipe-coordinator"), "--config", str(run_dir / "coordinator.yaml")],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
+def free_port() -> int:
+    """A port nobody listens on now; fixed up front so a restarted coordinator keeps its address."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Federation:
+    """The processes of a local federation, started from one launcher YAML; a context manager that
+    stops whatever is still running on exit. Tests use it to kill and restart single processes."""
+
+    def __init__(self, spec: dict[str, Any], run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.logs = run_dir / "logs"
+        agents_spec: dict[str, Any] = spec.get("agents", {})
+        self.count = int(agents_spec.get("count", 3))
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run; a leftover state/ would resume
+        self.logs.mkdir(parents=True)
+        coordinator_cfg: dict[str, Any] = merge(
+            spec.get("coordinator", {}), {"run": {"run_dir": str(run_dir)}, "server": {"port": free_port()}}
         )
-    procs.append(coordinator)
-    agents: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        port_file = run_dir / "coordinator.port"
-        start = time.monotonic()
-        while not port_file.exists():
-            if coordinator.poll() is not None or time.monotonic() - start > START_TIMEOUT_S:
-                print((logs / "coordinator.log").read_text()[-3000:], file=sys.stderr)
-                print("the coordinator did not start (log above)", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-        address = f"127.0.0.1:{port_file.read_text().strip()}"
-        print(f"coordinator on {address}, {count} agents, {rounds} rounds, run in {run_dir}", flush=True)
+        coordinator_cfg.setdefault("metrics", {}).setdefault("port", 0)
+        self.rounds = int(coordinator_cfg.get("run", {}).get("rounds", 5))
+        self.address = f"127.0.0.1:{coordinator_cfg['server']['port']}"
+        self.agent_ids = [f"agent-{i}" for i in range(1, self.count + 1)]
+        self.secure = not coordinator_cfg.get("insecure", False)
+        security: dict[str, Any] = {"insecure": True}
+        agent_security: dict[str, dict[str, Any]] = {a: {"insecure": True} for a in self.agent_ids}
+        if self.secure:
+            # mTLS as in production: a CA, the coordinator's certificate and one per agent, under run_dir/certs.
+            certs = run_dir / "certs"
+            write_bundle(certs, self.agent_ids, hosts=("localhost", "127.0.0.1"))
+            security = {
+                "tls": {
+                    "cert": str(certs / "coordinator.crt"),
+                    "key": str(certs / "coordinator.key"),
+                    "client_ca": str(certs / "ca.crt"),
+                }
+            }
+            for agent_id in self.agent_ids:
+                crt, key = agent_paths(certs, agent_id)
+                agent_security[agent_id] = {"tls": {"ca": str(certs / "ca.crt"), "cert": str(crt), "key": str(key)}}
+        coordinator_cfg = merge(coordinator_cfg, security)
+        self.coordinator_yaml = run_dir / "coordinator.yaml"
+        self.coordinator_yaml.write_text(yaml.safe_dump(coordinator_cfg))
         overrides = agents_spec.get("overrides", {})
-        for i in range(1, count + 1):
-            agent_id = f"agent-{i}"
+        for i, agent_id in enumerate(self.agent_ids, start=1):
             agent_cfg = merge(
                 agents_spec.get("config", {}),
                 {
                     "agent_id": agent_id,
-                    "coordinator": address,
-                    "data": {"shard": f"{i}/{count}"},
+                    "coordinator": self.address,
+                    "data": {"shard": f"{i}/{self.count}"},
                     "metrics": {"port": 0},
                     "progress": "lines",
                 },
             )
-            agent_cfg = merge(agent_cfg, overrides.get(agent_id, {}))
-            path = run_dir / f"{agent_id}.yaml"
-            path.write_text(yaml.safe_dump(agent_cfg))
-            with (logs / f"{agent_id}.log").open("wb") as out:
-                agents[agent_id] = subprocess.Popen(
-                    [script("fedpipe-agent"), "--config", str(path)], stdout=out, stderr=subprocess.STDOUT, env=env
-                )
-                procs.append(agents[agent_id])
-        seen = 0
-        records = run_dir / "rounds.jsonl"
-        while True:
-            if records.exists():
-                lines = records.read_text().splitlines()
-                for line in lines[seen:]:
-                    print(round_line(json.loads(line), rounds), flush=True)
-                seen = len(lines)
-            if coordinator.poll() is not None:
-                break
-            for agent_id, proc in list(agents.items()):
-                if proc.poll() not in (None, 0):
-                    print(f"{agent_id} exited with {proc.returncode}; see {logs}/{agent_id}.log", flush=True)
-                    del agents[agent_id]  # reported once; the run goes on while quorum holds
-                    break
-            if time.monotonic() - start > timeout_s:
-                print(f"timed out after {timeout_s:.0f}s", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
-        if records.exists():
-            for line in records.read_text().splitlines()[seen:]:
-                print(round_line(json.loads(line), rounds), flush=True)
-        if coordinator.returncode != 0:
-            print((logs / "coordinator.log").read_text()[-3000:], file=sys.stderr)
-            print(f"the coordinator failed with {coordinator.returncode} (log above)", file=sys.stderr)
-            return coordinator.returncode
-        for proc in procs[1:]:
+            agent_cfg = merge(merge(agent_cfg, agent_security[agent_id]), overrides.get(agent_id, {}))
+            (run_dir / f"{agent_id}.yaml").write_text(yaml.safe_dump(agent_cfg))
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.starts: dict[str, int] = {}
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        # Each start of a process gets its own log: <name>.log, then <name>.2.log after a restart.
+        self.starts[name] = self.starts.get(name, 0) + 1
+        suffix = "" if self.starts[name] == 1 else f".{self.starts[name]}"
+        with (self.logs / f"{name}{suffix}.log").open("wb") as out:
+            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+
+    def log(self, name: str, start: int = 1) -> str:
+        """The log of a process's start-th run."""
+        suffix = "" if start == 1 else f".{start}"
+        return (self.logs / f"{name}{suffix}.log").read_text(errors="replace")
+
+    def start_coordinator(self) -> subprocess.Popen[bytes]:
+        """Start (or restart) the coordinator on the federation's fixed address."""
+        self.coordinator = self._spawn(
+            "coordinator", [script("fedpipe-coordinator"), "--config", str(self.coordinator_yaml)]
+        )
+        return self.coordinator
+
+    def start_agent(self, agent_id: str) -> subprocess.Popen[bytes]:
+        """Start (or restart) one agent."""
+        self.agents[agent_id] = self._spawn(
+            agent_id, [script("fedpipe-agent"), "--config", str(self.run_dir / f"{agent_id}.yaml")]
+        )
+        return self.agents[agent_id]
+
+    def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> bool:
+        """Wait until the coordinator accepts connections; False if it exited or timed out."""
+        host, port = self.address.rsplit(":", 1)
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.coordinator is None or self.coordinator.poll() is not None:
+                return False
             try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-        summary = json.loads((run_dir / "summary.json").read_text())
-        print(f"final adapter: {run_dir / 'final'}; logs: {logs}", flush=True)
-        accuracy = summary.get("final_accuracy")
-        if accuracy is None:
-            print("final accuracy: n/a (the run evaluates nothing)", flush=True)
-        else:
-            print(f"final accuracy: {accuracy:.3f}", flush=True)
-        return 0
-    finally:
+                with socket.create_connection((host, int(port)), timeout=1):
+                    return True
+            except OSError:
+                time.sleep(0.2)
+        return False
+
+    def rounds_done(self) -> list[dict[str, Any]]:
+        """The records of rounds.jsonl so far."""
+        path = self.run_dir / "rounds.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        procs = [p for p in [self.coordinator, *self.agents.values()] if p is not None]
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -162,6 +183,64 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+
+
+def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> int:
+    """Start everything, follow the rounds, and return the coordinator's exit code."""
+    spec = yaml.safe_load(config_path.read_text())
+    run_dir = run_dir_override or Path(spec.get("coordinator", {}).get("run", {}).get("run_dir", "runs/demo"))
+    with Federation(spec, run_dir) as fed:
+        coordinator = fed.start_coordinator()
+        start = time.monotonic()
+        if not fed.wait_serving():
+            print(fed.log("coordinator")[-3000:], file=sys.stderr)
+            print("the coordinator did not start (log above)", file=sys.stderr)
+            return 1
+        secured = "mTLS" if fed.secure else "plaintext"
+        print(
+            f"coordinator on {fed.address} ({secured}), {fed.count} agents, {fed.rounds} rounds, run in {run_dir}",
+            flush=True,
+        )
+        for agent_id in fed.agent_ids:
+            fed.start_agent(agent_id)
+        agents = dict(fed.agents)
+        seen = 0
+        while True:
+            records = fed.rounds_done()
+            for record in records[seen:]:
+                print(round_line(record, fed.rounds), flush=True)
+            seen = len(records)
+            if coordinator.poll() is not None:
+                break
+            for agent_id, proc in list(agents.items()):
+                if proc.poll() not in (None, 0):
+                    print(f"{agent_id} exited with {proc.returncode}; see {fed.logs}/{agent_id}.log", flush=True)
+                    del agents[agent_id]  # reported once; the run goes on while quorum holds
+                    break
+            if time.monotonic() - start > timeout_s:
+                print(f"timed out after {timeout_s:.0f}s", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        for record in fed.rounds_done()[seen:]:
+            print(round_line(record, fed.rounds), flush=True)
+        if coordinator.returncode != 0:
+            print(fed.log("coordinator")[-3000:], file=sys.stderr)
+            print(f"the coordinator failed with {coordinator.returncode} (log above)", file=sys.stderr)
+            return coordinator.returncode
+        for proc in fed.agents.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+        summary = json.loads((run_dir / "summary.json").read_text())
+        print(f"final adapter: {run_dir / 'final'}; logs: {fed.logs}", flush=True)
+        accuracy = summary.get("final_accuracy")
+        if accuracy is None:
+            print("final accuracy: n/a (the run evaluates nothing)", flush=True)
+        else:
+            print(f"final accuracy: {accuracy:.3f}", flush=True)
+        return 0
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from common.errors import UnknownAgent
+from common.errors import Rejected, UnknownAgent
 from common.metrics import AgentMetrics
 from common.modeling import evaluate
 from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, ProbePlan, Task, TaskKind, UpdateMeta
@@ -23,11 +23,14 @@ from edge_agent.trainer import train_local
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+FATAL = frozenset({"PERMISSION_DENIED", "UNAUTHENTICATED"})  # refusals that retrying cannot fix
 UPLOAD_RESERVE_S = 2.0  # stop training this long before the deadline so the upload still makes it
 
 
 class Gateway(Protocol):
     """What the agent needs from the coordinator; edge_agent.client.CoordinatorClient provides it."""
+
+    last_answer: float  # monotonic time of the coordinator's last answer
 
     def register(self, profile: DeviceProfile, spec: ModelSpec, version: str) -> float: ...
     def heartbeat(self, state: str) -> bool: ...
@@ -53,6 +56,7 @@ class Agent:
         poll_wait_s: float = 10.0,
         progress: str = "auto",
         throttle: Throttle | None = None,
+        ready_s: float = 60.0,
     ) -> None:
         self.agent_id = agent_id
         self.gateway = gateway
@@ -68,10 +72,24 @@ class Agent:
         self.stop = threading.Event()
         self.heartbeat_s = 5.0
         self.last_notice = ""
+        self.registered = False
+        self.ready_s = ready_s
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: registered, and the coordinator answered within ready_s."""
+        if not self.registered:
+            return False, "not registered with the coordinator"
+        silent = time.monotonic() - self.gateway.last_answer
+        if silent > self.ready_s:
+            return False, f"no answer from the coordinator for {silent:.0f}s"
+        return True, f"ready ({self.state})"
 
     def register(self) -> None:
         """Announce this agent; retried inside the gateway while the coordinator is unreachable."""
+        self.registered = False
+        self.metrics.ready.set(0)
         self.heartbeat_s = self.gateway.register(self.profile, self.spec, VERSION) or self.heartbeat_s
+        self.registered = True
         self.metrics.ready.set(1)
         log.info(
             "registered with the coordinator (%d train / %d validation samples, %.2f GFLOP/s)",
@@ -87,8 +105,10 @@ class Agent:
         beat.start()
         try:
             while not self.stop.is_set():
+                what = "task poll"
                 try:
                     task = self.gateway.get_task(self.poll_wait_s)
+                    what = f"{task.kind.name} task of round {task.round}"
                     if task.kind is TaskKind.FINISHED:
                         log.info("the coordinator finished the run: %s", task.message or "done")
                         return
@@ -103,6 +123,14 @@ class Agent:
                 except UnknownAgent:
                     log.warning("the coordinator does not know this agent; registering again")
                     self.register()
+                except Rejected as err:
+                    if err.status in FATAL:
+                        raise
+                    # A round that closed (deadline, coordinator restart) or a plan that was replaced: the
+                    # work is lost, the agent is not; it asks for its next task.
+                    log.warning("%s refused by the coordinator: %s", what, err)
+                    self.state = "idle"
+                    self.stop.wait(1.0)
         finally:
             self.stop.set()
 

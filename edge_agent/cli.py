@@ -15,6 +15,8 @@ from common.errors import ConfigError, FedPipeError
 from common.settings import build
 
 if TYPE_CHECKING:
+    import grpc
+
     from edge_agent.config import AgentConfig
 
 log = logging.getLogger("fedpipe.agent")
@@ -32,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(f"agent[{config.agent_id}]", config.log_format)
     try:
         return run(config)
+    except ConfigError as err:
+        log.error("config error: %s", err)
+        return 2
     except FedPipeError as err:
         log.error("%s", err)
         return 1
@@ -43,6 +48,7 @@ def run(config: AgentConfig) -> int:
 
     from common.metrics import AgentMetrics, serve
     from common.modeling import compute_dtype, model_spec, pick_device, resolve_model_path
+    from common.rpc import RetryPolicy
     from edge_agent.agent import Agent
     from edge_agent.calibrate import calibrate
     from edge_agent.caps import Throttle, apply_memory_cap, check_peak
@@ -51,6 +57,7 @@ def run(config: AgentConfig) -> int:
     from edge_agent.model import LocalModel
     from edge_agent.profiler import profile
 
+    credentials = agent_credentials(config)  # wrong TLS files fail here, before minutes of loading
     if config.threads:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
@@ -73,9 +80,6 @@ def run(config: AgentConfig) -> int:
         f", compute share {config.compute_share:g}" if throttle.active else "",
     )
     metrics = AgentMetrics()
-    if config.metrics.port >= 0:
-        port = serve(metrics.registry, config.metrics.host, config.metrics.port)
-        log.info("metrics on http://%s:%d/metrics", config.metrics.host, port)
     model = LocalModel(path, labels, device)
     if config.calibration.enabled:
         section = config.calibration
@@ -99,7 +103,14 @@ def run(config: AgentConfig) -> int:
             )
             check_peak(point.peak_memory_bytes, memory_cap, f"calibration at batch {point.batch_size}")
         measured = dataclasses.replace(measured, calibration=points)
-    client = CoordinatorClient(config.coordinator, config.agent_id, metrics)
+    client = CoordinatorClient(
+        config.coordinator,
+        config.agent_id,
+        metrics,
+        credentials,
+        config.tls.server_name,
+        RetryPolicy(give_up_s=config.reconnect_s),
+    )
     agent = Agent(
         config.agent_id,
         client,
@@ -111,7 +122,11 @@ def run(config: AgentConfig) -> int:
         config.poll_wait_s,
         config.progress,
         throttle,
+        config.ready_s,
     )
+    if config.metrics.port >= 0:
+        port = serve(metrics.registry, config.metrics.host, config.metrics.port, agent.ready)
+        log.info("metrics on http://%s:%d/metrics, readiness on /readyz", config.metrics.host, port)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping after the current step", signum)
@@ -123,6 +138,22 @@ def run(config: AgentConfig) -> int:
     finally:
         client.close()
     return 0
+
+
+def agent_credentials(config: AgentConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the config, None with --insecure; the certificate must name this agent."""
+    from common.certs import common_name
+    from common.security import channel_credentials, read_file
+
+    if config.insecure:
+        log.warning("--insecure: plaintext gRPC, the coordinator is not verified; use only on a trusted network")
+        return None
+    tls = config.tls
+    if tls.cert is not None:
+        name = common_name(read_file(tls.cert, "tls.cert"))
+        if name != config.agent_id:
+            raise ConfigError(f"tls.cert: the certificate is for {name!r}, but agent_id is {config.agent_id!r}")
+    return channel_credentials(tls.ca, tls.cert, tls.key, tls.token_file)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 from common import serde
-from common.errors import FedPipeError, UnknownAgent
+from common.errors import Rejected, UnknownAgent
 from common.metrics import AgentMetrics
 from common.rpc import RetryPolicy, make_channel
 from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, Task, UpdateMeta
@@ -22,25 +22,35 @@ T = TypeVar("T")
 MAX_DOWNLOAD_BYTES = 1 << 31  # the global adapter of a 70B model at rank 64 all-linear is far below this
 
 
-class RejectedError(FedPipeError):
-    """The coordinator refused a call for a reason other than transport trouble."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
 class CoordinatorClient:
     """Typed access to the coordinator's service for one agent."""
 
-    def __init__(self, address: str, agent_id: str, metrics: AgentMetrics, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        agent_id: str,
+        metrics: AgentMetrics,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_name: str | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self.agent_id = agent_id
         self.metrics = metrics
         self.retry = retry or RetryPolicy()
-        self.channel = make_channel(address)
+        self.channel = make_channel(address, credentials, server_name)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.chunk_bytes = serde.DEFAULT_CHUNK_BYTES
+        self.last_answer = float("-inf")  # monotonic time the coordinator last answered (readiness)
+
+    def _call(self, fn: Callable[[], T], what: str, method: str) -> T:
+        """fn with retries; any answer from the coordinator, refusals included, shows it is reachable."""
+        try:
+            result = _translate(lambda: self.retry.call(fn, what, self._retrying(method)))
+        except (Rejected, UnknownAgent):
+            self.last_answer = time.monotonic()
+            raise
+        self.last_answer = time.monotonic()
+        return result
 
     def close(self) -> None:
         """Close the channel."""
@@ -58,11 +68,7 @@ class CoordinatorClient:
             model=serde.spec_to_pb(spec),
             agent_version=version,
         )
-        response = _translate(
-            lambda: self.retry.call(
-                lambda: self.stub.Register(request, timeout=30), "register", self._retrying("Register")
-            )
-        )
+        response = self._call(lambda: self.stub.Register(request, timeout=30), "register", "Register")
         if response.chunk_bytes:
             self.chunk_bytes = int(response.chunk_bytes)
         return float(response.heartbeat_interval_s)
@@ -71,16 +77,13 @@ class CoordinatorClient:
         """One heartbeat; False when the coordinator no longer knows this agent."""
         request = pb.HeartbeatRequest(agent_id=self.agent_id, state=state)
         response = self.stub.Heartbeat(request, timeout=10)
+        self.last_answer = time.monotonic()
         return bool(response.known)
 
     def get_task(self, wait_s: float) -> Task:
         """Long-poll for the next task."""
         request = pb.GetTaskRequest(agent_id=self.agent_id, wait_s=wait_s)
-        response = _translate(
-            lambda: self.retry.call(
-                lambda: self.stub.GetTask(request, timeout=wait_s + 30), "get task", self._retrying("GetTask")
-            )
-        )
+        response = self._call(lambda: self.stub.GetTask(request, timeout=wait_s + 30), "get task", "GetTask")
         return serde.task_from_pb(response)
 
     def download(self, global_round: int, plan_id: str) -> dict[str, torch.Tensor]:
@@ -92,7 +95,7 @@ class CoordinatorClient:
             stream = iter(self.stub.DownloadGlobal(request, timeout=300))
             first = next(stream)
             if first.WhichOneof("part") != "header":
-                raise RejectedError(grpc.StatusCode.DATA_LOSS, "download did not start with a header")
+                raise Rejected("DATA_LOSS", "download did not start with a header")
             tensors = serde.decode_payload(
                 first.header, (m.chunk for m in stream), MAX_DOWNLOAD_BYTES, serde.DEFAULT_CHUNK_BYTES * 2
             )
@@ -100,7 +103,7 @@ class CoordinatorClient:
             self.metrics.download_seconds.inc(time.perf_counter() - start)
             return tensors
 
-        return _translate(lambda: self.retry.call(fetch, "download", self._retrying("DownloadGlobal")))
+        return self._call(fetch, "download", "DownloadGlobal")
 
     def upload(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor]) -> str:
         """Stream the update as a header and chunks; returns the coordinator's message."""
@@ -118,7 +121,8 @@ class CoordinatorClient:
             self.metrics.upload_seconds.inc(time.perf_counter() - start)
             return response
 
-        response = _translate(lambda: self.retry.call(send, "upload", self._retrying("UploadUpdate")))
+        # A retry after a lost answer resends the same bytes; the coordinator acknowledges such a replay.
+        response = self._call(send, "upload", "UploadUpdate")
         return str(response.message)
 
     def report_evaluation(self, global_round: int, evaluation: Evaluation) -> None:
@@ -130,28 +134,16 @@ class CoordinatorClient:
             accuracy=evaluation.accuracy,
             samples=evaluation.samples,
         )
-        _translate(
-            lambda: self.retry.call(
-                lambda: self.stub.ReportEvaluation(request, timeout=30),
-                "report",
-                self._retrying("ReportEvaluation"),
-            )
-        )
+        self._call(lambda: self.stub.ReportEvaluation(request, timeout=30), "report", "ReportEvaluation")
 
     def report_importance(self, report: ImportanceReport) -> None:
         """Send the probe's score per candidate matrix."""
         request = serde.importance_to_pb(self.agent_id, report)
-        _translate(
-            lambda: self.retry.call(
-                lambda: self.stub.ReportImportance(request, timeout=30),
-                "report importance",
-                self._retrying("ReportImportance"),
-            )
-        )
+        self._call(lambda: self.stub.ReportImportance(request, timeout=30), "report importance", "ReportImportance")
 
 
 def _translate(fn: Callable[[], T]) -> T:
-    """Run a call; NOT_FOUND becomes UnknownAgent, other refusals RejectedError with the server's reason."""
+    """Run a call; NOT_FOUND becomes UnknownAgent, other refusals Rejected with the server's reason."""
     try:
         return fn()
     except grpc.RpcError as err:
@@ -160,4 +152,4 @@ def _translate(fn: Callable[[], T]) -> T:
         code, details = err.code(), err.details() or ""
         if code == grpc.StatusCode.NOT_FOUND:
             raise UnknownAgent(details) from err
-        raise RejectedError(code, details) from err
+        raise Rejected(code.name, details) from err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -58,6 +59,18 @@ class MetricsSection(Section):
     port: int = Field(0, ge=-1, le=65535, description="metrics port; 0 picks a free one, -1 turns it off")
 
 
+class TlsSection(Section):
+    """How the agent proves itself to the coordinator and checks the coordinator's certificate."""
+
+    ca: Path | None = Field(None, description="CA certificate that signed the coordinator's certificate (PEM)")
+    cert: Path | None = Field(None, description="this agent's certificate (PEM); its common name is the agent id")
+    key: Path | None = Field(None, description="this agent's private key (PEM)")
+    token_file: Path | None = Field(None, description="file holding this agent's bearer token (token auth)")
+    server_name: str | None = Field(
+        None, description="name to verify in the coordinator's certificate, when the address host differs"
+    )
+
+
 class CalibrationSection(Section):
     """Short measured training runs at start-up that the coordinator fits its cost model to."""
 
@@ -96,6 +109,12 @@ class AgentConfig(BaseSettings):
         None, description="cap on usable device memory, e.g. 1.5GiB, 800MiB, 2GB or bytes; none = the device's"
     )
     compute_share: float = Field(1.0, gt=0, le=1, description="share of the device's compute to use (duty cycle)")
+    insecure: bool = Field(False, description="plaintext gRPC without authentication; the coordinator must agree")
+    reconnect_s: float = Field(
+        900.0, gt=0, description="how long to keep retrying an unreachable coordinator before giving up"
+    )
+    ready_s: float = Field(60.0, gt=0, description="readiness: the coordinator answered within this many seconds")
+    tls: TlsSection = TlsSection()
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     metrics: MetricsSection = MetricsSection()

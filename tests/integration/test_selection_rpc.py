@@ -19,6 +19,7 @@ from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 from common import serde
 from common.metrics import CoordinatorMetrics
+from common.security import ServerSecurity
 from common.types import (
     DeviceProfile,
     ImportanceReport,
@@ -67,6 +68,7 @@ class Running:
 def coordinator(run_dir: Path, run: RunSection, selection: SelectionSection, seed: int = 0) -> Iterator[Running]:
     """A real coordinator on 127.0.0.1 with the uniform planner, its run loop in a thread; stopped on exit."""
     config = CoordinatorConfig(
+        insecure=True,
         labels=list(LABELS),
         server=ServerSection(host="127.0.0.1", port=0, workers=8),
         metrics=MetricsSection(port=-1),
@@ -80,7 +82,8 @@ def coordinator(run_dir: Path, run: RunSection, selection: SelectionSection, see
     orchestrator = Orchestrator(
         config, Registry(LABELS), uniform_plan, options, get_strategy("rank-padding"), metrics, "base"
     )
-    server, port = start_server(orchestrator, config.server, metrics)
+    serving = start_server(orchestrator, config.server, metrics, ServerSecurity.insecure())
+    server, port = serving.server, serving.port
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     thread = threading.Thread(target=lambda: _run_quietly(orchestrator), daemon=True)
     thread.start()
