@@ -62,6 +62,7 @@ test: install proto-check lint typecheck
 bench: install
 	$(PY) bench/upload_throughput.py
 	$(PY) bench/round_overhead.py
+	$(PY) bench/memory_soak.py
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

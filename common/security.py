@@ -115,7 +115,8 @@ def server_security(
     """Read and check the coordinator's TLS files; ConfigError names the field that is wrong."""
     if insecure:
         return ServerSecurity.insecure()
-    pair = [(_pem(key, "tls.key", "PRIVATE KEY"), _pem(cert, "tls.cert", "CERTIFICATE"))]
+    certificate = _pem(cert, "tls.cert", "CERTIFICATE")
+    pair = [(_pem(key, "tls.key", "PRIVATE KEY"), certificate)]
     if auth == "mtls":
         ca = _pem(client_ca, "tls.client_ca", "CERTIFICATE")
         return ServerSecurity("mtls", grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=True))

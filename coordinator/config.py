@@ -17,7 +17,9 @@ class ServerSection(Section):
 
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
-    workers: int = Field(32, ge=4, description="gRPC worker threads (long polls hold one each)")
+    workers: int = Field(
+        64, ge=4, description="gRPC worker threads; every agent's task poll holds one, so keep it above the agents"
+    )
     max_upload_bytes: int = Field(256 * 2**20, ge=1024, description="largest update payload accepted")
     max_chunk_bytes: int = Field(
         4 * 2**20 - 4096,
@@ -79,6 +81,7 @@ class RunSection(Section):
     run_dir: Path = Field(Path("runs/latest"), description="where rounds, plans and the final adapter go")
     seed: int = Field(0, description="seed of the round-0 adapter and of every plan")
     finish_grace_s: float = Field(15.0, ge=0, description="how long to keep serving FINISHED to agents")
+    quorum: int = Field(0, ge=0, description="updates needed to aggregate a round; 0 = min_agents")
     quorum_fraction: float = Field(
         0.0, ge=0, le=1, description="share of a round's planned agents whose updates are needed to aggregate"
     )

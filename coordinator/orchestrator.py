@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -116,7 +117,8 @@ class Orchestrator:
         self.global_: GlobalAdapter | None = None
         self.plans: dict[str, TrainPlan] = {}  # the open training round's plans
         self.updates: dict[str, AdapterUpdate] = {}
-        self.update_sha256: dict[str, bytes] = {}  # payload checksum of each accepted update (replays)
+        # payload checksum of each accepted update by (agent, round), this round and the last (replays)
+        self.update_sha256: dict[tuple[str, int], bytes] = {}
         self.withdrawn: set[str] = set()  # planned agents that restarted mid-round
         self.dead: set[str] = set()  # agents marked dead (missed heartbeats), until they call again
         self.eval_plans: dict[str, TrainPlan] = {}  # plans of agents asked to evaluate the global
@@ -133,13 +135,18 @@ class Orchestrator:
         self.results: list[RoundResult] = []
         self.checkpoint: Checkpoint | None = None
         self.stopping = threading.Event()
+        self.eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
 
     # ------------------------------------------------------------------ calls from agents
 
     def register(self, agent_id: str, profile: DeviceProfile, spec: ModelSpec) -> RegisterInfo:
         """Add an agent (ModelMismatch if its model differs); it joins the next round."""
         new = self.registry.register(agent_id, profile, spec)
-        self.metrics.agents_registered.set(len(self.registry.all()))
+        count = len(self.registry.all())
+        self.metrics.agents_registered.set(count)
+        if new and count == self.config.server.workers - 4:
+            # Each agent's long poll holds a server thread; past this, calls queue and rounds slow down.
+            log.warning("%d agents and server.workers %d: raise server.workers above the agent count", count, count + 4)
         self.metrics.agent_flops.labels(agent_id).set(profile.flops_per_s)
         self.metrics.agent_memory.labels(agent_id).set(profile.total_memory_bytes)
         log.info(
@@ -240,12 +247,7 @@ class Orchestrator:
         """
         self.registry.get(meta.agent_id)
         with self.cond:
-            if (
-                sha256
-                and self.phase == "training"
-                and meta.round == self.round
-                and self.update_sha256.get(meta.agent_id) == sha256
-            ):
+            if sha256 and self.update_sha256.get((meta.agent_id, meta.round)) == sha256:
                 self.metrics.updates_replayed.labels(meta.agent_id).inc()
                 log.info("round %d: replayed update from %s ignored", meta.round, meta.agent_id)
                 return True
@@ -304,7 +306,7 @@ class Orchestrator:
         with self.cond:
             self._check_open(update.meta)  # the round may have closed while tensors were checked
             self.updates[update.meta.agent_id] = update
-            self.update_sha256[update.meta.agent_id] = sha256
+            self.update_sha256[(update.meta.agent_id, update.meta.round)] = sha256
             count, planned = len(self.updates), len(self.plans)
             self.cond.notify_all()
         agent = update.meta.agent_id
@@ -384,6 +386,12 @@ class Orchestrator:
 
     def run(self) -> dict[str, Any]:
         """Drive every round to the end (resuming a run directory that holds state); returns the summary."""
+        try:
+            return self._run()
+        finally:
+            self.eval_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.config.run
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         saved = self._restore_registry()
@@ -510,11 +518,13 @@ class Orchestrator:
         deadline = start + cfg.round_deadline_s
         with self.cond:
             self.phase, self.round, self.plans, self.updates = "training", round_, plans, {}
-            self.update_sha256, self.withdrawn = {}, set()
+            # A retry may arrive after its round closed: the last round's checksums stay for one more round.
+            self.update_sha256 = {k: v for k, v in self.update_sha256.items() if k[1] == round_ - 1}
+            self.withdrawn = set()
             self.cond.notify_all()
         self.metrics.current_round.set(round_)
         log.info("round %d/%d: training on %d agents: %s", round_, cfg.rounds, len(plans), ", ".join(sorted(plans)))
-        quorum = max(cfg.min_agents, math.ceil(cfg.quorum_fraction * len(plans)))
+        quorum = max(cfg.quorum or cfg.min_agents, math.ceil(cfg.quorum_fraction * len(plans)))
 
         def received() -> set[str]:
             return set(self.updates) | self.withdrawn
@@ -785,17 +795,11 @@ class Orchestrator:
         """Score the current global: held-out on this host, and validation splits on the agents."""
         assert self.global_ is not None and self.registry.spec is not None
         global_, spec = self.global_, self.registry.spec
-        heldout: list[Evaluation] = []
-        worker: threading.Thread | None = None
+        pending: Future[Evaluation] | None = None
         if self.evaluator is not None:
-            evaluator = self.evaluator
-            template = next(iter(plans.values()))
-            worker = threading.Thread(
-                target=lambda: heldout.append(evaluator(global_, template, spec)),
-                name="heldout-eval",
-                daemon=True,
-            )
-            worker.start()
+            # One long-lived worker: a new thread per round would get a fresh malloc arena each time,
+            # and resident memory would creep round after round.
+            pending = self.eval_pool.submit(self.evaluator, global_, next(iter(plans.values())), spec)
         agents_eval = None
         if self.config.evaluation.agents:
             alive = set(self.registry.alive(self.config.run.agent_timeout_s))
@@ -810,9 +814,8 @@ class Orchestrator:
                 reports = dict(self.eval_reports)
                 self.phase = "aggregating"
             agents_eval = weighted_evaluation(reports)
-        if worker is not None:
-            worker.join()
-        result = replace(result, heldout=heldout[0] if heldout else None, agents_eval=agents_eval)
+        heldout = pending.result() if pending is not None else None
+        result = replace(result, heldout=heldout, agents_eval=agents_eval)
         for source, evaluation in (("heldout", result.heldout), ("agents", agents_eval)):
             if evaluation is not None:
                 self.metrics.global_accuracy.labels(source).set(evaluation.accuracy)

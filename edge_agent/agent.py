@@ -236,9 +236,15 @@ class Agent:
         self.metrics.samples.inc(samples)
 
     def _heartbeats(self) -> None:
+        failing = False
         while not self.stop.wait(self.heartbeat_s):
             try:
                 if not self.gateway.heartbeat(self.state):
                     log.warning("heartbeat: the coordinator does not know this agent")
-            except Exception as err:  # a missed beat is logged, never fatal
-                log.warning("heartbeat failed: %s", err)
+                if failing:
+                    log.info("heartbeats answered again")
+                failing = False
+            except Exception as err:  # a missed beat is logged once per outage, never fatal
+                if not failing:
+                    log.warning("heartbeat failed (%s); retrying every %.0fs", err, self.heartbeat_s)
+                failing = True

@@ -12,7 +12,7 @@ from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 from common import serde
-from common.errors import Rejected, UnknownAgent
+from common.errors import Rejected, ServerUnavailable, UnknownAgent
 from common.metrics import AgentMetrics
 from common.rpc import RetryPolicy, make_channel
 from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, Task, UpdateMeta
@@ -76,7 +76,12 @@ class CoordinatorClient:
     def heartbeat(self, state: str) -> bool:
         """One heartbeat; False when the coordinator no longer knows this agent."""
         request = pb.HeartbeatRequest(agent_id=self.agent_id, state=state)
-        response = self.stub.Heartbeat(request, timeout=10)
+        try:
+            response = self.stub.Heartbeat(request, timeout=10)
+        except grpc.RpcError as err:
+            code = err.code().name if isinstance(err, grpc.Call) else "?"
+            details = err.details() if isinstance(err, grpc.Call) else str(err)
+            raise ServerUnavailable(f"heartbeat: {code}: {(details or '').splitlines()[0][:160]}") from None
         self.last_answer = time.monotonic()
         return bool(response.known)
 
