@@ -44,17 +44,18 @@ import torch
 
 from common import serde
 from common.adapters import check_tensors, expected_tensors
-from common.metrics import AgentMetrics, CoordinatorMetrics
 from common.rpc import RetryPolicy
 from common.security import ServerSecurity
 from common.types import DeviceProfile, ModelSpec, ModuleShape, Quantization, TaskKind, TrainPlan, UpdateMeta
 from coordinator.config import CoordinatorConfig, EvaluationSection, RunSection, SelectionSection, ServerSection
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.orchestrator import Orchestrator
 from coordinator.planner import PlanOptions, uniform_plan
 from coordinator.registry import Registry
 from coordinator.server import start_server
 from coordinator.strategy import get_strategy
 from edge_agent.client import CoordinatorClient
+from edge_agent.metrics import AgentMetrics
 
 MIB = 2**20
 HIDDEN = 4096  # a 7B-class hidden size: 64 such modules at rank 16 are LLaMA-7B's q,v adapter

@@ -53,10 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(config: CoordinatorConfig) -> int:
     """Wire registry, planner, strategy, evaluator, metrics and server; run the rounds; stop cleanly."""
     from common.data import DataSource
-    from common.metrics import CoordinatorMetrics, serve
+    from common.metrics import serve
     from common.modeling import resolve_model_path
     from common.security import server_security
     from coordinator.evaluation import HeldOutEvaluator
+    from coordinator.metrics import CoordinatorMetrics
     from coordinator.orchestrator import Orchestrator, RunAborted
     from coordinator.planner import PLANNERS
     from coordinator.registry import Registry

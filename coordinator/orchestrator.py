@@ -33,7 +33,6 @@ from common.adapters import (
 )
 from common.adapters import init_global as make_initial
 from common.errors import AlreadyUploaded, InvalidArgument, NotReady, StaleRound, UnknownAgent
-from common.metrics import CoordinatorMetrics
 from common.types import (
     AdapterUpdate,
     DeviceProfile,
@@ -53,6 +52,7 @@ from coordinator.checkpoint import STATE_FILE, Checkpoint, plan_record, write_js
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
 from coordinator.explain import AGENTS_FILE, from_snapshot, snapshot
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction, resolve_targets
 from coordinator.registry import AgentRecord, Registry
 from coordinator.selection import combine, resolve_budget, select
@@ -144,11 +144,14 @@ class Orchestrator:
         new = self.registry.register(agent_id, profile, spec)
         count = len(self.registry.all())
         self.metrics.agents_registered.set(count)
+        if new:
+            self.metrics.start_agent(agent_id)
         if new and count == self.config.server.workers - 4:
             # Each agent's long poll holds a server thread; past this, calls queue and rounds slow down.
             log.warning("%d agents and server.workers %d: raise server.workers above the agent count", count, count + 4)
         self.metrics.agent_flops.labels(agent_id).set(profile.flops_per_s)
         self.metrics.agent_memory.labels(agent_id).set(profile.total_memory_bytes)
+        self.metrics.agent_up.labels(agent_id).set(1)
         log.info(
             "agent %s %s: %s, %.1f GiB, %.2f GFLOP/s, %d samples",
             agent_id,
@@ -523,6 +526,7 @@ class Orchestrator:
             self.withdrawn = set()
             self.cond.notify_all()
         self.metrics.current_round.set(round_)
+        self.metrics.round_started.set_to_current_time()
         log.info("round %d/%d: training on %d agents: %s", round_, cfg.rounds, len(plans), ", ".join(sorted(plans)))
         quorum = max(cfg.quorum or cfg.min_agents, math.ceil(cfg.quorum_fraction * len(plans)))
 
@@ -596,6 +600,7 @@ class Orchestrator:
         seconds = time.monotonic() - start
         self.metrics.round_duration.observe(seconds)
         self.metrics.rounds_completed.inc()
+        self.metrics.round_completed.set_to_current_time()
         samples = sum(u.meta.samples for u in updates.values())
         train_loss = sum(u.meta.train_loss * u.meta.samples for u in updates.values()) / samples
         log.info(
@@ -789,6 +794,8 @@ class Orchestrator:
             log.info("agent %s is back", agent)
             self.dead.discard(agent)
         self.metrics.agents_alive.set(len(alive))
+        for agent in known:
+            self.metrics.agent_up.labels(agent).set(1 if agent in alive else 0)
         return alive
 
     def _evaluate(self, round_: int, plans: Mapping[str, TrainPlan], result: RoundResult) -> RoundResult:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,16 +13,16 @@ from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.metrics import CoordinatorMetrics
 from common.rpc import make_server
 from common.security import ServerSecurity
 from coordinator.config import ServerSection
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.orchestrator import Orchestrator
 from coordinator.servicer import CoordinatorServicer
 
 
 class LatencyInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """Observes fedpipe_rpc_duration_seconds{method, code} for unary-response RPCs."""
+    """Observes fedpipe_rpc_duration_seconds{method, code} for every RPC of the server."""
 
     def __init__(self, metrics: CoordinatorMetrics) -> None:
         self.metrics = metrics
@@ -51,10 +51,30 @@ class LatencyInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
             return call
 
+        def timed_stream(
+            inner: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+        ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+            # A response stream's time runs until its last message is handed to gRPC.
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                start = time.perf_counter()
+                code = "OK"
+                try:
+                    yield from inner(request, context)
+                except Exception:
+                    status = getattr(context, "code", lambda: None)()
+                    code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+                    raise
+                finally:
+                    histogram.labels(method, code).observe(time.perf_counter() - start)
+
+            return call
+
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=timed(handler.unary_unary))
         if handler.stream_unary is not None:
             return handler._replace(stream_unary=timed(handler.stream_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=timed_stream(handler.unary_stream))
         return handler
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -16,11 +17,11 @@ from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 from common import serde
 from common.errors import FedPipeError, InvalidArgument
-from common.metrics import CoordinatorMetrics
 from common.rpc import status_for
 from common.security import ServerSecurity
 from common.types import AdapterUpdate
 from coordinator.config import ServerSection
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.limits = limits
         self.metrics = metrics
         self.security = security
+        for reason in {*REJECT_REASONS.values(), "other"}:
+            metrics.updates_rejected.labels(reason)  # every reason at 0 from the start
 
     @mapped
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
@@ -104,14 +107,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self, request: pb.DownloadGlobalRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.DownloadGlobalResponse]:
         self.security.authorize(context, request.agent_id)
+        start = time.perf_counter()
         tensors = self.orchestrator.global_for(request.agent_id, request.global_round, request.plan_id)
         header, payload = serde.encode_payload(tensors)
-        return _download_stream(header, payload, self.limits.chunk_bytes)
+        seconds = self.metrics.download_seconds.labels(request.agent_id)
+        return _download_stream(
+            header, payload, self.limits.chunk_bytes, lambda: seconds.inc(time.perf_counter() - start)
+        )
 
     @mapped
     def UploadUpdate(
         self, request_iterator: Iterator[pb.UploadUpdateRequest], context: grpc.ServicerContext
     ) -> pb.UploadUpdateResponse:
+        start = time.perf_counter()
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("header", "an upload must start with its header")
@@ -130,6 +138,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.limits.max_chunk_bytes,
         )
         message = self.orchestrator.accept_update(AdapterUpdate(meta=meta, tensors=tensors), digest)
+        self.metrics.upload_seconds.labels(meta.agent_id).inc(time.perf_counter() - start)
         return pb.UploadUpdateResponse(accepted=True, round=meta.round, message=message)
 
     @mapped
@@ -150,10 +159,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.ReportImportanceResponse()
 
 
-def _download_stream(header: pb.PayloadHeader, payload: bytes, chunk_bytes: int) -> Iterator[pb.DownloadGlobalResponse]:
+def _download_stream(
+    header: pb.PayloadHeader, payload: bytes, chunk_bytes: int, done: Callable[[], None]
+) -> Iterator[pb.DownloadGlobalResponse]:
     yield pb.DownloadGlobalResponse(header=header)
     for chunk in serde.chunked(payload, chunk_bytes):
         yield pb.DownloadGlobalResponse(chunk=chunk)
+    done()
 
 
 def _chunks(messages: Iterator[pb.UploadUpdateRequest]) -> Iterator[bytes]:

@@ -11,11 +11,11 @@ from typing import Protocol
 import torch
 
 from common.errors import Rejected, UnknownAgent
-from common.metrics import AgentMetrics
 from common.modeling import evaluate
 from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, ProbePlan, Task, TaskKind, UpdateMeta
 from edge_agent.caps import Throttle, check_peak
 from edge_agent.data import LocalData
+from edge_agent.metrics import AgentMetrics
 from edge_agent.model import LocalModel
 from edge_agent.profiler import memory_in_use_bytes
 from edge_agent.trainer import train_local
@@ -74,6 +74,9 @@ class Agent:
         self.last_notice = ""
         self.registered = False
         self.ready_s = ready_s
+        self.last_step: float | None = None
+        metrics.info.info({"agent": agent_id, "version": VERSION, "device": profile.device})
+        metrics.device_memory.set_function(lambda: memory_in_use_bytes(model.device))  # read at each scrape
 
     def ready(self) -> tuple[bool, str]:
         """Readiness: registered, and the coordinator answered within ready_s."""
@@ -161,6 +164,7 @@ class Agent:
             self.state = "idle"
             return
         self.state = "training"
+        self.last_step = None  # step time is measured between steps, within one task
         deadline = received + plan.deadline_s - UPLOAD_RESERVE_S
         trained = train_local(
             adapted.model,
@@ -191,7 +195,6 @@ class Agent:
         self.metrics.train_seconds.set(trained.seconds)
         self.metrics.samples_per_second.set(trained.samples / max(trained.seconds, 1e-9))
         self.metrics.peak_memory.set(trained.peak_memory_bytes)
-        self.metrics.device_memory.set(memory_in_use_bytes(self.model.device))
         check_peak(trained.peak_memory_bytes, self.profile.memory_cap_bytes, f"round {task.round}")
         log.info(
             "round %d: trained %d steps / %d samples in %.1fs, loss %.4f, peak %.0f MiB; %s",
@@ -232,6 +235,10 @@ class Agent:
         self.state = "idle"
 
     def _count_step(self, samples: int, loss: float) -> None:
+        now = time.monotonic()
+        if self.last_step is not None:
+            self.metrics.step_seconds.observe(now - self.last_step)
+        self.last_step = now
         self.metrics.steps.inc()
         self.metrics.samples.inc(samples)
 

@@ -46,7 +46,7 @@ def run(config: AgentConfig) -> int:
     """Build every part from the config, then hand over to the agent loop."""
     import torch
 
-    from common.metrics import AgentMetrics, serve
+    from common.metrics import serve
     from common.modeling import compute_dtype, model_spec, pick_device, resolve_model_path
     from common.rpc import RetryPolicy
     from edge_agent.agent import Agent
@@ -54,6 +54,7 @@ def run(config: AgentConfig) -> int:
     from edge_agent.caps import Throttle, apply_memory_cap, check_peak
     from edge_agent.client import CoordinatorClient
     from edge_agent.data import load_local
+    from edge_agent.metrics import AgentMetrics
     from edge_agent.model import LocalModel
     from edge_agent.profiler import profile
 

@@ -13,12 +13,13 @@ from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 from common import serde
 from common.errors import Rejected, ServerUnavailable, UnknownAgent
-from common.metrics import AgentMetrics
 from common.rpc import RetryPolicy, make_channel
 from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, Task, UpdateMeta
+from edge_agent.metrics import AgentMetrics
 
 T = TypeVar("T")
 
+RETRIED = ("Register", "GetTask", "DownloadGlobal", "UploadUpdate", "ReportEvaluation", "ReportImportance")
 MAX_DOWNLOAD_BYTES = 1 << 31  # the global adapter of a 70B model at rank 64 all-linear is far below this
 
 
@@ -41,6 +42,8 @@ class CoordinatorClient:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.chunk_bytes = serde.DEFAULT_CHUNK_BYTES
         self.last_answer = float("-inf")  # monotonic time the coordinator last answered (readiness)
+        for method in RETRIED:
+            metrics.rpc_retries.labels(method)  # at 0 from the start
 
     def _call(self, fn: Callable[[], T], what: str, method: str) -> T:
         """fn with retries; any answer from the coordinator, refusals included, shows it is reachable."""

@@ -19,7 +19,6 @@ from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 from common import serde
-from common.metrics import CoordinatorMetrics
 from common.security import ServerSecurity
 from common.types import DeviceProfile, ModelSpec, ModuleShape, Task, TaskKind, TrainPlan, UpdateMeta
 from coordinator.cli import plan_options
@@ -32,6 +31,7 @@ from coordinator.config import (
     SelectionSection,
     ServerSection,
 )
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.orchestrator import Orchestrator
 from coordinator.planner import uniform_plan
 from coordinator.registry import Registry

@@ -22,12 +22,12 @@ import pytest
 import torch
 from rig import PROFILE, SPEC, launch
 
-from common.metrics import AgentMetrics
 from common.rpc import RetryPolicy
 from common.types import Task, TaskKind, UpdateMeta
 from coordinator.config import RunSection, ServerSection
 from coordinator.servicer import REJECT_REASONS
 from edge_agent.client import CoordinatorClient
+from edge_agent.metrics import AgentMetrics
 
 pytestmark = pytest.mark.integration
 
@@ -207,7 +207,7 @@ def test_200_agents_register_beat_and_upload_concurrently_each_update_counted_on
             agent.join(timeout=WAIT_S)
         coordinator.stop()
     retries = sum(
-        counter(agent.metrics.registry.get_sample_value("fedpipe_agent_rpc_retries_total", {"method": m}))
+        counter(agent.metrics.registry.get_sample_value("fedpipe_edge_rpc_retries_total", {"method": m}))
         for agent in agents
         for m in ("Register", "GetTask", "DownloadGlobal", "UploadUpdate")
     )

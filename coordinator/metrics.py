@@ -1,0 +1,194 @@
+"""Every Prometheus metric fedpipe-coordinator exports, declared once on its own registry (docs/metrics.md).
+
+Names are fedpipe_*, units are in the names, labels are bounded: agent ids of registered agents, reason,
+method, code, source and matrix enums; never a round number. fedpipe_agent_* metrics here are the
+coordinator's view of each agent; the agents' own metrics are fedpipe_edge_* (edge_agent.metrics).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+ROUND_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
+FAST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class CoordinatorMetrics:
+    """Metrics of fedpipe-coordinator."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rounds_completed = Counter("fedpipe_rounds_completed", "Rounds aggregated", registry=r)
+        self.rounds_failed = Counter(
+            "fedpipe_rounds_failed", "Rounds closed without aggregation", ["reason"], registry=r
+        )
+        self.rounds_failed.labels("no_quorum")
+        self.current_round = Gauge("fedpipe_current_round", "Round in progress (0 before the first)", registry=r)
+        self.round_duration = Histogram(
+            "fedpipe_round_duration_seconds",
+            "Wall time of a round, tasks out to global saved",
+            buckets=ROUND_BUCKETS,
+            registry=r,
+        )
+        self.aggregation_duration = Histogram(
+            "fedpipe_aggregation_duration_seconds",
+            "Time in the aggregation strategy",
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        self.agents_registered = Gauge("fedpipe_agents_registered", "Agents known to the registry", registry=r)
+        self.agents_alive = Gauge("fedpipe_agents_alive", "Agents with a recent heartbeat", registry=r)
+        self.agent_up = Gauge(
+            "fedpipe_agent_up", "1 while the agent beats, 0 once it missed heartbeats", ["agent"], registry=r
+        )
+        self.round_started = Gauge(
+            "fedpipe_round_started_timestamp_seconds", "Unix time the current round's tasks went out", registry=r
+        )
+        self.round_completed = Gauge(
+            "fedpipe_round_completed_timestamp_seconds", "Unix time the last round was aggregated", registry=r
+        )
+        self.updates_accepted = Counter("fedpipe_updates_accepted", "Uploads aggregated", ["agent"], registry=r)
+        self.updates_rejected = Counter(
+            "fedpipe_updates_rejected", "Uploads refused, by reason", ["reason"], registry=r
+        )
+        self.updates_replayed = Counter(
+            "fedpipe_updates_replayed",
+            "Identical re-sends of an accepted update, acknowledged and ignored",
+            ["agent"],
+            registry=r,
+        )
+        self.updates_clipped = Counter(
+            "fedpipe_updates_clipped", "Updates scaled down to updates.max_norm", ["agent"], registry=r
+        )
+        self.update_norm = Gauge(
+            "fedpipe_agent_update_norm",
+            "L2 norm of the agent's last update's change to its tensors",
+            ["agent"],
+            registry=r,
+        )
+        self.round_extensions = Counter(
+            "fedpipe_round_extensions", "Round deadlines extended for want of quorum", registry=r
+        )
+        self.agents_dead = Counter(
+            "fedpipe_agent_deaths", "Times an agent stopped beating and was marked dead", ["agent"], registry=r
+        )
+        self.resumed_round = Gauge(
+            "fedpipe_resumed_from_round", "Round the coordinator resumed after (0 = a fresh run)", registry=r
+        )
+        self.stragglers = Counter(
+            "fedpipe_stragglers", "Planned agents with no update when the round closed", ["agent"], registry=r
+        )
+        self.upload_bytes = Counter("fedpipe_upload_bytes", "Update bytes received", ["agent"], registry=r)
+        self.download_bytes = Counter("fedpipe_download_bytes", "Global bytes sent", ["agent"], registry=r)
+        self.upload_seconds = Counter(
+            "fedpipe_upload_seconds", "Time receiving and checking uploads", ["agent"], registry=r
+        )
+        self.download_seconds = Counter(
+            "fedpipe_download_seconds", "Time streaming the global adapter", ["agent"], registry=r
+        )
+        self.agent_train_seconds = Gauge(
+            "fedpipe_agent_train_seconds",
+            "Local training time of the agent's last update",
+            ["agent"],
+            registry=r,
+        )
+        self.agent_samples = Gauge("fedpipe_agent_samples", "Samples in the agent's last update", ["agent"], registry=r)
+        self.agent_samples_per_second = Gauge(
+            "fedpipe_agent_samples_per_second",
+            "Training throughput of the agent's last update",
+            ["agent"],
+            registry=r,
+        )
+        self.agent_peak_memory = Gauge(
+            "fedpipe_agent_peak_memory_bytes",
+            "Measured peak memory the agent reported",
+            ["agent"],
+            registry=r,
+        )
+        self.agent_flops = Gauge(
+            "fedpipe_agent_flops_per_second",
+            "Measured sustained FLOP/s from the agent's profile",
+            ["agent"],
+            registry=r,
+        )
+        self.agent_memory = Gauge(
+            "fedpipe_agent_memory_bytes",
+            "Usable device memory from the agent's profile",
+            ["agent"],
+            registry=r,
+        )
+        self.plan_rank = Gauge("fedpipe_plan_max_rank", "Largest LoRA rank in the agent's plan", ["agent"], registry=r)
+        self.plan_batch = Gauge("fedpipe_plan_batch_size", "Batch size in the agent's plan", ["agent"], registry=r)
+        self.plan_bits = Gauge(
+            "fedpipe_plan_quantization_level",
+            "Bits per frozen base weight in the agent's plan: 16, 8 (int8) or 4 (nf4)",
+            ["agent"],
+            registry=r,
+        )
+        self.plan_trainable = Gauge(
+            "fedpipe_plan_trainable_parameters",
+            "Trainable parameters in the agent's plan",
+            ["agent"],
+            registry=r,
+        )
+        self.plan_memory = Gauge(
+            "fedpipe_plan_predicted_memory_bytes",
+            "Peak memory the cost model predicts for the plan",
+            ["agent"],
+            registry=r,
+        )
+        self.plan_step_seconds = Gauge(
+            "fedpipe_plan_predicted_step_seconds",
+            "Step time the cost model predicts for the plan",
+            ["agent"],
+            registry=r,
+        )
+        self.plan_round_seconds = Gauge(
+            "fedpipe_plan_round_seconds", "Training time per round the planner sized every agent to", registry=r
+        )
+        self.agent_step_seconds = Gauge(
+            "fedpipe_agent_step_seconds", "Measured step time of the agent's last update", ["agent"], registry=r
+        )
+        self.agent_excluded = Gauge(
+            "fedpipe_agent_excluded",
+            "1 when the planner left the agent out (it fits no configuration)",
+            ["agent"],
+            registry=r,
+        )
+        self.global_accuracy = Gauge(
+            "fedpipe_global_accuracy", "Accuracy of the latest global adapter", ["source"], registry=r
+        )
+        self.global_loss = Gauge("fedpipe_global_loss", "Loss of the latest global adapter", ["source"], registry=r)
+        self.mask_size = Gauge("fedpipe_selection_mask_size", "Weight matrices in the current LoRA mask", registry=r)
+        self.mask_parameters = Gauge(
+            "fedpipe_selection_trainable_parameters", "LoRA parameters of the mask at the planned rank", registry=r
+        )
+        self.selection_score = Gauge(
+            "fedpipe_selection_score", "Combined importance of each selected matrix", ["matrix"], registry=r
+        )
+        self.probe_seconds = Gauge(
+            "fedpipe_agent_probe_seconds", "Duration of the agent's last importance probe", ["agent"], registry=r
+        )
+        self.rpc_duration = Histogram(
+            "fedpipe_rpc_duration_seconds",
+            "Server-side RPC latency",
+            ["method", "code"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+
+    def start_agent(self, agent: str) -> None:
+        """Create an agent's counters at 0, so rates and alerts see them before its first event."""
+        for counter in (
+            self.updates_accepted,
+            self.updates_replayed,
+            self.updates_clipped,
+            self.agents_dead,
+            self.stragglers,
+            self.upload_bytes,
+            self.download_bytes,
+            self.upload_seconds,
+            self.download_seconds,
+        ):
+            counter.labels(agent)
