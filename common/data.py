@@ -11,7 +11,7 @@ import csv
 import importlib.util
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +27,20 @@ EMBEDDED_HELDOUT = 1000  # tweets reserved for evaluation, never in a training s
 SPLIT_SEED = 20240410  # fixed: the held-out split must agree across hosts and runs
 
 
+SEQ_CLS = "seq-cls"
+CAUSAL_LM = "causal-lm"
+TASKS = (SEQ_CLS, CAUSAL_LM)
+# The embedded causal task: the tweet corpus as instructions, answered by generating the label word.
+INSTRUCTION = "Tweet: {text}\nIs the sentiment of this tweet {choices}? Answer with one word."
+
+
 @dataclass(frozen=True)
 class Example:
-    """One labelled text."""
+    """One labelled text; for causal-lm, text is the prompt and response what the model must write."""
 
     text: str
-    label: int  # index into the run's label list
+    label: int  # index into the run's label list (causal-lm: of the response when it is a label, else 0)
+    response: str = ""
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,16 @@ class DataSource:
     text_column: str = EMBEDDED_TEXT_COLUMN
     label_column: str = EMBEDDED_LABEL_COLUMN
     labels: tuple[str, ...] = EMBEDDED_LABELS
+    task: str = SEQ_CLS
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+
+
+def instruct(example: Example, labels: tuple[str, ...]) -> Example:
+    """A classification example as an instruction whose answer is its label's name."""
+    choices = " or ".join(labels) if len(labels) <= 3 else ", ".join(labels)
+    prompt = INSTRUCTION.format(text=example.text.strip(), choices=choices)
+    return Example(text=prompt, label=example.label, response=labels[example.label])
 
 
 def embedded_csv_path() -> Path:
@@ -79,11 +97,16 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def load_examples(source: DataSource) -> list[Example]:
-    """Examples whose label is one of source.labels; other labels (e.g. neutral) are skipped."""
+    """Examples whose label is one of source.labels (others, e.g. neutral, are skipped); for causal-lm,
+    prompt/response pairs, or the embedded corpus as instructions."""
     path = embedded_csv_path() if source.path == EMBEDDED else Path(source.path)
     rows = read_rows(path)
     if not rows:
         raise ConfigError(f"data.path: {path} holds no rows")
+    if source.task == CAUSAL_LM:
+        if source.path == EMBEDDED:
+            return [instruct(e, source.labels) for e in load_examples(replace(source, task=SEQ_CLS))]
+        return _pairs(rows, path, source)
     for column in (source.text_column, source.label_column):
         if column not in rows[0]:
             raise ConfigError(f"data: column {column!r} not in {path} (columns: {sorted(rows[0])})")
@@ -98,6 +121,26 @@ def load_examples(source: DataSource) -> list[Example]:
     return examples
 
 
+def _pairs(rows: list[dict[str, str]], path: Path, source: DataSource) -> list[Example]:
+    """Prompt/response examples; a response that is one of the labels keeps its index (for sharding)."""
+    for column in (source.prompt_column, source.response_column):
+        if column not in rows[0]:
+            raise ConfigError(f"data: column {column!r} not in {path} (columns: {sorted(rows[0])})")
+    index = {label: i for i, label in enumerate(source.labels)}
+    examples = [
+        Example(
+            text=row[source.prompt_column],
+            label=index.get(row[source.response_column].strip(), 0),
+            response=row[source.response_column],
+        )
+        for row in rows
+        if row[source.prompt_column].strip() and row[source.response_column].strip()
+    ]
+    if not examples:
+        raise ConfigError(f"data: no row of {path} has both a {source.prompt_column} and a {source.response_column}")
+    return examples
+
+
 def split_heldout(examples: list[Example], heldout: int, seed: int = SPLIT_SEED) -> tuple[list[Example], list[Example]]:
     """(training pool, held-out) by a seeded permutation; the same on every host."""
     if not 0 <= heldout < len(examples):
@@ -109,8 +152,11 @@ def split_heldout(examples: list[Example], heldout: int, seed: int = SPLIT_SEED)
 
 
 def embedded_split(source: DataSource) -> tuple[list[Example], list[Example]]:
-    """The embedded corpus as (training pool, the 1,000 held-out tweets)."""
-    return split_heldout(load_examples(source), EMBEDDED_HELDOUT)
+    """The embedded corpus as (training pool, the 1,000 held-out tweets); the same tweets for every task."""
+    pool, held = split_heldout(load_examples(replace(source, task=SEQ_CLS)), EMBEDDED_HELDOUT)
+    if source.task == CAUSAL_LM:
+        return [instruct(e, source.labels) for e in pool], [instruct(e, source.labels) for e in held]
+    return pool, held
 
 
 def shard_indices(

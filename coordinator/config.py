@@ -174,9 +174,13 @@ class EvaluationSection(Section):
 
     agents: bool = Field(True, description="ask agents to evaluate each global on their validation split")
     heldout: str | None = Field(None, description="held-out CSV/JSONL, 'embedded' for the 1,000 reserved tweets")
-    model_path: str = Field(EMBEDDED, description="base model for held-out evaluation")
+    model_path: str = Field(
+        EMBEDDED, description="base model for held-out evaluation: the agents' ('embedded', 'embedded-llm' or a path)"
+    )
     text_column: str = Field(EMBEDDED_TEXT_COLUMN, description="text column of the held-out file")
     label_column: str = Field(EMBEDDED_LABEL_COLUMN, description="label column of the held-out file")
+    prompt_column: str = Field("prompt", description="causal-lm: prompt column of the held-out file")
+    response_column: str = Field("response", description="causal-lm: response column of the held-out file")
     max_samples: int = Field(0, ge=0, description="cap on held-out samples, 0 = all")
     initial: bool = Field(True, description="also evaluate the untrained round-0 adapter")
 

@@ -15,6 +15,7 @@ import torch
 
 from common.adapters import GlobalAdapter, broadcast_tensors
 from common.data import DataSource, Example, embedded_split, load_examples
+from common.errors import ModelMismatch
 from common.types import Evaluation, ModelSpec, TrainPlan
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,11 @@ class HeldOutEvaluator:
         self._tokenizer: Any = None
         self._lock = threading.Lock()
 
-    def examples(self) -> list[Example]:
-        """The held-out examples (the embedded corpus's reserved 1,000, or the whole file)."""
+    def examples(self, task: str | None = None) -> list[Example]:
+        """The held-out examples (the embedded corpus's reserved 1,000, or the whole file), for a task
+        (default: the one the model path implies)."""
+        if task is not None and task != self.source.task:
+            self.source, self._examples = replace(self.source, task=task), None
         if self._examples is None:
             examples = embedded_split(self.source)[1] if self.source.path == "embedded" else load_examples(self.source)
             self._examples = examples[: self.max_samples] if self.max_samples else examples
@@ -48,7 +52,7 @@ class HeldOutEvaluator:
 
     def __call__(self, global_: GlobalAdapter, template: TrainPlan, spec: ModelSpec) -> Evaluation:
         """Loss and accuracy of global_ at its own ranks, on CPU in fp32."""
-        from common.modeling import AdaptedModel, evaluate, load_base, load_tokenizer, resolve_model_path
+        from common.modeling import AdaptedModel, evaluate, load_base, load_tokenizer, model_spec, resolve_model_path
         from common.types import Quantization
 
         with self._lock:
@@ -56,8 +60,16 @@ class HeldOutEvaluator:
             device = torch.device("cpu")
             if self._model is None:
                 path = resolve_model_path(self.model_path)
+                mine = model_spec(path, spec.labels, task=spec.task).fingerprint
+                if mine != spec.fingerprint:
+                    raise ModelMismatch(
+                        f"evaluation.model_path {self.model_path} is base {mine}, the agents train {spec.fingerprint} "
+                        f"({spec.model_type}, {spec.task}): point it at the agents' model"
+                    )
                 self._tokenizer = load_tokenizer(path)
-                self._model = AdaptedModel(load_base(path, spec.labels, Quantization.NONE, device))
+                self._model = AdaptedModel(
+                    load_base(path, spec.labels, Quantization.NONE, device, spec.task), spec.task
+                )
             ranks = global_.ranks()
             plan = replace(
                 template,
@@ -68,6 +80,7 @@ class HeldOutEvaluator:
             )
             self._model.ensure(plan)
             self._model.load(broadcast_tensors(global_, plan, spec))
-            result = evaluate(self._model.model, self._tokenizer, self.examples(), plan.max_seq_len, device)
+            examples = self.examples(spec.task)
+            result = evaluate(self._model.model, self._tokenizer, examples, plan.max_seq_len, device, task=spec.task)
             log.info("held-out evaluation of round %d: %.1fs", global_.round, time.perf_counter() - start)
             return result

@@ -25,6 +25,8 @@ class CoordinatorMetrics:
         )
         self.rounds_failed.labels("no_quorum")
         self.current_round = Gauge("fedpipe_current_round", "Round in progress (0 before the first)", registry=r)
+        self.run_rounds = Gauge("fedpipe_run_rounds", "Rounds the run is configured for", registry=r)
+        self.run_finished = Gauge("fedpipe_run_finished", "1 once the run completed its last round", registry=r)
         self.round_duration = Histogram(
             "fedpipe_round_duration_seconds",
             "Wall time of a round, tasks out to global saved",

@@ -32,6 +32,7 @@ from common.adapters import (
     with_modules,
 )
 from common.adapters import init_global as make_initial
+from common.data import CAUSAL_LM
 from common.errors import AlreadyUploaded, InvalidArgument, NotReady, StaleRound, UnknownAgent
 from common.types import (
     AdapterUpdate,
@@ -396,6 +397,7 @@ class Orchestrator:
 
     def _run(self) -> dict[str, Any]:
         cfg = self.config.run
+        self.metrics.run_rounds.set(cfg.rounds)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         saved = self._restore_registry()
         log.info("waiting for %d agents (up to %.0fs)", cfg.min_agents, cfg.registration_timeout_s)
@@ -827,7 +829,7 @@ class Orchestrator:
             if evaluation is not None:
                 self.metrics.global_accuracy.labels(source).set(evaluation.accuracy)
                 self.metrics.global_loss.labels(source).set(evaluation.loss)
-        log.info("%s", round_line(result, self.config.run.rounds))
+        log.info("%s", round_line(result, self.config.run.rounds, spec.task == CAUSAL_LM))
         self._append_round_record(result)
         return result
 
@@ -850,6 +852,7 @@ class Orchestrator:
         }
         final = self.checkpoint.finalize(self.global_, summary)
         log.info("run complete: final adapter in %s", final)
+        self.metrics.run_finished.set(1)
         with self.cond:
             self.phase = "finished"
             self.cond.notify_all()
@@ -891,11 +894,13 @@ def result_from_record(record: Mapping[str, Any]) -> RoundResult:
     )
 
 
-def round_line(result: RoundResult, rounds: int) -> str:
-    """The one line per round an operator reads."""
+def round_line(result: RoundResult, rounds: int, causal: bool = False) -> str:
+    """The one line per round an operator reads (with perplexity for a causal LM)."""
     parts = [f"round {result.round}/{rounds}", f"agents {len(result.agents)}", f"{result.seconds:.1f}s"]
     if result.heldout is not None:
-        parts.append(f"held-out accuracy {result.heldout.accuracy:.3f} loss {result.heldout.loss:.4f}")
+        held = result.heldout
+        quality = f"perplexity {math.exp(min(held.loss, 50.0)):.2f}" if causal else f"loss {held.loss:.4f}"
+        parts.append(f"held-out accuracy {held.accuracy:.3f} {quality}")
     if result.agents_eval is not None:
         parts.append(f"agents' validation accuracy {result.agents_eval.accuracy:.3f}")
     if result.dropped:

@@ -277,6 +277,12 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     if not feasible:
         return PlanSet(plans={}, excluded=excluded)
     targets = {a: max(1, options.local_epochs * profiles[a].num_train_samples) for a in feasible}
+
+    def target(agent_id: str, batch_size: int) -> int:
+        # training.max_steps caps the work asked of a round, so the round time shrinks with it.
+        full = targets[agent_id]
+        return min(full, options.max_steps * batch_size) if options.max_steps > 0 else full
+
     total = sum(profiles[a].num_train_samples for a in feasible) or 1
     weights = {a: profiles[a].num_train_samples / total for a in feasible}
 
@@ -288,7 +294,7 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
                     solver.Option(
                         cost=W_UNDER
                         * weights[agent_id]
-                        * under_training(ch.cost, ch.config.batch_size, targets[agent_id], seconds)
+                        * under_training(ch.cost, ch.config.batch_size, target(agent_id, ch.config.batch_size), seconds)
                         - W_CAPACITY * ch.config.rank * len(ch.config.modules) / max_capacity
                         - W_PRECISION * PRECISION[ch.config.quantization],
                         upload_bytes=ch.cost.payload_bytes,
@@ -301,7 +307,13 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     def weighted_under(seconds: float) -> tuple[list[int], float]:
         chosen, _ = solver.solve(instance(seconds))
         u = sum(
-            weights[a] * under_training(feasible[a][c].cost, feasible[a][c].config.batch_size, targets[a], seconds)
+            weights[a]
+            * under_training(
+                feasible[a][c].cost,
+                feasible[a][c].config.batch_size,
+                target(a, feasible[a][c].config.batch_size),
+                seconds,
+            )
             for a, c in zip(feasible, chosen, strict=True)
         )
         return chosen, u
@@ -328,6 +340,8 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
         n = profiles[agent_id].num_train_samples
         epoch_steps = max(1, math.ceil(n / config.batch_size))
         steps = max(1, min(steps_within(cost, seconds), search.max_local_epochs * epoch_steps))
+        if options.max_steps > 0:
+            steps = min(steps, options.max_steps)
         plans[agent_id] = _make_plan(
             options,
             round_,
@@ -341,7 +355,7 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
             search.max_local_epochs,
             steps,
         )
-        u = under_training(cost, config.batch_size, targets[agent_id], seconds)
+        u = under_training(cost, config.batch_size, target(agent_id, config.batch_size), seconds)
         predictions[agent_id] = Prediction(
             peak_memory_bytes=round(cost.peak_memory_bytes),
             usable_memory_bytes=_usable(profiles[agent_id], search),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shutil
 import signal
@@ -48,16 +49,18 @@ def script(name: str) -> str:
     return str(path)
 
 
-def round_line(record: dict[str, Any], rounds: int) -> str:
-    """A round record from rounds.jsonl as one line."""
+def round_line(record: dict[str, Any], rounds: int, causal: bool = False) -> str:
+    """A round record from rounds.jsonl as one line (a causal LM's with perplexity; round 0 is zero-shot)."""
     held = record.get("heldout")
     agents_eval = record.get("agents_eval")
     accuracy = held["accuracy"] if held else (agents_eval["accuracy"] if agents_eval else float("nan"))
     source = "held-out" if held else ("agents'" if agents_eval else "no")
     dropped = f", dropped {','.join(record['dropped'])}" if record.get("dropped") else ""
+    perplexity = f", perplexity {math.exp(min(held['loss'], 50.0)):.2f}" if causal and held else ""
+    zero_shot = " (zero-shot)" if causal and record["round"] == 0 else ""
     return (
-        f"round {record['round']}/{rounds}: {len(record['agents'])} agents, {record['seconds']:.1f}s, "
-        f"{source} accuracy {accuracy:.3f}{dropped}"
+        f"round {record['round']}/{rounds}{zero_shot}: {len(record['agents'])} agents, {record['seconds']:.1f}s, "
+        f"{source} accuracy {accuracy:.3f}{perplexity}{dropped}"
     )
 
 
@@ -86,6 +89,8 @@ class Federation:
         self.rounds = int(coordinator_cfg.get("run", {}).get("rounds", 5))
         self.address = f"127.0.0.1:{coordinator_cfg['server']['port']}"
         self.agent_ids = [f"agent-{i}" for i in range(1, self.count + 1)]
+        model = agents_spec.get("config", {}).get("model", {})
+        self.causal = model.get("task") == "causal-lm" or model.get("path") == "embedded-llm"
         self.secure = not coordinator_cfg.get("insecure", False)
         security: dict[str, Any] = {"insecure": True}
         agent_security: dict[str, dict[str, Any]] = {a: {"insecure": True} for a in self.agent_ids}
@@ -209,7 +214,7 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
         while True:
             records = fed.rounds_done()
             for record in records[seen:]:
-                print(round_line(record, fed.rounds), flush=True)
+                print(round_line(record, fed.rounds, fed.causal), flush=True)
             seen = len(records)
             if coordinator.poll() is not None:
                 break
@@ -223,7 +228,7 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
                 return 1
             time.sleep(0.5)
         for record in fed.rounds_done()[seen:]:
-            print(round_line(record, fed.rounds), flush=True)
+            print(round_line(record, fed.rounds, fed.causal), flush=True)
         if coordinator.returncode != 0:
             print(fed.log("coordinator")[-3000:], file=sys.stderr)
             print(f"the coordinator failed with {coordinator.returncode} (log above)", file=sys.stderr)

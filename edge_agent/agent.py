@@ -151,7 +151,14 @@ class Agent:
         adapted.load(self.gateway.download(task.global_round, plan.plan_id))
         if task.kind is TaskKind.EVALUATE:
             self.state = "evaluating"
-            result = evaluate(adapted.model, self.model.tokenizer, self.data.val, plan.max_seq_len, self.model.device)
+            result = evaluate(
+                adapted.model,
+                self.model.tokenizer,
+                self.data.val,
+                plan.max_seq_len,
+                self.model.device,
+                task=self.spec.task,
+            )
             self.gateway.report_evaluation(task.global_round, result)
             self.metrics.eval_accuracy.set(result.accuracy)
             log.info(
@@ -176,6 +183,7 @@ class Agent:
             self.progress,
             on_step=self._count_step,
             throttle=self.throttle,
+            task=self.spec.task,
         )
         tensors = adapted.extract()
         meta = UpdateMeta(

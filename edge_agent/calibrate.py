@@ -13,6 +13,7 @@ import gc
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -68,7 +69,7 @@ def long_examples(tokenizer: Any, examples: list[Example], count: int, seq_len: 
         text = example.text.strip() or FILLER.text
         tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         repeats = max(1, math.ceil(seq_len / max(tokens, 1)))
-        out.append(Example(text=" ".join([text] * repeats), label=example.label))
+        out.append(replace(example, text=" ".join([text] * repeats)))
     return out
 
 
@@ -131,6 +132,7 @@ def measure(
         progress="off",
         on_step=lambda samples, loss: stamps.append(time.perf_counter()),
         throttle=throttle,
+        task=model.task,
     )
     # Consecutive step ends are one step apart, the throttle's sleep after the earlier one included.
     step_seconds = (stamps[-1] - stamps[0]) / (len(stamps) - 1)

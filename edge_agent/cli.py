@@ -47,7 +47,7 @@ def run(config: AgentConfig) -> int:
     import torch
 
     from common.metrics import serve
-    from common.modeling import compute_dtype, model_spec, pick_device, resolve_model_path
+    from common.modeling import compute_dtype, default_task, model_spec, pick_device, resolve_model_path
     from common.rpc import RetryPolicy
     from edge_agent.agent import Agent
     from edge_agent.calibrate import calibrate
@@ -66,9 +66,10 @@ def run(config: AgentConfig) -> int:
     apply_memory_cap(device, memory_cap)
     throttle = Throttle(config.compute_share)
     path = resolve_model_path(config.model.path)
+    task = default_task(config.model.path) if config.model.task == "auto" else config.model.task
     labels = tuple(config.data.labels)
-    data = load_local(config.data)
-    spec = model_spec(path, labels, config.model.include_mlp, config.model.candidates)
+    data = load_local(config.data, task)
+    spec = model_spec(path, labels, config.model.include_mlp, config.model.candidates, task)
     measured = profile(device, compute_dtype(device), len(data.train), len(data.val), memory_cap, config.compute_share)
     log.info(
         "device %s (%s): %.1f GiB, %.2f GFLOP/s %s, %d threads%s",
@@ -81,7 +82,16 @@ def run(config: AgentConfig) -> int:
         f", compute share {config.compute_share:g}" if throttle.active else "",
     )
     metrics = AgentMetrics()
-    model = LocalModel(path, labels, device)
+    agents: list[Agent] = []  # the agent once built; until then /readyz says why it is not ready
+
+    def ready() -> tuple[bool, str]:
+        return agents[0].ready() if agents else (False, "starting: loading the model and calibrating")
+
+    if config.metrics.port >= 0:
+        # Up before the model loads and calibrates (minutes on a slow host), so probes see a live process.
+        port = serve(metrics.registry, config.metrics.host, config.metrics.port, ready)
+        log.info("metrics on http://%s:%d/metrics, readiness on /readyz", config.metrics.host, port)
+    model = LocalModel(path, labels, device, task)
     if config.calibration.enabled:
         section = config.calibration
         points = calibrate(
@@ -125,9 +135,7 @@ def run(config: AgentConfig) -> int:
         throttle,
         config.ready_s,
     )
-    if config.metrics.port >= 0:
-        port = serve(metrics.registry, config.metrics.host, config.metrics.port, agent.ready)
-        log.info("metrics on http://%s:%d/metrics, readiness on /readyz", config.metrics.host, port)
+    agents.append(agent)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping after the current step", signum)

@@ -18,7 +18,12 @@ from edge_agent.caps import parse_size
 class ModelSection(Section):
     """The base model."""
 
-    path: str = Field(EMBEDDED, description="model directory, or 'embedded' for MiniLM-L6")
+    path: str = Field(
+        EMBEDDED, description="model directory, 'embedded' for MiniLM-L6, 'embedded-llm' for SmolLM2-135M-Instruct"
+    )
+    task: Literal["auto", "seq-cls", "causal-lm"] = Field(
+        "auto", description="seq-cls or causal-lm; auto: causal-lm for embedded-llm and *ForCausalLM models"
+    )
     include_mlp: bool = Field(False, description="offer MLP projections as LoRA candidates")
     candidates: list[str] | None = Field(
         None, description="module name suffixes that may carry LoRA, for architectures without a built-in table"
@@ -31,6 +36,8 @@ class DataSection(Section):
     path: str = Field(EMBEDDED, description="CSV or JSONL file, or 'embedded' for the tweet corpus")
     text_column: str = Field(EMBEDDED_TEXT_COLUMN, description="column holding the text")
     label_column: str = Field(EMBEDDED_LABEL_COLUMN, description="column holding the label")
+    prompt_column: str = Field("prompt", description="causal-lm: column holding the prompt")
+    response_column: str = Field("response", description="causal-lm: column holding the response to learn")
     labels: Labels = Field(list(EMBEDDED_LABELS), description="label names in class-index order")
     shard: str = Field("1/1", description="take shard i of n (1-based), e.g. 2/3")
     label_skew: float | None = Field(None, gt=0, description="Dirichlet alpha for non-IID shards; none = IID")

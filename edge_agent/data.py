@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from common.data import (
+    SEQ_CLS,
     DataSource,
     Example,
     embedded_split,
@@ -27,9 +28,17 @@ class LocalData:
     val: list[Example]
 
 
-def load_local(section: DataSection) -> LocalData:
+def load_local(section: DataSection, task: str = SEQ_CLS) -> LocalData:
     """Read the source, take this agent's shard, and split it; the embedded corpus excludes held-out tweets."""
-    source = DataSource(section.path, section.text_column, section.label_column, tuple(section.labels))
+    source = DataSource(
+        section.path,
+        section.text_column,
+        section.label_column,
+        tuple(section.labels),
+        task,
+        section.prompt_column,
+        section.response_column,
+    )
     pool = embedded_split(source)[0] if section.path == "embedded" else load_examples(source)
     index, count = section.shard_index()
     shard = take_shard(pool, index, count, len(section.labels), section.label_skew, section.max_samples, section.seed)

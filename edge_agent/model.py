@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from common.data import SEQ_CLS
 from common.modeling import AdaptedModel, load_base, load_tokenizer
 from common.types import Quantization, TrainPlan
 
@@ -18,10 +19,11 @@ log = logging.getLogger(__name__)
 class LocalModel:
     """Keeps the base model across rounds; reloads it only when the plan's quantization changes."""
 
-    def __init__(self, path: str, labels: tuple[str, ...], device: torch.device) -> None:
+    def __init__(self, path: str, labels: tuple[str, ...], device: torch.device, task: str = SEQ_CLS) -> None:
         self.path = path
         self.labels = labels
         self.device = device
+        self.task = task
         self.tokenizer: Any = load_tokenizer(path)
         self.quantization: Quantization | None = None
         self.adapted: AdaptedModel | None = None
@@ -34,8 +36,8 @@ class LocalModel:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             start = time.perf_counter()
-            base = load_base(self.path, self.labels, quantization, self.device)
-            self.adapted = AdaptedModel(base)
+            base = load_base(self.path, self.labels, quantization, self.device, self.task)
+            self.adapted = AdaptedModel(base, self.task)
             self.quantization = quantization
             log.info(
                 "model: loaded %s at %s on %s in %.1fs",

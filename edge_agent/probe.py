@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from common.adapters import HEAD_INIT_STD
 from common.data import Example
 from common.errors import ConfigError
 from common.importance import SensitivityTracker, matrix_scores
-from common.modeling import HEAD_MODULES, AdaptedModel, encode
+from common.modeling import HEAD_MODULES, PEFT_TASK, AdaptedModel, encode, task_loss
 from edge_agent.caps import Throttle
 
 if TYPE_CHECKING:
@@ -75,7 +74,7 @@ def run_probe(
     base = adapted.bare()
     saved_heads = _head_state(base)
     config = AdaLoraConfig(
-        task_type="SEQ_CLS",
+        task_type=PEFT_TASK[adapted.task],
         init_r=rank,
         target_r=rank,
         target_modules=list(candidates),
@@ -109,6 +108,7 @@ def run_probe(
                 device,
                 deadline,
                 throttle or Throttle(1.0),
+                adapted.task,
             )
     finally:
         # Hand the base back as bare() gave it: no adapter, the agent's own head, everything frozen.
@@ -143,6 +143,7 @@ def _train(
     device: torch.device,
     deadline: float,
     throttle: Throttle,
+    task: str,
 ) -> tuple[SensitivityTracker, int, int]:
     """The probe's training loop; returns the tracker, the steps taken and the samples seen."""
     named = dict(peft_model.named_parameters())
@@ -161,12 +162,12 @@ def _train(
         batch = [examples[i] for i in order[:batch_size]]
         order = order[batch_size:]
         with throttle:  # a capped agent probes at its compute share too, as it trains
-            inputs = encode(tokenizer, batch, max_seq_len, device)
+            inputs = encode(tokenizer, batch, max_seq_len, device, task)
             labels = inputs.pop("labels")
             # Without labels neither transformers nor AdaLoRA compute a loss, so no orthogonality penalty
             # can sneak in whatever orth_reg_weight says.
             logits = peft_model(**inputs).logits
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = task_loss(logits, labels, task)
             torch.autograd.backward(loss)
             tracker.update(watched)  # reads .grad: before zero_grad(set_to_none=True)
             optimizer.step()

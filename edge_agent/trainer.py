@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from common.data import Example
+from common.data import SEQ_CLS, Example
 from common.modeling import encode
 from common.types import TrainPlan
 from edge_agent.caps import Throttle
@@ -45,6 +45,7 @@ def train_local(
     progress: str = "auto",
     on_step: Callable[[int, float], None] | None = None,
     throttle: Throttle | None = None,
+    task: str = SEQ_CLS,
 ) -> TrainResult:
     """Train the model's trainable tensors on examples per the plan, stopping at the deadline.
 
@@ -78,7 +79,7 @@ def train_local(
             stopped_early = True
             break
         with throttle:  # float(loss) waits for the GPU, so the throttle times the whole step
-            inputs = encode(tokenizer, batch, plan.max_seq_len, device)
+            inputs = encode(tokenizer, batch, plan.max_seq_len, device, task)
             loss = model(**inputs).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
