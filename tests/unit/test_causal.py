@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from common.data import CAUSAL_LM, Example, instruct
-from common.modeling import IGNORE, RESPONSES_CUT, encode_causal, fit, task_loss, words
+from common.modeling import IGNORE, RESPONSES_CUT, encode_causal, evaluate_causal, fit, task_loss
 
 CPU = torch.device("cpu")
 
@@ -102,7 +102,7 @@ def test_causal_loss_is_next_token_cross_entropy_over_the_response_only() -> Non
     assert uniform == pytest.approx(float(torch.log(torch.tensor(6.0))), rel=1e-6)
 
 
-def test_instruction_form_and_answer_matching() -> None:
+def test_instruction_form_of_the_tweet_task() -> None:
     # Execute
     example = instruct(Example("I love it!", 1), ("negative", "positive"))
 
@@ -111,4 +111,38 @@ def test_instruction_form_and_answer_matching() -> None:
         "Tweet: I love it!\nIs the sentiment of this tweet negative or positive? Answer with one word."
     )
     assert (example.response, example.label) == ("positive", 1)
-    assert words(" Positive.") == ["positive"] and words("The sentiment is") == ["the", "sentiment", "is"]
+
+
+class Scripted(torch.nn.Module):
+    """A 'model' whose next-token choice at each position is given: argmax = scripted[b][t]."""
+
+    def __init__(self, scripted: list[list[int]], vocab: int) -> None:
+        super().__init__()
+        self.scripted = scripted
+        self.vocab = vocab
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for b, row in enumerate(self.scripted):
+            for t, token in enumerate(row[: input_ids.shape[1]]):
+                logits[b, t, token] = 10.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_exact_match_counts_an_answer_right_only_when_every_answer_token_is_the_greedy_choice() -> None:
+    # Prepare: "USER x ASSISTANT <answer> <eos>": position t predicts token t+1
+    tokenizer = WordTokenizer()
+    batch = [Example("x", 1, "very good"), Example("y", 0, "very bad"), Example("z", 0, "bad")]
+    ids = encode_causal(tokenizer, batch, 16, CPU)["input_ids"].tolist()
+    v = tokenizer.vocab
+    right = ids[0][1:]  # predicts exactly the next token everywhere
+    second_wrong = [*ids[1][1:3], v["very"], v["good"], 1]  # "very" right, then "good" instead of "bad"
+    eos_wrong = [*ids[2][1:3], v["bad"], 0]  # the answer right, the end token wrong: still a right answer
+    model = Scripted([right, second_wrong, eos_wrong], len(v) + 1)
+
+    # Execute
+    result = evaluate_causal(model, tokenizer, batch, 16, CPU, batch_size=8)
+
+    # Assert
+    assert result.accuracy == pytest.approx(2 / 3)
+    assert result.samples == 3
