@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Histogram
 
 from common.rpc import make_server
 from common.security import ServerSecurity
@@ -19,6 +21,21 @@ from coordinator.config import ServerSection
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.orchestrator import Orchestrator
 from coordinator.servicer import CoordinatorServicer
+
+
+@contextmanager
+def _observed(histogram: Histogram, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    """Time the enclosed call into histogram{method, code}, code from the context when it raised."""
+    start = time.perf_counter()
+    code = "OK"
+    try:
+        yield
+    except Exception:
+        status = getattr(context, "code", lambda: None)()
+        code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+        raise
+    finally:
+        histogram.labels(method, code).observe(time.perf_counter() - start)
 
 
 class LatencyInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -34,20 +51,10 @@ class LatencyInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         method = str(details.method).rsplit("/", 1)[-1]
         histogram = self.metrics.rpc_duration
 
-        def timed(
-            inner: Callable[[Any, grpc.ServicerContext], Any],
-        ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def timed(inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
             def call(request: Any, context: grpc.ServicerContext) -> Any:
-                start = time.perf_counter()
-                code = "OK"
-                try:
+                with _observed(histogram, method, context):
                     return inner(request, context)
-                except Exception:
-                    status = getattr(context, "code", lambda: None)()
-                    code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
-                    raise
-                finally:
-                    histogram.labels(method, code).observe(time.perf_counter() - start)
 
             return call
 
@@ -56,16 +63,8 @@ class LatencyInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
             # A response stream's time runs until its last message is handed to gRPC.
             def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start = time.perf_counter()
-                code = "OK"
-                try:
+                with _observed(histogram, method, context):
                     yield from inner(request, context)
-                except Exception:
-                    status = getattr(context, "code", lambda: None)()
-                    code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
-                    raise
-                finally:
-                    histogram.labels(method, code).observe(time.perf_counter() - start)
 
             return call
 

@@ -160,6 +160,8 @@ def test_every_documented_metric_exists_after_one_round(watched: Watched) -> Non
 
     # Assert
     assert missing == {"Coordinator": [], "Agent": []}
+    for method in ("Register", "GetTask", "DownloadGlobal", "UploadUpdate"):  # unary and streaming RPCs alike
+        assert f'fedpipe_rpc_duration_seconds_count{{code="OK",method="{method}"}}' in expositions["Coordinator"][0]
     assert len(documented("Coordinator")) > 40 and len(documented("Agent")) > 15
 
 
