@@ -7,6 +7,7 @@ precision). Importing this module is cheap; the first call that needs a model pa
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import importlib.util
 import json
@@ -301,9 +302,23 @@ def load_base(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _own_float_tensors(model)
     for param in model.parameters():
         param.requires_grad_(False)
     return model  # type: ignore[no-any-return]
+
+
+def _own_float_tensors(model: nn.Module) -> None:
+    """Copy the tensors quantization left in float (embeddings, norms, heads) out of the checkpoint's memory map.
+
+    They are zero-copy views into the mmapped safetensors file, which keeps the whole fp32 file mapped and
+    resident beside the quantized weights (measured on SmolLM2: +513 MiB, more than int8 saves).
+    """
+    for module in model.modules():
+        for _, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_floating_point() and tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
+    gc.collect()
 
 
 @dataclass(frozen=True)
