@@ -161,7 +161,7 @@ def test_without_quorum_the_round_is_skipped_and_a_late_upload_is_refused(
     start: Callable[..., Coordinator], tmp_path: Path
 ) -> None:
     # Prepare: three agents, all three updates needed, two rounds, a short deadline
-    run = run_section(tmp_path, 0, rounds=2, min_agents=3, quorum_fraction=1.0, round_deadline_s=1.5)
+    run = run_section(tmp_path, 0, rounds=2, min_agents=3, quorum_fraction=1.0, round_deadline_s=3.0)
     coordinator = start(run=run)
     tasks = open_round(coordinator, (AGENT_A, AGENT_B, AGENT_C))
     late = tasks[AGENT_C].update(seed=3, samples=SAMPLES_B)
@@ -187,7 +187,7 @@ def test_without_quorum_an_extended_deadline_lets_the_straggler_in(
 ) -> None:
     # Prepare
     run = run_section(
-        tmp_path, 0, min_agents=3, quorum_fraction=1.0, round_deadline_s=1.5, on_no_quorum="extend", max_extensions=1
+        tmp_path, 0, min_agents=3, quorum_fraction=1.0, round_deadline_s=3.0, on_no_quorum="extend", max_extensions=1
     )
     coordinator = start(run=run)
     tasks = open_round(coordinator, (AGENT_A, AGENT_B, AGENT_C))
