@@ -49,7 +49,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from harness import machine, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -477,18 +478,12 @@ def main() -> int:
             "checkpoint_mapped_rss": "Rss of the model.safetensors mappings in /proc/self/smaps (part of RssFile)",
             "sampled_peaks": f"largest RssAnon / RssFile sampled every {SAMPLE_PERIOD_S} s during train_local",
         },
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": len(os.sched_getaffinity(0)),
-        },
+        "machine": machine(),
         "matmul_gflops": gflops,
         "summary": summary,
         "runs": runs,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
     return 0
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # deploy/ is a directory of scripts, not an installed package
+
+from harness import machine, write_result  # noqa: E402
 
 from deploy.local_federation import Federation  # noqa: E402
 
@@ -413,9 +414,7 @@ def main() -> int:
             "spec": spec,
         },
         "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            **machine(),
             "loadavg_before": list(load_before),
             "loadavg_after": list(load_after),
         },
@@ -429,9 +428,7 @@ def main() -> int:
             **{name: [to_mib(kib.get(name)) for _, kib in trace] for name in names},
         },
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
     return 0 if overall == "PASS" else 1
 
 

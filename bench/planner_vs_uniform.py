@@ -34,7 +34,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from harness import Variant, merge
+from harness import Variant, machine, merge, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -524,20 +523,14 @@ def main() -> int:
             "heldout": "first 500 of the 1,000 embedded held-out tweets (binomial SE about 1.6 points at 0.85)",
         },
         "code": code,
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        },
+        "machine": machine(),
         "comparison": checked,
         "missing": missing,
         "failed": failed,
         "configs": configs,
         "runs": runs,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
     return 1 if failed else 0
 
 

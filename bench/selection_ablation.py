@@ -36,7 +36,6 @@ import copy
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import struct
@@ -48,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from harness import Variant, merge
+from harness import Variant, machine, merge, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -460,11 +459,7 @@ def main() -> int:
             "(selection/0000.json) and the coordinator log span from 'probe ... scoring' to 'selection:'",
         },
         "code": code_version(),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        },
+        "machine": machine(),
         "variants": summaries,
         "verdict": checked,
         "missing": missing,
@@ -472,9 +467,7 @@ def main() -> int:
         "configs": configs,
         "runs": {name: {str(seed): figures for seed, figures in per_seed.items()} for name, per_seed in runs.items()},
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
     return 1 if failed else 0
 
 

@@ -27,10 +27,7 @@ Writes bench/results/upload_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from harness import machine, write_result
 
 from common import serde
 from common.adapters import check_tensors, expected_tensors
@@ -201,7 +199,9 @@ def measure_grpc(shape: Shape, repeats: int, workdir: Path) -> dict[str, Any]:
         for i, client in enumerate(clients):
             task = client.get_task(30.0)
             if task.kind is not TaskKind.TRAIN or task.plan is None:
-                raise SystemExit(f"{client.agent_id}: expected a TRAIN task, got {task}")
+                loop.join(timeout=1)
+                why = f"; the run loop failed: {outcome[0]!r}" if outcome else ""
+                raise SystemExit(f"{client.agent_id}: expected a TRAIN task, got {task}{why}")
             plan = task.plan
             if tensors is None:
                 tensors = update_tensors(plan, spec)
@@ -322,17 +322,11 @@ def main() -> int:
         "mb": "10**6 bytes",
         "statistic": f"median of {args.repeats} timed transfers after one warm-up",
         "torch_threads": 1,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
+        "machine": machine(),
         "rows": rows,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_result(args.output, result)
     return 0
-
-
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from common.types import DeviceProfile, ModelSpec, Quantization
 
+MIN_STEP_SECONDS = 1e-6  # a spec with no weights to price (hand-made) still gets a finite step count
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient, AdamW exp_avg and exp_avg_sq
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit code, 8-bit absmax per 64, fp32 per 256 blocks
 INT8_BYTES_PER_WEIGHT = 1.0
@@ -159,13 +160,15 @@ def predict(
         + coefficients.activation_bytes_per_token * tokens
         + coefficients.overhead_bytes
     )
-    flop_ratio = step_flops_per_token(spec, lora) / step_flops_per_token(spec, coefficients.calibration_lora_parameters)
+    calibrated = step_flops_per_token(spec, coefficients.calibration_lora_parameters)
+    # A spec without linear weights or calibration (hand-made, or an unknown layout) gives no ratio to scale by.
+    flop_ratio = step_flops_per_token(spec, lora) / calibrated if calibrated > 0 else 1.0
     factor = TIME_FACTORS[device_kind(profile)][config.quantization]
     step = (coefficients.step_seconds_fixed + coefficients.step_seconds_per_token * tokens) * flop_ratio * factor
     payload = trainable * 4
     return Cost(
         peak_memory_bytes=memory * memory_scale,
-        step_seconds=step * time_scale,
+        step_seconds=max(step * time_scale, MIN_STEP_SECONDS),
         transfer_seconds=2 * payload / bandwidth_bytes_per_s,
         payload_bytes=payload,
     )

@@ -171,3 +171,19 @@ def test_mask_subsets_keep_the_most_important_in_model_order() -> None:
     modules = ("m0", "m1", "m2", "m3")
     subsets = mask_subsets(modules, {"m0": 0.1, "m1": 0.9, "m2": 0.5, "m3": 0.2}, (1.0, 0.5))
     assert subsets == [modules, ("m1", "m2")]
+
+
+def test_a_spec_without_linear_weights_or_heads_still_plans() -> None:
+    # Prepare: a hand-made spec (as RPC tests and benchmarks build), uncalibrated agents
+    bare = replace(SPEC, heads=(), linear_parameters=0)
+    profiles = {"a": replace(profile(8.0), calibration=()), "b": profile(8.0)}
+
+    # Execute
+    uniform = uniform_plan(profiles, bare, OPTIONS, 1)
+    planned = fedpipe_plan(profiles, bare, OPTIONS, 1)
+
+    # Assert: no division by zero; every agent planned with a finite step time
+    assert set(uniform.plans) == set(planned.plans) == {"a", "b"}
+    assert all(
+        0 < p.step_seconds < float("inf") for p in [*uniform.predictions.values(), *planned.predictions.values()]
+    )
