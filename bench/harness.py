@@ -1,16 +1,26 @@
-"""Pieces the benchmarks share: a variant (coordinator keys over a base config), a deep merge, the machine's
-description and the results file."""
+"""Pieces the benchmarks share: a variant (coordinator keys over a base config), the launcher's deep merge,
+running a federation, the machine's description and the results file."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
+import subprocess
+import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # deploy/ lives beside bench/, not in the installed package
+
+from deploy.local_federation import merge  # noqa: E402  (the launcher's deep merge, re-exported)
+
+__all__ = ["ROOT", "Variant", "machine", "merge", "run_federation", "write_result"]
 
 
 @dataclass(frozen=True)
@@ -22,15 +32,27 @@ class Variant:
     coordinator: dict[str, Any]
 
 
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge of two config mappings; override wins."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+def run_federation(config_path: Path, run_dir: Path, timeout_s: float, code_root: Path = ROOT) -> float:
+    """deploy/local_federation.py of code_root (this checkout, or a frozen copy) with code_root first on
+    PYTHONPATH, output to our stdout; its wall seconds. RuntimeError when the federation fails."""
+    command = [
+        sys.executable,
+        str(code_root / "deploy" / "local_federation.py"),
+        "--config",
+        str(config_path),
+        "--run-dir",
+        str(run_dir),
+        "--timeout",
+        str(timeout_s),
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(code_root), os.environ.get("PYTHONPATH")) if p)}
+    print(f"$ PYTHONPATH={code_root} " + " ".join(command), flush=True)
+    start = time.monotonic()
+    done = subprocess.run(command, cwd=code_root, env=env, check=False)
+    wall = time.monotonic() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"the federation failed with exit code {done.returncode}; logs in {run_dir / 'logs'}")
+    return wall
 
 
 def machine() -> dict[str, Any]:

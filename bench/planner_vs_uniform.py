@@ -38,13 +38,12 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
-from harness import Variant, machine, merge, write_result
+from harness import Variant, machine, merge, run_federation, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -140,28 +139,6 @@ def frozen_copy(dest_root: Path) -> Path:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
     return dest
-
-
-def run_federation(code_root: Path, config_path: Path, run_dir: Path, timeout_s: float) -> float:
-    """deploy/local_federation.py of code_root, with code_root first on PYTHONPATH; its wall seconds."""
-    command = [
-        sys.executable,
-        str(code_root / "deploy" / "local_federation.py"),
-        "--config",
-        str(config_path),
-        "--run-dir",
-        str(run_dir),
-        "--timeout",
-        str(timeout_s),
-    ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(code_root), os.environ.get("PYTHONPATH")) if p)}
-    print(f"$ PYTHONPATH={code_root} " + " ".join(command), flush=True)
-    start = time.monotonic()
-    done = subprocess.run(command, cwd=code_root, env=env, check=False)
-    wall = time.monotonic() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"the federation failed with exit code {done.returncode}; logs in {run_dir / 'logs'}")
-    return wall
 
 
 def log_events(log_path: Path) -> list[tuple[float, str]]:
@@ -475,7 +452,7 @@ def main() -> int:
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             started = datetime.now().astimezone().isoformat(timespec="seconds")
             try:
-                wall = run_federation(code_root, config_path, run_dir, args.timeout)
+                wall = run_federation(config_path, run_dir, args.timeout, code_root)
             except RuntimeError as error:
                 print(f"{name}: {error}", file=sys.stderr)
                 failed.append(name)

@@ -31,15 +31,15 @@ import argparse
 import json
 import math
 import re
-import struct
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
-from harness import machine, write_result
+from harness import machine, run_federation, write_result
+
+from coordinator.checkpoint import tensor_header
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -74,43 +74,20 @@ def federation_config(agents: int, rounds: int, max_samples: int, eval_samples: 
     }
 
 
-def run_federation(config: dict[str, Any], run_dir: Path, timeout_s: float) -> None:
-    """Run deploy/local_federation.py with this Python; its output goes to our stdout."""
+def run_config(config: dict[str, Any], run_dir: Path, timeout_s: float) -> None:
+    """Run a launcher config (written to a temporary file) through harness.run_federation."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="round-overhead-", delete=False) as handle:
         yaml.safe_dump(config, handle)
         path = Path(handle.name)
     try:
-        command = [
-            sys.executable,
-            str(ROOT / "deploy" / "local_federation.py"),
-            "--config",
-            str(path),
-            "--run-dir",
-            str(run_dir),
-            "--timeout",
-            str(timeout_s),
-        ]
-        print("$ " + " ".join(command), flush=True)
-        done = subprocess.run(command, cwd=ROOT, check=False)
+        run_federation(path, run_dir, timeout_s)
+    except RuntimeError as err:
+        raise SystemExit(str(err)) from None
     finally:
         path.unlink(missing_ok=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the federation failed with exit code {done.returncode}; logs in {run_dir / 'logs'}")
 
 
-def safetensors_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, dtype) from a safetensors file's JSON header, without reading the tensors."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return {
-        name: (tuple(int(d) for d in entry["shape"]), str(entry["dtype"]))
-        for name, entry in header.items()
-        if name != "__metadata__"
-    }
-
-
-def payload_bytes(plan: dict[str, Any], shapes: dict[str, tuple[tuple[int, ...], str]]) -> int:
+def payload_bytes(plan: dict[str, Any], shapes: dict[str, tuple[str, tuple[int, ...]]]) -> int:
     """Bytes of one agent's upload for this plan: fp32 A (r, in) and B (out, r) per module, plus saved heads.
 
     The download of the global adapter for the same plan has the same tensors (common.adapters
@@ -118,11 +95,11 @@ def payload_bytes(plan: dict[str, Any], shapes: dict[str, tuple[tuple[int, ...],
     """
     total = 0
     for module, rank in plan["rank_pattern"].items():
-        a_shape, _ = shapes[f"{PEFT_PREFIX}{module}.lora_A.weight"]
-        b_shape, _ = shapes[f"{PEFT_PREFIX}{module}.lora_B.weight"]
+        _, a_shape = shapes[f"{PEFT_PREFIX}{module}.lora_A.weight"]
+        _, b_shape = shapes[f"{PEFT_PREFIX}{module}.lora_B.weight"]
         total += int(rank) * (a_shape[1] + b_shape[0]) * 4
     saved = tuple(plan["modules_to_save"])
-    for key, (shape, dtype) in shapes.items():
+    for key, (dtype, shape) in shapes.items():
         name = key.removeprefix(PEFT_PREFIX)
         if ".lora_" in name or name.rsplit(".", 1)[0] not in saved:
             continue
@@ -166,7 +143,7 @@ def analyze(run_dir: Path, throughput: list[dict[str, Any]] | None) -> list[dict
             continue  # round 0 only evaluates the initial adapter; an empty round aggregated nothing
         round_dir = run_dir / "rounds" / f"{round_:04d}"
         plans = json.loads((round_dir / "plans.json").read_text())
-        shapes = safetensors_shapes(round_dir / "adapter_model.safetensors")
+        shapes = tensor_header(round_dir / "adapter_model.safetensors")[0]
         agents: dict[str, dict[str, Any]] = {}
         for agent in record["agents"]:
             entry = plans[agent]
@@ -230,7 +207,7 @@ def main() -> int:
     args = parser.parse_args()
     config = federation_config(args.agents, args.rounds, args.max_samples, args.eval_samples)
     if not args.analyze_only:
-        run_federation(config, args.run_dir, args.timeout)
+        run_config(config, args.run_dir, args.timeout)
     throughput = load_throughput(args.throughput)
     if throughput is None:
         print(f"note: {args.throughput} not found; transfer time counts as 0 (run bench/upload_throughput.py)")

@@ -38,16 +38,16 @@ import math
 import os
 import re
 import statistics
-import struct
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
-from harness import Variant, machine, merge, write_result
+from harness import Variant, machine, merge, run_federation, write_result
+
+from coordinator.checkpoint import tensor_header
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -107,40 +107,7 @@ def federation_config(demo: dict[str, Any], variant: Variant, seed: int, run_dir
     return config
 
 
-def run_federation(config_path: Path, run_dir: Path, timeout_s: float) -> float:
-    """Run deploy/local_federation.py with this Python (output to our stdout); its wall seconds."""
-    command = [
-        sys.executable,
-        str(ROOT / "deploy" / "local_federation.py"),
-        "--config",
-        str(config_path),
-        "--run-dir",
-        str(run_dir),
-        "--timeout",
-        str(timeout_s),
-    ]
-    print("$ " + " ".join(command), flush=True)
-    start = time.monotonic()
-    done = subprocess.run(command, cwd=ROOT, check=False)
-    wall = time.monotonic() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"the federation failed with exit code {done.returncode}; logs in {run_dir / 'logs'}")
-    return wall
-
-
-def safetensors_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, dtype) from a safetensors file's JSON header, without reading the tensors."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return {
-        name: (tuple(int(d) for d in entry["shape"]), str(entry["dtype"]))
-        for name, entry in header.items()
-        if name != "__metadata__"
-    }
-
-
-def plan_parameters(plan: dict[str, Any], shapes: dict[str, tuple[tuple[int, ...], str]]) -> tuple[int, int]:
+def plan_parameters(plan: dict[str, Any], shapes: dict[str, tuple[str, tuple[int, ...]]]) -> tuple[int, int]:
     """(LoRA parameters, head parameters) an agent trains and uploads under this plan.
 
     LoRA: r * (d_in + d_out) per module, d_in from A (r, d_in) and d_out from B (d_out, r) in the round's
@@ -148,12 +115,12 @@ def plan_parameters(plan: dict[str, Any], shapes: dict[str, tuple[tuple[int, ...
     """
     lora = 0
     for module, rank in plan["rank_pattern"].items():
-        d_in = shapes[f"{PEFT_PREFIX}{module}.lora_A.weight"][0][1]
-        d_out = shapes[f"{PEFT_PREFIX}{module}.lora_B.weight"][0][0]
+        d_in = shapes[f"{PEFT_PREFIX}{module}.lora_A.weight"][1][1]
+        d_out = shapes[f"{PEFT_PREFIX}{module}.lora_B.weight"][1][0]
         lora += int(rank) * (d_in + d_out)
     saved = set(plan["modules_to_save"])
     head = 0
-    for key, (shape, _) in shapes.items():
+    for key, (_, shape) in shapes.items():
         name = key.removeprefix(PEFT_PREFIX)
         if ".lora_" not in name and name.rsplit(".", 1)[0] in saved:
             head += math.prod(shape)
@@ -204,7 +171,7 @@ def analyze_run(run_dir: Path) -> dict[str, Any]:
     for record in trained:
         round_dir = run_dir / "rounds" / f"{int(record['round']):04d}"
         plans = json.loads((round_dir / "plans.json").read_text())
-        shapes = safetensors_shapes(round_dir / "adapter_model.safetensors")
+        shapes = tensor_header(round_dir / "adapter_model.safetensors")[0]
         upload = 0
         for agent in record["agents"]:
             plan = plans[agent]["plan"]

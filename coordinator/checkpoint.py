@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from common.adapters import GlobalAdapter, LoraPair, global_digest, global_to_peft
@@ -45,6 +46,18 @@ def write_json(path: Path, data: Any) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def tensor_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """(tensor name -> (dtype, shape), metadata) of a safetensors file, read from its header only."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            slices = {name: handle.get_slice(name) for name in handle.keys()}  # noqa: SIM118  (not a mapping)
+            tensors = {name: (str(t.get_dtype()), tuple(int(d) for d in t.get_shape())) for name, t in slices.items()}
+            metadata = handle.metadata() or {}
+    except (OSError, SafetensorError) as err:
+        raise ConfigError(f"{path} is not a readable safetensors file: {err}") from err
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
 def plan_record(plan: TrainPlan) -> dict[str, Any]:

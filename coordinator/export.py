@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -83,19 +82,6 @@ class Source:
             if ".lora_" in key:
                 return SAFETENSORS_DTYPES.get(dtype, dtype)
         return None
-
-
-def _safetensors_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
-    """(tensor key -> (dtype, shape), metadata) from a safetensors file's header, without reading tensors."""
-    try:
-        with path.open("rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(size))
-    except (OSError, struct.error, ValueError) as err:
-        raise ConfigError(f"{path} is not a readable safetensors file: {err}") from err
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = {key: (str(value["dtype"]), tuple(int(d) for d in value["shape"])) for key, value in header.items()}
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
 def _read_json(path: Path) -> Any:
@@ -186,7 +172,9 @@ def locate(path: Path, round_: int | None = None) -> Source:
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     metadata: dict[str, str] = {}
     if weights.suffix == ".safetensors":
-        tensors, metadata = _safetensors_header(weights)
+        from coordinator.checkpoint import tensor_header  # torch comes with it: not at import time
+
+        tensors, metadata = tensor_header(weights)
     found_round = round_
     if metadata.get("fedpipe_round", "").isdigit():
         found_round = int(metadata["fedpipe_round"])
