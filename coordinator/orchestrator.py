@@ -246,8 +246,8 @@ class Orchestrator:
     def check_upload(self, meta: UpdateMeta, infos: list[TensorInfo], sha256: bytes = b"") -> bool:
         """Refuse an upload from its header alone, before its payload is read.
 
-        True for a replay: the same payload (by checksum) as the agent's accepted update of this round,
-        which is acknowledged and ignored so that a retried upload is idempotent.
+        True for a replay: the same payload (by checksum) as the agent's accepted update of that round
+        (the open one or the one before), acknowledged and ignored so that a retried upload is idempotent.
         """
         self.registry.get(meta.agent_id)
         with self.cond:
