@@ -47,7 +47,7 @@ from typing import Any
 import yaml
 from harness import Variant, machine, merge, run_federation, write_result
 
-from coordinator.checkpoint import tensor_header
+from coordinator.rundir import tensor_header
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

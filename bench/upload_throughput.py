@@ -173,7 +173,7 @@ def measure_grpc(shape: Shape, repeats: int, workdir: Path) -> dict[str, Any]:
         metrics,
         base_path="bench",
     )
-    serving = start_server(orchestrator, server_section, metrics, ServerSecurity.insecure())
+    serving = start_server(orchestrator.admission, server_section, metrics, ServerSecurity.insecure())
     server, port = serving.server, serving.port
     clients: list[CoordinatorClient] = []
     outcome: list[BaseException] = []

@@ -305,3 +305,21 @@ def lora_parameter_count(ranks: Mapping[str, int], spec: ModelSpec) -> int:
         shape = spec.candidate(module)
         total += rank * (shape.in_features + shape.out_features)
     return total
+
+
+def change_norm(tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of the change from the tensors an agent was sent to the ones it returned, in float64."""
+    squared = 0.0
+    for name, before in sent.items():
+        squared += float((tensors[name].double() - before.double()).pow(2).sum())
+    return math.sqrt(squared)
+
+
+def scale_change(
+    tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], factor: float
+) -> dict[str, torch.Tensor]:
+    """sent + factor * (tensors - sent), per tensor, in each tensor's own dtype."""
+    return {
+        name: (before.double() + factor * (tensors[name].double() - before.double())).to(tensors[name].dtype)
+        for name, before in sent.items()
+    }

@@ -100,7 +100,7 @@ def run(config: CoordinatorConfig) -> int:
     if config.metrics.port >= 0:
         metrics_port = serve(metrics.registry, config.metrics.host, config.metrics.port)
         log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_port)
-    serving = start_server(orchestrator, config.server, metrics, security)
+    serving = start_server(orchestrator.admission, config.server, metrics, security)
     log.info(
         "serving fedpipe.v1.Coordinator on %s:%d (%s, run %s, dir %s)",
         config.server.host,

@@ -7,76 +7,13 @@ agent the configuration, its predicted memory and round time, and the binding co
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from common.errors import ConfigError
-from common.types import CalibrationPoint, DeviceProfile, ModelSpec, ModuleShape, Quantization
+from common.types import DeviceProfile
 from coordinator.planner import PLANNERS, PlanOptions, PlanSet
-
-AGENTS_FILE = "agents.json"
-
-
-def snapshot(
-    profiles: Mapping[str, DeviceProfile],
-    spec: ModelSpec,
-    mask: tuple[str, ...] | None,
-    scores: Mapping[str, float],
-    corrections: Mapping[str, tuple[float, float]],
-) -> dict[str, Any]:
-    """What the planner saw, as JSON-ready data."""
-
-    def profile_record(profile: DeviceProfile) -> dict[str, Any]:
-        record = asdict(profile)
-        record["calibration"] = [{**asdict(p), "quantization": p.quantization.value} for p in profile.calibration]
-        return record
-
-    return {
-        "spec": asdict(spec),
-        "profiles": {agent: profile_record(p) for agent, p in profiles.items()},
-        "mask": list(mask) if mask is not None else None,
-        "scores": dict(scores),
-        "corrections": {agent: list(pair) for agent, pair in corrections.items()},
-    }
-
-
-Snapshot = tuple[
-    dict[str, DeviceProfile], ModelSpec, tuple[str, ...] | None, dict[str, float], dict[str, tuple[float, float]]
-]
-
-
-def load_snapshot(path: Path) -> Snapshot:
-    """Inverse of snapshot, read from a run directory's agents.json."""
-    if not path.is_file():
-        raise ConfigError(f"--run-dir: {path} not found; a coordinator writes it when it first plans")
-    return from_snapshot(json.loads(path.read_text()))
-
-
-def from_snapshot(data: Mapping[str, Any]) -> Snapshot:
-    """Inverse of snapshot: profiles, spec, mask, scores and corrections."""
-    raw = data["spec"]
-    spec = ModelSpec(
-        fingerprint=raw["fingerprint"],
-        model_type=raw["model_type"],
-        task=raw["task"],
-        labels=tuple(raw["labels"]),
-        candidates=tuple(ModuleShape(**m) for m in raw["candidates"]),
-        heads=tuple((name, tuple(shape)) for name, shape in raw["heads"]),
-        base_parameters=raw["base_parameters"],
-        linear_parameters=raw.get("linear_parameters", 0),
-    )
-    profiles = {}
-    for agent, record in data["profiles"].items():
-        points = tuple(
-            CalibrationPoint(**{**p, "quantization": Quantization(p["quantization"])}) for p in record["calibration"]
-        )
-        profiles[agent] = DeviceProfile(**{**record, "calibration": points})
-    mask = tuple(data["mask"]) if data.get("mask") else None
-    corrections = {agent: (float(t), float(m)) for agent, (t, m) in data.get("corrections", {}).items()}
-    return profiles, spec, mask, dict(data.get("scores", {})), corrections
+from coordinator.rundir import AGENTS_FILE, load_snapshot
 
 
 def replan(

@@ -172,7 +172,7 @@ def locate(path: Path, round_: int | None = None) -> Source:
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
     metadata: dict[str, str] = {}
     if weights.suffix == ".safetensors":
-        from coordinator.checkpoint import tensor_header  # torch comes with it: not at import time
+        from coordinator.rundir import tensor_header  # torch comes with it: not at import time
 
         tensors, metadata = tensor_header(weights)
     found_round = round_

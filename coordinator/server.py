@@ -17,9 +17,9 @@ from prometheus_client import Histogram
 
 from common.rpc import make_server
 from common.security import ServerSecurity
+from coordinator.admission import Admission
 from coordinator.config import ServerSection
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.orchestrator import Orchestrator
 from coordinator.servicer import CoordinatorServicer
 
 
@@ -95,11 +95,11 @@ class Serving:
 
 
 def start_server(
-    orchestrator: Orchestrator, section: ServerSection, metrics: CoordinatorMetrics, security: ServerSecurity
+    admission: Admission, section: ServerSection, metrics: CoordinatorMetrics, security: ServerSecurity
 ) -> Serving:
     """Start serving (TLS unless security is insecure); section.port 0 picks a free port."""
     server = make_server(section.workers, interceptors=[LatencyInterceptor(metrics)])
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(orchestrator, section, metrics, security), server)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(admission, section, metrics, security), server)
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -19,10 +19,9 @@ from common import serde
 from common.errors import FedPipeError, InvalidArgument
 from common.rpc import status_for
 from common.security import ServerSecurity
-from common.types import AdapterUpdate
+from coordinator.admission import Admission
 from coordinator.config import ServerSection
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +60,16 @@ def mapped(method: F) -> F:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    """fedpipe.v1.Coordinator over an Orchestrator; every call must come from the agent it names."""
+    """fedpipe.v1.Coordinator over the agent-call handlers; every call must come from the agent it names."""
 
     def __init__(
         self,
-        orchestrator: Orchestrator,
+        admission: Admission,
         limits: ServerSection,
         metrics: CoordinatorMetrics,
         security: ServerSecurity,
     ) -> None:
-        self.orchestrator = orchestrator
+        self.admission = admission
         self.limits = limits
         self.metrics = metrics
         self.security = security
@@ -84,7 +83,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if not request.HasField("profile") or not request.HasField("model"):
             raise InvalidArgument("profile" if not request.HasField("profile") else "model", "missing")
         self.security.authorize(context, request.agent_id)
-        info = self.orchestrator.register(
+        info = self.admission.register(
             request.agent_id, serde.profile_from_pb(request.profile), serde.spec_from_pb(request.model)
         )
         return pb.RegisterResponse(
@@ -94,13 +93,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @mapped
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         self.security.authorize(context, request.agent_id)
-        known, round_ = self.orchestrator.heartbeat(request.agent_id, request.state)
+        known, round_ = self.admission.heartbeat(request.agent_id, request.state)
         return pb.HeartbeatResponse(known=known, current_round=round_)
 
     @mapped
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.GetTaskResponse:
         self.security.authorize(context, request.agent_id)
-        return serde.task_to_pb(self.orchestrator.get_task(request.agent_id, request.wait_s))
+        return serde.task_to_pb(self.admission.get_task(request.agent_id, request.wait_s, context.is_active))
 
     @mapped
     def DownloadGlobal(
@@ -108,7 +107,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     ) -> Iterator[pb.DownloadGlobalResponse]:
         self.security.authorize(context, request.agent_id)
         start = time.perf_counter()
-        tensors = self.orchestrator.global_for(request.agent_id, request.global_round, request.plan_id)
+        tensors = self.admission.global_for(request.agent_id, request.global_round, request.plan_id)
         header, payload = serde.encode_payload(tensors)
         seconds = self.metrics.download_seconds.labels(request.agent_id)
         return _download_stream(
@@ -127,19 +126,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.security.authorize(context, meta.agent_id)
         infos = serde.tensor_infos(first.header.payload)
         digest = bytes(first.header.payload.sha256)
-        if self.orchestrator.check_upload(meta, infos, digest):
-            # A retry of an upload whose answer was lost: same bytes, same answer, counted once.
-            message = f"replay of the update already accepted for round {meta.round}; ignored"
-            return pb.UploadUpdateResponse(accepted=True, round=meta.round, message=message)
-        tensors = serde.decode_payload(
-            first.header.payload,
-            _chunks(request_iterator),
-            self.limits.max_upload_bytes,
-            self.limits.max_chunk_bytes,
+        answer = self.admission.admit_update(
+            meta,
+            infos,
+            digest,
+            lambda: serde.decode_payload(
+                first.header.payload,
+                _chunks(request_iterator),
+                self.limits.max_upload_bytes,
+                self.limits.max_chunk_bytes,
+            ),
         )
-        message = self.orchestrator.accept_update(AdapterUpdate(meta=meta, tensors=tensors), digest)
-        self.metrics.upload_seconds.labels(meta.agent_id).inc(time.perf_counter() - start)
-        return pb.UploadUpdateResponse(accepted=True, round=meta.round, message=message)
+        if not answer.replay:
+            self.metrics.upload_seconds.labels(meta.agent_id).inc(time.perf_counter() - start)
+        return pb.UploadUpdateResponse(accepted=True, round=meta.round, message=answer.message)
 
     @mapped
     def ReportEvaluation(
@@ -147,7 +147,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     ) -> pb.ReportEvaluationResponse:
         self.security.authorize(context, request.agent_id)
         evaluation = serde.evaluation_from_pb(request)
-        self.orchestrator.report_evaluation(request.agent_id, request.global_round, evaluation)
+        self.admission.report_evaluation(request.agent_id, request.global_round, evaluation)
         return pb.ReportEvaluationResponse()
 
     @mapped
@@ -155,7 +155,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self, request: pb.ReportImportanceRequest, context: grpc.ServicerContext
     ) -> pb.ReportImportanceResponse:
         self.security.authorize(context, request.agent_id)
-        self.orchestrator.report_importance(request.agent_id, serde.importance_from_pb(request))
+        self.admission.report_importance(request.agent_id, serde.importance_from_pb(request))
         return pb.ReportImportanceResponse()
 
 

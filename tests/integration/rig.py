@@ -138,8 +138,8 @@ class Coordinator:
         self.clock.racing = True
         with self.orchestrator.registry.changed:
             self.orchestrator.registry.changed.notify_all()
-        with self.orchestrator.cond:
-            self.orchestrator.cond.notify_all()
+        with self.orchestrator.state.cond:
+            self.orchestrator.state.notify()
         self.runner.join(timeout=RPC_TIMEOUT_S)
         self.channel.close()
         self.server.stop(grace=None).wait(RPC_TIMEOUT_S)
@@ -199,7 +199,7 @@ def launch(
         metrics,
         BASE_PATH,
     )
-    serving = start_server(orchestrator, config.server, metrics, security or ServerSecurity.insecure())
+    serving = start_server(orchestrator.admission, config.server, metrics, security or ServerSecurity.insecure())
     address = f"127.0.0.1:{serving.port}"
     channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
     runner = Runner(orchestrator)

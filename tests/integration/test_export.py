@@ -19,8 +19,8 @@ import torch
 from common.adapters import GlobalAdapter, LoraPair, head_modules, init_global
 from common.modeling import model_spec, resolve_model_path
 from common.types import Quantization, TrainPlan
-from coordinator.checkpoint import write_adapter, write_json
 from coordinator.export import main
+from coordinator.rundir import write_adapter, write_json
 
 pytestmark = [
     pytest.mark.integration,

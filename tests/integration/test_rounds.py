@@ -120,7 +120,7 @@ def test_an_update_over_the_norm_bound_is_rejected_and_a_small_one_accepted(
     coordinator = start(updates=UpdatesSection(max_norm=0.5, norm_action="reject"))
     tasks = open_round(coordinator, (AGENT_A, AGENT_B))
     big, fine = small(tasks[AGENT_A], 0.1), small(tasks[AGENT_A], 0.001)
-    before = coordinator.orchestrator.global_
+    before = coordinator.orchestrator.state.global_
 
     # Execute
     code, details = refused(lambda: upload(coordinator.stub, big.messages()))
@@ -130,7 +130,7 @@ def test_an_update_over_the_norm_bound_is_rejected_and_a_small_one_accepted(
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert f"update norm: {delta_norm(big, tasks[AGENT_A].tensors):.4g} exceeds updates.max_norm 0.5" in details
     assert accepted.message == "accepted for round 1 (1/2)"
-    assert coordinator.orchestrator.global_ is before
+    assert coordinator.orchestrator.state.global_ is before
     assert sample(coordinator, "fedpipe_agent_update_norm", {"agent": AGENT_A}) == pytest.approx(
         delta_norm(fine, tasks[AGENT_A].tensors), rel=1e-6
     )
@@ -145,7 +145,7 @@ def test_an_update_over_the_norm_bound_is_clipped_to_it(start: Callable[..., Coo
 
     # Execute
     answer = upload(coordinator.stub, big.messages())
-    kept = coordinator.orchestrator.updates[AGENT_A].tensors
+    kept = coordinator.orchestrator.state.inbox[AGENT_A].update.tensors
 
     # Assert: same direction, norm exactly the bound
     assert answer.accepted
@@ -175,9 +175,9 @@ def test_without_quorum_the_round_is_skipped_and_a_late_upload_is_refused(
     # Assert: round 1 skipped, the global still round 0, the late update never mixed into round 2
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "round 1 is not open for uploads (open round: 2)" in details
-    global_ = coordinator.orchestrator.global_
+    global_ = coordinator.orchestrator.state.global_
     assert global_ is not None and global_.round == 0
-    assert coordinator.orchestrator.round == 2 and coordinator.orchestrator.updates == {}
+    assert coordinator.orchestrator.state.round == 2 and coordinator.orchestrator.state.inbox == {}
     assert sample(coordinator, "fedpipe_rounds_failed_total", {"reason": "no_quorum"}) == 1
     assert coordinator.orchestrator.results[0].dropped == (AGENT_C,)
 

@@ -145,7 +145,7 @@ def test_an_agent_cannot_act_as_another(pki: Path, start: Callable[..., Coordina
     register(as_b, AGENT_B)
     b = train_assignment(as_b, AGENT_B)
     train_assignment(coordinator.stub, AGENT_A)
-    before = coordinator.orchestrator.global_
+    before = coordinator.orchestrator.state.global_
     forged = b.update(seed=5, samples=10)  # agent-b's update, sent over agent-a's certificate
 
     # Execute
@@ -164,7 +164,7 @@ def test_an_agent_cannot_act_as_another(pki: Path, start: Callable[..., Coordina
         assert f"authenticated as '{AGENT_A}', which may not act as '{AGENT_B}'" in details, (name, details)
     metrics = coordinator.orchestrator.metrics.registry
     assert metrics.get_sample_value("fedpipe_updates_rejected_total", {"reason": REJECT_REASONS[code]}) == 1
-    assert coordinator.orchestrator.global_ is before and coordinator.orchestrator.updates == {}
+    assert coordinator.orchestrator.state.global_ is before and coordinator.orchestrator.state.inbox == {}
     answer = as_b.UploadUpdate(iter(forged.messages()), timeout=RPC_TIMEOUT_S)
     assert answer.accepted and answer.message == "accepted for round 1 (1/2)"
 

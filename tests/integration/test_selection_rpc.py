@@ -82,7 +82,7 @@ def coordinator(run_dir: Path, run: RunSection, selection: SelectionSection, see
     orchestrator = Orchestrator(
         config, Registry(LABELS), uniform_plan, options, get_strategy("rank-padding"), metrics, "base"
     )
-    serving = start_server(orchestrator, config.server, metrics, ServerSecurity.insecure())
+    serving = start_server(orchestrator.admission, config.server, metrics, ServerSecurity.insecure())
     server, port = serving.server, serving.port
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     thread = threading.Thread(target=lambda: _run_quietly(orchestrator), daemon=True)
@@ -178,7 +178,7 @@ def test_bad_importance_reports_are_refused_and_change_nothing(
     with pytest.raises(grpc.RpcError) as caught:
         report(running.stub, "a", probe_id, scores)
     assert caught.value.code() == code and details in (caught.value.details() or "")
-    assert running.orchestrator.importance == {}
+    assert running.orchestrator.state.importance == {}
     again = task(running.stub, "a")
     assert again.kind is TaskKind.PROBE  # still owed: the refused report was not kept
 
@@ -248,7 +248,7 @@ def test_reselection_adds_entering_matrices_fresh_and_keeps_leaving_ones(tmp_pat
         assert torch.equal(received[f"{m0}.lora_B"], torch.zeros(8, 2))
         assert bool(received[f"{m0}.lora_A"].abs().sum() > 0)
         assert torch.equal(received[f"{m1}.lora_B"], torch.full((8, 2), 0.5))
-        global_ = orchestrator.global_
+        global_ = orchestrator.state.global_
         assert global_ is not None and set(global_.lora) == {m0, m1, m3}
         assert torch.equal(global_.lora[m3].b, torch.full((8, 2), 0.5 * 4.0 / 2))  # folded alpha / r
         upload(stub, "a", 2, second.plan.plan_id, received)

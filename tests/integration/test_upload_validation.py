@@ -110,7 +110,7 @@ def open_round(coordinator: Coordinator) -> OpenRound:
 
 def global_digest(orchestrator: Orchestrator) -> str:
     """sha256 over the round and every global tensor's bytes, in sorted name order."""
-    global_ = orchestrator.global_
+    global_ = orchestrator.state.global_
     assert global_ is not None
     named: dict[str, torch.Tensor] = dict(global_.heads)
     for module, pair in global_.lora.items():
@@ -141,7 +141,7 @@ def rejected(orchestrator: Orchestrator, code: grpc.StatusCode) -> float:
 
 def assert_aggregated(orchestrator: Orchestrator, a: Upload, b: Upload) -> None:
     """The round-1 global is the sample-weighted mean of exactly these two updates (B folded by alpha / r)."""
-    global_ = orchestrator.global_
+    global_ = orchestrator.state.global_
     assert global_ is not None and global_.round == 1
     wa, wb = a.meta.samples, b.meta.samples
     torch.testing.assert_close(global_.heads[HEAD_W], weighted_mean((a.tensors[HEAD_W], wa), (b.tensors[HEAD_W], wb)))
@@ -155,7 +155,7 @@ def assert_aggregated(orchestrator: Orchestrator, a: Upload, b: Upload) -> None:
 
 def test_download_is_a_verified_chunked_copy_of_the_global(open_round: OpenRound) -> None:
     # Prepare
-    global_ = open_round.coordinator.orchestrator.global_
+    global_ = open_round.coordinator.orchestrator.state.global_
     assert global_ is not None and global_.round == 0
 
     # Execute: the fixture downloaded through the real server

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from common.types import CalibrationPoint, DeviceProfile, ModelSpec, ModuleShape, Quantization
-from coordinator.checkpoint import write_json
 from coordinator.cli import main
-from coordinator.explain import AGENTS_FILE, load_snapshot, snapshot
+from coordinator.rundir import AGENTS_FILE, load_snapshot, snapshot, write_json
 
 SPEC = ModelSpec(
     "fp", "bert", "seq-cls", ("negative", "positive"),

@@ -1,4 +1,11 @@
-"""Durable run state: every round's global adapter in peft format, plans, and the folded global state.
+"""The run directory: every file a run writes, and what a restarted coordinator reads back.
+
+run_dir/
+  state/            state.json (the commit point) + global-NNNN.safetensors: the folded global, bit-exact
+  rounds/NNNN/      each round's global adapter in peft format, plans.json (plans, predicted and measured)
+  final/            the last global adapter; summary.json the run's figures
+  selection/NNNN.json  every probe's scores and the mask; agents.json what the planner last saw
+  rounds.jsonl      one record per round; config.json the coordinator's settings; coordinator.port
 
 Everything is written to a temporary name, fsynced and renamed, so a crash leaves either the old or the
 new file, never half of one.
@@ -22,9 +29,19 @@ from common.adapters import GlobalAdapter, LoraPair, global_digest, global_to_pe
 from common.data import SEQ_CLS
 from common.errors import ConfigError
 from common.modeling import write_adapter_config
-from common.types import ModelSpec, TrainPlan
+from common.types import (
+    CalibrationPoint,
+    DeviceProfile,
+    Evaluation,
+    ModelSpec,
+    ModuleShape,
+    Quantization,
+    RoundResult,
+    TrainPlan,
+)
 
 STATE_FILE = "state.json"
+AGENTS_FILE = "agents.json"  # what the planner saw last: profiles, spec, mask, scores, corrections
 LEGACY_GLOBAL_FILE = "global.safetensors"  # state written before the file was named by its round
 
 
@@ -94,8 +111,8 @@ def write_adapter(
     _fsync_dir(directory.parent)
 
 
-class Checkpoint:
-    """The run directory: rounds/NNNN/ (peft adapter + plans.json), state/ (resume), final/."""
+class RunDir:
+    """One run's directory (see the module docstring); the global adapter is written bit-exact for resume."""
 
     def __init__(
         self, run_dir: Path, base_path: str, alpha: float, spec: ModelSpec, modules_to_save: tuple[str, ...]
@@ -193,3 +210,119 @@ class Checkpoint:
         write_adapter(final, global_, self.alpha, self.base_path, self.modules_to_save, self.spec.task)
         write_json(self.run_dir / "summary.json", summary)
         return final
+
+    # ------------------------------------------------------------------ the other files of a run
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        """config.json: the settings the run was started with."""
+        (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def write_agents(self, snapshot: Mapping[str, Any]) -> None:
+        """agents.json: what the planner saw (for `plan --explain`)."""
+        write_json(self.run_dir / AGENTS_FILE, snapshot)
+
+    def write_selection(self, after_round: int, record: Mapping[str, Any]) -> None:
+        """selection/NNNN.json: a probe's scores per agent, the combined scores and the mask."""
+        directory = self.run_dir / "selection"
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / f"{after_round:04d}.json", record)
+
+    def append_round(self, result: RoundResult) -> None:
+        """One line of rounds.jsonl."""
+        with (self.run_dir / "rounds.jsonl").open("a") as handle:
+            handle.write(json.dumps(asdict(result), default=str) + "\n")
+
+    def results(self, up_to: int) -> list[RoundResult]:
+        """The rounds.jsonl records of rounds 0..up_to (the last of each round wins), in order."""
+        path = self.run_dir / "rounds.jsonl"
+        if not path.is_file():
+            return []
+        by_round: dict[int, RoundResult] = {}
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record["round"] <= up_to:
+                by_round[record["round"]] = result_from_record(record)
+        return [by_round[r] for r in sorted(by_round)]
+
+
+def saved_state(run_dir: Path) -> dict[str, Any] | None:
+    """A run directory's state.json as saved, without its tensors; None for a fresh run directory."""
+    path = run_dir / "state" / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def result_from_record(record: Mapping[str, Any]) -> RoundResult:
+    """A RoundResult from its rounds.jsonl line."""
+
+    def evaluation(raw: Mapping[str, Any] | None) -> Evaluation | None:
+        return Evaluation(**raw) if raw else None
+
+    return RoundResult(
+        round=record["round"],
+        agents=tuple(record["agents"]),
+        seconds=record["seconds"],
+        samples=record["samples"],
+        train_loss=record.get("train_loss"),
+        heldout=evaluation(record.get("heldout")),
+        agents_eval=evaluation(record.get("agents_eval")),
+        dropped=tuple(record.get("dropped", ())),
+    )
+
+
+def snapshot(
+    profiles: Mapping[str, DeviceProfile],
+    spec: ModelSpec,
+    mask: tuple[str, ...] | None,
+    scores: Mapping[str, float],
+    corrections: Mapping[str, tuple[float, float]],
+) -> dict[str, Any]:
+    """What the planner saw, as JSON-ready data."""
+
+    def profile_record(profile: DeviceProfile) -> dict[str, Any]:
+        record = asdict(profile)
+        record["calibration"] = [{**asdict(p), "quantization": p.quantization.value} for p in profile.calibration]
+        return record
+
+    return {
+        "spec": asdict(spec),
+        "profiles": {agent: profile_record(p) for agent, p in profiles.items()},
+        "mask": list(mask) if mask is not None else None,
+        "scores": dict(scores),
+        "corrections": {agent: list(pair) for agent, pair in corrections.items()},
+    }
+
+
+Snapshot = tuple[
+    dict[str, DeviceProfile], ModelSpec, tuple[str, ...] | None, dict[str, float], dict[str, tuple[float, float]]
+]
+
+
+def load_snapshot(path: Path) -> Snapshot:
+    """Inverse of snapshot, read from a run directory's agents.json."""
+    if not path.is_file():
+        raise ConfigError(f"--run-dir: {path} not found; a coordinator writes it when it first plans")
+    return from_snapshot(json.loads(path.read_text()))
+
+
+def from_snapshot(data: Mapping[str, Any]) -> Snapshot:
+    """Inverse of snapshot: profiles, spec, mask, scores and corrections."""
+    raw = data["spec"]
+    spec = ModelSpec(
+        fingerprint=raw["fingerprint"],
+        model_type=raw["model_type"],
+        task=raw["task"],
+        labels=tuple(raw["labels"]),
+        candidates=tuple(ModuleShape(**m) for m in raw["candidates"]),
+        heads=tuple((name, tuple(shape)) for name, shape in raw["heads"]),
+        base_parameters=raw["base_parameters"],
+        linear_parameters=raw.get("linear_parameters", 0),
+    )
+    profiles = {}
+    for agent, record in data["profiles"].items():
+        points = tuple(
+            CalibrationPoint(**{**p, "quantization": Quantization(p["quantization"])}) for p in record["calibration"]
+        )
+        profiles[agent] = DeviceProfile(**{**record, "calibration": points})
+    mask = tuple(data["mask"]) if data.get("mask") else None
+    corrections = {agent: (float(t), float(m)) for agent, (t, m) in data.get("corrections", {}).items()}
+    return profiles, spec, mask, dict(data.get("scores", {})), corrections

@@ -1,0 +1,344 @@
+"""The agent-call handlers: what the servicer delegates to, as methods over the round state and the registry.
+
+Every call from an agent lands here after the transport checked who is calling. A handler validates what
+the agent sent against the round state and the coordinator's own figures, records it under the round
+state's lock, and answers; nothing an agent sends reaches the global state except through admit_update,
+which checks an upload completely before it enters the inbox.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from common.errors import AlreadyUploaded, InvalidArgument, NotReady, StaleRound, UnknownAgent
+from common.types import (
+    AdapterUpdate,
+    DeviceProfile,
+    Evaluation,
+    ImportanceReport,
+    ModelSpec,
+    Task,
+    TaskKind,
+    TensorInfo,
+    TrainPlan,
+    UpdateMeta,
+)
+from coordinator.config import CoordinatorConfig
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.modes.lora import LoraMode
+from coordinator.registry import Registry
+from coordinator.round_state import Admitted, Phase, RoundState
+
+log = logging.getLogger(__name__)
+
+MAX_POLL_S = 30.0  # longest a task poll is held
+
+
+@dataclass(frozen=True)
+class RegisterInfo:
+    """What a registering agent is told."""
+
+    run_id: str
+    heartbeat_interval_s: float
+    chunk_bytes: int
+
+
+@dataclass(frozen=True)
+class UploadAnswer:
+    """The coordinator's answer to an upload."""
+
+    message: str
+    replay: bool = False  # the same bytes as an update already accepted: acknowledged, not counted again
+
+
+class Admission:
+    """Handlers of every agent call, over one run's round state and registry."""
+
+    def __init__(
+        self,
+        state: RoundState,
+        registry: Registry,
+        config: CoordinatorConfig,
+        metrics: CoordinatorMetrics,
+        mode: LoraMode,
+    ) -> None:
+        self.state = state
+        self.registry = registry
+        self.config = config
+        self.metrics = metrics
+        self.mode = mode
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The run's model, as the coordinator knows it."""
+        spec = self.registry.spec
+        if spec is None:
+            raise NotReady("no model spec yet")
+        return spec
+
+    # ------------------------------------------------------------------ membership
+
+    def register(self, agent_id: str, profile: DeviceProfile, spec: ModelSpec) -> RegisterInfo:
+        """Add an agent (ModelMismatch if its model differs); it joins the next round."""
+        new = self.registry.register(agent_id, profile, spec)
+        count = len(self.registry.all())
+        self.metrics.agents_registered.set(count)
+        if new:
+            self.metrics.start_agent(agent_id)
+        if new and count == self.config.server.workers - 4:
+            # Each agent's long poll holds a server thread; past this, calls queue and rounds slow down.
+            log.warning("%d agents and server.workers %d: raise server.workers above the agent count", count, count + 4)
+        self.metrics.agent_flops.labels(agent_id).set(profile.flops_per_s)
+        self.metrics.agent_memory.labels(agent_id).set(profile.total_memory_bytes)
+        self.metrics.agent_up.labels(agent_id).set(1)
+        log.info(
+            "agent %s %s: %s, %.1f GiB, %.2f GFLOP/s, %d samples",
+            agent_id,
+            "registered" if new else "re-registered",
+            profile.device,
+            profile.total_memory_bytes / 2**30,
+            profile.flops_per_s / 1e9,
+            profile.num_train_samples,
+        )
+        state = self.state
+        with state.cond:
+            if state.phase is Phase.TRAINING and agent_id in state.plans and agent_id not in state.inbox:
+                # It lost its work (a restart): the round stops waiting for it, and it joins the next one.
+                state.withdrawn.add(agent_id)
+                log.warning(
+                    "round %d: %s registered again mid-round; it joins round %d", state.round, agent_id, state.round + 1
+                )
+            state.notify()
+        return RegisterInfo(state.run_id, self.config.run.heartbeat_interval_s, self.config.server.chunk_bytes)
+
+    def heartbeat(self, agent_id: str, state: str) -> tuple[bool, int]:
+        """(known, current round); an unknown agent is told to register again."""
+        try:
+            self.registry.heartbeat(agent_id, state)
+        except UnknownAgent:
+            return False, self.state.round
+        return True, self.state.round
+
+    # ------------------------------------------------------------------ tasks and the global
+
+    def get_task(self, agent_id: str, wait_s: float, active: Callable[[], bool] = lambda: True) -> Task:
+        """The agent's next task, waiting up to wait_s (capped) while there is none and the caller is there."""
+        self.registry.touch(agent_id)
+        state = self.state
+        end = state.clock() + min(max(wait_s, 0.0), MAX_POLL_S)
+        with state.cond:
+            while True:
+                task = self._task_for(agent_id)
+                remaining = end - state.clock()
+                if task.kind is not TaskKind.WAIT or remaining <= 0 or not active():
+                    if task.kind is TaskKind.FINISHED:
+                        state.finished_seen.add(agent_id)
+                        state.notify()
+                    return task
+                state.cond.wait(remaining)
+
+    def _task_for(self, agent_id: str) -> Task:
+        state = self.state
+        if state.phase is Phase.FINISHED:
+            return Task(TaskKind.FINISHED, round=state.round, message="the run is complete")
+        if state.phase is Phase.TRAINING and agent_id in state.plans and agent_id not in state.delivered():
+            assert state.global_ is not None
+            return Task(TaskKind.TRAIN, round=state.round, global_round=state.global_.round, plan=state.plans[agent_id])
+        if state.phase is Phase.EVALUATING and agent_id in state.eval_plans and agent_id not in state.eval_reports:
+            assert state.global_ is not None
+            return Task(
+                TaskKind.EVALUATE,
+                round=state.global_.round,
+                global_round=state.global_.round,
+                plan=state.eval_plans[agent_id],
+            )
+        if state.phase is Phase.PROBING and agent_id in state.probe_agents and agent_id not in state.importance:
+            return Task(TaskKind.PROBE, round=state.round, probe=state.probe)
+        if agent_id in state.excluded:
+            message = f"left out of round {state.round}: {state.excluded[agent_id]}"
+            return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=message)
+        return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=f"phase {state.phase.value}")
+
+    def global_for(self, agent_id: str, global_round: int, plan_id: str) -> dict[str, torch.Tensor]:
+        """The global as the agent's plan loads it; StaleRound when it is not the current one."""
+        self.registry.touch(agent_id)
+        state = self.state
+        with state.cond:
+            global_ = state.global_
+            plan = self._plan_of(agent_id, plan_id)
+        if global_ is None:
+            raise NotReady("no global adapter yet")
+        if global_round != global_.round:
+            raise StaleRound(f"global round {global_round} is gone; the current one is {global_.round}")
+        tensors = self.mode.broadcast(global_, plan, self.spec)
+        self.metrics.download_bytes.labels(agent_id).inc(sum(t.numel() * t.element_size() for t in tensors.values()))
+        return tensors
+
+    def _plan_of(self, agent_id: str, plan_id: str) -> TrainPlan:
+        for plans in (self.state.plans, self.state.eval_plans):
+            plan = plans.get(agent_id)
+            if plan is not None and plan.plan_id == plan_id:
+                return plan
+        raise StaleRound(f"plan {plan_id!r} is not current for agent {agent_id}")
+
+    # ------------------------------------------------------------------ uploads
+
+    def admit_update(
+        self,
+        meta: UpdateMeta,
+        infos: list[TensorInfo],
+        sha256: bytes,
+        read_payload: Callable[[], Mapping[str, torch.Tensor]],
+    ) -> UploadAnswer:
+        """Check an upload completely and keep it for this round's aggregation.
+
+        From the header alone, before the payload is read: identity, round, plan, weight and the exact
+        tensors the plan asks for. A replay (the same payload by checksum as the agent's accepted update of
+        the open round or the one before) is acknowledged without reading it. Then read_payload (which
+        verifies sizes and checksum), then the values, then the norm bound; the round may have closed
+        meanwhile, so the commit checks again under the lock.
+        """
+        self.registry.get(meta.agent_id)
+        state = self.state
+        with state.cond:
+            if sha256 and state.digests.get((meta.agent_id, meta.round)) == sha256:
+                self.metrics.updates_replayed.labels(meta.agent_id).inc()
+                log.info("round %d: replayed update from %s ignored", meta.round, meta.agent_id)
+                return UploadAnswer(f"replay of the update already accepted for round {meta.round}; ignored", True)
+            plan = self._open_plan(meta)
+            global_ = state.global_
+        assert global_ is not None
+        expected = self.mode.expected(plan, self.spec)
+        _check_declared(infos, expected)
+        tensors = read_payload()
+        self.mode.check(tensors, expected)
+        sent = self.mode.broadcast(global_, plan, self.spec)
+        tensors, norm, raw_norm = self._bound_norm(meta, tensors, sent)
+        update = AdapterUpdate(meta=meta, tensors=tensors)
+        with state.cond:
+            self._open_plan(meta)  # the round may have closed while the payload was read
+            state.inbox[meta.agent_id] = Admitted(update, sha256, norm, raw_norm)
+            state.digests[(meta.agent_id, meta.round)] = sha256
+            count, planned = len(state.inbox), len(state.plans)
+            state.notify()
+        self._accepted_metrics(update)
+        log.info(
+            "round %d: update from %s accepted (%d samples, %.1fs, loss %.4f) [%d/%d]",
+            meta.round,
+            meta.agent_id,
+            meta.samples,
+            meta.train_seconds,
+            meta.train_loss,
+            count,
+            planned,
+        )
+        return UploadAnswer(f"accepted for round {meta.round} ({count}/{planned})")
+
+    def _open_plan(self, meta: UpdateMeta) -> TrainPlan:
+        """The agent's plan of the open round; refuses what does not belong to it (call with cond held)."""
+        state = self.state
+        if state.phase is not Phase.TRAINING or meta.round != state.round:
+            open_round = state.round if state.phase is Phase.TRAINING else None
+            raise StaleRound(f"round {meta.round} is not open for uploads (open round: {open_round})")
+        if meta.agent_id not in state.plans:
+            raise StaleRound(f"agent {meta.agent_id} has no plan in round {state.round}; it joins the next")
+        if meta.agent_id in state.withdrawn:
+            raise StaleRound(f"agent {meta.agent_id} registered again during round {state.round}; it joins the next")
+        plan = state.plans[meta.agent_id]
+        if meta.plan_id != plan.plan_id:
+            raise InvalidArgument("plan_id", f"{meta.plan_id!r} is not this round's plan for {meta.agent_id}")
+        if meta.agent_id in state.inbox:
+            raise AlreadyUploaded(
+                f"agent {meta.agent_id} already uploaded round {state.round}, with a different payload"
+            )
+        if meta.samples == 0:
+            raise InvalidArgument("samples", "must be positive: an update with no samples has no weight")
+        # The weight of an update is its sample count: bound it by the work the plan allows on the
+        # data the agent reported, so one agent cannot claim to outweigh the others.
+        limit = plan.steps_for(self.registry.get(meta.agent_id).profile.num_train_samples) * plan.batch_size
+        if meta.samples > limit:
+            raise InvalidArgument("samples", f"{meta.samples} exceeds the {limit} this plan allows on the agent's data")
+        return plan
+
+    def _bound_norm(
+        self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]
+    ) -> tuple[Mapping[str, torch.Tensor], float, float]:
+        """updates.max_norm: refuse, or scale down, an update whose change to what it was sent is too large."""
+        norm = self.mode.change_norm(tensors, sent)
+        self.metrics.update_norm.labels(meta.agent_id).set(norm)
+        bound = self.config.updates.max_norm
+        if bound <= 0 or norm <= bound:
+            return tensors, norm, norm
+        if self.config.updates.norm_action == "reject":
+            raise InvalidArgument("update norm", f"{norm:.4g} exceeds updates.max_norm {bound:g}")
+        self.metrics.updates_clipped.labels(meta.agent_id).inc()
+        log.warning("round %d: update from %s clipped from norm %.4g to %g", meta.round, meta.agent_id, norm, bound)
+        return self.mode.scale_change(tensors, sent, bound / norm), bound, norm
+
+    def _accepted_metrics(self, update: AdapterUpdate) -> None:
+        agent, meta = update.meta.agent_id, update.meta
+        nbytes = sum(t.numel() * t.element_size() for t in update.tensors.values())
+        self.metrics.updates_accepted.labels(agent).inc()
+        self.metrics.upload_bytes.labels(agent).inc(nbytes)
+        self.metrics.agent_train_seconds.labels(agent).set(meta.train_seconds)
+        self.metrics.agent_samples.labels(agent).set(meta.samples)
+        self.metrics.agent_samples_per_second.labels(agent).set(meta.samples / max(meta.train_seconds, 1e-9))
+        self.metrics.agent_peak_memory.labels(agent).set(meta.peak_memory_bytes)
+
+    # ------------------------------------------------------------------ reports
+
+    def report_evaluation(self, agent_id: str, global_round: int, evaluation: Evaluation) -> None:
+        """Keep an agent's evaluation of the current global adapter."""
+        self.registry.touch(agent_id)
+        state = self.state
+        with state.cond:
+            if state.phase is not Phase.EVALUATING or state.global_ is None or global_round != state.global_.round:
+                raise StaleRound(f"no evaluation of global round {global_round} is open")
+            if agent_id not in state.eval_plans:
+                raise StaleRound(f"agent {agent_id} was not asked to evaluate round {global_round}")
+            state.eval_reports[agent_id] = evaluation
+            state.notify()
+
+    def report_importance(self, agent_id: str, report: ImportanceReport) -> None:
+        """Keep an agent's probe scores; every candidate of the probe must be scored, nothing else."""
+        self.registry.touch(agent_id)
+        state = self.state
+        with state.cond:
+            probe = state.probe
+            if state.phase is not Phase.PROBING or probe is None or report.probe_id != probe.probe_id:
+                raise StaleRound(f"probe {report.probe_id!r} is not open")
+            if agent_id not in state.probe_agents:
+                raise StaleRound(f"agent {agent_id} was not asked to take part in probe {probe.probe_id}")
+            if agent_id in state.importance:
+                raise AlreadyUploaded(f"agent {agent_id} already reported probe {probe.probe_id}")
+        missing = sorted(set(probe.candidates) - set(report.scores))
+        extra = sorted(set(report.scores) - set(probe.candidates))
+        if missing or extra:
+            raise InvalidArgument("scores", f"missing {missing[:3]}, not candidates {extra[:3]}")
+        with state.cond:
+            state.importance[agent_id] = report
+            state.notify()
+        self.metrics.probe_seconds.labels(agent_id).set(report.seconds)
+        log.info(
+            "probe %s: scores from %s (%d samples, %.1fs)", report.probe_id, agent_id, report.samples, report.seconds
+        )
+
+
+def _check_declared(infos: list[TensorInfo], expected: list[TensorInfo]) -> None:
+    """The header declares exactly the plan's tensors, with their shapes and dtypes."""
+    declared = {info.name: info for info in infos}
+    for info in expected:
+        got = declared.get(info.name)
+        if got is None:
+            raise InvalidArgument("payload.tensors", f"missing {info.name}")
+        if got.shape != info.shape:
+            raise InvalidArgument(f"payload.tensors[{info.name}].shape", f"expected {info.shape}, got {got.shape}")
+        if got.dtype != info.dtype:
+            raise InvalidArgument(f"payload.tensors[{info.name}].dtype", f"expected {info.dtype}, got {got.dtype}")
+    extra = sorted(set(declared) - {info.name for info in expected})
+    if extra:
+        raise InvalidArgument("payload.tensors", f"not in the plan: {extra[:3]}")
