@@ -166,7 +166,7 @@ def measure_grpc(shape: Shape, repeats: int, workdir: Path) -> dict[str, Any]:
     metrics = CoordinatorMetrics()
     orchestrator = Orchestrator(
         config,
-        Registry(labels),
+        Registry(spec),
         uniform_plan,
         options(shape.rank),
         get_strategy("rank-padding"),

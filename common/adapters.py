@@ -265,8 +265,8 @@ def fold_update(agent_id: str, weight: float, tensors: Mapping[str, torch.Tensor
     return FoldedUpdate(agent_id=agent_id, weight=weight, lora=lora, heads=heads)
 
 
-def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Iterable[TensorInfo]) -> None:
-    """Raise InvalidArgument naming the first tensor whose name, shape or dtype is off, or non-finite."""
+def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Iterable[TensorInfo], finite: bool = True) -> None:
+    """Raise InvalidArgument naming the first tensor whose name, shape or dtype is off, or (finite) non-finite."""
     wanted = {info.name: info for info in expected}
     missing = sorted(set(wanted) - set(tensors))
     if missing:
@@ -281,8 +281,21 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Iterable[Tensor
         dtype = str(tensor.dtype).removeprefix("torch.")
         if dtype != info.dtype:
             raise InvalidArgument(f"tensors[{name}].dtype", f"expected {info.dtype}, got {dtype}")
-        if not bool(torch.isfinite(tensor).all()):
+        if finite and not bool(torch.isfinite(tensor).all()):
             raise InvalidArgument(f"tensors[{name}]", "holds NaN or Inf values")
+
+
+def check_values(tensors: Mapping[str, torch.Tensor], bound: float, what: str = "tensors") -> None:
+    """Every value finite and, with bound > 0, |value| <= bound; InvalidArgument names the first tensor off."""
+    for name, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise InvalidArgument(f"{what}[{name}]", "holds NaN or Inf values")
+        if bound > 0 and tensor.numel():
+            peak = float(tensor.abs().max())
+            if peak > bound:
+                raise InvalidArgument(
+                    f"{what}[{name}]", f"holds |value| {peak:.4g} over updates.max_abs_value {bound:g}"
+                )
 
 
 def global_to_peft(global_: GlobalAdapter, alpha: float) -> dict[str, torch.Tensor]:

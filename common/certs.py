@@ -24,7 +24,8 @@ PROG = "fedpipe-coordinator certs"
 COORDINATOR_CN = "fedpipe-coordinator"
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1")
 # Must match edge_agent.config's agent_id validator: the id doubles as the certificate CN and a file name.
-_AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+AGENT_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"  # an agent id, and the common name of its certificate
+_AGENT_ID = re.compile(AGENT_ID_PATTERN)
 # Hosts whose clocks run a little behind must not reject a certificate issued moments ago.
 _SKEW = datetime.timedelta(minutes=5)
 

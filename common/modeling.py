@@ -254,6 +254,16 @@ def model_spec(
     )
 
 
+def configured_model(
+    path: str, task: str, labels: Sequence[str], include_mlp: bool = False, candidates: Sequence[str] | None = None
+) -> tuple[str, ModelSpec]:
+    """(local directory, spec) of a configured model: a model.path setting and a task setting ("auto" or one),
+    resolved the same way on the coordinator and on every agent, so their specs compare equal."""
+    resolved = resolve_model_path(path)
+    chosen = default_task(path) if task == "auto" else task
+    return resolved, model_spec(resolved, labels, include_mlp, candidates, chosen)
+
+
 def load_tokenizer(path: str) -> Any:
     """The model's tokenizer; one without a pad token (GPT-2, LLaMA) pads with its end-of-text token."""
     from transformers import AutoTokenizer

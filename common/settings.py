@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, CliSettingsSource, PydanticBaseSettingsSource
 
+from common.data import EMBEDDED
 from common.errors import ConfigError
 
 S = TypeVar("S", bound=BaseSettings)
@@ -29,6 +30,22 @@ def _distinct_labels(value: list[str]) -> list[str]:
 
 
 Labels = Annotated[list[str], AfterValidator(_distinct_labels)]  # class names in index order
+
+
+class ModelSection(Section):
+    """The base model. Agents load it; the coordinator derives the run's model spec from it (its config.json
+    is enough there), so both sides must set it alike."""
+
+    path: str = Field(
+        EMBEDDED, description="model directory, 'embedded' for MiniLM-L6, 'embedded-llm' for SmolLM2-135M-Instruct"
+    )
+    task: Literal["auto", "seq-cls", "causal-lm"] = Field(
+        "auto", description="seq-cls or causal-lm; auto: causal-lm for embedded-llm and *ForCausalLM models"
+    )
+    include_mlp: bool = Field(False, description="offer MLP projections as LoRA candidates")
+    candidates: list[str] | None = Field(
+        None, description="module name suffixes that may carry LoRA, for architectures without a built-in table"
+    )
 
 
 class YamlSource(PydanticBaseSettingsSource):

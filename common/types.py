@@ -228,3 +228,5 @@ class RoundResult:
     agents_eval: Evaluation | None = None  # size-weighted over agents' validation splits
     train_loss: float | None = None  # sample-weighted mean of the agents' training loss
     dropped: tuple[str, ...] = field(default_factory=tuple)  # planned agents without an accepted update
+    refused: tuple[str, ...] = field(default_factory=tuple)  # accepted updates left out when the round closed
+    failure: str | None = None  # why the round was not aggregated (no quorum, a non-finite aggregate), or None

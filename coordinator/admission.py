@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 
@@ -27,6 +28,7 @@ from common.types import (
     TrainPlan,
     UpdateMeta,
 )
+from coordinator.bounds import check_evaluation, check_importance, check_meta, check_profile, check_wait
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modes.lora import LoraMode
@@ -36,6 +38,7 @@ from coordinator.round_state import Admitted, Phase, RoundState
 log = logging.getLogger(__name__)
 
 MAX_POLL_S = 30.0  # longest a task poll is held
+E = TypeVar("E")
 
 
 @dataclass(frozen=True)
@@ -75,15 +78,14 @@ class Admission:
     @property
     def spec(self) -> ModelSpec:
         """The run's model, as the coordinator knows it."""
-        spec = self.registry.spec
-        if spec is None:
-            raise NotReady("no model spec yet")
-        return spec
+        return self.registry.spec
 
     # ------------------------------------------------------------------ membership
 
     def register(self, agent_id: str, profile: DeviceProfile, spec: ModelSpec) -> RegisterInfo:
-        """Add an agent (ModelMismatch if its model differs); it joins the next round."""
+        """Add an agent (InvalidArgument for a profile outside the limits, ModelMismatch if its model differs
+        from the run's); it joins the next round."""
+        check_profile(profile, self.spec, self.config.limits)
         new = self.registry.register(agent_id, profile, spec)
         count = len(self.registry.all())
         self.metrics.agents_registered.set(count)
@@ -127,9 +129,10 @@ class Admission:
 
     def get_task(self, agent_id: str, wait_s: float, active: Callable[[], bool] = lambda: True) -> Task:
         """The agent's next task, waiting up to wait_s (capped) while there is none and the caller is there."""
+        check_wait(wait_s)
         self.registry.touch(agent_id)
         state = self.state
-        end = state.clock() + min(max(wait_s, 0.0), MAX_POLL_S)
+        end = state.clock() + min(wait_s, MAX_POLL_S)
         with state.cond:
             while True:
                 task = self._task_for(agent_id)
@@ -139,12 +142,15 @@ class Admission:
                         state.finished_seen.add(agent_id)
                         state.notify()
                     return task
-                state.cond.wait(remaining)
+                state.cond.wait(min(remaining, 1.0))  # re-check that the caller is still there
 
     def _task_for(self, agent_id: str) -> Task:
         state = self.state
         if state.phase is Phase.FINISHED:
             return Task(TaskKind.FINISHED, round=state.round, message="the run is complete")
+        if state.phase is Phase.TRAINING and agent_id in state.sat_out:
+            message = f"sitting out round {state.round}: {state.sat_out[agent_id]}"
+            return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=message)
         if state.phase is Phase.TRAINING and agent_id in state.plans and agent_id not in state.delivered():
             assert state.global_ is not None
             return Task(TaskKind.TRAIN, round=state.round, global_round=state.global_.round, plan=state.plans[agent_id])
@@ -161,22 +167,37 @@ class Admission:
         if agent_id in state.excluded:
             message = f"left out of round {state.round}: {state.excluded[agent_id]}"
             return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=message)
+        if agent_id in state.notices:
+            return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=state.notices[agent_id])
         return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=f"phase {state.phase.value}")
 
-    def global_for(self, agent_id: str, global_round: int, plan_id: str) -> dict[str, torch.Tensor]:
-        """The global as the agent's plan loads it; StaleRound when it is not the current one."""
+    def download(
+        self, agent_id: str, global_round: int, plan_id: str, encode: Callable[[dict[str, torch.Tensor]], E]
+    ) -> E:
+        """The global as the agent's plan loads it, encoded by the transport; StaleRound when it is not current.
+
+        The encoded copy is kept per (global round, plan) until the global changes, so however many downloads
+        an agent opens, and however slowly it reads them, they share one copy.
+        """
         self.registry.touch(agent_id)
         state = self.state
         with state.cond:
             global_ = state.global_
             plan = self._plan_of(agent_id, plan_id)
+            cached = state.downloads.get((global_round, plan_id))
         if global_ is None:
             raise NotReady("no global adapter yet")
         if global_round != global_.round:
             raise StaleRound(f"global round {global_round} is gone; the current one is {global_.round}")
-        tensors = self.mode.broadcast(global_, plan, self.spec)
-        self.metrics.download_bytes.labels(agent_id).inc(sum(t.numel() * t.element_size() for t in tensors.values()))
-        return tensors
+        if cached is None:
+            tensors = self.mode.broadcast(global_, plan, self.spec)
+            cached = (encode(tensors), sum(t.numel() * t.element_size() for t in tensors.values()))
+            with state.cond:
+                if state.global_ is global_:
+                    state.downloads[(global_round, plan_id)] = cached
+        encoded, nbytes = cached
+        self.metrics.download_bytes.labels(agent_id).inc(nbytes)
+        return cast(E, encoded)
 
     def _plan_of(self, agent_id: str, plan_id: str) -> TrainPlan:
         for plans in (self.state.plans, self.state.eval_plans):
@@ -196,11 +217,13 @@ class Admission:
     ) -> UploadAnswer:
         """Check an upload completely and keep it for this round's aggregation.
 
-        From the header alone, before the payload is read: identity, round, plan, weight and the exact
-        tensors the plan asks for. A replay (the same payload by checksum as the agent's accepted update of
-        the open round or the one before) is acknowledged without reading it. Then read_payload (which
-        verifies sizes and checksum), then the values, then the norm bound; the round may have closed
-        meanwhile, so the commit checks again under the lock.
+        From the header alone, before the payload is read: identity, round, plan, the figures it claims
+        (samples within what the plan allows on the agent's counted data) and the exact tensors the plan
+        asks for. A replay (the same payload by checksum as the agent's accepted update of the open round or
+        the one before) is acknowledged without reading it. Then read_payload (which verifies sizes and
+        checksum), then the values (finite, within updates.max_abs_value), then the absolute norm bound. An
+        update refused for its values or norm is not retrained: its agent sits the round out and is told so.
+        The round may have closed meanwhile, so the commit checks again under the lock.
         """
         self.registry.get(meta.agent_id)
         state = self.state
@@ -217,7 +240,12 @@ class Admission:
         tensors = read_payload()
         self.mode.check(tensors, expected)
         sent = self.mode.broadcast(global_, plan, self.spec)
-        tensors, norm, raw_norm = self._bound_norm(meta, tensors, sent)
+        try:
+            self.mode.check_values(tensors, self.config.updates.max_abs_value)
+            tensors, norm, raw_norm = self._bound_norm(meta, tensors, sent)
+        except InvalidArgument as err:
+            self._sit_out(meta, str(err))
+            raise
         update = AdapterUpdate(meta=meta, tensors=tensors)
         with state.cond:
             self._open_plan(meta)  # the round may have closed while the payload was read
@@ -248,6 +276,8 @@ class Admission:
             raise StaleRound(f"agent {meta.agent_id} has no plan in round {state.round}; it joins the next")
         if meta.agent_id in state.withdrawn:
             raise StaleRound(f"agent {meta.agent_id} registered again during round {state.round}; it joins the next")
+        if meta.agent_id in state.sat_out:
+            raise StaleRound(f"agent {meta.agent_id} sits out round {state.round}: {state.sat_out[meta.agent_id]}")
         plan = state.plans[meta.agent_id]
         if meta.plan_id != plan.plan_id:
             raise InvalidArgument("plan_id", f"{meta.plan_id!r} is not this round's plan for {meta.agent_id}")
@@ -255,14 +285,18 @@ class Admission:
             raise AlreadyUploaded(
                 f"agent {meta.agent_id} already uploaded round {state.round}, with a different payload"
             )
-        if meta.samples == 0:
-            raise InvalidArgument("samples", "must be positive: an update with no samples has no weight")
-        # The weight of an update is its sample count: bound it by the work the plan allows on the
-        # data the agent reported, so one agent cannot claim to outweigh the others.
-        limit = plan.steps_for(self.registry.get(meta.agent_id).profile.num_train_samples) * plan.batch_size
-        if meta.samples > limit:
-            raise InvalidArgument("samples", f"{meta.samples} exceeds the {limit} this plan allows on the agent's data")
+        # The weight of an update is its sample count: bounded by the work the plan allows on the data the
+        # coordinator counts for the agent, so one agent cannot claim to outweigh the others.
+        check_meta(meta, plan, state.allowed[meta.agent_id], self.config.limits)
         return plan
+
+    def _sit_out(self, meta: UpdateMeta, reason: str) -> None:
+        """The agent's update was refused for what it holds: the round stops waiting for it."""
+        with self.state.cond:
+            if self.state.phase is Phase.TRAINING and meta.round == self.state.round:
+                self.state.sat_out[meta.agent_id] = f"update refused: {reason}"
+                self.state.notify()
+        log.warning("round %d: update from %s refused, it sits the round out: %s", meta.round, meta.agent_id, reason)
 
     def _bound_norm(
         self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]
@@ -274,6 +308,7 @@ class Admission:
         if bound <= 0 or norm <= bound:
             return tensors, norm, norm
         if self.config.updates.norm_action == "reject":
+            self.metrics.updates_screened.labels(meta.agent_id, "rejected").inc()
             raise InvalidArgument("update norm", f"{norm:.4g} exceeds updates.max_norm {bound:g}")
         self.metrics.updates_clipped.labels(meta.agent_id).inc()
         log.warning("round %d: update from %s clipped from norm %.4g to %g", meta.round, meta.agent_id, norm, bound)
@@ -292,19 +327,24 @@ class Admission:
     # ------------------------------------------------------------------ reports
 
     def report_evaluation(self, agent_id: str, global_round: int, evaluation: Evaluation) -> None:
-        """Keep an agent's evaluation of the current global adapter."""
-        self.registry.touch(agent_id)
+        """Keep an agent's evaluation of the current global adapter: one per agent and round (an identical
+        re-send is fine), figures within range and at most the agent's validation samples."""
+        record = self.registry.touch(agent_id)
+        check_evaluation(evaluation, record.profile.num_val_samples)
         state = self.state
         with state.cond:
             if state.phase is not Phase.EVALUATING or state.global_ is None or global_round != state.global_.round:
                 raise StaleRound(f"no evaluation of global round {global_round} is open")
             if agent_id not in state.eval_plans:
                 raise StaleRound(f"agent {agent_id} was not asked to evaluate round {global_round}")
+            earlier = state.eval_reports.get(agent_id)
+            if earlier is not None and earlier != evaluation:
+                raise AlreadyUploaded(f"agent {agent_id} already reported its evaluation of round {global_round}")
             state.eval_reports[agent_id] = evaluation
             state.notify()
 
     def report_importance(self, agent_id: str, report: ImportanceReport) -> None:
-        """Keep an agent's probe scores; every candidate of the probe must be scored, nothing else."""
+        """Keep an agent's probe scores: every candidate scored, nothing else, figures within the probe's."""
         self.registry.touch(agent_id)
         state = self.state
         with state.cond:
@@ -315,11 +355,10 @@ class Admission:
                 raise StaleRound(f"agent {agent_id} was not asked to take part in probe {probe.probe_id}")
             if agent_id in state.importance:
                 raise AlreadyUploaded(f"agent {agent_id} already reported probe {probe.probe_id}")
-        missing = sorted(set(probe.candidates) - set(report.scores))
-        extra = sorted(set(report.scores) - set(probe.candidates))
-        if missing or extra:
-            raise InvalidArgument("scores", f"missing {missing[:3]}, not candidates {extra[:3]}")
+        check_importance(report, probe)
         with state.cond:
+            if agent_id in state.importance:
+                raise AlreadyUploaded(f"agent {agent_id} already reported probe {probe.probe_id}")
             state.importance[agent_id] = report
             state.notify()
         self.metrics.probe_seconds.labels(agent_id).set(report.seconds)

@@ -54,7 +54,7 @@ def run(config: CoordinatorConfig) -> int:
     """Wire registry, planner, strategy, evaluator, metrics and server; run the rounds; stop cleanly."""
     from common.data import DataSource
     from common.metrics import serve
-    from common.modeling import default_task, resolve_model_path
+    from common.modeling import configured_model
     from common.security import server_security
     from coordinator.evaluation import HeldOutEvaluator
     from coordinator.metrics import CoordinatorMetrics
@@ -70,8 +70,18 @@ def run(config: CoordinatorConfig) -> int:
     if config.insecure:
         log.warning("--insecure: plaintext gRPC and no agent authentication; use only on a trusted network")
     labels = tuple(config.labels)
+    # The run's model spec is the coordinator's own, from its model section: agents must match it.
+    model = config.model
+    base_path, spec = configured_model(model.path, model.task, labels, model.include_mlp, model.candidates)
+    log.info(
+        "model %s: %s %s, fingerprint %s, %d LoRA candidates",
+        model.path,
+        spec.model_type,
+        spec.task,
+        spec.fingerprint,
+        len(spec.candidates),
+    )
     evaluation = config.evaluation
-    base_path = resolve_model_path(evaluation.model_path) if evaluation.heldout else evaluation.model_path
     evaluator = None
     if evaluation.heldout:
         source = DataSource(
@@ -79,7 +89,7 @@ def run(config: CoordinatorConfig) -> int:
             evaluation.text_column,
             evaluation.label_column,
             labels,
-            default_task(evaluation.model_path),
+            spec.task,
             evaluation.prompt_column,
             evaluation.response_column,
         )
@@ -89,10 +99,10 @@ def run(config: CoordinatorConfig) -> int:
     metrics = CoordinatorMetrics()
     orchestrator = Orchestrator(
         config,
-        Registry(labels),
+        Registry(spec),
         PLANNERS[config.planner],
         options,
-        get_strategy(config.strategy),
+        get_strategy(config.strategy, config.aggregation.trim_fraction),
         metrics,
         base_path,
         evaluator,
@@ -177,7 +187,9 @@ def explain(argv: Sequence[str]) -> int:
         args = ["--config", str(run_dir / "config.json"), *args]  # the run's own settings (JSON is YAML)
     try:
         config = build(CoordinatorConfig, args, "fedpipe-coordinator plan")
-        planned, profiles = replan(config.planner, plan_options(config), run_dir)
+        planned, profiles = replan(
+            config.planner, plan_options(config), run_dir, weight_ratio=config.updates.max_weight_ratio
+        )
     except FedPipeError as err:
         print(f"fedpipe-coordinator plan: {err}", file=sys.stderr)
         return 2

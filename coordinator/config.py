@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.data import EMBEDDED, EMBEDDED_LABEL_COLUMN, EMBEDDED_LABELS, EMBEDDED_TEXT_COLUMN
-from common.settings import Labels, Section
+from common.data import EMBEDDED_LABEL_COLUMN, EMBEDDED_LABELS, EMBEDDED_TEXT_COLUMN
+from common.settings import Labels, ModelSection, Section
 
 
 class ServerSection(Section):
@@ -28,11 +28,21 @@ class ServerSection(Section):
         description="largest chunk accepted (under gRPC's 4 MiB message limit)",
     )
     chunk_bytes: int = Field(2 * 2**20, ge=1024, description="chunk size of downloads, and asked of uploads")
+    max_calls_per_agent: int = Field(
+        8, ge=2, description="calls and streams one agent (or one unauthenticated peer) may have open at once"
+    )
+    calls_per_second_per_agent: float = Field(
+        50.0, gt=0, description="sustained rate of calls one agent may make (bursts of twice that are fine)"
+    )
+    max_health_watches: int = Field(4, ge=0, description="health Watch streams open at once, over all callers")
 
     @model_validator(mode="after")
     def _chunks_fit(self) -> ServerSection:
         if self.chunk_bytes > self.max_chunk_bytes:
             raise ValueError(f"chunk_bytes {self.chunk_bytes} exceeds max_chunk_bytes {self.max_chunk_bytes}")
+        if 2 * self.max_calls_per_agent > self.workers:
+            # Otherwise one agent's open calls could hold most of the worker threads.
+            raise ValueError(f"max_calls_per_agent {self.max_calls_per_agent} is over half of workers {self.workers}")
         return self
 
 
@@ -51,14 +61,43 @@ class TlsSection(Section):
 
 
 class UpdatesSection(Section):
-    """Bounds on what one agent's update may do to the global adapter."""
+    """Bounds on what one agent's update may do to the global adapter (robust aggregation)."""
 
     max_norm: float = Field(
         0.0, ge=0, description="bound on the L2 norm of an update's change to its adapter tensors; 0 = none"
     )
-    norm_action: Literal["reject", "clip"] = Field(
-        "reject", description="reject: refuse an update over max_norm; clip: scale its change down to max_norm"
+    norm_multiple: float = Field(
+        10.0,
+        ge=0,
+        description="relative bound: an update's change norm may be at most this multiple of the round's median "
+        "(rounds of 3 or more updates); 0 = none",
     )
+    norm_action: Literal["reject", "clip"] = Field(
+        "reject",
+        description="reject: leave out an update over a norm bound (its agent sits the round out); "
+        "clip: scale its change down to the bound",
+    )
+    max_abs_value: float = Field(
+        1e4, ge=0, description="bound on every value of an update and of the global state; 0 = finiteness only"
+    )
+    max_weight_ratio: float = Field(
+        3.0,
+        ge=0,
+        description="an agent's aggregation weight, and the data size the planner counts for it, is at most this "
+        "multiple of the round's median; 0 = none",
+    )
+
+
+class LimitsSection(Section):
+    """Ceilings and floors on what an agent may report about itself; a profile outside them is refused."""
+
+    max_train_samples: int = Field(10_000_000, ge=1, description="local training (and validation) samples")
+    max_flops_per_s: float = Field(1e17, gt=0, description="measured FLOP/s (an H200 does about 1e15 in bf16)")
+    min_flops_per_s: float = Field(1e6, gt=0, description="measured FLOP/s below this is not a working device")
+    max_memory_bytes: int = Field(2**44, ge=2**20, description="device or host memory (16 TiB)")
+    min_memory_bytes: int = Field(64 * 2**20, ge=0, description="usable device memory below this cannot train")
+    max_calibration_points: int = Field(8, ge=2, description="calibration runs in one profile")
+    max_step_seconds: float = Field(3600.0, gt=0, description="longest calibration step")
 
 
 class MetricsSection(Section):
@@ -174,15 +213,20 @@ class EvaluationSection(Section):
 
     agents: bool = Field(True, description="ask agents to evaluate each global on their validation split")
     heldout: str | None = Field(None, description="held-out CSV/JSONL, 'embedded' for the 1,000 reserved tweets")
-    model_path: str = Field(
-        EMBEDDED, description="base model for held-out evaluation: the agents' ('embedded', 'embedded-llm' or a path)"
-    )
     text_column: str = Field(EMBEDDED_TEXT_COLUMN, description="text column of the held-out file")
     label_column: str = Field(EMBEDDED_LABEL_COLUMN, description="label column of the held-out file")
     prompt_column: str = Field("prompt", description="causal-lm: prompt column of the held-out file")
     response_column: str = Field("response", description="causal-lm: response column of the held-out file")
     max_samples: int = Field(0, ge=0, description="cap on held-out samples, 0 = all")
     initial: bool = Field(True, description="also evaluate the untrained round-0 adapter")
+
+
+class AggregationSection(Section):
+    """Settings of the aggregation strategies."""
+
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed-mean: share of the updates dropped at each end, per coordinate"
+    )
 
 
 class CoordinatorConfig(BaseSettings):
@@ -196,11 +240,18 @@ class CoordinatorConfig(BaseSettings):
     planner: Literal["fedpipe", "uniform"] = Field(
         "fedpipe", description="fedpipe: per-agent plans from measured resources; uniform: one plan for all"
     )
-    strategy: Literal["rank-padding", "fedavg"] = Field("rank-padding", description="aggregation strategy")
+    strategy: Literal["rank-padding", "fedavg", "coordinate-median", "trimmed-mean"] = Field(
+        "rank-padding",
+        description="aggregation: rank-padding (weighted, per rank slot), fedavg (equal ranks), or the robust "
+        "coordinate-median and trimmed-mean (unweighted, per coordinate)",
+    )
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     insecure: bool = Field(False, description="serve plaintext gRPC without authentication (tests, trusted hosts)")
     tls: TlsSection = TlsSection()
+    model: ModelSection = ModelSection()
     updates: UpdatesSection = UpdatesSection()
+    aggregation: AggregationSection = AggregationSection()
+    limits: LimitsSection = LimitsSection()
     server: ServerSection = ServerSection()
     metrics: MetricsSection = MetricsSection()
     run: RunSection = RunSection()

@@ -15,7 +15,6 @@ import torch
 
 from common.adapters import GlobalAdapter, broadcast_tensors
 from common.data import DataSource, Example, embedded_split, load_examples
-from common.errors import ModelMismatch
 from common.types import Evaluation, ModelSpec, TrainPlan
 
 log = logging.getLogger(__name__)
@@ -31,6 +30,7 @@ class HeldOutEvaluator:
     """Scores globals on a held-out set; the base model and data load on first use and stay."""
 
     def __init__(self, model_path: str, source: DataSource, max_samples: int, threads: int = 0) -> None:
+        """model_path: the run's resolved model directory (the one its spec was derived from)."""
         self.model_path = model_path
         self.source = source
         self.max_samples = max_samples
@@ -52,23 +52,16 @@ class HeldOutEvaluator:
 
     def __call__(self, global_: GlobalAdapter, template: TrainPlan, spec: ModelSpec) -> Evaluation:
         """Loss and accuracy of global_ at its own ranks, on CPU in fp32."""
-        from common.modeling import AdaptedModel, evaluate, load_base, load_tokenizer, model_spec, resolve_model_path
+        from common.modeling import AdaptedModel, evaluate, load_base, load_tokenizer
         from common.types import Quantization
 
         with self._lock:
             start = time.perf_counter()
             device = torch.device("cpu")
             if self._model is None:
-                path = resolve_model_path(self.model_path)
-                mine = model_spec(path, spec.labels, task=spec.task).fingerprint
-                if mine != spec.fingerprint:
-                    raise ModelMismatch(
-                        f"evaluation.model_path {self.model_path} is base {mine}, the agents train {spec.fingerprint} "
-                        f"({spec.model_type}, {spec.task}): point it at the agents' model"
-                    )
-                self._tokenizer = load_tokenizer(path)
+                self._tokenizer = load_tokenizer(self.model_path)
                 self._model = AdaptedModel(
-                    load_base(path, spec.labels, Quantization.NONE, device, spec.task), spec.task
+                    load_base(self.model_path, spec.labels, Quantization.NONE, device, spec.task), spec.task
                 )
             ranks = global_.ranks()
             plan = replace(

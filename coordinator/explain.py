@@ -12,19 +12,21 @@ from dataclasses import replace
 from pathlib import Path
 
 from common.types import DeviceProfile
+from coordinator.bounds import counted_profiles
 from coordinator.planner import PLANNERS, PlanOptions, PlanSet
 from coordinator.rundir import AGENTS_FILE, load_snapshot
 
 
 def replan(
-    planner: str, options: PlanOptions, run_dir: Path, round_: int = 0
+    planner: str, options: PlanOptions, run_dir: Path, round_: int = 0, weight_ratio: float = 0.0
 ) -> tuple[PlanSet, dict[str, DeviceProfile]]:
-    """The plans the configured planner makes from the run's saved agents."""
+    """The plans the configured planner makes from the run's saved agents (data sizes counted as the
+    coordinator counts them: at most weight_ratio x the median)."""
     profiles, spec, mask, scores, corrections = load_snapshot(run_dir / AGENTS_FILE)
     options = replace(options, scores=scores, corrections=corrections)
     if mask is not None:
         options = replace(options, targets=mask)
-    return PLANNERS[planner](profiles, spec, options, round_), profiles
+    return PLANNERS[planner](counted_profiles(profiles, weight_ratio), spec, options, round_), profiles
 
 
 def render(planned: PlanSet, profiles: Mapping[str, DeviceProfile]) -> str:

@@ -23,7 +23,8 @@ class CoordinatorMetrics:
         self.rounds_failed = Counter(
             "fedpipe_rounds_failed", "Rounds closed without aggregation", ["reason"], registry=r
         )
-        self.rounds_failed.labels("no_quorum")
+        for reason in ("no_quorum", "non_finite"):
+            self.rounds_failed.labels(reason)
         self.current_round = Gauge("fedpipe_current_round", "Round in progress (0 before the first)", registry=r)
         self.run_rounds = Gauge("fedpipe_run_rounds", "Rounds the run is configured for", registry=r)
         self.run_finished = Gauge("fedpipe_run_finished", "1 once the run completed its last round", registry=r)
@@ -61,8 +62,34 @@ class CoordinatorMetrics:
             registry=r,
         )
         self.updates_clipped = Counter(
-            "fedpipe_updates_clipped", "Updates scaled down to updates.max_norm", ["agent"], registry=r
+            "fedpipe_updates_clipped", "Updates scaled down to a norm bound", ["agent"], registry=r
         )
+        self.updates_screened = Counter(
+            "fedpipe_updates_screened",
+            "Updates over a norm bound (updates.max_norm, or norm_multiple x the round's median), by action",
+            ["agent", "action"],
+            registry=r,
+        )
+        self.weights_capped = Counter(
+            "fedpipe_weights_capped",
+            "Rounds in which the agent's aggregation weight was cut to max_weight_ratio x the median",
+            ["agent"],
+            registry=r,
+        )
+        self.agent_weight_share = Gauge(
+            "fedpipe_agent_weight_share",
+            "The agent's share of the last aggregated round's total weight",
+            ["agent"],
+            registry=r,
+        )
+        self.calls_refused = Counter(
+            "fedpipe_calls_refused",
+            "Calls refused before they reached a handler, by reason (limit, rate, unauthenticated, watches)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("limit", "rate", "unauthenticated", "watches"):
+            self.calls_refused.labels(reason)
         self.update_norm = Gauge(
             "fedpipe_agent_update_norm",
             "L2 norm of the agent's last update's change to its tensors",
@@ -186,6 +213,7 @@ class CoordinatorMetrics:
             self.updates_accepted,
             self.updates_replayed,
             self.updates_clipped,
+            self.weights_capped,
             self.agents_dead,
             self.stragglers,
             self.upload_bytes,
@@ -194,3 +222,5 @@ class CoordinatorMetrics:
             self.download_seconds,
         ):
             counter.labels(agent)
+        for action in ("rejected", "clipped"):
+            self.updates_screened.labels(agent, action)

@@ -19,8 +19,19 @@ from typing import Any
 
 from common.adapters import GlobalAdapter, head_modules, lora_parameter_count
 from common.data import CAUSAL_LM
-from common.types import Evaluation, ImportanceReport, ModelSpec, ModuleShape, ProbePlan, RoundResult, TrainPlan
+from common.errors import ConfigError, InvalidArgument
+from common.types import (
+    DeviceProfile,
+    Evaluation,
+    ImportanceReport,
+    ModelSpec,
+    ModuleShape,
+    ProbePlan,
+    RoundResult,
+    TrainPlan,
+)
 from coordinator.admission import Admission
+from coordinator.bounds import allowed_samples, capped, counted_profiles, relative_bound
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
 from coordinator.metrics import CoordinatorMetrics
@@ -39,15 +50,17 @@ class RunAborted(Exception):
     """The run cannot go on (too few agents); the message says why."""
 
 
-def weighted_evaluation(reports: Mapping[str, Evaluation]) -> Evaluation | None:
-    """Size-weighted mean of agents' evaluations; None when no agent reported any sample."""
-    total = sum(r.samples for r in reports.values())
+def weighted_evaluation(reports: Mapping[str, Evaluation], ratio: float = 0.0) -> Evaluation | None:
+    """Size-weighted mean of agents' evaluations, each size at most ratio x the median (0: as reported);
+    None when no agent reported any sample."""
+    weights = capped({a: float(r.samples) for a, r in reports.items()}, ratio)
+    total = sum(weights.values())
     if total == 0:
         return None
     return Evaluation(
-        loss=sum(r.loss * r.samples for r in reports.values()) / total,
-        accuracy=sum(r.accuracy * r.samples for r in reports.values()) / total,
-        samples=total,
+        loss=sum(r.loss * weights[a] for a, r in reports.items()) / total,
+        accuracy=sum(r.accuracy * weights[a] for a, r in reports.items()) / total,
+        samples=sum(r.samples for r in reports.values()),
     )
 
 
@@ -81,7 +94,10 @@ class Orchestrator:
         self.mask_scores: dict[str, float] = {}  # combined importance of the candidates
         self.corrections: dict[str, tuple[float, float]] = {}  # agent -> (time, memory) scale from measurements
         self.results: list[RoundResult] = []
-        self.rundir: RunDir | None = None
+        self.spec = registry.spec
+        # Saved adapters unfold the folded global with the configured alpha at each module's own rank; any
+        # alpha gives the same dW, so this needs no plan.
+        self.rundir = RunDir(config.run.run_dir, base_path, options.alpha, self.spec, head_modules(self.spec))
         self.eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
 
     @property
@@ -105,11 +121,7 @@ class Orchestrator:
         saved = self._restore_registry()
         log.info("waiting for %d agents (up to %.0fs)", cfg.min_agents, cfg.registration_timeout_s)
         alive = self._await_agents()
-        spec = self.registry.spec
-        assert spec is not None
-        # Saved adapters unfold the folded global with the configured alpha at each module's own rank; any
-        # alpha gives the same dW, so this needs no plan (planning before selection would be work thrown away).
-        self.rundir = RunDir(cfg.run_dir, self.base_path, self.options.alpha, spec, head_modules(spec))
+        spec = self.spec
         resumed = self.rundir.load_state() if saved else None
         plans: Mapping[str, TrainPlan] = {}
         if resumed is not None:
@@ -117,7 +129,7 @@ class Orchestrator:
             self._resume(global_, meta)
         else:
             self._select(0, alive, spec)
-            plans = self._plan(alive, spec, 0).plans
+            plans = self._plan(alive, spec, 0)[0].plans
             global_ = self.mode.initial(spec, plans, cfg.seed)
             self.rundir.save_state(global_, self._bookkeeping())
         self.state.set_global(global_)
@@ -130,10 +142,8 @@ class Orchestrator:
 
     def _bookkeeping(self) -> dict[str, Any]:
         """What a restarted coordinator needs besides the global adapter."""
-        spec = self.registry.spec
-        assert spec is not None
         profiles = {a: r.profile for a, r in self.registry.all().items()}
-        return {"run_id": self.run_id, **snapshot(profiles, spec, self.mask, self.mask_scores, self.corrections)}
+        return {"run_id": self.run_id, **snapshot(profiles, self.spec, self.mask, self.mask_scores, self.corrections)}
 
     def _restore_registry(self) -> bool:
         """When the run directory holds state: the run's model and agents, so they carry on without
@@ -144,12 +154,16 @@ class Orchestrator:
         if "spec" not in meta:  # state of an older version: agents register again
             return True
         profiles, spec, _, _, _ = from_snapshot(meta)
-        self.registry.restore(spec, profiles)
+        if spec != self.spec:
+            raise ConfigError(
+                f"run.run_dir: {self.config.run.run_dir} holds a run of base model {spec.fingerprint}, this "
+                f"coordinator's model.path is {self.spec.fingerprint}; use another run directory"
+            )
+        self.registry.restore(profiles)
         return True
 
     def _resume(self, global_: GlobalAdapter, meta: Mapping[str, Any]) -> None:
         """Continue after the last complete round: its global, mask, cost corrections and results."""
-        assert self.rundir is not None
         if "spec" in meta:
             _, _, self.mask, self.mask_scores, self.corrections = from_snapshot(meta)
         self.state.run_id = str(meta.get("run_id", self.run_id))
@@ -197,20 +211,21 @@ class Orchestrator:
     def _train_round(self, round_: int) -> RoundResult:
         cfg = self.config.run
         alive = self._await_agents()
-        spec = self.registry.spec
+        spec = self.spec
         global_ = self.state.global_
-        assert spec is not None and global_ is not None and self.rundir is not None
+        assert global_ is not None
         every = self.config.selection.reselect_every
         if every and round_ > 1 and (round_ - 1) % every == 0:
             self._select(round_ - 1, alive, spec)
-        planned = self._plan(alive, spec, round_)
+        planned, counted = self._plan(alive, spec, round_)
         plans = planned.plans
         self._check_payload_limit(plans, spec)
         # Matrices entering the mask start in the global adapter (A random, B = 0), alike for every agent.
-        self.state.set_global(self.mode.extend(global_, plans, spec))
+        global_ = self.mode.extend(global_, plans, spec)
+        self.state.set_global(global_)
         self._plan_metrics(planned, spec)
         start = self.state.clock()
-        self.state.open_training(round_, plans)
+        self.state.open_training(round_, plans, {a: allowed_samples(p, counted[a]) for a, p in plans.items()})
         self.metrics.current_round.set(round_)
         self.metrics.round_started.set_to_current_time()
         log.info("round %d/%d: training on %d agents: %s", round_, cfg.rounds, len(plans), ", ".join(sorted(plans)))
@@ -244,20 +259,36 @@ class Orchestrator:
             self.metrics.stragglers.labels(agent).inc()
         if dropped:
             log.warning("round %d: closing without %s", round_, ", ".join(dropped))
+        inbox, refused = self._screen(round_, inbox, plans)
         if len(inbox) < quorum:
             self.metrics.rounds_failed.labels("no_quorum").inc()
             log.error(
-                "round %d: only %d of the %d updates needed (quorum) arrived; round skipped, global unchanged "
+                "round %d: only %d of the %d updates needed (quorum) arrived%s; round skipped, global unchanged "
                 "(missing %s)",
                 round_,
                 len(inbox),
                 quorum,
-                ", ".join(dropped),
+                f" and passed the norm bound (left out {', '.join(refused)})" if refused else "",
+                ", ".join(dropped) or "none",
             )
-            return RoundResult(round_, tuple(sorted(inbox)), self.state.clock() - start, 0, dropped=dropped)
-        new_global, agg_metrics, agg_seconds = self._aggregate(global_, inbox, plans, round_)
+            failure = f"{len(inbox)} of the {quorum} updates needed"
+            return RoundResult(
+                round_, tuple(sorted(inbox)), self.state.clock() - start, 0, dropped=dropped, refused=refused,
+                failure=failure,
+            )  # fmt: skip
+        weights = self._weights(inbox)
+        aggregated = self._aggregate(global_, inbox, weights, plans, round_)
+        if isinstance(aggregated, str):
+            self.metrics.rounds_failed.labels("non_finite").inc()
+            log.error("round %d: aggregate refused, the round-%d global stays: %s", round_, global_.round, aggregated)
+            return RoundResult(
+                round_, tuple(sorted(inbox)), self.state.clock() - start, 0, dropped=dropped, refused=refused,
+                failure=aggregated,
+            )  # fmt: skip
+        new_global, agg_metrics, agg_seconds = aggregated
         self._refit(inbox, planned.predictions)
-        self.rundir.save_round(new_global, plans, _round_report(inbox, planned.predictions), self._bookkeeping())
+        report = _round_report(inbox, weights, planned.predictions)
+        self.rundir.save_round(new_global, plans, report, self._bookkeeping())
         self.state.set_global(new_global)
         seconds = self.state.clock() - start
         self.metrics.round_duration.observe(seconds)
@@ -274,19 +305,87 @@ class Orchestrator:
             agg_metrics["delta_norm"],
             agg_seconds,
         )
-        result = RoundResult(round_, tuple(sorted(inbox)), seconds, samples, train_loss=train_loss, dropped=dropped)
+        result = RoundResult(
+            round_, tuple(sorted(inbox)), seconds, samples, train_loss=train_loss, dropped=dropped, refused=refused
+        )
         return self._evaluate(round_, plans, result)
 
+    def _screen(
+        self, round_: int, inbox: Mapping[str, Admitted], plans: Mapping[str, TrainPlan]
+    ) -> tuple[dict[str, Admitted], tuple[str, ...]]:
+        """The relative norm bound: an update whose change norm exceeds updates.norm_multiple x the round's
+        median is left out (reject) or scaled down to the bound (clip). Its agent is told with its next WAIT."""
+        updates = self.config.updates
+        bound = relative_bound({a: x.norm for a, x in inbox.items()}, updates.norm_multiple)
+        if bound is None:
+            return dict(inbox), ()
+        kept: dict[str, Admitted] = {}
+        refused: list[str] = []
+        global_ = self.state.global_
+        assert global_ is not None
+        for agent, admitted in sorted(inbox.items()):
+            if admitted.norm <= bound:
+                kept[agent] = admitted
+                continue
+            reason = (
+                f"its change norm {admitted.norm:.4g} exceeds {updates.norm_multiple:g} x the round's median "
+                f"({bound:.4g})"
+            )
+            if updates.norm_action == "clip":
+                sent = self.mode.broadcast(global_, plans[agent], self.spec)
+                tensors = self.mode.scale_change(admitted.update.tensors, sent, bound / admitted.norm)
+                kept[agent] = replace(admitted, update=replace(admitted.update, tensors=tensors), norm=bound)
+                self.metrics.updates_clipped.labels(agent).inc()
+                self.metrics.updates_screened.labels(agent, "clipped").inc()
+                log.warning("round %d: update from %s clipped: %s", round_, agent, reason)
+                continue
+            refused.append(agent)
+            self.metrics.updates_screened.labels(agent, "rejected").inc()
+            log.warning("round %d: update from %s left out: %s", round_, agent, reason)
+            with self.state.cond:
+                self.state.notices[agent] = f"your round-{round_} update was left out: {reason}"
+        return kept, tuple(refused)
+
+    def _weights(self, inbox: Mapping[str, Admitted]) -> dict[str, float]:
+        """Aggregation weights the coordinator stands behind: the samples an update claims, never more than its
+        plan allows on the agent's counted data, each at most updates.max_weight_ratio x the round's median."""
+        claimed = {a: float(min(x.update.meta.samples, self.state.allowed.get(a, 0))) for a, x in inbox.items()}
+        weights = capped(claimed, self.config.updates.max_weight_ratio)
+        total = sum(weights.values())
+        for agent, weight in weights.items():
+            if weight < claimed[agent]:
+                self.metrics.weights_capped.labels(agent).inc()
+                log.warning(
+                    "round %d: %s's weight cut from %d to %.0f samples (%g x the round's median)",
+                    self.state.round,
+                    agent,
+                    claimed[agent],
+                    weight,
+                    self.config.updates.max_weight_ratio,
+                )
+            self.metrics.agent_weight_share.labels(agent).set(weight / total if total > 0 else 0.0)
+        return weights
+
     def _aggregate(
-        self, global_: GlobalAdapter, inbox: Mapping[str, Admitted], plans: Mapping[str, TrainPlan], round_: int
-    ) -> tuple[GlobalAdapter, dict[str, float], float]:
-        """The round's new global from its accepted updates, weighted by samples."""
-        folded = [
-            self.mode.fold(agent, float(a.update.meta.samples), a.update.tensors, plans[agent])
-            for agent, a in sorted(inbox.items())
-        ]
+        self,
+        global_: GlobalAdapter,
+        inbox: Mapping[str, Admitted],
+        weights: Mapping[str, float],
+        plans: Mapping[str, TrainPlan],
+        round_: int,
+    ) -> tuple[GlobalAdapter, dict[str, float], float] | str:
+        """The round's new global from its accepted updates and their weights; the reason as a string when the
+        result would leave the finite range or updates.max_abs_value (then nothing is published)."""
         start = time.perf_counter()
-        new_global, metrics = self.strategy(global_, folded)
+        try:
+            folded = [
+                self.mode.fold(agent, weights[agent], a.update.tensors, plans[agent])
+                for agent, a in sorted(inbox.items())
+            ]
+            new_global, metrics = self.strategy(global_, folded)
+            self.mode.check_global(new_global, self.config.updates.max_abs_value)
+        except (InvalidArgument, ArithmeticError) as err:
+            return str(err)
         seconds = time.perf_counter() - start
         self.metrics.aggregation_duration.observe(seconds)
         return replace(new_global, round=round_), metrics, seconds
@@ -303,15 +402,28 @@ class Orchestrator:
             self.metrics.plan_bits.labels(agent).set(plan.quantization.bits)
             self.metrics.plan_trainable.labels(agent).set(lora_parameter_count(plan.rank_pattern, spec))
 
-    def _plan(self, alive: Mapping[str, AgentRecord], spec: ModelSpec, round_: int) -> PlanSet:
-        """Plans for the alive agents over the current mask; agents that fit nowhere are left out, loudly."""
-        assert self.rundir is not None
+    def _plan(
+        self, alive: Mapping[str, AgentRecord], spec: ModelSpec, round_: int
+    ) -> tuple[PlanSet, dict[str, DeviceProfile]]:
+        """Plans for the alive agents over the current mask, and the profiles planned from (data sizes as
+        counted: capped at updates.max_weight_ratio x the median); agents that fit nowhere are left out, loudly."""
         options = replace(self.options, scores=self.mask_scores, corrections=dict(self.corrections))
         if self.mask is not None:
             options = replace(options, targets=self.mask)
         profiles = {a: r.profile for a, r in alive.items()}
         self.rundir.write_agents(snapshot(profiles, spec, self.mask, self.mask_scores, self.corrections))
-        planned = self.planner(profiles, spec, options, round_)
+        counted = counted_profiles(profiles, self.config.updates.max_weight_ratio)
+        for agent in sorted(profiles):
+            if counted[agent].num_train_samples < profiles[agent].num_train_samples:
+                log.warning(
+                    "round %d: %s reports %d training samples; planned as %d (%g x the median)",
+                    round_,
+                    agent,
+                    profiles[agent].num_train_samples,
+                    counted[agent].num_train_samples,
+                    self.config.updates.max_weight_ratio,
+                )
+        planned = self.planner(counted, spec, options, round_)
         for agent in alive:
             self.metrics.agent_excluded.labels(agent).set(1 if agent in planned.excluded else 0)
         for agent, reason in planned.excluded.items():
@@ -326,7 +438,7 @@ class Orchestrator:
             )
         if planned.round_seconds:
             log.info("round %d: planned %.1fs of training per agent", round_, planned.round_seconds)
-        return planned
+        return planned, counted
 
     def _check_payload_limit(self, plans: Mapping[str, TrainPlan], spec: ModelSpec) -> None:
         """Abort before a round whose planned updates could never be accepted."""
@@ -404,7 +516,10 @@ class Orchestrator:
         reports = self.state.close_probe()
         if not reports:
             raise RunAborted(f"no agent reported importance scores within {sel.probe_deadline_s:.0f}s")
-        self._apply_selection(after_round, combine(reports, candidates), shapes, reports, probe.probe_id)
+        # An agent's say in the mask is its probe's samples, capped like an update's weight.
+        weights = capped({a: float(r.samples) for a, r in reports.items()}, self.config.updates.max_weight_ratio)
+        bounded = {a: replace(r, samples=max(1, math.floor(weights[a]))) for a, r in reports.items()}
+        self._apply_selection(after_round, combine(bounded, candidates), shapes, reports, probe.probe_id)
 
     def _apply_selection(
         self,
@@ -451,7 +566,6 @@ class Orchestrator:
                 a: {"samples": r.samples, "seconds": r.seconds, "scores": dict(r.scores)} for a, r in reports.items()
             },
         }
-        assert self.rundir is not None
         self.rundir.write_selection(after_round, record)
 
     # ------------------------------------------------------------------ waits and liveness
@@ -486,8 +600,8 @@ class Orchestrator:
 
     def _evaluate(self, round_: int, plans: Mapping[str, TrainPlan], result: RoundResult) -> RoundResult:
         """Score the current global: held-out on this host, and validation splits on the agents."""
-        assert self.state.global_ is not None and self.registry.spec is not None and self.rundir is not None
-        global_, spec = self.state.global_, self.registry.spec
+        assert self.state.global_ is not None
+        global_, spec = self.state.global_, self.spec
         pending: Future[Evaluation] | None = None
         if self.evaluator is not None:
             # One long-lived worker: a new thread per round would get a fresh malloc arena each time,
@@ -502,7 +616,7 @@ class Orchestrator:
                 lambda: self.state.eval_reports,
                 self.state.clock() + self.config.run.eval_deadline_s,
             )
-            agents_eval = weighted_evaluation(self.state.close_evaluation())
+            agents_eval = weighted_evaluation(self.state.close_evaluation(), self.config.updates.max_weight_ratio)
         heldout = pending.result() if pending is not None else None
         result = replace(result, heldout=heldout, agents_eval=agents_eval)
         for source, evaluation in (("heldout", result.heldout), ("agents", agents_eval)):
@@ -515,7 +629,7 @@ class Orchestrator:
 
     def _finish(self) -> dict[str, Any]:
         state = self.state
-        assert state.global_ is not None and self.rundir is not None
+        assert state.global_ is not None
         final_eval = (self.results[-1].heldout or self.results[-1].agents_eval) if self.results else None
         summary = {
             "run_id": self.run_id,
@@ -542,8 +656,10 @@ class Orchestrator:
         return summary
 
 
-def _round_report(inbox: Mapping[str, Admitted], predictions: Mapping[str, Prediction]) -> dict[str, dict[str, Any]]:
-    """Per agent, what the planner predicted and what the agent measured (plans.json)."""
+def _round_report(
+    inbox: Mapping[str, Admitted], weights: Mapping[str, float], predictions: Mapping[str, Prediction]
+) -> dict[str, dict[str, Any]]:
+    """Per agent, what the planner predicted, what the agent measured, and its weight (plans.json)."""
     report: dict[str, dict[str, Any]] = {a: {"predicted": asdict(p)} for a, p in predictions.items()}
     for agent, admitted in inbox.items():
         meta = admitted.update.meta
@@ -554,6 +670,8 @@ def _round_report(inbox: Mapping[str, Admitted], predictions: Mapping[str, Predi
             "step_seconds": meta.train_seconds / max(meta.steps, 1),
             "train_loss": meta.train_loss,
             "peak_memory_bytes": meta.peak_memory_bytes,
+            "change_norm": admitted.norm,
+            "weight": weights.get(agent, 0.0),
         }
     return report
 

@@ -262,8 +262,19 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     for agent_id in sorted(profiles):
         profile = profiles[agent_id]
         usable = _usable(profile, search)
-        coefficients = costmodel.fit(profile, spec)
-        priced = [_Choice(c, _price(profile, spec, options, agent_id, c, coefficients)) for c in configs]
+        try:
+            coefficients = costmodel.fit(profile, spec)
+            priced = [_Choice(c, _price(profile, spec, options, agent_id, c, coefficients)) for c in configs]
+        except (ArithmeticError, ValueError) as err:  # profiles are bounded at registration; this is the backstop
+            excluded[agent_id] = f"its profile cannot be priced ({err})"
+            continue
+        # A figure no arithmetic should give (NaN, Inf) makes a configuration unusable, not the planner fail.
+        priced = [
+            ch for ch in priced if math.isfinite(ch.cost.peak_memory_bytes) and math.isfinite(ch.cost.step_seconds)
+        ]
+        if not priced:
+            excluded[agent_id] = "its profile prices no configuration to a finite memory and step time"
+            continue
         fits = [choice for choice in priced if choice.cost.peak_memory_bytes <= usable]
         if not fits:
             smallest = min(priced, key=lambda ch: ch.cost.peak_memory_bytes)

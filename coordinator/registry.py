@@ -23,12 +23,13 @@ class AgentRecord:
 
 
 class Registry:
-    """Thread-safe map of agents; the first agent's model spec becomes the run's, and later ones must match."""
+    """Thread-safe map of agents of one run; every agent's model must equal the run's spec, which the
+    coordinator derives from its own configuration (never from whoever registers first)."""
 
-    def __init__(self, labels: tuple[str, ...], clock: Callable[[], float] = time.monotonic) -> None:
-        self.labels = labels
+    def __init__(self, spec: ModelSpec, clock: Callable[[], float] = time.monotonic) -> None:
+        self.spec = spec
+        self.labels = spec.labels
         self.clock = clock
-        self.spec: ModelSpec | None = None
         self._agents: dict[str, AgentRecord] = {}
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)
@@ -37,27 +38,25 @@ class Registry:
         """Add or refresh an agent; True when it is new. ModelMismatch when its model differs from the run's."""
         if spec.labels != self.labels:
             raise ModelMismatch(f"agent {agent_id} has labels {list(spec.labels)}, the run uses {list(self.labels)}")
+        if spec != self.spec:
+            raise ModelMismatch(
+                f"agent {agent_id} runs base model {spec.fingerprint} ({spec.model_type}, {spec.task}), the run uses "
+                f"{self.spec.fingerprint} ({self.spec.model_type}, {self.spec.task}){_difference(spec, self.spec)}; "
+                "all agents must load the coordinator's model.path with the same model settings"
+            )
         with self._lock:
-            if self.spec is not None and spec.fingerprint != self.spec.fingerprint:
-                raise ModelMismatch(
-                    f"agent {agent_id} runs base model {spec.fingerprint} ({spec.model_type}), the run uses "
-                    f"{self.spec.fingerprint} ({self.spec.model_type}); all agents must load the same base"
-                )
-            if self.spec is None:
-                self.spec = spec
             now = self.clock()
             new = agent_id not in self._agents
             self._agents[agent_id] = AgentRecord(agent_id, profile, now, now)
             self.changed.notify_all()
             return new
 
-    def restore(self, spec: ModelSpec, profiles: Mapping[str, DeviceProfile]) -> None:
-        """After a coordinator restart: the run's model and its agents, each dead until it calls again.
+    def restore(self, profiles: Mapping[str, DeviceProfile]) -> None:
+        """After a coordinator restart: the run's agents, each dead until it calls again.
 
         Agents then carry on with their heartbeats and task polls; none has to register again.
         """
         with self._lock:
-            self.spec = self.spec or spec
             for agent_id, profile in profiles.items():
                 self._agents.setdefault(agent_id, AgentRecord(agent_id, profile, float("-inf"), float("-inf")))
             self.changed.notify_all()
@@ -111,3 +110,15 @@ class Registry:
                 if len(alive) >= count or now >= end or (stop is not None and stop.is_set()):
                     return alive
                 self.changed.wait(min(1.0, end - now))
+
+
+def _difference(mine: ModelSpec, run: ModelSpec) -> str:
+    """The first field in which an agent's spec differs from the run's, for the refusal message."""
+    if mine.fingerprint != run.fingerprint:
+        return ""
+    for name in ("model_type", "task", "base_parameters", "linear_parameters", "heads", "candidates"):
+        if getattr(mine, name) != getattr(run, name):
+            if name == "candidates":
+                return f" (same fingerprint, other LoRA candidates: {len(mine.candidates)} vs {len(run.candidates)})"
+            return f" (same fingerprint, other {name})"
+    return ""

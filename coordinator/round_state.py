@@ -52,6 +52,7 @@ class RoundState:
     round: int = 0
     global_: GlobalAdapter | None = None
     plans: dict[str, TrainPlan] = field(default_factory=dict)  # the open training round's plans
+    allowed: dict[str, int] = field(default_factory=dict)  # most samples each planned update may claim
     inbox: dict[str, Admitted] = field(default_factory=dict)  # accepted updates of the open round
     # payload checksum of each accepted update by (agent, round), this round and the last (replays)
     digests: dict[tuple[str, int], bytes] = field(default_factory=dict)
@@ -64,18 +65,21 @@ class RoundState:
     probe_agents: set[str] = field(default_factory=set)
     importance: dict[str, ImportanceReport] = field(default_factory=dict)
     finished_seen: set[str] = field(default_factory=set)
-    notices: dict[str, str] = field(default_factory=dict)  # agent -> what it should be told with its next WAIT
+    notices: dict[str, str] = field(default_factory=dict)  # agent -> what it is told with its WAITs this round
+    # the broadcast of each (global round, plan) as the transport encoded it, and its tensor bytes
+    downloads: dict[tuple[int, str], tuple[object, int]] = field(default_factory=dict)
 
     def notify(self) -> None:
         """Wake every waiter (call with cond held)."""
         self.cond.notify_all()
 
-    def open_training(self, round_: int, plans: Mapping[str, TrainPlan]) -> None:
+    def open_training(self, round_: int, plans: Mapping[str, TrainPlan], allowed: Mapping[str, int]) -> None:
         """Start taking uploads for round_; the last round's digests stay one more round for late replays."""
         with self.cond:
             self.phase, self.round, self.plans, self.inbox = Phase.TRAINING, round_, dict(plans), {}
+            self.allowed = dict(allowed)
             self.digests = {k: v for k, v in self.digests.items() if k[1] == round_ - 1}
-            self.withdrawn, self.sat_out = set(), {}
+            self.withdrawn, self.sat_out, self.notices = set(), {}, {}
             self.notify()
 
     def delivered(self) -> set[str]:
@@ -113,9 +117,10 @@ class RoundState:
             return dict(self.eval_reports)
 
     def set_global(self, global_: GlobalAdapter) -> None:
-        """Publish a new global (downloads from now on get it)."""
+        """Publish a new global (downloads from now on get it; encoded copies of the old one are dropped)."""
         with self.cond:
             self.global_ = global_
+            self.downloads = {}
             self.notify()
 
     def wait_for(

@@ -202,6 +202,9 @@ class RunDir:
         expected = meta.get("global_sha256")
         if expected is not None and global_digest(global_) != expected:
             raise ConfigError(f"run.run_dir: {state_dir} is corrupt: the global adapter does not match its sha256")
+        for name, tensor in tensors.items():
+            if not bool(torch.isfinite(tensor).all()):  # written before the finiteness guard existed
+                raise ConfigError(f"run.run_dir: {state_dir} holds a non-finite global ({name}); resume from another")
         return global_, meta
 
     def finalize(self, global_: GlobalAdapter, summary: Mapping[str, Any]) -> Path:
@@ -266,6 +269,8 @@ def result_from_record(record: Mapping[str, Any]) -> RoundResult:
         heldout=evaluation(record.get("heldout")),
         agents_eval=evaluation(record.get("agents_eval")),
         dropped=tuple(record.get("dropped", ())),
+        refused=tuple(record.get("refused", ())),
+        failure=record.get("failure"),
     )
 
 

@@ -19,6 +19,7 @@ from common.rpc import make_server
 from common.security import ServerSecurity
 from coordinator.admission import Admission
 from coordinator.config import ServerSection
+from coordinator.guard import CallGuard, wrap_handler
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.servicer import CoordinatorServicer
 
@@ -50,31 +51,7 @@ class LatencyInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return None
         method = str(details.method).rsplit("/", 1)[-1]
         histogram = self.metrics.rpc_duration
-
-        def timed(inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
-            def call(request: Any, context: grpc.ServicerContext) -> Any:
-                with _observed(histogram, method, context):
-                    return inner(request, context)
-
-            return call
-
-        def timed_stream(
-            inner: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
-        ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
-            # A response stream's time runs until its last message is handed to gRPC.
-            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                with _observed(histogram, method, context):
-                    yield from inner(request, context)
-
-            return call
-
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=timed(handler.unary_unary))
-        if handler.stream_unary is not None:
-            return handler._replace(stream_unary=timed(handler.stream_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=timed_stream(handler.unary_stream))
-        return handler
+        return wrap_handler(handler, lambda context: _observed(histogram, method, context))
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
@@ -98,7 +75,10 @@ def start_server(
     admission: Admission, section: ServerSection, metrics: CoordinatorMetrics, security: ServerSecurity
 ) -> Serving:
     """Start serving (TLS unless security is insecure); section.port 0 picks a free port."""
-    server = make_server(section.workers, interceptors=[LatencyInterceptor(metrics)])
+    # The latency interceptor is outermost, so refusals by the guard are timed and counted with their code.
+    server = make_server(
+        section.workers, interceptors=[LatencyInterceptor(metrics), CallGuard(security, section, metrics)]
+    )
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(admission, section, metrics, security), server)
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)

@@ -20,6 +20,7 @@ from common.errors import FedPipeError, InvalidArgument
 from common.rpc import status_for
 from common.security import ServerSecurity
 from coordinator.admission import Admission
+from coordinator.bounds import check_agent_id
 from coordinator.config import ServerSection
 from coordinator.metrics import CoordinatorMetrics
 
@@ -76,13 +77,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         for reason in {*REJECT_REASONS.values(), "other"}:
             metrics.updates_rejected.labels(reason)  # every reason at 0 from the start
 
+    def _authorize(self, context: grpc.ServicerContext, agent_id: str) -> None:
+        """The id has an agent id's form, and the caller is that agent."""
+        check_agent_id(agent_id)
+        self.security.authorize(context, agent_id)
+
     @mapped
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
-        if not request.agent_id:
-            raise InvalidArgument("agent_id", "empty")
         if not request.HasField("profile") or not request.HasField("model"):
             raise InvalidArgument("profile" if not request.HasField("profile") else "model", "missing")
-        self.security.authorize(context, request.agent_id)
+        self._authorize(context, request.agent_id)
         info = self.admission.register(
             request.agent_id, serde.profile_from_pb(request.profile), serde.spec_from_pb(request.model)
         )
@@ -92,23 +96,24 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @mapped
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
-        self.security.authorize(context, request.agent_id)
+        self._authorize(context, request.agent_id)
         known, round_ = self.admission.heartbeat(request.agent_id, request.state)
         return pb.HeartbeatResponse(known=known, current_round=round_)
 
     @mapped
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.GetTaskResponse:
-        self.security.authorize(context, request.agent_id)
+        self._authorize(context, request.agent_id)
         return serde.task_to_pb(self.admission.get_task(request.agent_id, request.wait_s, context.is_active))
 
     @mapped
     def DownloadGlobal(
         self, request: pb.DownloadGlobalRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.DownloadGlobalResponse]:
-        self.security.authorize(context, request.agent_id)
+        self._authorize(context, request.agent_id)
         start = time.perf_counter()
-        tensors = self.admission.global_for(request.agent_id, request.global_round, request.plan_id)
-        header, payload = serde.encode_payload(tensors)
+        header, payload = self.admission.download(
+            request.agent_id, request.global_round, request.plan_id, serde.encode_payload
+        )
         seconds = self.metrics.download_seconds.labels(request.agent_id)
         return _download_stream(
             header, payload, self.limits.chunk_bytes, lambda: seconds.inc(time.perf_counter() - start)
@@ -123,7 +128,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("header", "an upload must start with its header")
         meta = serde.update_meta_from_pb(first.header)
-        self.security.authorize(context, meta.agent_id)
+        self._authorize(context, meta.agent_id)
         infos = serde.tensor_infos(first.header.payload)
         digest = bytes(first.header.payload.sha256)
         answer = self.admission.admit_update(
@@ -145,7 +150,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def ReportEvaluation(
         self, request: pb.ReportEvaluationRequest, context: grpc.ServicerContext
     ) -> pb.ReportEvaluationResponse:
-        self.security.authorize(context, request.agent_id)
+        self._authorize(context, request.agent_id)
         evaluation = serde.evaluation_from_pb(request)
         self.admission.report_evaluation(request.agent_id, request.global_round, evaluation)
         return pb.ReportEvaluationResponse()
@@ -154,7 +159,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def ReportImportance(
         self, request: pb.ReportImportanceRequest, context: grpc.ServicerContext
     ) -> pb.ReportImportanceResponse:
-        self.security.authorize(context, request.agent_id)
+        self._authorize(context, request.agent_id)
         self.admission.report_importance(request.agent_id, serde.importance_from_pb(request))
         return pb.ReportImportanceResponse()
 

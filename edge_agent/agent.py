@@ -116,8 +116,9 @@ class Agent:
                         log.info("the coordinator finished the run: %s", task.message or "done")
                         return
                     if task.kind is TaskKind.WAIT:
-                        if task.message.startswith("left out") and task.message != self.last_notice:
-                            log.warning("%s", task.message)  # the planner's reason, once per change
+                        if not task.message.startswith("phase ") and task.message != self.last_notice:
+                            # why it waits (left out by the planner, an update refused): once per change
+                            log.warning("%s", task.message)
                         self.last_notice = task.message
                         if task.retry_after_s > 0:
                             self.stop.wait(min(task.retry_after_s, self.poll_wait_s))

@@ -47,7 +47,7 @@ def run(config: AgentConfig) -> int:
     import torch
 
     from common.metrics import serve
-    from common.modeling import compute_dtype, default_task, model_spec, pick_device, resolve_model_path
+    from common.modeling import compute_dtype, configured_model, pick_device
     from common.rpc import RetryPolicy
     from edge_agent.agent import Agent
     from edge_agent.calibrate import calibrate
@@ -65,11 +65,11 @@ def run(config: AgentConfig) -> int:
     memory_cap = config.memory_limit_bytes()
     apply_memory_cap(device, memory_cap)
     throttle = Throttle(config.compute_share)
-    path = resolve_model_path(config.model.path)
-    task = default_task(config.model.path) if config.model.task == "auto" else config.model.task
     labels = tuple(config.data.labels)
+    model_cfg = config.model
+    path, spec = configured_model(model_cfg.path, model_cfg.task, labels, model_cfg.include_mlp, model_cfg.candidates)
+    task = spec.task
     data = load_local(config.data, task)
-    spec = model_spec(path, labels, config.model.include_mlp, config.model.candidates, task)
     measured = profile(device, compute_dtype(device), len(data.train), len(data.val), memory_cap, config.compute_share)
     log.info(
         "device %s (%s): %.1f GiB, %.2f GFLOP/s %s, %d threads%s",

@@ -10,24 +10,10 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.certs import AGENT_ID_PATTERN
 from common.data import EMBEDDED, EMBEDDED_LABEL_COLUMN, EMBEDDED_LABELS, EMBEDDED_TEXT_COLUMN
-from common.settings import Labels, Section
+from common.settings import Labels, ModelSection, Section
 from edge_agent.caps import parse_size
-
-
-class ModelSection(Section):
-    """The base model."""
-
-    path: str = Field(
-        EMBEDDED, description="model directory, 'embedded' for MiniLM-L6, 'embedded-llm' for SmolLM2-135M-Instruct"
-    )
-    task: Literal["auto", "seq-cls", "causal-lm"] = Field(
-        "auto", description="seq-cls or causal-lm; auto: causal-lm for embedded-llm and *ForCausalLM models"
-    )
-    include_mlp: bool = Field(False, description="offer MLP projections as LoRA candidates")
-    candidates: list[str] | None = Field(
-        None, description="module name suffixes that may carry LoRA, for architectures without a built-in table"
-    )
 
 
 class DataSection(Section):
@@ -130,7 +116,7 @@ class AgentConfig(BaseSettings):
     @field_validator("agent_id")
     @classmethod
     def _agent_id(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value):
+        if not re.fullmatch(AGENT_ID_PATTERN, value):
             raise ValueError("use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return value
 

@@ -18,6 +18,7 @@ from common.adapters import (
     broadcast_tensors,
     change_norm,
     check_tensors,
+    check_values,
     expected_tensors,
     fold_update,
     init_global,
@@ -37,8 +38,19 @@ class LoraMode:
         return expected_tensors(plan, spec)
 
     def check(self, tensors: Mapping[str, torch.Tensor], expected: list[TensorInfo]) -> None:
-        """Names, shapes, dtypes and finiteness of an upload's tensors (InvalidArgument naming the first off)."""
-        check_tensors(tensors, expected)
+        """Names, shapes and dtypes of an upload's tensors (InvalidArgument naming the first off)."""
+        check_tensors(tensors, expected, finite=False)
+
+    def check_values(self, tensors: Mapping[str, torch.Tensor], bound: float) -> None:
+        """Every value of an upload finite and within bound (0: finiteness only)."""
+        check_values(tensors, bound)
+
+    def check_global(self, global_: GlobalAdapter, bound: float) -> None:
+        """A global about to be published: every value finite and within bound (InvalidArgument otherwise)."""
+        named = {f"{m}.lora_A": p.a for m, p in global_.lora.items()}
+        named.update({f"{m}.lora_B": p.b for m, p in global_.lora.items()})
+        named.update(global_.heads)
+        check_values(named, bound, "global")
 
     def broadcast(self, global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec) -> dict[str, torch.Tensor]:
         """The global as this plan loads it."""
@@ -55,8 +67,11 @@ class LoraMode:
         return scale_change(tensors, sent, factor)
 
     def fold(self, agent_id: str, weight: float, tensors: Mapping[str, torch.Tensor], plan: TrainPlan) -> FoldedUpdate:
-        """An upload in the strategies' folded convention, with its aggregation weight."""
-        return fold_update(agent_id, weight, tensors, plan)
+        """An upload in the strategies' folded convention, with its aggregation weight; InvalidArgument when
+        folding (alpha / r into B) left the finite range."""
+        folded = fold_update(agent_id, weight, tensors, plan)
+        check_values({f"{m}.lora_B": pair.b for m, pair in folded.lora.items()}, 0.0, f"{agent_id}'s folded update")
+        return folded
 
     def initial(self, spec: ModelSpec, plans: Mapping[str, TrainPlan], seed: int) -> GlobalAdapter:
         """The round-0 global over the union of the plans' modules at each one's largest rank."""

@@ -8,15 +8,22 @@ from common.adapters import FoldedUpdate, GlobalAdapter
 from common.errors import ConfigError
 from coordinator.strategy.fedavg import aggregate as fedavg
 from coordinator.strategy.rank_padding import aggregate as rank_padding
+from coordinator.strategy.robust import median_aggregate, trimmed_aggregate
 
 Strategy = Callable[[GlobalAdapter, Sequence[FoldedUpdate]], tuple[GlobalAdapter, dict[str, float]]]
 
-STRATEGIES: dict[str, Strategy] = {"rank-padding": rank_padding, "fedavg": fedavg}
+NAMES = ("rank-padding", "fedavg", "coordinate-median", "trimmed-mean")
 
 
-def get_strategy(name: str) -> Strategy:
-    """The strategy registered under name; ConfigError lists the known ones otherwise."""
+def get_strategy(name: str, trim_fraction: float = 0.2) -> Strategy:
+    """The strategy registered under name (trim_fraction for trimmed-mean); ConfigError lists the known ones."""
+    strategies: dict[str, Strategy] = {
+        "rank-padding": rank_padding,
+        "fedavg": fedavg,
+        "coordinate-median": median_aggregate,
+        "trimmed-mean": trimmed_aggregate(trim_fraction),
+    }
     try:
-        return STRATEGIES[name]
+        return strategies[name]
     except KeyError:
-        raise ConfigError(f"strategy: unknown {name!r}; choose one of {sorted(STRATEGIES)}") from None
+        raise ConfigError(f"strategy: unknown {name!r}; choose one of {sorted(strategies)}") from None

@@ -14,11 +14,13 @@ from collections.abc import Sequence
 import torch
 
 from common.adapters import FoldedUpdate, GlobalAdapter, LoraPair, pad_rank
-from coordinator.strategy.weighted import average_heads, total_weight, update_norm, weighted_mean
+from coordinator.strategy.weighted import Combine, average_heads, total_weight, update_norm, weighted_mean
 
 
-def aggregate_module(current: LoraPair | None, pairs: Sequence[LoraPair], weights: Sequence[float]) -> LoraPair:
-    """Rank-padded, per-slot weighted mean of one module's pairs."""
+def aggregate_module(
+    current: LoraPair | None, pairs: Sequence[LoraPair], weights: Sequence[float], combine: Combine = weighted_mean
+) -> LoraPair:
+    """Rank-padded, per-slot combination (the weighted mean by default) of one module's pairs."""
     rank = max([pair.rank for pair in pairs] + ([current.rank] if current is not None else []))
     base = pad_rank(current, rank) if current is not None else None
     a_rows: list[torch.Tensor] = []
@@ -31,12 +33,14 @@ def aggregate_module(current: LoraPair | None, pairs: Sequence[LoraPair], weight
             b_cols.append(base.b[:, slot])
             continue
         slot_weights = [w for _, w in covering]
-        a_rows.append(weighted_mean([pair.a[slot] for pair, _ in covering], slot_weights))
-        b_cols.append(weighted_mean([pair.b[:, slot] for pair, _ in covering], slot_weights))
+        a_rows.append(combine([pair.a[slot] for pair, _ in covering], slot_weights))
+        b_cols.append(combine([pair.b[:, slot] for pair, _ in covering], slot_weights))
     return LoraPair(a=torch.stack(a_rows), b=torch.stack(b_cols, dim=1))
 
 
-def aggregate(global_: GlobalAdapter, updates: Sequence[FoldedUpdate]) -> tuple[GlobalAdapter, dict[str, float]]:
+def aggregate(
+    global_: GlobalAdapter, updates: Sequence[FoldedUpdate], combine: Combine = weighted_mean
+) -> tuple[GlobalAdapter, dict[str, float]]:
     """New global adapter from the updates of one round; modules nobody trained keep their value."""
     total = total_weight(updates)
     # A zero-sample update has no say; kept in, it alone could cover a slot or head and divide 0 by 0.
@@ -46,9 +50,9 @@ def aggregate(global_: GlobalAdapter, updates: Sequence[FoldedUpdate]) -> tuple[
     for module in modules:
         holders = [update for update in updates if module in update.lora]
         lora[module] = aggregate_module(
-            global_.lora.get(module), [u.lora[module] for u in holders], [u.weight for u in holders]
+            global_.lora.get(module), [u.lora[module] for u in holders], [u.weight for u in holders], combine
         )
-    heads = average_heads(global_.heads, updates)
+    heads = average_heads(global_.heads, updates, combine)
     new = GlobalAdapter(round=global_.round + 1, lora=lora, heads=heads)
     metrics = {
         "updates": float(len(updates)),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from common.adapters import FoldedUpdate
+
+Combine = Callable[[Sequence[torch.Tensor], Sequence[float]], torch.Tensor]  # tensors and weights -> one tensor
 
 
 def total_weight(updates: Sequence[FoldedUpdate]) -> float:
@@ -31,13 +33,16 @@ def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     return (acc / total).to(tensors[0].dtype)
 
 
-def average_heads(current: Mapping[str, torch.Tensor], updates: Sequence[FoldedUpdate]) -> dict[str, torch.Tensor]:
-    """Per head tensor, the weighted mean over the updates that carry it; others keep their value."""
+def average_heads(
+    current: Mapping[str, torch.Tensor], updates: Sequence[FoldedUpdate], combine: Combine = weighted_mean
+) -> dict[str, torch.Tensor]:
+    """Per head tensor, the combination (weighted mean by default) over the updates that carry it; others keep
+    their value."""
     heads = dict(current)
     names = {name for update in updates for name in update.heads}
     for name in sorted(names):
         holders = [update for update in updates if name in update.heads]
-        heads[name] = weighted_mean([u.heads[name] for u in holders], [u.weight for u in holders])
+        heads[name] = combine([u.heads[name] for u in holders], [u.weight for u in holders])
     return heads
 
 

@@ -1,13 +1,20 @@
-"""Shared fixtures of the integration tests: Prometheus' binaries from Debian's `prometheus` package."""
+"""Shared fixtures of the integration tests: Prometheus' binaries from Debian's `prometheus` package, and
+bench/ on the import path for the hostile client the poisoning test shares with the benchmarks."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+# bench/hostile.py (the hostile client the poisoning test shares with the benchmarks) imports as `hostile`.
+BENCH = str(Path(__file__).resolve().parents[2] / "bench")
+if BENCH not in sys.path:
+    sys.path.append(BENCH)
 
 
 def _apt_install(package: str) -> str:

@@ -155,7 +155,7 @@ def coordinator_config(run_dir: Path, max_upload_bytes: int) -> CoordinatorConfi
         server=ServerSection(
             host="127.0.0.1",
             port=0,
-            workers=8,
+            workers=16,
             max_upload_bytes=max_upload_bytes,
             max_chunk_bytes=MAX_CHUNK_BYTES,
             chunk_bytes=CHUNK_BYTES,
@@ -181,6 +181,7 @@ def launch(
     max_upload_bytes: int = NO_LIMIT,
     security: ServerSecurity | None = None,
     credentials: grpc.ChannelCredentials | None = None,
+    spec: ModelSpec = SPEC,
     **sections: Any,
 ) -> Coordinator:
     """A serving coordinator with its run loop started; plaintext unless security and credentials are given.
@@ -192,7 +193,7 @@ def launch(
     metrics = CoordinatorMetrics()
     orchestrator = Orchestrator(
         config,
-        Registry(LABELS, clock=clock),
+        Registry(spec, clock=clock),
         uniform_plan,
         plan_options(config),  # exactly as the coordinator's CLI builds them
         get_strategy("rank-padding"),

@@ -39,7 +39,8 @@ def llm_federation(run_dir: Path) -> dict[str, Any]:
             "lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]},
             "selection": {"mode": "all"},
             "training": {"batch_size": 2, "max_steps": 3, "max_seq_len": 64, "learning_rate": 0.002},
-            "evaluation": {"heldout": "embedded", "model_path": "embedded-llm", "max_samples": 16, "agents": True},
+            "model": {"path": "embedded-llm"},
+            "evaluation": {"heldout": "embedded", "max_samples": 16, "agents": True},
         },
         "agents": {
             "count": 2,

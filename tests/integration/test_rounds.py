@@ -113,27 +113,33 @@ def test_a_replayed_upload_is_acknowledged_and_counted_once_also_after_the_round
         assert sample(coordinator, "fedpipe_updates_replayed_total", {"agent": agent}) == 1
 
 
-def test_an_update_over_the_norm_bound_is_rejected_and_a_small_one_accepted(
-    start: Callable[..., Coordinator],
+def test_an_update_over_the_norm_bound_is_refused_and_its_agent_sits_the_round_out(
+    start: Callable[..., Coordinator], tmp_path: Path
 ) -> None:
-    # Prepare
-    coordinator = start(updates=UpdatesSection(max_norm=0.5, norm_action="reject"))
+    # Prepare: one update is quorum, so the round closes once b uploads and a no longer counts
+    coordinator = start(
+        updates=UpdatesSection(max_norm=0.5, norm_action="reject"), run=run_section(tmp_path, 0, quorum=1)
+    )
     tasks = open_round(coordinator, (AGENT_A, AGENT_B))
     big, fine = small(tasks[AGENT_A], 0.1), small(tasks[AGENT_A], 0.001)
     before = coordinator.orchestrator.state.global_
 
-    # Execute
+    # Execute: a's update is over the bound; a tries again; b's update is fine
     code, details = refused(lambda: upload(coordinator.stub, big.messages()))
-    accepted = upload(coordinator.stub, fine.messages())
+    again, again_details = refused(lambda: upload(coordinator.stub, fine.messages()))
+    told = get_task(coordinator.stub, AGENT_A, wait_s=0.0)
+    assert coordinator.orchestrator.state.global_ is before
+    accepted = upload(coordinator.stub, small(tasks[AGENT_B], 0.001, SAMPLES_B).messages())
+    summary = coordinator.finished()
 
-    # Assert: the figure and the bound are named; the refused update left no trace
+    # Assert: the figure and the bound are named; a is not asked to retrain but told it sits out
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert f"update norm: {delta_norm(big, tasks[AGENT_A].tensors):.4g} exceeds updates.max_norm 0.5" in details
+    assert again == grpc.StatusCode.FAILED_PRECONDITION and "sits out round 1" in again_details
+    assert told.kind is TaskKind.WAIT and told.message.startswith("sitting out round 1: update refused: update norm")
     assert accepted.message == "accepted for round 1 (1/2)"
-    assert coordinator.orchestrator.state.global_ is before
-    assert sample(coordinator, "fedpipe_agent_update_norm", {"agent": AGENT_A}) == pytest.approx(
-        delta_norm(fine, tasks[AGENT_A].tensors), rel=1e-6
-    )
+    assert summary["rounds"][0]["agents"] == (AGENT_B,)
+    assert sample(coordinator, "fedpipe_updates_screened_total", {"agent": AGENT_A, "action": "rejected"}) == 1
 
 
 def test_an_update_over_the_norm_bound_is_clipped_to_it(start: Callable[..., Coordinator]) -> None:

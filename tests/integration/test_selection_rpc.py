@@ -70,7 +70,7 @@ def coordinator(run_dir: Path, run: RunSection, selection: SelectionSection, see
     config = CoordinatorConfig(
         insecure=True,
         labels=list(LABELS),
-        server=ServerSection(host="127.0.0.1", port=0, workers=8),
+        server=ServerSection(host="127.0.0.1", port=0, workers=16),
         metrics=MetricsSection(port=-1),
         run=run,
         lora=LoraSection(rank=2, alpha=4.0, targets=["all"]),
@@ -80,7 +80,7 @@ def coordinator(run_dir: Path, run: RunSection, selection: SelectionSection, see
     options = PlanOptions(("all",), 2, 4.0, 0.0, 4, 1, 0, 1e-3, 0.0, 16, Quantization.NONE, run.round_deadline_s, seed)
     metrics = CoordinatorMetrics()
     orchestrator = Orchestrator(
-        config, Registry(LABELS), uniform_plan, options, get_strategy("rank-padding"), metrics, "base"
+        config, Registry(SPEC), uniform_plan, options, get_strategy("rank-padding"), metrics, "base"
     )
     serving = start_server(orchestrator.admission, config.server, metrics, ServerSecurity.insecure())
     server, port = serving.server, serving.port

@@ -219,6 +219,7 @@ class Refusal:
     code: grpc.StatusCode
     details: str  # regular expression the status details must contain
     after_accepted: bool = False  # the agent's valid update was accepted before this one
+    sits_out: bool = False  # refused for what it holds: its agent is not asked again this round
 
 
 INVALID, DATA_LOSS = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS
@@ -262,6 +263,7 @@ REFUSALS = [
             lambda u: u.with_tensor(Q_B, poisoned(u.tensors[Q_B], float("nan"))).messages(),
             INVALID,
             rf"tensors\[{re.escape(Q_B)}\]: holds NaN or Inf values",
+            sits_out=True,
         ),
         id="nan",
     ),
@@ -270,6 +272,7 @@ REFUSALS = [
             lambda u: u.with_tensor(HEAD_B, poisoned(u.tensors[HEAD_B], float("-inf"))).messages(),
             INVALID,
             r"tensors\[classifier\.bias\]: holds NaN or Inf values",
+            sits_out=True,
         ),
         id="inf",
     ),
@@ -349,7 +352,7 @@ REFUSALS = [
         Refusal(
             lambda u: u.with_meta(samples=10**6).messages(),
             INVALID,
-            r"samples: 1000000 exceeds the \d+ this plan allows on the agent's data",
+            r"samples: 1000000 exceeds the \d+ this plan allows",
         ),
         id="inflated-samples",
     ),
@@ -432,6 +435,16 @@ def test_malformed_upload_is_refused_and_changes_nothing(open_round: OpenRound, 
     assert re.search(case.details, details), details
     assert global_digest(orchestrator) == before
     assert rejected(orchestrator, code) == 1
+    if case.sits_out:
+        # The agent is not asked to retrain what it would send again: it sits the round out, and the round
+        # (quorum 2) closes without aggregating once agent-b uploaded.
+        code, details = refused(lambda: upload(open_round.stub, valid_a.messages()))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "sits out round 1" in details
+        assert upload(open_round.stub, valid_b.messages()).message == "accepted for round 1 (1/2)"
+        summary = open_round.coordinator.finished()
+        assert global_digest(orchestrator) == before
+        assert "1 of the 2 updates needed" in summary["rounds"][0]["failure"]
+        return
     # The server still serves, and nothing of the refused upload was kept: agent-a's valid update is
     # accepted as the round's first, and the aggregate is the mean of the two valid updates only.
     if not case.after_accepted:
