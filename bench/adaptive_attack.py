@@ -1,19 +1,22 @@
-"""How far a hostile agent that stays under every bound can move a run, and what the robust strategies buy.
+"""How far a hostile agent that stays under the bounds can move a run, and what the robust strategies buy.
 
 Settings (fixed before the first run): MiniLM-L6 on the embedded tweets, four honest agents (300 tweets each,
 IID shards, one thread each, no calibration) and mallory (bench/hostile.py); uniform planner, LoRA rank 4
 on query/value, 3 rounds of 12 steps of 16 at 48 tokens, learning rate 2e-3, 300 held-out tweets; seeds 1-3
-(run.seed: round-0 adapter, dropout, data order). Mallory's "scaled" attack puts a change of norm
-0.9 x updates.norm_multiple (10) x the honest median change norm of the same round in the clean run of the
-same seed, all of it on the classifier bias towards "positive", so it passes the relative norm bound and
-the value bound, and claims as many samples as an honest agent (equal weight). Arms, per seed:
+(run.seed: round-0 adapter, dropout, data order). Mallory claims as many samples as an honest agent (equal
+weight) and puts its whole change on the classifier bias towards "positive", sized from the clean run of
+the same seed and round (an attacker who knows what honest changes look like):
 
-* clean/<strategy>:    the four honest agents alone, strategy rank-padding, coordinate-median, trimmed-mean
-* attacked/<strategy>: the same with mallory's scaled attack
+* whole:  0.9 x updates.norm_multiple (10) x the honest median of the whole update's change norm
+          (passes the whole-update bound; the per-tensor bound should catch it)
+* tensor: 0.9 x 10 x the honest median of the bias's own change norm (passes every bound)
 
-trimmed-mean drops 1 of the 5 updates at each end per coordinate (trim_fraction 0.2). Results: final
-held-out accuracy per arm (mean, min, max over seeds) and per round, mallory's answers, the norms.
-Writes bench/results/adaptive_attack.json; `--seeds 1` for a quick look.
+Arms per seed: clean/{rank-padding, coordinate-median, trimmed-mean}, whole/rank-padding, and
+tensor/{rank-padding, coordinate-median, trimmed-mean}. trimmed-mean drops 1 of the 5 updates at each end per
+coordinate (trim_fraction 0.2). Results: held-out accuracy per round and arm (final: mean, min, max over
+seeds), mallory's answers, the norms. Every process imports the code on PYTHONPATH: run it from a copy of
+the tree (BENCHMARKS.md gives the command) so that edits made meanwhile do not leak into later runs.
+Writes bench/results/adaptive_attack.json.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import ROOT, machine, write_result
-from hostile import change_norms, federate, heldout_accuracies
+from hostile import BIAS, change_norms, federate, heldout_accuracies
 
 RUNS = ROOT / "runs" / "adaptive-attack"
 STRATEGIES = ("rank-padding", "coordinate-median", "trimmed-mean")
@@ -67,11 +70,20 @@ def spec(run_dir: Path, seed: int, strategy: str, attacked: bool) -> dict[str, A
     }
 
 
-def median_norms(run_dir: Path) -> dict[int, float]:
-    """Round -> median change norm of the honest updates aggregated in that round."""
-    norms = change_norms(run_dir)
-    rounds = max(len(v) for v in norms.values())
-    return {r + 1: statistics.median(v[r] for v in norms.values() if len(v) > r) for r in range(rounds)}
+def median_norms(run_dir: Path, tensor: str | None = None) -> dict[int, float]:
+    """Round -> median change norm (of one tensor, or whole) of the updates aggregated in that round."""
+    return {round_: statistics.median(values) for round_, values in change_norms(run_dir, tensor).items()}
+
+
+ARMS = (
+    ("clean", "rank-padding"),
+    ("clean", "coordinate-median"),
+    ("clean", "trimmed-mean"),
+    ("whole", "rank-padding"),
+    ("tensor", "rank-padding"),
+    ("tensor", "coordinate-median"),
+    ("tensor", "trimmed-mean"),
+)
 
 
 def main() -> int:
@@ -82,29 +94,30 @@ def main() -> int:
     runs: list[dict[str, Any]] = []
     for seed in range(1, args.seeds + 1):
         clean_dir = RUNS / f"clean-rank-padding-s{seed}"
-        for strategy in STRATEGIES:
-            for attacked in (False, True):
-                name = f"{'attacked' if attacked else 'clean'}-{strategy}-s{seed}"
-                run_dir = RUNS / name
-                mallory = None
-                if attacked:
-                    budget = {r: MARGIN * MULTIPLE * m for r, m in median_norms(clean_dir).items()}
-                    mallory = {"attack": "scaled", "norm": budget}
-                start = time.monotonic()
-                summary = federate(spec(run_dir, seed, strategy, attacked), run_dir, mallory)
-                record = {
-                    "arm": f"{'attacked' if attacked else 'clean'}/{strategy}",
-                    "seed": seed,
-                    "accuracy": heldout_accuracies(summary),
-                    "wall_s": round(time.monotonic() - start, 1),
-                    "honest_median_norm": median_norms(run_dir),
-                    "mallory": summary.get("mallory"),
-                    "attack_norm": mallory["norm"] if mallory else None,
-                }
-                print(f"{name}: accuracy {record['accuracy']}, mallory {record['mallory']}", flush=True)
-                runs.append(record)
+        for attack, strategy in ARMS:
+            name = f"{attack}-{strategy}-s{seed}"
+            run_dir = RUNS / name
+            mallory = None
+            if attack != "clean":
+                honest = median_norms(clean_dir, BIAS if attack == "tensor" else None)
+                mallory = {"attack": "scaled", "norm": {r: MARGIN * MULTIPLE * m for r, m in honest.items()}}
+            start = time.monotonic()
+            summary = federate(spec(run_dir, seed, strategy, mallory is not None), run_dir, mallory)
+            record = {
+                "arm": f"{attack}/{strategy}",
+                "seed": seed,
+                "accuracy": heldout_accuracies(summary),
+                "wall_s": round(time.monotonic() - start, 1),
+                "honest_median_norm": median_norms(run_dir),
+                "honest_median_bias_norm": median_norms(run_dir, BIAS),
+                "mallory": summary.get("mallory"),
+                "attack_norm": mallory["norm"] if mallory else None,
+                "refused": [r.get("refused", []) for r in summary["rounds"]],
+            }
+            print(f"{name}: accuracy {record['accuracy']}, mallory {record['mallory']}", flush=True)
+            runs.append(record)
     arms: dict[str, dict[str, Any]] = {}
-    for arm in sorted({r["arm"] for r in runs}):
+    for arm in [f"{a}/{s}" for a, s in ARMS]:
         finals = [r["accuracy"][-1] for r in runs if r["arm"] == arm]
         arms[arm] = {
             "final_mean": statistics.mean(finals),

@@ -149,12 +149,14 @@ def heldout_accuracies(summary: Mapping[str, Any]) -> list[float]:
     return [float(r["heldout"]["accuracy"]) for r in summary["rounds"] if r.get("heldout")]
 
 
-def change_norms(run_dir: Path) -> dict[str, list[float]]:
-    """Per agent, the change norm of its aggregated update in each round (from rounds/NNNN/plans.json)."""
-    norms: dict[str, list[float]] = {}
+def change_norms(run_dir: Path, tensor: str | None = None) -> dict[int, list[float]]:
+    """Per round, the change norms of the aggregated updates (of one tensor, or whole), from rounds/NNNN/plans.json."""
+    norms: dict[int, list[float]] = {}
     for path in sorted((run_dir / "rounds").glob("*/plans.json")):
-        for agent, record in json.loads(path.read_text()).items():
-            measured = record.get("measured")
-            if measured and "change_norm" in measured:
-                norms.setdefault(agent, []).append(float(measured["change_norm"]))
+        round_ = int(path.parent.name)
+        for record in json.loads(path.read_text()).values():
+            measured = record.get("measured") or {}
+            value = measured.get("tensor_change_norms", {}).get(tensor) if tensor else measured.get("change_norm")
+            if value is not None:
+                norms.setdefault(round_, []).append(float(value))
     return norms

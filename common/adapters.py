@@ -320,19 +320,25 @@ def lora_parameter_count(ranks: Mapping[str, int], spec: ModelSpec) -> int:
     return total
 
 
+def change_norms(tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Per tensor, the L2 norm of the change from what an agent was sent to what it returned, in float64."""
+    return {name: float((tensors[name].double() - before.double()).norm()) for name, before in sent.items()}
+
+
 def change_norm(tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> float:
     """L2 norm of the change from the tensors an agent was sent to the ones it returned, in float64."""
-    squared = 0.0
-    for name, before in sent.items():
-        squared += float((tensors[name].double() - before.double()).pow(2).sum())
-    return math.sqrt(squared)
+    return math.sqrt(sum(norm * norm for norm in change_norms(tensors, sent).values()))
 
 
 def scale_change(
-    tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], factor: float
+    tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], factor: float | Mapping[str, float]
 ) -> dict[str, torch.Tensor]:
-    """sent + factor * (tensors - sent), per tensor, in each tensor's own dtype."""
+    """sent + factor * (tensors - sent), per tensor (one factor, or one per tensor name, default 1), in each
+    tensor's own dtype."""
+    factors = factor if isinstance(factor, Mapping) else dict.fromkeys(sent, factor)
     return {
-        name: (before.double() + factor * (tensors[name].double() - before.double())).to(tensors[name].dtype)
+        name: (before.double() + factors.get(name, 1.0) * (tensors[name].double() - before.double())).to(
+            tensors[name].dtype
+        )
         for name, before in sent.items()
     }

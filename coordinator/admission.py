@@ -9,6 +9,7 @@ which checks an upload completely before it enters the inbox.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar, cast
@@ -242,14 +243,14 @@ class Admission:
         sent = self.mode.broadcast(global_, plan, self.spec)
         try:
             self.mode.check_values(tensors, self.config.updates.max_abs_value)
-            tensors, norm, raw_norm = self._bound_norm(meta, tensors, sent)
+            tensors, norms, raw_norm = self._bound_norm(meta, tensors, sent)
         except InvalidArgument as err:
             self._sit_out(meta, str(err))
             raise
         update = AdapterUpdate(meta=meta, tensors=tensors)
         with state.cond:
             self._open_plan(meta)  # the round may have closed while the payload was read
-            state.inbox[meta.agent_id] = Admitted(update, sha256, norm, raw_norm)
+            state.inbox[meta.agent_id] = Admitted(update, sha256, _total(norms), raw_norm, norms)
             state.digests[(meta.agent_id, meta.round)] = sha256
             count, planned = len(state.inbox), len(state.plans)
             state.notify()
@@ -300,19 +301,22 @@ class Admission:
 
     def _bound_norm(
         self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]
-    ) -> tuple[Mapping[str, torch.Tensor], float, float]:
-        """updates.max_norm: refuse, or scale down, an update whose change to what it was sent is too large."""
-        norm = self.mode.change_norm(tensors, sent)
+    ) -> tuple[Mapping[str, torch.Tensor], dict[str, float], float]:
+        """updates.max_norm: refuse, or scale down, an update whose change to what it was sent is too large.
+        Returns the tensors kept, their per-tensor change norms and the update's norm before any clipping."""
+        norms = self.mode.change_norms(tensors, sent)
+        norm = _total(norms)
         self.metrics.update_norm.labels(meta.agent_id).set(norm)
         bound = self.config.updates.max_norm
         if bound <= 0 or norm <= bound:
-            return tensors, norm, norm
+            return tensors, norms, norm
         if self.config.updates.norm_action == "reject":
             self.metrics.updates_screened.labels(meta.agent_id, "rejected").inc()
             raise InvalidArgument("update norm", f"{norm:.4g} exceeds updates.max_norm {bound:g}")
         self.metrics.updates_clipped.labels(meta.agent_id).inc()
         log.warning("round %d: update from %s clipped from norm %.4g to %g", meta.round, meta.agent_id, norm, bound)
-        return self.mode.scale_change(tensors, sent, bound / norm), bound, norm
+        factor = bound / norm
+        return self.mode.scale_change(tensors, sent, factor), {n: v * factor for n, v in norms.items()}, norm
 
     def _accepted_metrics(self, update: AdapterUpdate) -> None:
         agent, meta = update.meta.agent_id, update.meta
@@ -365,6 +369,11 @@ class Admission:
         log.info(
             "probe %s: scores from %s (%d samples, %.1fs)", report.probe_id, agent_id, report.samples, report.seconds
         )
+
+
+def _total(norms: Mapping[str, float]) -> float:
+    """The L2 norm of an update from its per-tensor norms."""
+    return math.sqrt(sum(norm * norm for norm in norms.values()))
 
 
 def _check_declared(infos: list[TensorInfo], expected: list[TensorInfo]) -> None:

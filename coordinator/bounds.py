@@ -178,3 +178,16 @@ def relative_bound(norms: Mapping[str, float], multiple: float, min_updates: int
     if multiple <= 0 or len(norms) < min_updates:
         return None
     return multiple * median(list(norms.values()))
+
+
+def tensor_bounds(norms: Mapping[str, Mapping[str, float]], multiple: float, min_updates: int = 3) -> dict[str, float]:
+    """Per tensor name, multiple x the median of its change norm over the round's updates that carry it (those
+    carried by at least min_updates). An update's whole norm can hide a large change to one small tensor (a
+    classifier bias moved by all of its budget); this bound cannot be spent elsewhere."""
+    if multiple <= 0:
+        return {}
+    by_tensor: dict[str, list[float]] = {}
+    for update in norms.values():
+        for name, norm in update.items():
+            by_tensor.setdefault(name, []).append(norm)
+    return {name: multiple * median(values) for name, values in by_tensor.items() if len(values) >= min_updates}

@@ -31,7 +31,7 @@ from common.types import (
     TrainPlan,
 )
 from coordinator.admission import Admission
-from coordinator.bounds import allowed_samples, capped, counted_profiles, relative_bound
+from coordinator.bounds import allowed_samples, capped, counted_profiles, relative_bound, tensor_bounds
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
 from coordinator.metrics import CoordinatorMetrics
@@ -313,28 +313,37 @@ class Orchestrator:
     def _screen(
         self, round_: int, inbox: Mapping[str, Admitted], plans: Mapping[str, TrainPlan]
     ) -> tuple[dict[str, Admitted], tuple[str, ...]]:
-        """The relative norm bound: an update whose change norm exceeds updates.norm_multiple x the round's
-        median is left out (reject) or scaled down to the bound (clip). Its agent is told with its next WAIT."""
+        """The relative norm bounds (rounds of 3 or more updates): an update whose change norm exceeds
+        updates.norm_multiple x the round's median, or whose change to one tensor exceeds that multiple of the
+        tensor's median change, is left out (reject) or scaled down to the bounds (clip). Its agent is told
+        with its next WAIT."""
         updates = self.config.updates
-        bound = relative_bound({a: x.norm for a, x in inbox.items()}, updates.norm_multiple)
-        if bound is None:
+        total_bound = relative_bound({a: x.norm for a, x in inbox.items()}, updates.norm_multiple)
+        bounds = tensor_bounds({a: x.tensor_norms for a, x in inbox.items()}, updates.norm_multiple)
+        if total_bound is None:
             return dict(inbox), ()
         kept: dict[str, Admitted] = {}
         refused: list[str] = []
         global_ = self.state.global_
         assert global_ is not None
         for agent, admitted in sorted(inbox.items()):
-            if admitted.norm <= bound:
+            over = {n: v / bounds[n] for n, v in admitted.tensor_norms.items() if n in bounds and v > bounds[n]}
+            if admitted.norm <= total_bound and not over:
                 kept[agent] = admitted
                 continue
-            reason = (
-                f"its change norm {admitted.norm:.4g} exceeds {updates.norm_multiple:g} x the round's median "
-                f"({bound:.4g})"
-            )
+            if over:
+                worst = max(over, key=over.__getitem__)
+                reason = (
+                    f"its change to {worst} ({admitted.tensor_norms[worst]:.4g}) exceeds {updates.norm_multiple:g} "
+                    f"x the round's median for that tensor ({bounds[worst]:.4g})"
+                )
+            else:
+                reason = (
+                    f"its change norm {admitted.norm:.4g} exceeds {updates.norm_multiple:g} x the round's median "
+                    f"({total_bound:.4g})"
+                )
             if updates.norm_action == "clip":
-                sent = self.mode.broadcast(global_, plans[agent], self.spec)
-                tensors = self.mode.scale_change(admitted.update.tensors, sent, bound / admitted.norm)
-                kept[agent] = replace(admitted, update=replace(admitted.update, tensors=tensors), norm=bound)
+                kept[agent] = self._clip(admitted, plans[agent], global_, bounds, total_bound)
                 self.metrics.updates_clipped.labels(agent).inc()
                 self.metrics.updates_screened.labels(agent, "clipped").inc()
                 log.warning("round %d: update from %s clipped: %s", round_, agent, reason)
@@ -345,6 +354,34 @@ class Orchestrator:
             with self.state.cond:
                 self.state.notices[agent] = f"your round-{round_} update was left out: {reason}"
         return kept, tuple(refused)
+
+    def _clip(
+        self,
+        admitted: Admitted,
+        plan: TrainPlan,
+        global_: GlobalAdapter,
+        bounds: Mapping[str, float],
+        total_bound: float,
+    ) -> Admitted:
+        """The update with each tensor's change scaled down to its bound, then the whole to the total bound."""
+        factors = {
+            name: min(1.0, bounds[name] / norm) if name in bounds and norm > 0 else 1.0
+            for name, norm in admitted.tensor_norms.items()
+        }
+        norms = {name: norm * factors[name] for name, norm in admitted.tensor_norms.items()}
+        total = math.sqrt(sum(v * v for v in norms.values()))
+        if total > total_bound:
+            scale = total_bound / total
+            factors = {name: f * scale for name, f in factors.items()}
+            norms = {name: v * scale for name, v in norms.items()}
+        sent = self.mode.broadcast(global_, plan, self.spec)
+        tensors = self.mode.scale_change(admitted.update.tensors, sent, factors)
+        return replace(
+            admitted,
+            update=replace(admitted.update, tensors=tensors),
+            norm=math.sqrt(sum(v * v for v in norms.values())),
+            tensor_norms=norms,
+        )
 
     def _weights(self, inbox: Mapping[str, Admitted]) -> dict[str, float]:
         """Aggregation weights the coordinator stands behind: the samples an update claims, never more than its
@@ -671,6 +708,7 @@ def _round_report(
             "train_loss": meta.train_loss,
             "peak_memory_bytes": meta.peak_memory_bytes,
             "change_norm": admitted.norm,
+            "tensor_change_norms": dict(admitted.tensor_norms),
             "weight": weights.get(agent, 0.0),
         }
     return report

@@ -16,7 +16,7 @@ from common.adapters import (
     FoldedUpdate,
     GlobalAdapter,
     broadcast_tensors,
-    change_norm,
+    change_norms,
     check_tensors,
     check_values,
     expected_tensors,
@@ -56,14 +56,14 @@ class LoraMode:
         """The global as this plan loads it."""
         return broadcast_tensors(global_, plan, spec)
 
-    def change_norm(self, tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> float:
-        """L2 norm of an upload's change to what it was sent."""
-        return change_norm(tensors, sent)
+    def change_norms(self, tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Per tensor, the L2 norm of an upload's change to what it was sent."""
+        return change_norms(tensors, sent)
 
     def scale_change(
-        self, tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], factor: float
+        self, tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], factor: float | Mapping[str, float]
     ) -> dict[str, torch.Tensor]:
-        """The upload with its change scaled by factor (clipping)."""
+        """The upload with its change scaled by factor, one for all tensors or one per tensor (clipping)."""
         return scale_change(tensors, sent, factor)
 
     def fold(self, agent_id: str, weight: float, tensors: Mapping[str, torch.Tensor], plan: TrainPlan) -> FoldedUpdate:

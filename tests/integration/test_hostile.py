@@ -305,6 +305,31 @@ def test_an_update_far_over_the_round_median_norm_is_left_out(start: Callable[..
     assert told.kind in (TaskKind.WAIT, TaskKind.FINISHED)
 
 
+def test_a_change_spent_on_one_small_tensor_is_left_out_though_its_whole_norm_passes(
+    start: Callable[..., Run],
+) -> None:
+    # Prepare: honest updates move every tensor a little; mallory moves only the bias, by 5 x an honest
+    # update's whole norm (under 10 x the median of whole norms, far over 10 x the bias's median change)
+    run = start(min_agents=4)
+    tasks = open_round(run, (*HONEST, MALLORY))
+    honest = [honest_update(tasks[agent], seed) for seed, agent in enumerate(HONEST)]
+    sent = tasks[MALLORY].tensors
+    whole = math.sqrt(sum(float((honest[0].tensors[n] - t).pow(2).sum()) for n, t in sent.items()))
+    bias = sent[HEAD_B].clone()
+    bias[1] += 5 * whole
+    concentrated = Upload(tasks[MALLORY].update(seed=9, samples=30).meta, {**sent, HEAD_B: bias})
+
+    # Execute
+    for agent, update in zip(HONEST, honest, strict=True):
+        upload(run[agent], update.messages())
+    upload(run[MALLORY], concentrated.messages())
+    summary = run.coordinator.finished()
+
+    # Assert
+    assert summary["rounds"][0]["refused"] == (MALLORY,)
+    assert run.metric("fedpipe_updates_screened_total", {"agent": MALLORY, "action": "rejected"}) == 1
+
+
 # ---------------------------------------------------------------- weight takeover
 
 

@@ -18,7 +18,10 @@ from common.adapters import (
     GlobalAdapter,
     LoraPair,
     broadcast_tensors,
+    change_norm,
+    change_norms,
     check_tensors,
+    check_values,
     expected_tensors,
     fold,
     fold_update,
@@ -30,6 +33,7 @@ from common.adapters import (
     lora_names,
     lora_parameter_count,
     pad_rank,
+    scale_change,
     scaling,
     to_peft_key,
     truncate_rank,
@@ -796,3 +800,44 @@ def test_init_global_head_and_leading_slots_do_not_depend_on_other_ranks() -> No
     assert torch.equal(a.lora[V].a, b.lora[V].a)
     assert torch.equal(a.lora[Q].a, b.lora[Q].a[:1])
     assert not torch.equal(init_global(SPEC, low, seed=12).lora[Q].a, a.lora[Q].a)
+
+
+def test_change_norms_are_per_tensor_and_add_up_to_the_whole() -> None:
+    # Prepare
+    sent = {"a": torch.zeros(2, 2), "b": torch.ones(3)}
+    got = {"a": torch.tensor([[3.0, 0.0], [0.0, 4.0]]), "b": torch.ones(3) + 12.0 / 3**0.5}
+
+    # Execute
+    norms = change_norms(got, sent)
+
+    # Assert
+    assert norms == pytest.approx({"a": 5.0, "b": 12.0})
+    assert change_norm(got, sent) == pytest.approx(13.0)
+
+
+def test_scale_change_takes_one_factor_or_one_per_tensor() -> None:
+    # Prepare
+    sent = {"a": torch.zeros(2), "b": torch.ones(2)}
+    got = {"a": torch.tensor([2.0, 4.0]), "b": torch.tensor([3.0, 5.0])}
+
+    # Execute
+    half = scale_change(got, sent, 0.5)
+    per_tensor = scale_change(got, sent, {"a": 0.25})
+
+    # Assert: the change (not the value) is scaled; a tensor without a factor keeps its change
+    assert torch.equal(half["a"], torch.tensor([1.0, 2.0])) and torch.equal(half["b"], torch.tensor([2.0, 3.0]))
+    assert torch.equal(per_tensor["a"], torch.tensor([0.5, 1.0])) and torch.equal(per_tensor["b"], got["b"])
+
+
+@pytest.mark.parametrize(
+    ("value", "bound", "message"),
+    [(float("nan"), 0.0, "NaN or Inf"), (float("inf"), 1e4, "NaN or Inf"), (2e4, 1e4, r"\|value\| 2e\+04 over")],
+)
+def test_check_values_refuses_non_finite_and_out_of_bound_values(value: float, bound: float, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        check_values({"t": torch.tensor([0.0, value])}, bound)
+
+
+def test_check_values_passes_values_within_the_bound_and_any_finite_value_without_one() -> None:
+    check_values({"t": torch.tensor([-1e4, 1e4])}, 1e4)
+    check_values({"t": torch.tensor([3e38])}, 0.0)

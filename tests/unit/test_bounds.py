@@ -35,6 +35,7 @@ from coordinator.bounds import (
     counted_profiles,
     median,
     relative_bound,
+    tensor_bounds,
 )
 from coordinator.config import LimitsSection
 
@@ -282,3 +283,21 @@ def test_the_relative_norm_bound_needs_three_updates_and_a_multiple() -> None:
     assert relative_bound({"a": 1.0, "b": 100.0}, 10.0) is None
     assert relative_bound({"a": 1.0, "b": 2.0, "c": 1e9}, 0.0) is None
     assert relative_bound({"a": 1.0, "b": 2.0, "c": 1e9}, 10.0) == 20.0
+
+
+def test_tensor_bounds_are_per_tensor_medians_of_the_updates_that_carry_them() -> None:
+    # Prepare: the bias of one update moved by all of its budget
+    norms = {
+        "a": {"bias": 0.01, "lora": 1.0},
+        "b": {"bias": 0.02, "lora": 1.2},
+        "c": {"bias": 0.015, "lora": 0.9},
+        "m": {"bias": 9.0, "lora": 0.0},
+        "d": {"lora": 1.1},
+    }
+
+    # Execute
+    bounds = tensor_bounds(norms, 10.0)
+
+    # Assert: the median of 4 bias norms is 0.0175, of 5 LoRA norms 1.0
+    assert bounds == {"bias": pytest.approx(0.175), "lora": pytest.approx(10.0)}
+    assert tensor_bounds(norms, 0.0) == {} and "bias" not in tensor_bounds(norms, 10.0, min_updates=5)
