@@ -47,6 +47,7 @@ def spec(run_dir: Path, seed: int, strategy: str, attacked: bool) -> dict[str, A
             "run": {
                 "rounds": 3,
                 "min_agents": HONEST + (1 if attacked else 0),
+                "quorum": HONEST,  # a round goes on without mallory's update when a bound leaves it out
                 "run_dir": str(run_dir),
                 "round_deadline_s": 300,
                 "registration_timeout_s": 300,
