@@ -9,9 +9,11 @@ its own CPU torch.Generator in float32, one direction at a time (memory O(d), ne
 round. CUDA generators give other numbers on other GPU models and than the CPU's, so they are never used.
 Bases:
 
-- gaussian:   v ~ N(0, I / d), drawn with torch.randn (the Ferret paper's choice, without its truncation to
-              +-d^-1/2, whose variance 1/(3d) makes the reconstruction about delta / 3);
-- rademacher: v with entries +-d^-1/2 from torch.randint: integer draws, so the same bits on any CPU.
+- gaussian:   v ~ N(0, I / d), drawn with Tensor.normal_ (the Ferret paper's choice, without its truncation
+              to +-d^-1/2, whose variance 1/(3d) makes the reconstruction about delta / 3);
+- rademacher: v with entries +-d^-1/2, eight signs per byte from torch.randint: integer draws, so the same
+              bits on every CPU (a float normal sampler may take another vector path on another CPU), and
+              about twice to four times as fast here. Equally unbiased; slightly lower variance.
 
 Reconstruction adds c_k v_k in a fixed order with one elementwise operation per direction, so two
 processes with the same coefficients and the same torch build produce the same bits; a digest of the
@@ -36,24 +38,41 @@ def direction_seed(run_seed: int, round_: int, block: str, index: int) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
 
 
-def direction(seed: int, size: int, basis: str = "gaussian", generator: torch.Generator | None = None) -> torch.Tensor:
-    """One direction of `size` values in float32 on the CPU, with E[v v^T] = I / size."""
+_BYTE_SIGNS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.float32) * 2 - 1  # (256, 8)
+
+
+def direction(
+    seed: int,
+    size: int,
+    basis: str = "gaussian",
+    generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One direction of `size` values in float32 on the CPU, with E[v v^T] = I / size (written into `out`
+    when given, which is then returned)."""
     generator = generator or torch.Generator()
     generator.manual_seed(seed)
     scale = 1.0 / math.sqrt(size)
     if basis == "gaussian":
-        return torch.randn(size, generator=generator, dtype=torch.float32).mul_(scale)
+        out = out if out is not None else torch.empty(size, dtype=torch.float32)
+        return out.normal_(generator=generator).mul_(scale)
     if basis == "rademacher":
-        signs = torch.randint(0, 2, (size,), generator=generator, dtype=torch.int8).to(torch.float32)
-        return signs.mul_(2.0 * scale).sub_(scale)
+        # Eight signs per random byte, through a table: integer draws, so the same bits on every CPU.
+        index = torch.randint(0, 256, (-(-size // 8),), generator=generator, dtype=torch.int64)
+        signs = _BYTE_SIGNS[index].reshape(-1)[:size]
+        if out is None:
+            return signs.mul_(scale)
+        return torch.mul(signs, scale, out=out)
     raise ValueError(f"unknown basis {basis!r}; choose one of {list(BASES)}")
 
 
 def directions(run_seed: int, round_: int, block: str, count: int, size: int, basis: str) -> Iterator[torch.Tensor]:
-    """The block's first `count` directions of a round, one at a time."""
+    """The block's first `count` directions of a round, one at a time in one buffer (each is valid until the
+    next is drawn): memory O(size) whatever the count."""
     generator = torch.Generator()
+    buffer = torch.empty(size, dtype=torch.float32)
     for index in range(count):
-        yield direction(direction_seed(run_seed, round_, block, index), size, basis, generator)
+        yield direction(direction_seed(run_seed, round_, block, index), size, basis, generator, buffer)
 
 
 def project_on(delta: torch.Tensor, basis: Iterable[torch.Tensor], count: int) -> torch.Tensor:
