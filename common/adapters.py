@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from common.errors import InvalidArgument
-from common.types import ModelSpec, TensorInfo, TrainPlan
+from common.types import GlobalState, ModelSpec, TensorInfo, TrainPlan
 
 PEFT_PREFIX = "base_model.model."
 LORA_A = ".lora_A"
@@ -44,10 +44,9 @@ class LoraPair:
 
 
 @dataclass(frozen=True)
-class GlobalAdapter:
-    """The coordinator's global state: folded LoRA pairs at the largest rank seen, and full heads."""
+class GlobalAdapter(GlobalState):
+    """The LoRA mode's global state: folded LoRA pairs at the largest rank seen, and full heads."""
 
-    round: int
     lora: Mapping[str, LoraPair]
     heads: Mapping[str, torch.Tensor]
 

@@ -291,22 +291,38 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
         max_seq_len=plan.max_seq_len,
         deadline_s=plan.deadline_s,
         seed=plan.seed,
+        mode=plan.mode,
+        optimizer=plan.optimizer,
+        directions=plan.directions,
+        basis=plan.basis,
+        shared_seed=plan.shared_seed,
+        global_digest=plan.global_digest,
     )
+
+
+MODES = ("lora", "ferret")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
     """proto -> TrainPlan; InvalidArgument for a plan an agent cannot execute."""
     if message.quantization not in _QUANT_FROM_PB:
         raise InvalidArgument("plan.quantization", f"unknown value {message.quantization}")
+    mode = message.mode or "lora"
+    optimizer = message.optimizer or "adamw"
+    if mode not in MODES:
+        raise InvalidArgument("plan.mode", f"{mode!r} is not one of {list(MODES)}")
+    if optimizer not in OPTIMIZERS:
+        raise InvalidArgument("plan.optimizer", f"{optimizer!r} is not one of {list(OPTIMIZERS)}")
     missing = [m for m in message.target_modules if m not in message.rank_pattern]
-    if missing:
+    if missing and mode == "lora":
         raise InvalidArgument("plan.rank_pattern", f"no rank for {missing[:3]}")
     if message.batch_size == 0:
         raise InvalidArgument("plan.batch_size", "must be positive")
     return TrainPlan(
         plan_id=message.plan_id,
         target_modules=tuple(message.target_modules),
-        rank_pattern={m: int(message.rank_pattern[m]) for m in message.target_modules},
+        rank_pattern={m: int(message.rank_pattern[m]) for m in message.target_modules if m in message.rank_pattern},
         lora_alpha=message.lora_alpha,
         lora_dropout=message.lora_dropout,
         modules_to_save=tuple(message.modules_to_save),
@@ -319,6 +335,12 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
         max_seq_len=message.max_seq_len,
         deadline_s=message.deadline_s,
         seed=message.seed,
+        mode=mode,
+        optimizer=optimizer,
+        directions=message.directions,
+        basis=message.basis or "rademacher",
+        shared_seed=message.shared_seed,
+        global_digest=message.global_digest,
     )
 
 
@@ -407,6 +429,8 @@ def update_header_to_pb(meta: UpdateMeta, payload: pb.PayloadHeader) -> pb.Updat
         train_loss=meta.train_loss,
         peak_memory_bytes=meta.peak_memory_bytes,
         payload=payload,
+        base_digest=meta.base_digest,
+        projection_seconds=meta.projection_seconds,
     )
 
 
@@ -429,6 +453,8 @@ def update_meta_from_pb(message: pb.UpdateHeader) -> UpdateMeta:
         train_seconds=message.train_seconds,
         train_loss=message.train_loss,
         peak_memory_bytes=message.peak_memory_bytes,
+        base_digest=message.base_digest,
+        projection_seconds=message.projection_seconds,
     )
 
 

@@ -113,6 +113,12 @@ class TrainPlan:
     max_seq_len: int  # tokens per sample after truncation
     deadline_s: float  # seconds from task start until the upload must be done
     seed: int  # seeds dropout and data order, so a round is reproducible
+    mode: str = "lora"  # training mode: "lora" adapters, or "ferret" (target_modules trained in full)
+    optimizer: str = "adamw"  # local optimizer: "adamw" or "sgd"
+    directions: int = 0  # ferret: the round's budget of projection directions
+    basis: str = "rademacher"  # ferret: the directions' distribution (common.ferret)
+    shared_seed: int = 0  # ferret: the run seed every side derives the directions from
+    global_digest: str = ""  # ferret: sha256 of the weights the agent must hold before it trains
 
     def steps_for(self, num_examples: int) -> int:
         """Optimizer steps this plan asks for on num_examples: local epochs, capped by max_steps."""
@@ -197,6 +203,8 @@ class UpdateMeta:
     train_seconds: float
     train_loss: float
     peak_memory_bytes: int
+    base_digest: str = ""  # ferret: sha256 of the weights the agent trained from
+    projection_seconds: float = 0.0  # ferret: time spent projecting the update
 
 
 @dataclass(frozen=True)
@@ -205,6 +213,13 @@ class AdapterUpdate:
 
     meta: UpdateMeta
     tensors: Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GlobalState:
+    """What a run aggregates into, in any training mode: its round; each mode adds its tensors."""
+
+    round: int
 
 
 @dataclass(frozen=True)

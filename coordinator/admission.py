@@ -21,6 +21,7 @@ from common.types import (
     AdapterUpdate,
     DeviceProfile,
     Evaluation,
+    GlobalState,
     ImportanceReport,
     ModelSpec,
     Task,
@@ -32,7 +33,7 @@ from common.types import (
 from coordinator.bounds import check_evaluation, check_importance, check_meta, check_profile, check_wait
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.modes.lora import LoraMode
+from coordinator.modes import Mode
 from coordinator.registry import Registry
 from coordinator.round_state import Admitted, Phase, RoundState
 
@@ -68,7 +69,7 @@ class Admission:
         registry: Registry,
         config: CoordinatorConfig,
         metrics: CoordinatorMetrics,
-        mode: LoraMode,
+        mode: Mode,
     ) -> None:
         self.state = state
         self.registry = registry
@@ -173,7 +174,12 @@ class Admission:
         return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=f"phase {state.phase.value}")
 
     def download(
-        self, agent_id: str, global_round: int, plan_id: str, encode: Callable[[dict[str, torch.Tensor]], E]
+        self,
+        agent_id: str,
+        global_round: int,
+        plan_id: str,
+        encode: Callable[[dict[str, torch.Tensor]], E],
+        have_digest: str = "",
     ) -> E:
         """The global as the agent's plan loads it, encoded by the transport; StaleRound when it is not current.
 
@@ -185,17 +191,17 @@ class Admission:
         with state.cond:
             global_ = state.global_
             plan = self._plan_of(agent_id, plan_id)
-            cached = state.downloads.get((global_round, plan_id))
+            cached = state.downloads.get((global_round, plan_id, have_digest))
         if global_ is None:
             raise NotReady("no global adapter yet")
         if global_round != global_.round:
             raise StaleRound(f"global round {global_round} is gone; the current one is {global_.round}")
         if cached is None:
-            tensors = self.mode.broadcast(global_, plan, self.spec)
+            tensors = self.mode.download(global_, plan, self.spec, have_digest)
             cached = (encode(tensors), sum(t.numel() * t.element_size() for t in tensors.values()))
             with state.cond:
                 if state.global_ is global_:
-                    state.downloads[(global_round, plan_id)] = cached
+                    state.downloads[(global_round, plan_id, have_digest)] = cached
         encoded, nbytes = cached
         self.metrics.download_bytes.labels(agent_id).inc(nbytes)
         return cast(E, encoded)
@@ -236,14 +242,11 @@ class Admission:
             plan = self._open_plan(meta)
             global_ = state.global_
         assert global_ is not None
-        expected = self.mode.expected(plan, self.spec)
-        _check_declared(infos, expected)
+        self.mode.check_declared(infos, plan, self.spec)
         tensors = read_payload()
-        self.mode.check(tensors, expected)
-        sent = self.mode.broadcast(global_, plan, self.spec)
         try:
             self.mode.check_values(tensors, self.config.updates.max_abs_value)
-            tensors, norms, raw_norm = self._bound_norm(meta, tensors, sent)
+            tensors, norms, raw_norm = self._bound_norm(meta, tensors, global_, plan)
         except InvalidArgument as err:
             self._sit_out(meta, str(err))
             raise
@@ -300,11 +303,11 @@ class Admission:
         log.warning("round %d: update from %s refused, it sits the round out: %s", meta.round, meta.agent_id, reason)
 
     def _bound_norm(
-        self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]
+        self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor], global_: GlobalState, plan: TrainPlan
     ) -> tuple[Mapping[str, torch.Tensor], dict[str, float], float]:
         """updates.max_norm: refuse, or scale down, an update whose change to what it was sent is too large.
         Returns the tensors kept, their per-tensor change norms and the update's norm before any clipping."""
-        norms = self.mode.change_norms(tensors, sent)
+        norms = self.mode.change_norms(tensors, global_, plan, self.spec)
         norm = _total(norms)
         self.metrics.update_norm.labels(meta.agent_id).set(norm)
         bound = self.config.updates.max_norm
@@ -316,7 +319,8 @@ class Admission:
         self.metrics.updates_clipped.labels(meta.agent_id).inc()
         log.warning("round %d: update from %s clipped from norm %.4g to %g", meta.round, meta.agent_id, norm, bound)
         factor = bound / norm
-        return self.mode.scale_change(tensors, sent, factor), {n: v * factor for n, v in norms.items()}, norm
+        scaled = self.mode.scale_change(tensors, global_, plan, self.spec, factor)
+        return scaled, {n: v * factor for n, v in norms.items()}, norm
 
     def _accepted_metrics(self, update: AdapterUpdate) -> None:
         agent, meta = update.meta.agent_id, update.meta
@@ -374,19 +378,3 @@ class Admission:
 def _total(norms: Mapping[str, float]) -> float:
     """The L2 norm of an update from its per-tensor norms."""
     return math.sqrt(sum(norm * norm for norm in norms.values()))
-
-
-def _check_declared(infos: list[TensorInfo], expected: list[TensorInfo]) -> None:
-    """The header declares exactly the plan's tensors, with their shapes and dtypes."""
-    declared = {info.name: info for info in infos}
-    for info in expected:
-        got = declared.get(info.name)
-        if got is None:
-            raise InvalidArgument("payload.tensors", f"missing {info.name}")
-        if got.shape != info.shape:
-            raise InvalidArgument(f"payload.tensors[{info.name}].shape", f"expected {info.shape}, got {got.shape}")
-        if got.dtype != info.dtype:
-            raise InvalidArgument(f"payload.tensors[{info.name}].dtype", f"expected {info.dtype}, got {got.dtype}")
-    extra = sorted(set(declared) - {info.name for info in expected})
-    if extra:
-        raise InvalidArgument("payload.tensors", f"not in the plan: {extra[:3]}")

@@ -58,6 +58,7 @@ def run(config: CoordinatorConfig) -> int:
     from common.security import server_security
     from coordinator.evaluation import HeldOutEvaluator
     from coordinator.metrics import CoordinatorMetrics
+    from coordinator.modes.lora import LoraMode
     from coordinator.orchestrator import Orchestrator, RunAborted
     from coordinator.planner import PLANNERS
     from coordinator.registry import Registry
@@ -81,6 +82,8 @@ def run(config: CoordinatorConfig) -> int:
         spec.fingerprint,
         len(spec.candidates),
     )
+    options = plan_options(config)
+    mode = LoraMode(spec, options.alpha, base_path)
     evaluation = config.evaluation
     evaluator = None
     if evaluation.heldout:
@@ -93,9 +96,8 @@ def run(config: CoordinatorConfig) -> int:
             evaluation.prompt_column,
             evaluation.response_column,
         )
-        evaluator = HeldOutEvaluator(base_path, source, evaluation.max_samples)
+        evaluator = HeldOutEvaluator(base_path, source, evaluation.max_samples, mode)
         evaluator.examples()  # fail now, not after the first round, if the file is wrong
-    options = plan_options(config)
     metrics = CoordinatorMetrics()
     orchestrator = Orchestrator(
         config,
@@ -106,6 +108,7 @@ def run(config: CoordinatorConfig) -> int:
         metrics,
         base_path,
         evaluator,
+        mode,
     )
     if config.metrics.port >= 0:
         metrics_port = serve(metrics.registry, config.metrics.host, config.metrics.port)

@@ -9,34 +9,41 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from common.adapters import GlobalAdapter, broadcast_tensors
 from common.data import DataSource, Example, embedded_split, load_examples
-from common.types import Evaluation, ModelSpec, TrainPlan
+from common.types import Evaluation, GlobalState, ModelSpec, TrainPlan
+
+if TYPE_CHECKING:
+    from coordinator.modes import Mode
 
 log = logging.getLogger(__name__)
 
 
 class Evaluator(Protocol):
-    """Anything that scores a global adapter."""
+    """Anything that scores a global."""
 
-    def __call__(self, global_: GlobalAdapter, template: TrainPlan, spec: ModelSpec) -> Evaluation: ...
+    def __call__(self, global_: GlobalState, template: TrainPlan, spec: ModelSpec) -> Evaluation: ...
 
 
 class HeldOutEvaluator:
-    """Scores globals on a held-out set; the base model and data load on first use and stay."""
+    """Scores globals on a held-out set; the full-precision base and the data load on first use and stay.
 
-    def __init__(self, model_path: str, source: DataSource, max_samples: int, threads: int = 0) -> None:
+    The training mode builds the model to score around `base` (and may keep what it builds in `cache`).
+    """
+
+    def __init__(self, model_path: str, source: DataSource, max_samples: int, mode: Mode, threads: int = 0) -> None:
         """model_path: the run's resolved model directory (the one its spec was derived from)."""
         self.model_path = model_path
         self.source = source
         self.max_samples = max_samples
+        self.mode = mode
         self.threads = threads
         self._examples: list[Example] | None = None
-        self._model: Any = None
+        self.base: Any = None
+        self.cache: dict[str, Any] = {}
         self._tokenizer: Any = None
         self._lock = threading.Lock()
 
@@ -50,30 +57,19 @@ class HeldOutEvaluator:
             self._examples = examples[: self.max_samples] if self.max_samples else examples
         return self._examples
 
-    def __call__(self, global_: GlobalAdapter, template: TrainPlan, spec: ModelSpec) -> Evaluation:
-        """Loss and accuracy of global_ at its own ranks, on CPU in fp32."""
-        from common.modeling import AdaptedModel, evaluate, load_base, load_tokenizer
+    def __call__(self, global_: GlobalState, template: TrainPlan, spec: ModelSpec) -> Evaluation:
+        """Loss and accuracy of global_, on CPU in fp32."""
+        from common.modeling import evaluate, load_base, load_tokenizer
         from common.types import Quantization
 
         with self._lock:
             start = time.perf_counter()
             device = torch.device("cpu")
-            if self._model is None:
+            if self.base is None:
                 self._tokenizer = load_tokenizer(self.model_path)
-                self._model = AdaptedModel(
-                    load_base(self.model_path, spec.labels, Quantization.NONE, device, spec.task), spec.task
-                )
-            ranks = global_.ranks()
-            plan = replace(
-                template,
-                target_modules=tuple(ranks),
-                rank_pattern=ranks,
-                lora_dropout=0.0,
-                quantization=Quantization.NONE,
-            )
-            self._model.ensure(plan)
-            self._model.load(broadcast_tensors(global_, plan, spec))
+                self.base = load_base(self.model_path, spec.labels, Quantization.NONE, device, spec.task)
+            model = self.mode.evaluation_model(self, global_, template, spec)
             examples = self.examples(spec.task)
-            result = evaluate(self._model.model, self._tokenizer, examples, plan.max_seq_len, device, task=spec.task)
+            result = evaluate(model, self._tokenizer, examples, template.max_seq_len, device, task=spec.task)
             log.info("held-out evaluation of round %d: %.1fs", global_.round, time.perf_counter() - start)
             return result

@@ -17,12 +17,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Any
 
-from common.adapters import GlobalAdapter, head_modules, lora_parameter_count
 from common.data import CAUSAL_LM
 from common.errors import ConfigError, InvalidArgument
 from common.types import (
     DeviceProfile,
     Evaluation,
+    GlobalState,
     ImportanceReport,
     ModelSpec,
     ModuleShape,
@@ -35,6 +35,7 @@ from coordinator.bounds import allowed_samples, capped, counted_profiles, relati
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.modes import Contribution, Mode
 from coordinator.modes.lora import LoraMode
 from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction, resolve_targets
 from coordinator.registry import AgentRecord, Registry
@@ -77,6 +78,7 @@ class Orchestrator:
         metrics: CoordinatorMetrics,
         base_path: str,
         evaluator: Evaluator | None = None,
+        mode: Mode | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -86,7 +88,8 @@ class Orchestrator:
         self.metrics = metrics
         self.base_path = base_path
         self.evaluator = evaluator
-        self.mode = LoraMode()
+        self.spec = registry.spec
+        self.mode: Mode = mode or LoraMode(self.spec, options.alpha, base_path)
         self.state = RoundState()
         self.admission = Admission(self.state, registry, config, metrics, self.mode)
         self.dead: set[str] = set()  # agents marked dead (missed heartbeats), until they call again
@@ -94,10 +97,7 @@ class Orchestrator:
         self.mask_scores: dict[str, float] = {}  # combined importance of the candidates
         self.corrections: dict[str, tuple[float, float]] = {}  # agent -> (time, memory) scale from measurements
         self.results: list[RoundResult] = []
-        self.spec = registry.spec
-        # Saved adapters unfold the folded global with the configured alpha at each module's own rank; any
-        # alpha gives the same dW, so this needs no plan.
-        self.rundir = RunDir(config.run.run_dir, base_path, options.alpha, self.spec, head_modules(self.spec))
+        self.rundir = RunDir(config.run.run_dir, self.spec, self.mode)
         self.eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
 
     @property
@@ -125,13 +125,14 @@ class Orchestrator:
         resumed = self.rundir.load_state() if saved else None
         plans: Mapping[str, TrainPlan] = {}
         if resumed is not None:
-            global_, meta = resumed
+            global_, strategy_state, meta = resumed
+            self.strategy.load_state_dict(strategy_state)
             self._resume(global_, meta)
         else:
             self._select(0, alive, spec)
             plans = self._plan(alive, spec, 0)[0].plans
             global_ = self.mode.initial(spec, plans, cfg.seed)
-            self.rundir.save_state(global_, self._bookkeeping())
+            self.rundir.save_state(global_, self._bookkeeping(), self.strategy.state_dict())
         self.state.set_global(global_)
         self.rundir.write_config(self.config.model_dump(mode="json"))
         if resumed is None and self.config.evaluation.initial:
@@ -162,7 +163,7 @@ class Orchestrator:
         self.registry.restore(profiles)
         return True
 
-    def _resume(self, global_: GlobalAdapter, meta: Mapping[str, Any]) -> None:
+    def _resume(self, global_: GlobalState, meta: Mapping[str, Any]) -> None:
         """Continue after the last complete round: its global, mask, cost corrections and results."""
         if "spec" in meta:
             _, _, self.mask, self.mask_scores, self.corrections = from_snapshot(meta)
@@ -172,12 +173,13 @@ class Orchestrator:
         if self.mask is not None:
             self.metrics.mask_size.set(len(self.mask))
         log.info(
-            "resuming run %s after round %d from %s (global sha256 %s, %d matrices in the mask)",
+            "resuming run %s after round %d from %s (global sha256 %s, %s, %s in the mask)",
             self.run_id,
             global_.round,
             self.config.run.run_dir,
             meta.get("global_sha256", "?"),
-            len(self.mask) if self.mask is not None else len(global_.lora),
+            self.mode.describe(global_),
+            f"{len(self.mask)} matrices" if self.mask is not None else "every candidate",
         )
 
     def stop(self) -> None:
@@ -288,7 +290,7 @@ class Orchestrator:
         new_global, agg_metrics, agg_seconds = aggregated
         self._refit(inbox, planned.predictions)
         report = _round_report(inbox, weights, planned.predictions)
-        self.rundir.save_round(new_global, plans, report, self._bookkeeping())
+        self.rundir.save_round(new_global, plans, report, self._bookkeeping(), self.strategy.state_dict())
         self.state.set_global(new_global)
         seconds = self.state.clock() - start
         self.metrics.round_duration.observe(seconds)
@@ -359,7 +361,7 @@ class Orchestrator:
         self,
         admitted: Admitted,
         plan: TrainPlan,
-        global_: GlobalAdapter,
+        global_: GlobalState,
         bounds: Mapping[str, float],
         total_bound: float,
     ) -> Admitted:
@@ -374,8 +376,7 @@ class Orchestrator:
             scale = total_bound / total
             factors = {name: f * scale for name, f in factors.items()}
             norms = {name: v * scale for name, v in norms.items()}
-        sent = self.mode.broadcast(global_, plan, self.spec)
-        tensors = self.mode.scale_change(admitted.update.tensors, sent, factors)
+        tensors = self.mode.scale_change(admitted.update.tensors, global_, plan, self.spec, factors)
         return replace(
             admitted,
             update=replace(admitted.update, tensors=tensors),
@@ -405,27 +406,27 @@ class Orchestrator:
 
     def _aggregate(
         self,
-        global_: GlobalAdapter,
+        global_: GlobalState,
         inbox: Mapping[str, Admitted],
         weights: Mapping[str, float],
         plans: Mapping[str, TrainPlan],
         round_: int,
-    ) -> tuple[GlobalAdapter, dict[str, float], float] | str:
+    ) -> tuple[GlobalState, dict[str, float], float] | str:
         """The round's new global from its accepted updates and their weights; the reason as a string when the
         result would leave the finite range or updates.max_abs_value (then nothing is published)."""
         start = time.perf_counter()
+        contributions = [
+            Contribution(agent, weights[agent], admitted.update.tensors, plans[agent])
+            for agent, admitted in sorted(inbox.items())
+        ]
         try:
-            folded = [
-                self.mode.fold(agent, weights[agent], a.update.tensors, plans[agent])
-                for agent, a in sorted(inbox.items())
-            ]
-            new_global, metrics = self.strategy(global_, folded)
+            new_global, metrics = self.mode.aggregate(global_, contributions, self.strategy, round_)
             self.mode.check_global(new_global, self.config.updates.max_abs_value)
         except (InvalidArgument, ArithmeticError) as err:
             return str(err)
         seconds = time.perf_counter() - start
         self.metrics.aggregation_duration.observe(seconds)
-        return replace(new_global, round=round_), metrics, seconds
+        return new_global, metrics, seconds
 
     def _plan_metrics(self, planned: PlanSet, spec: ModelSpec) -> None:
         for agent, prediction in planned.predictions.items():
@@ -437,7 +438,7 @@ class Orchestrator:
             self.metrics.plan_rank.labels(agent).set(max(plan.rank_pattern.values()))
             self.metrics.plan_batch.labels(agent).set(plan.batch_size)
             self.metrics.plan_bits.labels(agent).set(plan.quantization.bits)
-            self.metrics.plan_trainable.labels(agent).set(lora_parameter_count(plan.rank_pattern, spec))
+            self.metrics.plan_trainable.labels(agent).set(self.mode.trainable_parameters(plan, spec))
 
     def _plan(
         self, alive: Mapping[str, AgentRecord], spec: ModelSpec, round_: int
@@ -481,7 +482,7 @@ class Orchestrator:
         """Abort before a round whose planned updates could never be accepted."""
         limit = self.config.server.max_upload_bytes
         for agent, plan in plans.items():
-            size = sum(info.nbytes for info in self.mode.expected(plan, spec))
+            size = self.mode.planned_bytes(plan, spec)
             if size > limit:
                 raise RunAborted(f"{agent}'s planned update is {size} bytes, over server.max_upload_bytes {limit}")
 

@@ -13,8 +13,7 @@ import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
-from common.adapters import GlobalAdapter
-from common.types import AdapterUpdate, Evaluation, ImportanceReport, ProbePlan, TrainPlan
+from common.types import AdapterUpdate, Evaluation, GlobalState, ImportanceReport, ProbePlan, TrainPlan
 
 POLL_S = 1.0  # how often waits re-check liveness
 
@@ -51,7 +50,7 @@ class RoundState:
     stopping: threading.Event = field(default_factory=threading.Event)
     phase: Phase = Phase.REGISTERING
     round: int = 0
-    global_: GlobalAdapter | None = None
+    global_: GlobalState | None = None
     plans: dict[str, TrainPlan] = field(default_factory=dict)  # the open training round's plans
     allowed: dict[str, int] = field(default_factory=dict)  # most samples each planned update may claim
     inbox: dict[str, Admitted] = field(default_factory=dict)  # accepted updates of the open round
@@ -67,8 +66,8 @@ class RoundState:
     importance: dict[str, ImportanceReport] = field(default_factory=dict)
     finished_seen: set[str] = field(default_factory=set)
     notices: dict[str, str] = field(default_factory=dict)  # agent -> what it is told with its WAITs this round
-    # the broadcast of each (global round, plan) as the transport encoded it, and its tensor bytes
-    downloads: dict[tuple[int, str], tuple[object, int]] = field(default_factory=dict)
+    # each download of (global round, plan, what the agent holds) as the transport encoded it, and its bytes
+    downloads: dict[tuple[int, str, str], tuple[object, int]] = field(default_factory=dict)
 
     def notify(self) -> None:
         """Wake every waiter (call with cond held)."""
@@ -117,7 +116,7 @@ class RoundState:
             self.phase = Phase.AGGREGATING
             return dict(self.eval_reports)
 
-    def set_global(self, global_: GlobalAdapter) -> None:
+    def set_global(self, global_: GlobalState) -> None:
         """Publish a new global (downloads from now on get it; encoded copies of the old one are dropped)."""
         with self.cond:
             self.global_ = global_

@@ -16,23 +16,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from common.adapters import GlobalAdapter, LoraPair, global_digest, global_to_peft
-from common.data import SEQ_CLS
 from common.errors import ConfigError
-from common.modeling import write_adapter_config
 from common.types import (
     CalibrationPoint,
     DeviceProfile,
     Evaluation,
+    GlobalState,
     ModelSpec,
     ModuleShape,
     Quantization,
@@ -40,7 +39,12 @@ from common.types import (
     TrainPlan,
 )
 
+if TYPE_CHECKING:
+    from coordinator.modes import Mode
+
 STATE_FILE = "state.json"
+STATE_PREFIX = "global::"  # the mode's tensors in global-NNNN.safetensors
+STRATEGY_PREFIX = "strategy::"  # the strategy's state beside them
 AGENTS_FILE = "agents.json"  # what the planner saw last: profiles, spec, mask, scores, corrections
 LEGACY_GLOBAL_FILE = "global.safetensors"  # state written before the file was named by its round
 
@@ -85,24 +89,14 @@ def plan_record(plan: TrainPlan) -> dict[str, Any]:
     return record
 
 
-def write_adapter(
-    directory: Path,
-    global_: GlobalAdapter,
-    alpha: float,
-    base_path: str,
-    modules_to_save: tuple[str, ...],
-    task: str = SEQ_CLS,
-) -> None:
-    """A peft adapter directory (adapter_config.json + adapter_model.safetensors), written atomically."""
+@contextmanager
+def atomic_dir(directory: Path) -> Iterator[Path]:
+    """A scratch folder beside directory to write into; on leaving it, every file is fsynced and the folder
+    renamed into directory's place (a crash leaves the old one or the new one, never half)."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(
-        global_to_peft(global_, alpha),
-        str(tmp / "adapter_model.safetensors"),
-        metadata={"format": "pt", "fedpipe_round": str(global_.round)},
-    )
-    write_adapter_config(tmp, base_path, global_.ranks(), alpha, modules_to_save, task)
+    yield tmp
     for name in os.listdir(tmp):
         with (tmp / name).open("rb") as handle:
             os.fsync(handle.fileno())
@@ -112,16 +106,12 @@ def write_adapter(
 
 
 class RunDir:
-    """One run's directory (see the module docstring); the global adapter is written bit-exact for resume."""
+    """One run's directory (see the module docstring); the mode says what its global looks like on disk."""
 
-    def __init__(
-        self, run_dir: Path, base_path: str, alpha: float, spec: ModelSpec, modules_to_save: tuple[str, ...]
-    ) -> None:
+    def __init__(self, run_dir: Path, spec: ModelSpec, mode: Mode) -> None:
         self.run_dir = run_dir
-        self.base_path = base_path
-        self.alpha = alpha
         self.spec = spec
-        self.modules_to_save = modules_to_save
+        self.mode = mode
         (run_dir / "rounds").mkdir(parents=True, exist_ok=True)
         (run_dir / "state").mkdir(parents=True, exist_ok=True)
 
@@ -131,53 +121,57 @@ class RunDir:
 
     def save_round(
         self,
-        global_: GlobalAdapter,
+        global_: GlobalState,
         plans: Mapping[str, TrainPlan],
         report: Mapping[str, Any],
         extra: Mapping[str, Any] | None = None,
+        strategy_state: Mapping[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Persist a round: peft adapter and plans for humans and peft, folded state for resume."""
+        """Persist a round: the mode's artefact and plans for people and tools, the global for resume."""
         directory = self.round_dir(global_.round)
-        write_adapter(directory, global_, self.alpha, self.base_path, self.modules_to_save, self.spec.task)
+        self.mode.write_artifact(directory, global_)
         write_json(
             directory / "plans.json",
             {agent: {"plan": plan_record(plan), **dict(report.get(agent, {}))} for agent, plan in plans.items()},
         )
-        self.save_state(global_, extra)
+        self.save_state(global_, extra, strategy_state)
         return directory
 
-    def save_state(self, global_: GlobalAdapter, extra: Mapping[str, Any] | None = None) -> str:
-        """Persist what a restart needs: the folded global (bit-exact) and the run's bookkeeping.
+    def save_state(
+        self,
+        global_: GlobalState,
+        extra: Mapping[str, Any] | None = None,
+        strategy_state: Mapping[str, torch.Tensor] | None = None,
+    ) -> str:
+        """Persist what a restart needs: the global (bit-exact), the strategy's state and the run's bookkeeping.
 
         The tensors go to global-NNNN.safetensors first; state.json, renamed into place last, is the commit
         point that names them with their digest, so a crash at any moment leaves one consistent state.
         Returns the global's digest.
         """
         state_dir = self.run_dir / "state"
-        tensors: dict[str, torch.Tensor] = {}
-        for module, pair in global_.lora.items():
-            tensors[f"lora::{module}::a"] = pair.a.contiguous()
-            tensors[f"lora::{module}::b"] = pair.b.contiguous()
-        for name, value in global_.heads.items():
-            tensors[f"head::{name}"] = value.contiguous()
+        tensors = {f"{STATE_PREFIX}{k}": v.contiguous() for k, v in self.mode.state_tensors(global_).items()}
+        tensors.update({f"{STRATEGY_PREFIX}{k}": v.contiguous() for k, v in (strategy_state or {}).items()})
         name = f"global-{global_.round:04d}.safetensors"
         tmp = state_dir / (name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"round": str(global_.round)})
+        save_file(tensors, str(tmp), metadata={"round": str(global_.round), "mode": self.mode.name})
         with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, state_dir / name)
-        digest = global_digest(global_)
+        digest = self.mode.digest(global_)
         record = {**dict(extra or {}), "round": global_.round, "fingerprint": self.spec.fingerprint}
+        record["mode"] = self.mode.name
         write_json(state_dir / STATE_FILE, {**record, "global_file": name, "global_sha256": digest})
         for old in state_dir.glob("global*.safetensors"):
             if old.name != name:
                 old.unlink()  # superseded once the new state.json is durable
         return digest
 
-    def load_state(self) -> tuple[GlobalAdapter, dict[str, Any]] | None:
-        """The last committed global adapter and bookkeeping, or None for a fresh run directory.
+    def load_state(self) -> tuple[GlobalState, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The last committed global, the strategy's state and the bookkeeping, or None for a fresh run directory.
 
-        Refuses (ConfigError) a state of another base model or whose tensors do not match their digest.
+        Refuses (ConfigError) a state of another base model or mode, whose tensors do not match their digest,
+        or that holds non-finite values.
         """
         state_dir = self.run_dir / "state"
         if not (state_dir / STATE_FILE).is_file():
@@ -188,29 +182,30 @@ class RunDir:
                 f"run.run_dir: {self.run_dir} holds a run of base model {meta.get('fingerprint')}, "
                 f"the agents run {self.spec.fingerprint}; use another run directory"
             )
-        tensors = load_file(str(state_dir / meta.get("global_file", LEGACY_GLOBAL_FILE)))
-        lora: dict[str, LoraPair] = {}
-        heads: dict[str, torch.Tensor] = {}
-        for key in sorted(tensors):
-            kind, _, rest = key.partition("::")
-            if kind == "head":
-                heads[rest] = tensors[key]
-            elif rest.endswith("::a"):
-                module = rest[: -len("::a")]
-                lora[module] = LoraPair(a=tensors[key], b=tensors[f"lora::{module}::b"])
-        global_ = GlobalAdapter(round=int(meta["round"]), lora=lora, heads=heads)
-        expected = meta.get("global_sha256")
-        if expected is not None and global_digest(global_) != expected:
-            raise ConfigError(f"run.run_dir: {state_dir} is corrupt: the global adapter does not match its sha256")
-        for name, tensor in tensors.items():
+        if meta.get("mode", "lora") != self.mode.name:
+            raise ConfigError(
+                f"run.run_dir: {self.run_dir} holds a {meta.get('mode', 'lora')} run, this one trains "
+                f"{self.mode.name}; use another run directory"
+            )
+        stored = load_file(str(state_dir / meta.get("global_file", LEGACY_GLOBAL_FILE)))
+        for name, tensor in stored.items():
             if not bool(torch.isfinite(tensor).all()):  # written before the finiteness guard existed
                 raise ConfigError(f"run.run_dir: {state_dir} holds a non-finite global ({name}); resume from another")
-        return global_, meta
+        if any(key.startswith(STATE_PREFIX) for key in stored):
+            mine = {k[len(STATE_PREFIX) :]: v for k, v in stored.items() if k.startswith(STATE_PREFIX)}
+        else:  # written before the strategy's state was saved beside the global
+            mine = {k: v for k, v in stored.items() if not k.startswith(STRATEGY_PREFIX)}
+        strategy = {k[len(STRATEGY_PREFIX) :]: v for k, v in stored.items() if k.startswith(STRATEGY_PREFIX)}
+        global_ = self.mode.from_state(int(meta["round"]), mine)
+        expected = meta.get("global_sha256")
+        if expected is not None and self.mode.digest(global_) != expected:
+            raise ConfigError(f"run.run_dir: {state_dir} is corrupt: the global does not match its sha256")
+        return global_, strategy, meta
 
-    def finalize(self, global_: GlobalAdapter, summary: Mapping[str, Any]) -> Path:
-        """final/ holds the last global adapter in peft format; summary.json the run's figures."""
+    def finalize(self, global_: GlobalState, summary: Mapping[str, Any]) -> Path:
+        """final/ holds the last global's artefact; summary.json the run's figures."""
         final = self.run_dir / "final"
-        write_adapter(final, global_, self.alpha, self.base_path, self.modules_to_save, self.spec.task)
+        self.mode.write_artifact(final, global_)
         write_json(self.run_dir / "summary.json", summary)
         return final
 

@@ -1,1 +1,117 @@
-"""Training modes: what an agent trains, which tensors travel, and how the coordinator checks and combines them."""
+"""Training modes: what an agent trains, which tensors an upload carries and how they are checked,
+aggregated, broadcast, checkpointed, evaluated and exported. Everything outside a mode asks the mode; nothing
+tests which mode it is (ARCHITECTURE.md, 16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from common.types import GlobalState, ModelSpec, TensorInfo, TrainPlan
+
+if TYPE_CHECKING:
+    from coordinator.strategy import Strategy
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One admitted update as the aggregation sees it: whose, its weight, its tensors and its plan."""
+
+    agent_id: str
+    weight: float
+    tensors: Mapping[str, torch.Tensor]
+    plan: TrainPlan
+
+
+class Mode(Protocol):
+    """The seam one training mode fills (LoraMode, FerretMode)."""
+
+    name: str
+
+    def initial(self, spec: ModelSpec, plans: Mapping[str, TrainPlan], seed: int) -> GlobalState:
+        """The round-0 global for these plans."""
+        ...
+
+    def extend(self, global_: GlobalState, plans: Mapping[str, TrainPlan], spec: ModelSpec) -> GlobalState:
+        """The global with whatever the round's plans train that it still lacks (unchanged otherwise)."""
+        ...
+
+    def planned_bytes(self, plan: TrainPlan, spec: ModelSpec) -> int:
+        """The most bytes an upload for this plan may carry."""
+        ...
+
+    def check_declared(self, infos: Sequence[TensorInfo], plan: TrainPlan, spec: ModelSpec) -> None:
+        """An upload header declares exactly what the plan allows (InvalidArgument naming what is off)."""
+        ...
+
+    def check_values(self, tensors: Mapping[str, torch.Tensor], bound: float) -> None:
+        """Every value finite and within bound (0: finiteness only)."""
+        ...
+
+    def download(
+        self, global_: GlobalState, plan: TrainPlan, spec: ModelSpec, have_digest: str = ""
+    ) -> dict[str, torch.Tensor]:
+        """What an agent with this plan downloads (have_digest: the state it says it holds)."""
+        ...
+
+    def change_norms(
+        self, tensors: Mapping[str, torch.Tensor], global_: GlobalState, plan: TrainPlan, spec: ModelSpec
+    ) -> dict[str, float]:
+        """Per uploaded tensor, the norm of the change it makes to what the agent was sent."""
+        ...
+
+    def scale_change(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        global_: GlobalState,
+        plan: TrainPlan,
+        spec: ModelSpec,
+        factor: float | Mapping[str, float],
+    ) -> dict[str, torch.Tensor]:
+        """The upload with its change scaled by factor (one, or one per tensor): clipping."""
+        ...
+
+    def aggregate(
+        self, global_: GlobalState, contributions: Sequence[Contribution], strategy: Strategy, round_: int
+    ) -> tuple[GlobalState, dict[str, float]]:
+        """The round's new global (numbered round_) and figures for the log; InvalidArgument when a step left
+        the finite range."""
+        ...
+
+    def check_global(self, global_: GlobalState, bound: float) -> None:
+        """A global about to be published: every value finite and within bound (InvalidArgument otherwise)."""
+        ...
+
+    def state_tensors(self, global_: GlobalState) -> dict[str, torch.Tensor]:
+        """The global as named tensors, bit-exact, for the checkpoint."""
+        ...
+
+    def from_state(self, round_: int, tensors: Mapping[str, torch.Tensor]) -> GlobalState:
+        """Inverse of state_tensors."""
+        ...
+
+    def digest(self, global_: GlobalState) -> str:
+        """sha256 of the global's tensors (and round)."""
+        ...
+
+    def write_artifact(self, directory: Path, global_: GlobalState) -> None:
+        """What a round leaves for people and tools (LoRA: a peft adapter directory), written atomically."""
+        ...
+
+    def trainable_parameters(self, plan: TrainPlan, spec: ModelSpec) -> int:
+        """Parameters an agent trains under this plan (for metrics)."""
+        ...
+
+    def describe(self, global_: GlobalState) -> str:
+        """A few words on the global's size, for log lines."""
+        ...
+
+    def evaluation_model(self, holder: Any, global_: GlobalState, template: TrainPlan, spec: ModelSpec) -> Any:
+        """A model ready to evaluate the global, built on holder.base (the full-precision base the held-out
+        evaluator loaded once; holder.cache keeps what the mode builds around it across rounds)."""
+        ...

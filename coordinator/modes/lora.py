@@ -1,85 +1,209 @@
 """The LoRA training mode: agents train low-rank adapters (rank padding across agents) and heads in full.
 
-Everything the coordinator does that depends on what an upload holds goes through this object: the tensors
-a plan asks for, their checks, the change norm, the global's broadcast to one plan, and folding an upload
-for the aggregation strategy (common.adapters holds the arithmetic).
+The coordinator keeps the global folded (alpha / r in B, common.adapters), sends each agent the global
+truncated to its ranks, checks an upload against the exact tensors its plan asks for, folds it for the
+strategy, and writes each round's global as a peft adapter directory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 
 from common.adapters import (
-    FoldedUpdate,
     GlobalAdapter,
+    LoraPair,
     broadcast_tensors,
     change_norms,
-    check_tensors,
     check_values,
     expected_tensors,
     fold_update,
+    global_digest,
+    global_to_peft,
+    head_modules,
     init_global,
+    lora_parameter_count,
     scale_change,
     with_modules,
 )
-from common.types import ModelSpec, TensorInfo, TrainPlan
+from common.errors import InvalidArgument
+from common.types import GlobalState, ModelSpec, TensorInfo, TrainPlan
+from coordinator.modes import Contribution
+from coordinator.rundir import atomic_dir
+
+if TYPE_CHECKING:
+    from coordinator.strategy import Strategy
+
+
+def write_adapter(
+    directory: Path, global_: GlobalAdapter, alpha: float, base_path: str, modules_to_save: tuple[str, ...], task: str
+) -> None:
+    """A peft adapter directory (adapter_config.json + adapter_model.safetensors), written atomically."""
+    from common.modeling import write_adapter_config
+
+    with atomic_dir(directory) as tmp:
+        save_file(
+            global_to_peft(global_, alpha),
+            str(tmp / "adapter_model.safetensors"),
+            metadata={"format": "pt", "fedpipe_round": str(global_.round)},
+        )
+        write_adapter_config(tmp, base_path, global_.ranks(), alpha, modules_to_save, task)
+
+
+def _lora(global_: GlobalState) -> GlobalAdapter:
+    if not isinstance(global_, GlobalAdapter):
+        raise TypeError(f"the LoRA mode holds a GlobalAdapter, not a {type(global_).__name__}")
+    return global_
 
 
 class LoraMode:
-    """LoRA adapters, folded (alpha / r in B) on the coordinator, truncated to each agent's ranks."""
+    """LoRA adapters, folded on the coordinator, truncated to each agent's ranks."""
 
     name = "lora"
 
-    def expected(self, plan: TrainPlan, spec: ModelSpec) -> list[TensorInfo]:
-        """The exact tensors an upload for this plan carries."""
-        return expected_tensors(plan, spec)
+    def __init__(self, spec: ModelSpec, alpha: float, base_path: str) -> None:
+        # Saved adapters unfold the folded global with the configured alpha at each module's own rank; any
+        # alpha gives the same dW, so writing them needs no plan.
+        self.spec = spec
+        self.alpha = alpha
+        self.base_path = base_path
+        self.modules_to_save = head_modules(spec)
 
-    def check(self, tensors: Mapping[str, torch.Tensor], expected: list[TensorInfo]) -> None:
-        """Names, shapes and dtypes of an upload's tensors (InvalidArgument naming the first off)."""
-        check_tensors(tensors, expected, finite=False)
+    def initial(self, spec: ModelSpec, plans: Mapping[str, TrainPlan], seed: int) -> GlobalState:
+        """Fresh pairs over the union of the plans' modules at each one's largest rank; heads N(0, 0.02)."""
+        return init_global(spec, widest(plans), seed)
+
+    def extend(self, global_: GlobalState, plans: Mapping[str, TrainPlan], spec: ModelSpec) -> GlobalState:
+        """The global plus a fresh pair (dW = 0) for every planned module it lacks."""
+        return with_modules(_lora(global_), widest(plans).rank_pattern, spec)
+
+    def planned_bytes(self, plan: TrainPlan, spec: ModelSpec) -> int:
+        """The bytes of the exact tensors the plan asks for."""
+        return sum(info.nbytes for info in expected_tensors(plan, spec))
+
+    def check_declared(self, infos: Sequence[TensorInfo], plan: TrainPlan, spec: ModelSpec) -> None:
+        """The header declares exactly the plan's tensors, with their shapes and dtypes."""
+        expected = expected_tensors(plan, spec)
+        declared = {info.name: info for info in infos}
+        for info in expected:
+            got = declared.get(info.name)
+            if got is None:
+                raise InvalidArgument("payload.tensors", f"missing {info.name}")
+            if got.shape != info.shape:
+                raise InvalidArgument(f"payload.tensors[{info.name}].shape", f"expected {info.shape}, got {got.shape}")
+            if got.dtype != info.dtype:
+                raise InvalidArgument(f"payload.tensors[{info.name}].dtype", f"expected {info.dtype}, got {got.dtype}")
+        extra = sorted(set(declared) - {info.name for info in expected})
+        if extra:
+            raise InvalidArgument("payload.tensors", f"not in the plan: {extra[:3]}")
 
     def check_values(self, tensors: Mapping[str, torch.Tensor], bound: float) -> None:
         """Every value of an upload finite and within bound (0: finiteness only)."""
         check_values(tensors, bound)
 
-    def check_global(self, global_: GlobalAdapter, bound: float) -> None:
-        """A global about to be published: every value finite and within bound (InvalidArgument otherwise)."""
-        named = {f"{m}.lora_A": p.a for m, p in global_.lora.items()}
-        named.update({f"{m}.lora_B": p.b for m, p in global_.lora.items()})
-        named.update(global_.heads)
-        check_values(named, bound, "global")
+    def download(
+        self, global_: GlobalState, plan: TrainPlan, spec: ModelSpec, have_digest: str = ""
+    ) -> dict[str, torch.Tensor]:
+        """The global as this plan loads it: truncated to its ranks, unfolded with its alpha."""
+        return broadcast_tensors(_lora(global_), plan, spec)
 
-    def broadcast(self, global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec) -> dict[str, torch.Tensor]:
-        """The global as this plan loads it."""
-        return broadcast_tensors(global_, plan, spec)
-
-    def change_norms(self, tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """Per tensor, the L2 norm of an upload's change to what it was sent."""
-        return change_norms(tensors, sent)
+    def change_norms(
+        self, tensors: Mapping[str, torch.Tensor], global_: GlobalState, plan: TrainPlan, spec: ModelSpec
+    ) -> dict[str, float]:
+        """Per tensor, the norm of the upload's change to the tensors the agent was sent."""
+        return change_norms(tensors, broadcast_tensors(_lora(global_), plan, spec))
 
     def scale_change(
-        self, tensors: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], factor: float | Mapping[str, float]
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        global_: GlobalState,
+        plan: TrainPlan,
+        spec: ModelSpec,
+        factor: float | Mapping[str, float],
     ) -> dict[str, torch.Tensor]:
-        """The upload with its change scaled by factor, one for all tensors or one per tensor (clipping)."""
-        return scale_change(tensors, sent, factor)
+        """The upload with its change to what it was sent scaled by factor (clipping)."""
+        return scale_change(tensors, broadcast_tensors(_lora(global_), plan, spec), factor)
 
-    def fold(self, agent_id: str, weight: float, tensors: Mapping[str, torch.Tensor], plan: TrainPlan) -> FoldedUpdate:
-        """An upload in the strategies' folded convention, with its aggregation weight; InvalidArgument when
-        folding (alpha / r into B) left the finite range."""
-        folded = fold_update(agent_id, weight, tensors, plan)
-        check_values({f"{m}.lora_B": pair.b for m, pair in folded.lora.items()}, 0.0, f"{agent_id}'s folded update")
-        return folded
+    def aggregate(
+        self, global_: GlobalState, contributions: Sequence[Contribution], strategy: Strategy, round_: int
+    ) -> tuple[GlobalState, dict[str, float]]:
+        """Fold every upload (alpha / r into B, checked finite) and let the strategy combine the pairs."""
+        folded = []
+        for c in contributions:
+            update = fold_update(c.agent_id, c.weight, c.tensors, c.plan)
+            check_values({f"{m}.lora_B": p.b for m, p in update.lora.items()}, 0.0, f"{c.agent_id}'s folded update")
+            folded.append(update)
+        new_global, metrics = strategy(_lora(global_), folded)
+        return replace(new_global, round=round_), metrics
 
-    def initial(self, spec: ModelSpec, plans: Mapping[str, TrainPlan], seed: int) -> GlobalAdapter:
-        """The round-0 global over the union of the plans' modules at each one's largest rank."""
-        return init_global(spec, widest(plans), seed)
+    def check_global(self, global_: GlobalState, bound: float) -> None:
+        """A global about to be published: every value finite and within bound."""
+        lora = _lora(global_)
+        named = {f"{m}.lora_A": p.a for m, p in lora.lora.items()}
+        named.update({f"{m}.lora_B": p.b for m, p in lora.lora.items()})
+        named.update(lora.heads)
+        check_values(named, bound, "global")
 
-    def extend(self, global_: GlobalAdapter, plans: Mapping[str, TrainPlan], spec: ModelSpec) -> GlobalAdapter:
-        """The global plus a fresh pair (dW = 0) for every planned module it lacks."""
-        return with_modules(global_, widest(plans).rank_pattern, spec)
+    def state_tensors(self, global_: GlobalState) -> dict[str, torch.Tensor]:
+        """lora::<module>::a / ::b and head::<name>."""
+        lora = _lora(global_)
+        tensors: dict[str, torch.Tensor] = {}
+        for module, pair in lora.lora.items():
+            tensors[f"lora::{module}::a"] = pair.a
+            tensors[f"lora::{module}::b"] = pair.b
+        tensors.update({f"head::{name}": value for name, value in lora.heads.items()})
+        return tensors
+
+    def from_state(self, round_: int, tensors: Mapping[str, torch.Tensor]) -> GlobalState:
+        """Inverse of state_tensors."""
+        lora: dict[str, LoraPair] = {}
+        heads: dict[str, torch.Tensor] = {}
+        for key in sorted(tensors):
+            kind, _, rest = key.partition("::")
+            if kind == "head":
+                heads[rest] = tensors[key]
+            elif rest.endswith("::a"):
+                module = rest[: -len("::a")]
+                lora[module] = LoraPair(a=tensors[key], b=tensors[f"lora::{module}::b"])
+        return GlobalAdapter(round=round_, lora=lora, heads=heads)
+
+    def digest(self, global_: GlobalState) -> str:
+        """sha256 over the round and every tensor."""
+        return global_digest(_lora(global_))
+
+    def write_artifact(self, directory: Path, global_: GlobalState) -> None:
+        """The global as a peft adapter directory at each module's global rank."""
+        write_adapter(directory, _lora(global_), self.alpha, self.base_path, self.modules_to_save, self.spec.task)
+
+    def trainable_parameters(self, plan: TrainPlan, spec: ModelSpec) -> int:
+        """LoRA parameters of the plan's ranks."""
+        return lora_parameter_count(plan.rank_pattern, spec)
+
+    def describe(self, global_: GlobalState) -> str:
+        """How many matrices carry an adapter."""
+        return f"{len(_lora(global_).lora)} adapted matrices"
+
+    def evaluation_model(self, holder: Any, global_: GlobalState, template: TrainPlan, spec: ModelSpec) -> Any:
+        """The base wrapped with the global adapter at its own ranks (the wrapper kept across rounds)."""
+        from common.modeling import AdaptedModel
+        from common.types import Quantization
+
+        lora = _lora(global_)
+        adapted = holder.cache.get("adapted")
+        if adapted is None:
+            adapted = holder.cache["adapted"] = AdaptedModel(holder.base, spec.task)
+        ranks = lora.ranks()
+        plan = replace(
+            template, target_modules=tuple(ranks), rank_pattern=ranks, lora_dropout=0.0, quantization=Quantization.NONE
+        )
+        adapted.ensure(plan)
+        adapted.load(broadcast_tensors(lora, plan, spec))
+        return adapted.model
 
 
 def widest(plans: Mapping[str, TrainPlan]) -> TrainPlan:

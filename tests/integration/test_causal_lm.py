@@ -18,7 +18,7 @@ from common.adapters import broadcast_tensors, fold_update, init_global
 from common.data import CAUSAL_LM, Example
 from common.modeling import AdaptedModel, load_base, load_tokenizer, model_spec, resolve_model_path
 from common.types import ModelSpec, Quantization, TrainPlan
-from coordinator.rundir import write_adapter
+from coordinator.modes.lora import write_adapter
 from coordinator.strategy import get_strategy
 from edge_agent.trainer import train_local
 

@@ -20,7 +20,8 @@ from common.adapters import GlobalAdapter, LoraPair, head_modules, init_global
 from common.modeling import model_spec, resolve_model_path
 from common.types import Quantization, TrainPlan
 from coordinator.export import main
-from coordinator.rundir import write_adapter, write_json
+from coordinator.modes.lora import write_adapter
+from coordinator.rundir import write_json
 
 pytestmark = [
     pytest.mark.integration,
@@ -82,10 +83,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     run_dir = tmp_path_factory.mktemp("export") / "run"
     (run_dir / "rounds").mkdir(parents=True)
     write_json(run_dir / "config.json", {"labels": list(LABELS), "run": {"run_dir": str(run_dir)}})
-    write_adapter(run_dir / "rounds" / "0001", trained_global(1, seed=1), ALPHA, "embedded", ("classifier",))
+    write_adapter(run_dir / "rounds" / "0001", trained_global(1, seed=1), ALPHA, "embedded", ("classifier",), "seq-cls")
     final = trained_global(3, seed=3)
-    write_adapter(run_dir / "rounds" / "0003", final, ALPHA, "embedded", ("classifier",))
-    write_adapter(run_dir / "final", final, ALPHA, "embedded", ("classifier",))
+    write_adapter(run_dir / "rounds" / "0003", final, ALPHA, "embedded", ("classifier",), "seq-cls")
+    write_adapter(run_dir / "final", final, ALPHA, "embedded", ("classifier",), "seq-cls")
     write_json(run_dir / "summary.json", {"final_round": 3})
     return Run(run_dir=run_dir, base=resolve_model_path("embedded"))
 
@@ -321,7 +322,7 @@ def test_a_base_without_the_head_the_adapter_lacks_is_refused(run: Run, tmp_path
     # Prepare
     headless = trained_global(2, seed=2)
     adapter = tmp_path / "headless"
-    write_adapter(adapter, GlobalAdapter(round=2, lora=headless.lora, heads={}), ALPHA, "embedded", ())
+    write_adapter(adapter, GlobalAdapter(round=2, lora=headless.lora, heads={}), ALPHA, "embedded", (), "seq-cls")
 
     # Execute
     proc = export(adapter, "--merge", "--out", tmp_path / "out")

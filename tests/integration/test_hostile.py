@@ -543,7 +543,7 @@ def test_unread_downloads_share_one_encoded_copy_and_are_limited(tmp_path: Path,
     print(f"HOSTILE unread 16 MiB downloads: {firsts.count('header')} open, {firsts.count('RESOURCE_EXHAUSTED')} "
           f"refused, {len(cached)} encoded copy, honest heartbeat {beat * 1e3:.1f} ms")  # fmt: skip
     assert firsts.count("header") <= 8 and firsts.count("RESOURCE_EXHAUSTED") >= FLOOD - 8, firsts[:12]
-    assert list(cached) == [(0, task.plan.plan_id)]
+    assert list(cached) == [(0, task.plan.plan_id, "")]
     assert beat < 1.0
 
 

@@ -30,6 +30,7 @@ from rig import (
     upload,
 )
 
+from common.adapters import GlobalAdapter
 from common.types import TaskKind
 from coordinator.config import RunSection, UpdatesSection
 
@@ -182,7 +183,7 @@ def test_without_quorum_the_round_is_skipped_and_a_late_upload_is_refused(
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert "round 1 is not open for uploads (open round: 2)" in details
     global_ = coordinator.orchestrator.state.global_
-    assert global_ is not None and global_.round == 0
+    assert isinstance(global_, GlobalAdapter) and global_.round == 0
     assert coordinator.orchestrator.state.round == 2 and coordinator.orchestrator.state.inbox == {}
     assert sample(coordinator, "fedpipe_rounds_failed_total", {"reason": "no_quorum"}) == 1
     assert coordinator.orchestrator.results[0].dropped == (AGENT_C,)

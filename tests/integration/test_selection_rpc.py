@@ -18,6 +18,7 @@ from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 from common import serde
+from common.adapters import GlobalAdapter
 from common.security import ServerSecurity
 from common.types import (
     DeviceProfile,
@@ -249,7 +250,7 @@ def test_reselection_adds_entering_matrices_fresh_and_keeps_leaving_ones(tmp_pat
         assert bool(received[f"{m0}.lora_A"].abs().sum() > 0)
         assert torch.equal(received[f"{m1}.lora_B"], torch.full((8, 2), 0.5))
         global_ = orchestrator.state.global_
-        assert global_ is not None and set(global_.lora) == {m0, m1, m3}
+        assert isinstance(global_, GlobalAdapter) and set(global_.lora) == {m0, m1, m3}
         assert torch.equal(global_.lora[m3].b, torch.full((8, 2), 0.5 * 4.0 / 2))  # folded alpha / r
         upload(stub, "a", 2, second.plan.plan_id, received)
         started.thread.join(timeout=10)  # the run ends by itself after round 2

@@ -54,7 +54,7 @@ from rig import (
 from safetensors.torch import load_file
 
 from common import serde
-from common.adapters import to_peft_key
+from common.adapters import GlobalAdapter, to_peft_key
 from common.types import TaskKind
 from coordinator.orchestrator import Orchestrator, RunAborted
 from coordinator.servicer import REJECT_REASONS
@@ -111,7 +111,7 @@ def open_round(coordinator: Coordinator) -> OpenRound:
 def global_digest(orchestrator: Orchestrator) -> str:
     """sha256 over the round and every global tensor's bytes, in sorted name order."""
     global_ = orchestrator.state.global_
-    assert global_ is not None
+    assert isinstance(global_, GlobalAdapter)
     named: dict[str, torch.Tensor] = dict(global_.heads)
     for module, pair in global_.lora.items():
         named[f"{module}::a"], named[f"{module}::b"] = pair.a, pair.b
@@ -142,7 +142,7 @@ def rejected(orchestrator: Orchestrator, code: grpc.StatusCode) -> float:
 def assert_aggregated(orchestrator: Orchestrator, a: Upload, b: Upload) -> None:
     """The round-1 global is the sample-weighted mean of exactly these two updates (B folded by alpha / r)."""
     global_ = orchestrator.state.global_
-    assert global_ is not None and global_.round == 1
+    assert isinstance(global_, GlobalAdapter) and global_.round == 1
     wa, wb = a.meta.samples, b.meta.samples
     torch.testing.assert_close(global_.heads[HEAD_W], weighted_mean((a.tensors[HEAD_W], wa), (b.tensors[HEAD_W], wb)))
     torch.testing.assert_close(global_.lora[QUERY].a, weighted_mean((a.tensors[Q_A], wa), (b.tensors[Q_A], wb)))
@@ -156,7 +156,7 @@ def assert_aggregated(orchestrator: Orchestrator, a: Upload, b: Upload) -> None:
 def test_download_is_a_verified_chunked_copy_of_the_global(open_round: OpenRound) -> None:
     # Prepare
     global_ = open_round.coordinator.orchestrator.state.global_
-    assert global_ is not None and global_.round == 0
+    assert isinstance(global_, GlobalAdapter) and global_.round == 0
 
     # Execute: the fixture downloaded through the real server
     a = open_round.a

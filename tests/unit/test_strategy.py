@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from common.adapters import FoldedUpdate, GlobalAdapter, LoraPair, fold_update
 from common.errors import ConfigError
 from common.types import Quantization, TrainPlan
-from coordinator.strategy import NAMES, Strategy, get_strategy
+from coordinator.strategy import NAMES, LoraAggregate, get_strategy
 from coordinator.strategy.fedavg import aggregate as fedavg
 from coordinator.strategy.rank_padding import aggregate as rank_padding
 from coordinator.strategy.weighted import average_heads, total_weight, update_norm, weighted_mean
@@ -413,7 +413,7 @@ def test_delta_norm_counts_lora_and_head_changes() -> None:
 
 
 @pytest.mark.parametrize("strategy", [rank_padding, fedavg], ids=["rank-padding", "fedavg"])
-def test_no_updates_raise(strategy: Strategy) -> None:
+def test_no_updates_raise(strategy: LoraAggregate) -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match="no updates"):
         strategy(global_adapter({M: pair(2, 1)}), [])
@@ -421,7 +421,7 @@ def test_no_updates_raise(strategy: Strategy) -> None:
 
 @pytest.mark.parametrize("strategy", [rank_padding, fedavg], ids=["rank-padding", "fedavg"])
 @pytest.mark.parametrize("weights", [[0.0], [0.0, 0.0], [float("nan"), 1.0]])
-def test_zero_total_weight_raises(strategy: Strategy, weights: list[float]) -> None:
+def test_zero_total_weight_raises(strategy: LoraAggregate, weights: list[float]) -> None:
     # Prepare
     updates = [update(f"a{i}", w, {M: pair(2, i)}) for i, w in enumerate(weights)]
 
@@ -431,7 +431,7 @@ def test_zero_total_weight_raises(strategy: Strategy, weights: list[float]) -> N
 
 
 @pytest.mark.parametrize("strategy", [rank_padding, fedavg], ids=["rank-padding", "fedavg"])
-def test_negative_weight_raises(strategy: Strategy) -> None:
+def test_negative_weight_raises(strategy: LoraAggregate) -> None:
     # Prepare
     updates = [update("a", 5.0, {M: pair(2, 1)}), update("b", -1.0, {M: pair(2, 2)})]
 
@@ -537,13 +537,13 @@ def test_update_norm_over_common_names_with_equal_shapes() -> None:
 
 
 @pytest.mark.parametrize(("name", "function"), [("rank-padding", rank_padding), ("fedavg", fedavg)])
-def test_get_strategy_returns_registered_function(name: str, function: Strategy) -> None:
+def test_get_strategy_returns_registered_function(name: str, function: LoraAggregate) -> None:
     # Execute
     strategy = get_strategy(name)
 
     # Assert
-    assert strategy is function
-    assert name in NAMES
+    assert strategy.aggregate is function and strategy.name == name
+    assert name in NAMES and strategy.state_dict() == {}
 
 
 @pytest.mark.parametrize("name", ["", "FedAvg", "flexlora", "rank_padding"])

@@ -326,6 +326,12 @@ class TrainPlan(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _builtins.int
     DEADLINE_S_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    DIRECTIONS_FIELD_NUMBER: _builtins.int
+    BASIS_FIELD_NUMBER: _builtins.int
+    SHARED_SEED_FIELD_NUMBER: _builtins.int
+    GLOBAL_DIGEST_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     lora_alpha: _builtins.float
     lora_dropout: _builtins.float
@@ -340,6 +346,18 @@ class TrainPlan(_message.Message):
     deadline_s: _builtins.float
     """seconds from task start to upload"""
     seed: _builtins.int
+    mode: _builtins.str
+    """training mode: "lora" (also when empty) or "ferret" """
+    optimizer: _builtins.str
+    """"adamw" (also when empty) or "sgd" """
+    directions: _builtins.int
+    """ferret: the round's budget of projection directions"""
+    basis: _builtins.str
+    """ferret: "gaussian" or "rademacher" directions"""
+    shared_seed: _builtins.int
+    """ferret: the run seed every side derives the directions from"""
+    global_digest: _builtins.str
+    """ferret: sha256 of the weights the agent must hold to train"""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the mask: full module names that get LoRA"""
@@ -370,10 +388,16 @@ class TrainPlan(_message.Message):
         max_seq_len: _builtins.int = ...,
         deadline_s: _builtins.float = ...,
         seed: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        optimizer: _builtins.str = ...,
+        directions: _builtins.int = ...,
+        basis: _builtins.str = ...,
+        shared_seed: _builtins.int = ...,
+        global_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "deadline_s", b"deadline_s", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "modules_to_save", b"modules_to_save", "plan_id", b"plan_id", "quantization", b"quantization", "rank_pattern", b"rank_pattern", "seed", b"seed", "target_modules", b"target_modules", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "batch_size", b"batch_size", "deadline_s", b"deadline_s", "directions", b"directions", "global_digest", b"global_digest", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "mode", b"mode", "modules_to_save", b"modules_to_save", "optimizer", b"optimizer", "plan_id", b"plan_id", "quantization", b"quantization", "rank_pattern", b"rank_pattern", "seed", b"seed", "shared_seed", b"shared_seed", "target_modules", b"target_modules", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -606,19 +630,23 @@ class DownloadGlobalRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     GLOBAL_ROUND_FIELD_NUMBER: _builtins.int
     PLAN_ID_FIELD_NUMBER: _builtins.int
+    HAVE_DIGEST_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     global_round: _builtins.int
     plan_id: _builtins.str
+    have_digest: _builtins.str
+    """ferret: sha256 of the weights the agent holds ("" = none): it gets the last"""
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         global_round: _builtins.int = ...,
         plan_id: _builtins.str = ...,
+        have_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "global_round", b"global_round", "plan_id", b"plan_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "global_round", b"global_round", "have_digest", b"have_digest", "plan_id", b"plan_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -720,6 +748,8 @@ class UpdateHeader(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _builtins.int
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
+    BASE_DIGEST_FIELD_NUMBER: _builtins.int
+    PROJECTION_SECONDS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     round: _builtins.int
     plan_id: _builtins.str
@@ -729,6 +759,10 @@ class UpdateHeader(_message.Message):
     train_seconds: _builtins.float
     train_loss: _builtins.float
     peak_memory_bytes: _builtins.int
+    base_digest: _builtins.str
+    """ferret: sha256 of the weights the agent trained from"""
+    projection_seconds: _builtins.float
+    """ferret: seconds spent projecting the update onto the directions"""
     @_builtins.property
     def payload(self) -> Global___PayloadHeader: ...
     def __init__(
@@ -743,10 +777,12 @@ class UpdateHeader(_message.Message):
         train_loss: _builtins.float = ...,
         peak_memory_bytes: _builtins.int = ...,
         payload: Global___PayloadHeader | None = ...,
+        base_digest: _builtins.str = ...,
+        projection_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "payload", b"payload", "peak_memory_bytes", b"peak_memory_bytes", "plan_id", b"plan_id", "round", b"round", "samples", b"samples", "steps", b"steps", "train_loss", b"train_loss", "train_seconds", b"train_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "base_digest", b"base_digest", "payload", b"payload", "peak_memory_bytes", b"peak_memory_bytes", "plan_id", b"plan_id", "projection_seconds", b"projection_seconds", "round", b"round", "samples", b"samples", "steps", b"steps", "train_loss", b"train_loss", "train_seconds", b"train_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
