@@ -182,8 +182,13 @@ def init_global(spec: ModelSpec, plan: TrainPlan, seed: int) -> GlobalAdapter:
         shape = spec.candidate(module)
         generator = named_generator(seed, module)
         lora[module] = fresh_pair(shape.in_features, shape.out_features, plan.rank_pattern[module], generator)
+    return GlobalAdapter(round=0, lora=lora, heads=init_heads(spec, plan.modules_to_save, seed))
+
+
+def init_heads(spec: ModelSpec, modules_to_save: Iterable[str], seed: int) -> dict[str, torch.Tensor]:
+    """Round-0 heads of the saved head modules: weights N(0, 0.02) from their own generator, biases zero."""
     heads: dict[str, torch.Tensor] = {}
-    saved = set(plan.modules_to_save)
+    saved = set(modules_to_save)
     for name, head_shape in spec.heads:
         if name.rsplit(".", 1)[0] not in saved:
             continue
@@ -191,7 +196,7 @@ def init_global(spec: ModelSpec, plan: TrainPlan, seed: int) -> GlobalAdapter:
             heads[name] = torch.randn(*head_shape, generator=named_generator(seed, name)) * HEAD_INIT_STD
         else:
             heads[name] = torch.zeros(*head_shape)
-    return GlobalAdapter(round=0, lora=lora, heads=heads)
+    return heads
 
 
 def named_generator(seed: int, name: str) -> torch.Generator:

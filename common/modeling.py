@@ -275,9 +275,15 @@ def load_tokenizer(path: str) -> Any:
 
 
 def load_base(
-    path: str, labels: Sequence[str], quantization: Quantization, device: torch.device, task: str = SEQ_CLS
+    path: str,
+    labels: Sequence[str],
+    quantization: Quantization,
+    device: torch.device,
+    task: str = SEQ_CLS,
+    full_precision: Sequence[str] = (),
 ) -> nn.Module:
-    """The frozen base at the planned precision; heads stay unquantized (bitsandbytes cannot init them)."""
+    """The frozen base at the planned precision; heads stay unquantized (bitsandbytes cannot init them), and
+    so do the modules named in full_precision, which are held in float32 (blocks the Ferret mode trains)."""
     from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype(device)
@@ -291,6 +297,7 @@ def load_base(
         }
     else:
         skip = list(NOT_CANDIDATES)  # an lm_head created at load would be a 4-bit layer nobody quantized
+    skip += list(full_precision)
     model_class = auto_class(task)
     if quantization is Quantization.NONE:
         model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
@@ -313,6 +320,8 @@ def load_base(
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         _own_float_tensors(model)
+    for name in full_precision:
+        model.get_submodule(name).to(torch.float32)  # a 16-bit base on a GPU; CPU bases are float32 already
     for param in model.parameters():
         param.requires_grad_(False)
     return model  # type: ignore[no-any-return]
@@ -329,6 +338,26 @@ def _own_float_tensors(model: nn.Module) -> None:
             if tensor.is_floating_point() and tensor.device.type == "cpu":
                 tensor.data = tensor.data.clone()
     gc.collect()
+
+
+def block_weight(model: nn.Module, name: str) -> torch.nn.Parameter:
+    """The weight of the module called name (a block the Ferret mode trains in full)."""
+    weight = getattr(model.get_submodule(name), "weight", None)
+    if not isinstance(weight, torch.nn.Parameter):
+        raise ModelMismatch(f"module {name} has no weight parameter")
+    return weight
+
+
+def write_blocks(model: nn.Module, blocks: Mapping[str, torch.Tensor], heads: Mapping[str, torch.Tensor]) -> None:
+    """Write block weights (by module name) and head tensors (by parameter name) into a model, in place."""
+    with torch.no_grad():
+        for name, value in blocks.items():
+            weight = block_weight(model, name)
+            weight.copy_(value.to(weight.device, weight.dtype))
+        if heads:
+            params = dict(model.named_parameters())
+            for name, value in heads.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
 @dataclass(frozen=True)

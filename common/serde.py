@@ -297,6 +297,7 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
         basis=plan.basis,
         shared_seed=plan.shared_seed,
         global_digest=plan.global_digest,
+        held_modules=list(plan.held_modules),
     )
 
 
@@ -341,6 +342,7 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
         basis=message.basis or "rademacher",
         shared_seed=message.shared_seed,
         global_digest=message.global_digest,
+        held_modules=tuple(message.held_modules),
     )
 
 
@@ -444,6 +446,8 @@ def update_meta_from_pb(message: pb.UpdateHeader) -> UpdateMeta:
         raise InvalidArgument("header.train_loss", f"must be a finite number, got {message.train_loss}")
     if not (math.isfinite(message.train_seconds) and message.train_seconds >= 0):
         raise InvalidArgument("header.train_seconds", f"must be finite and >= 0, got {message.train_seconds}")
+    if not (math.isfinite(message.projection_seconds) and message.projection_seconds >= 0):
+        raise InvalidArgument("header.projection_seconds", f"must be finite and >= 0, got {message.projection_seconds}")
     return UpdateMeta(
         agent_id=message.agent_id,
         round=message.round,

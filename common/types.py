@@ -119,6 +119,7 @@ class TrainPlan:
     basis: str = "rademacher"  # ferret: the directions' distribution (common.ferret)
     shared_seed: int = 0  # ferret: the run seed every side derives the directions from
     global_digest: str = ""  # ferret: sha256 of the weights the agent must hold before it trains
+    held_modules: tuple[str, ...] = ()  # ferret: every block the global holds (kept in full precision)
 
     def steps_for(self, num_examples: int) -> int:
         """Optimizer steps this plan asks for on num_examples: local epochs, capped by max_steps."""

@@ -242,6 +242,7 @@ class Admission:
             plan = self._open_plan(meta)
             global_ = state.global_
         assert global_ is not None
+        self.mode.check_origin(meta, plan)
         self.mode.check_declared(infos, plan, self.spec)
         tensors = read_payload()
         try:

@@ -107,6 +107,7 @@ def check_meta(meta: UpdateMeta, plan: TrainPlan, allowed_samples: int, limits: 
     _between(meta.steps, 0, allowed_samples // plan.batch_size, "steps")
     _between(meta.train_loss, 0.0, MAX_LOSS, "train_loss")
     _between(meta.train_seconds, 0.0, MAX_TRAIN_SECONDS, "train_seconds")
+    _between(meta.projection_seconds, 0.0, MAX_TRAIN_SECONDS, "projection_seconds")
     _between(meta.peak_memory_bytes, 0, limits.max_memory_bytes, "peak_memory_bytes")
 
 

@@ -14,7 +14,9 @@ from common.errors import ConfigError, FedPipeError
 from common.settings import build
 
 if TYPE_CHECKING:
+    from common.types import ModelSpec
     from coordinator.config import CoordinatorConfig
+    from coordinator.modes import Mode
     from coordinator.planner import PlanOptions, SearchSpace
 
 log = logging.getLogger("fedpipe.coordinator")
@@ -58,7 +60,6 @@ def run(config: CoordinatorConfig) -> int:
     from common.security import server_security
     from coordinator.evaluation import HeldOutEvaluator
     from coordinator.metrics import CoordinatorMetrics
-    from coordinator.modes.lora import LoraMode
     from coordinator.orchestrator import Orchestrator, RunAborted
     from coordinator.planner import PLANNERS
     from coordinator.registry import Registry
@@ -83,7 +84,7 @@ def run(config: CoordinatorConfig) -> int:
         len(spec.candidates),
     )
     options = plan_options(config)
-    mode = LoraMode(spec, options.alpha, base_path)
+    mode = build_mode(config, spec, base_path)
     evaluation = config.evaluation
     evaluator = None
     if evaluation.heldout:
@@ -142,6 +143,17 @@ def run(config: CoordinatorConfig) -> int:
     return 0
 
 
+def build_mode(config: CoordinatorConfig, spec: ModelSpec, base_path: str) -> Mode:
+    """The training mode the config asks for."""
+    if config.training.mode == "ferret":
+        from coordinator.modes.ferret import BaseWeights, FerretMode
+
+        return FerretMode(spec, base_path, config.run.seed, config.ferret.basis, BaseWeights(base_path, spec))
+    from coordinator.modes.lora import LoraMode
+
+    return LoraMode(spec, config.lora.alpha, base_path)
+
+
 def plan_options(config: CoordinatorConfig) -> PlanOptions:
     """Run-wide planning settings from the config."""
     from common.types import Quantization
@@ -162,6 +174,10 @@ def plan_options(config: CoordinatorConfig) -> PlanOptions:
         deadline_s=config.run.round_deadline_s,
         seed=config.run.seed,
         search=search_space(config),
+        mode=config.training.mode,
+        optimizer=config.training.optimizer,
+        directions=config.ferret.directions,
+        basis=config.ferret.basis,
     )
 
 

@@ -199,6 +199,12 @@ class PlanningSection(Section):
 class TrainingSection(Section):
     """Local work per round."""
 
+    mode: Literal["lora", "ferret"] = Field(
+        "lora",
+        description="lora: LoRA adapters, rank-padded; ferret: the selected matrices trained in full and sent as "
+        "random-projection coefficients (Ferret)",
+    )
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="the agents' local optimizer")
     batch_size: int = Field(16, ge=1, description="samples per optimizer step")
     local_epochs: int = Field(1, ge=1, description="passes over the local data per round")
     max_steps: int = Field(0, ge=0, description="cap on steps per round, 0 = none")
@@ -219,6 +225,18 @@ class EvaluationSection(Section):
     response_column: str = Field("response", description="causal-lm: response column of the held-out file")
     max_samples: int = Field(0, ge=0, description="cap on held-out samples, 0 = all")
     initial: bool = Field(True, description="also evaluate the untrained round-0 adapter")
+
+
+class FerretSection(Section):
+    """The Ferret mode's projection (training.mode ferret)."""
+
+    directions: int = Field(
+        1000, ge=2, description="directions per agent and round (K), shared among the blocks by their update norms"
+    )
+    basis: Literal["rademacher", "gaussian"] = Field(
+        "rademacher",
+        description="rademacher: +-1/sqrt(d) from integer draws (the same bits on every CPU); gaussian: N(0, I/d)",
+    )
 
 
 class AggregationSection(Section):
@@ -251,6 +269,7 @@ class CoordinatorConfig(BaseSettings):
     model: ModelSection = ModelSection()
     updates: UpdatesSection = UpdatesSection()
     aggregation: AggregationSection = AggregationSection()
+    ferret: FerretSection = FerretSection()
     limits: LimitsSection = LimitsSection()
     server: ServerSection = ServerSection()
     metrics: MetricsSection = MetricsSection()

@@ -75,9 +75,10 @@ def head_parameters(spec: ModelSpec) -> int:
     return total
 
 
-def step_flops_per_token(spec: ModelSpec, lora_parameters: int) -> float:
-    """FLOPs of one training step per token: frozen base ~4 per weight, trainable adapter ~6."""
-    return 4.0 * spec.linear_parameters + 6.0 * (lora_parameters + head_parameters(spec))
+def step_flops_per_token(spec: ModelSpec, lora_parameters: int, full_parameters: int = 0) -> float:
+    """FLOPs of one training step per token: frozen base ~4 per weight (forward and input gradient), trainable
+    adapter and heads ~6, a weight trained in full ~2 more than a frozen one (its weight gradient)."""
+    return 4.0 * spec.linear_parameters + 6.0 * (lora_parameters + head_parameters(spec)) + 2.0 * full_parameters
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,12 @@ class Config:
     """One candidate configuration of an agent."""
 
     batch_size: int
-    rank: int
+    rank: int  # LoRA rank (0 in the Ferret mode: the modules are trained in full)
     quantization: Quantization
     modules: tuple[str, ...]  # the (possibly reduced) mask
+    mode: str = "lora"
+    optimizer: str = "adamw"
+    directions: int = 0  # ferret: the round's projection budget
 
 
 @dataclass(frozen=True)
@@ -131,13 +135,24 @@ class Cost:
 
     peak_memory_bytes: float
     step_seconds: float
-    transfer_seconds: float  # download + upload of the adapter
+    transfer_seconds: float  # download + upload of the adapter (ferret: and projecting, reconstructing)
     payload_bytes: int  # one direction
 
 
 def lora_parameters(spec: ModelSpec, modules: tuple[str, ...], rank: int) -> int:
     """LoRA parameters of a rank on these modules."""
     return sum(rank * (spec.candidate(m).in_features + spec.candidate(m).out_features) for m in modules)
+
+
+# Ferret: bytes per parameter trained in full, beyond the frozen base: fp32 weight, gradient, the round's
+# starting copy (kept to apply the aggregate to), and the optimizer's state (AdamW two moments, SGD none).
+FULL_BYTES = {"adamw": 4 + 4 + 4 + 8, "sgd": 4 + 4 + 4}
+GENERATION_VALUES_PER_S = 1e8  # direction values drawn per second before anything was measured (CPU, one thread)
+
+
+def full_parameters(spec: ModelSpec, modules: tuple[str, ...]) -> int:
+    """Weights of these modules."""
+    return sum(spec.candidate(m).in_features * spec.candidate(m).out_features for m in modules)
 
 
 def predict(
@@ -151,24 +166,48 @@ def predict(
     memory_scale: float = 1.0,
 ) -> Cost:
     """Memory and time of a configuration; the scales are the closed loop's corrections."""
-    lora = lora_parameters(spec, config.modules, config.rank)
-    trainable = lora + head_parameters(spec)
     tokens = config.batch_size * seq_len
-    memory = (
-        base_bytes(spec, config.quantization, compute_bytes(profile))
-        + trainable * ADAM_BYTES_PER_PARAM
-        + coefficients.activation_bytes_per_token * tokens
-        + coefficients.overhead_bytes
-    )
+    element = compute_bytes(profile)
+    if config.mode == "ferret":
+        full = full_parameters(spec, config.modules)
+        lora, trainable = 0, head_parameters(spec)
+        # The trained blocks are held in fp32 whatever the base's precision; the rest of the base as planned.
+        quantized = max(
+            0.0,
+            base_bytes(spec, config.quantization, element) - _linear_bytes(spec, config.quantization, element) * full,
+        )
+        weights = quantized + full * FULL_BYTES.get(config.optimizer, FULL_BYTES["adamw"])
+        largest = max(
+            (spec.candidate(m).in_features * spec.candidate(m).out_features for m in config.modules), default=0
+        )
+        weights += 4 * largest  # one direction at a time
+        payload = 4 * (max(config.directions, 2 * len(config.modules)) + trainable)
+        projection = 2 * config.directions * (full / max(1, len(config.modules))) / GENERATION_VALUES_PER_S
+    else:
+        full = 0
+        lora = lora_parameters(spec, config.modules, config.rank)
+        trainable = lora + head_parameters(spec)
+        weights = base_bytes(spec, config.quantization, element) + trainable * ADAM_BYTES_PER_PARAM
+        payload = trainable * 4
+        projection = 0.0
+    memory = weights + coefficients.activation_bytes_per_token * tokens + coefficients.overhead_bytes
     calibrated = step_flops_per_token(spec, coefficients.calibration_lora_parameters)
     # A spec without linear weights or calibration (hand-made, or an unknown layout) gives no ratio to scale by.
-    flop_ratio = step_flops_per_token(spec, lora) / calibrated if calibrated > 0 else 1.0
+    flop_ratio = step_flops_per_token(spec, lora, full) / calibrated if calibrated > 0 else 1.0
     factor = TIME_FACTORS[device_kind(profile)][config.quantization]
     step = (coefficients.step_seconds_fixed + coefficients.step_seconds_per_token * tokens) * flop_ratio * factor
-    payload = trainable * 4
     return Cost(
         peak_memory_bytes=memory * memory_scale,
         step_seconds=max(step * time_scale, MIN_STEP_SECONDS),
-        transfer_seconds=2 * payload / bandwidth_bytes_per_s,
+        transfer_seconds=2 * payload / bandwidth_bytes_per_s + projection,
         payload_bytes=payload,
     )
+
+
+def _linear_bytes(spec: ModelSpec, quantization: Quantization, element_bytes: int) -> float:
+    """Bytes one Linear weight takes at a precision (the layouts in the module docstring)."""
+    if quantization is Quantization.NONE:
+        return float(element_bytes)
+    if quantization is Quantization.INT8:
+        return INT8_BYTES_PER_WEIGHT + 4 / mean_in_features(spec)
+    return NF4_BYTES_PER_WEIGHT

@@ -438,6 +438,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         # argparse exits on --help and usage errors; callers expect an exit code from us, not an exception.
         return 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 2
+    from coordinator.export_ferret import locate_ferret
+
+    ferret = locate_ferret(args.source, args.round) if args.source.is_dir() else None
+    if ferret is not None:
+        return _export_ferret(ferret, args.base, args.out, args.dtype or "float32")
     try:
         if args.dtype is not None and not args.merge:
             raise ConfigError("--dtype applies to --merge only; an adapter is copied as it was saved")
@@ -481,6 +486,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"load: peft.PeftModel.from_pretrained(transformers.{auto}.from_pretrained({base!r}{extra}), "
             f"{str(args.out)!r})"
         )
+    return 0
+
+
+def _export_ferret(directory: Path, base: str | None, out: Path, dtype: str) -> int:
+    """A Ferret run's weights as a full model (there is no adapter form: --merge is implied)."""
+    from coordinator.export_ferret import export_ferret
+
+    logs.setup("export")
+    try:
+        record = export_ferret(directory, base, out, dtype)
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+    except (FedPipeError, OSError, RuntimeError, ValueError) as err:
+        log.error("export failed: %s", err)
+        return 1
+    print(f"wrote the full model of a Ferret run to {out} (round {record['round']}, {record['blocks']} trained blocks)")
+    print(f"load: transformers.{AUTO_CLASSES['SEQ_CLS' if record['task'] == 'seq-cls' else 'CAUSAL_LM']}"
+          f".from_pretrained({str(out)!r})")  # fmt: skip
     return 0
 
 

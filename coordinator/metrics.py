@@ -40,6 +40,14 @@ class CoordinatorMetrics:
             buckets=FAST_BUCKETS,
             registry=r,
         )
+        self.ferret_reconstruction_seconds = Gauge(
+            "fedpipe_ferret_reconstruction_seconds",
+            "Ferret: seconds the last aggregation spent rebuilding blocks from coefficients",
+            registry=r,
+        )
+        self.ferret_directions = Gauge(
+            "fedpipe_ferret_directions", "Ferret: directions of the last round's combined update", registry=r
+        )
         self.agents_registered = Gauge("fedpipe_agents_registered", "Agents known to the registry", registry=r)
         self.agents_alive = Gauge("fedpipe_agents_alive", "Agents with a recent heartbeat", registry=r)
         self.agent_up = Gauge(

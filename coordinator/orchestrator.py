@@ -132,6 +132,7 @@ class Orchestrator:
             self._select(0, alive, spec)
             plans = self._plan(alive, spec, 0)[0].plans
             global_ = self.mode.initial(spec, plans, cfg.seed)
+            plans = self.mode.finalize_plans(plans, global_)
             self.rundir.save_state(global_, self._bookkeeping(), self.strategy.state_dict())
         self.state.set_global(global_)
         self.rundir.write_config(self.config.model_dump(mode="json"))
@@ -224,6 +225,7 @@ class Orchestrator:
         self._check_payload_limit(plans, spec)
         # Matrices entering the mask start in the global adapter (A random, B = 0), alike for every agent.
         global_ = self.mode.extend(global_, plans, spec)
+        plans = self.mode.finalize_plans(plans, global_)
         self.state.set_global(global_)
         self._plan_metrics(planned, spec)
         start = self.state.clock()
@@ -299,13 +301,19 @@ class Orchestrator:
         updates = [admitted.update for admitted in inbox.values()]
         samples = sum(u.meta.samples for u in updates)
         train_loss = sum(u.meta.train_loss * u.meta.samples for u in updates) / samples
+        if "directions" in agg_metrics:
+            self.metrics.ferret_directions.set(agg_metrics["directions"])
+            self.metrics.ferret_reconstruction_seconds.set(agg_metrics["reconstruction_seconds"])
         log.info(
-            "round %d: aggregated %d updates (%d samples, |dW| change %.4f) in %.2fs",
+            "round %d: aggregated %d updates (%d samples, |dW| change %.4f) in %.2fs%s",
             round_,
             len(updates),
             samples,
             agg_metrics["delta_norm"],
             agg_seconds,
+            f", {agg_metrics['directions']:.0f} directions rebuilt in {agg_metrics['reconstruction_seconds']:.2f}s"
+            if "directions" in agg_metrics
+            else "",
         )
         result = RoundResult(
             round_, tuple(sorted(inbox)), seconds, samples, train_loss=train_loss, dropped=dropped, refused=refused
@@ -435,7 +443,7 @@ class Orchestrator:
         if planned.round_seconds:
             self.metrics.plan_round_seconds.set(planned.round_seconds)
         for agent, plan in planned.plans.items():
-            self.metrics.plan_rank.labels(agent).set(max(plan.rank_pattern.values()))
+            self.metrics.plan_rank.labels(agent).set(max(plan.rank_pattern.values(), default=0))
             self.metrics.plan_batch.labels(agent).set(plan.batch_size)
             self.metrics.plan_bits.labels(agent).set(plan.quantization.bits)
             self.metrics.plan_trainable.labels(agent).set(self.mode.trainable_parameters(plan, spec))
@@ -570,7 +578,8 @@ class Orchestrator:
         """Choose the mask from combined scores under the budget; metrics, log and selection/NNNN.json."""
         sel = self.config.selection
         candidates = [m.name for m in shapes]
-        selection = select(scores, shapes, self.options.rank, resolve_budget(sel.budget, shapes, self.options.rank))
+        rank = self.mode.selection_rank(self.options.rank)
+        selection = select(scores, shapes, rank, resolve_budget(sel.budget, shapes, rank))
         previous, self.mask = self.mask, selection.mask
         self.mask_scores = dict(scores)
         self.metrics.mask_size.set(len(selection.mask))
@@ -580,7 +589,7 @@ class Orchestrator:
             self.metrics.selection_score.labels(name).set(scores[name])
         top = ", ".join(f"{name} {scores[name]:.3f}" for name in sorted(selection.mask, key=lambda n: -scores[n])[:3])
         log.info(
-            "selection: %d of %d matrices, %d of %d LoRA parameters; top: %s",
+            "selection: %d of %d matrices, %d of %d trainable parameters; top: %s",
             len(selection.mask),
             len(candidates),
             selection.used,
@@ -648,7 +657,9 @@ class Orchestrator:
         agents_eval = None
         if self.config.evaluation.agents:
             alive = set(self.registry.alive(self.config.run.agent_timeout_s))
-            self.state.open_evaluation({a: p for a, p in plans.items() if a in alive})
+            # The plans as of the global being evaluated (Ferret: its digest, so agents bring their weights up to it).
+            chosen = {a: p for a, p in plans.items() if a in alive}
+            self.state.open_evaluation(self.mode.finalize_plans(chosen, global_))
             self._wait_for(
                 self.state.eval_plans,
                 lambda: self.state.eval_reports,

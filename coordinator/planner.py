@@ -41,6 +41,10 @@ class PlanOptions:
     deadline_s: float
     seed: int
     search: SearchSpace = field(default_factory=lambda: SearchSpace())
+    mode: str = "lora"  # training mode: "lora" or "ferret" (the mask trained in full)
+    optimizer: str = "adamw"  # local optimizer
+    directions: int = 0  # ferret: the round's projection budget per agent
+    basis: str = "rademacher"  # ferret: the directions' distribution
     scores: Mapping[str, float] = field(default_factory=dict)  # importance per mask module, for subsets
     corrections: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # agent -> (time, memory)
 
@@ -118,6 +122,7 @@ def _make_plan(
 ) -> TrainPlan:
     # Alpha grows with the rank (alpha / r stays the configured scale), so ranks share one update scale.
     alpha = options.alpha * rank / options.rank
+    ferret = options.mode == "ferret"
     fields = {
         "modules": modules,
         "rank": rank,
@@ -127,11 +132,14 @@ def _make_plan(
         "lr": options.learning_rate,
         "epochs": local_epochs,
         "steps": max_steps,
+        "mode": options.mode,
+        "optimizer": options.optimizer,
+        "directions": options.directions,
     }
     return TrainPlan(
         plan_id=plan_id(round_, agent_id, fields),
         target_modules=modules,
-        rank_pattern=dict.fromkeys(modules, rank),
+        rank_pattern={} if ferret else dict.fromkeys(modules, rank),
         lora_alpha=alpha,
         lora_dropout=options.dropout,
         modules_to_save=head_modules(spec),
@@ -144,6 +152,11 @@ def _make_plan(
         max_seq_len=options.max_seq_len,
         deadline_s=options.deadline_s,
         seed=options.seed * 1_000_003 + round_ * 1_009 + index,
+        mode=options.mode,
+        optimizer=options.optimizer,
+        directions=options.directions if ferret else 0,
+        basis=options.basis,
+        shared_seed=options.seed,
     )
 
 
@@ -168,6 +181,14 @@ def _price(
     )
 
 
+def _config(
+    options: PlanOptions, batch_size: int, rank: int, quantization: Quantization, modules: tuple[str, ...]
+) -> costmodel.Config:
+    return costmodel.Config(
+        batch_size, rank, quantization, modules, options.mode, options.optimizer, options.directions
+    )
+
+
 def _usable(profile: DeviceProfile, search: SearchSpace) -> int:
     return int(profile.total_memory_bytes * (1 - search.memory_headroom))
 
@@ -177,7 +198,7 @@ def uniform_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     modules = resolve_targets(spec, options.targets)
     plans: dict[str, TrainPlan] = {}
     predictions: dict[str, Prediction] = {}
-    config = costmodel.Config(options.batch_size, options.rank, options.quantization, modules)
+    config = _config(options, options.batch_size, options.rank, options.quantization, modules)
     for index, agent_id in enumerate(sorted(profiles)):
         plan = _make_plan(
             options,
@@ -249,14 +270,15 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     search = options.search
     modules = resolve_targets(spec, options.targets)
     subsets = mask_subsets(modules, options.scores, search.mask_fractions)
+    ranks = (0,) if options.mode == "ferret" else search.ranks  # Ferret trains its blocks in full
     configs = [
-        costmodel.Config(b, r, q, subset)
+        _config(options, b, r, q, subset)
         for subset in subsets
         for q in search.quantizations
-        for r in search.ranks
+        for r in ranks
         for b in search.batch_sizes
     ]
-    max_capacity = max(search.ranks) * len(modules)
+    max_capacity = max(1, max(ranks) * len(modules))
     feasible: dict[str, list[_Choice]] = {}
     excluded: dict[str, str] = {}
     for agent_id in sorted(profiles):

@@ -43,7 +43,9 @@ def combine(reports: Mapping[str, ImportanceReport], candidates: Sequence[str]) 
 
 
 def lora_cost(module: ModuleShape, rank: int) -> int:
-    """Trainable parameters of a rank-r LoRA pair on this matrix."""
+    """Trainable parameters of a rank-r LoRA pair on this matrix; rank 0: the matrix trained in full (Ferret)."""
+    if rank == 0:
+        return module.in_features * module.out_features
     return rank * (module.in_features + module.out_features)
 
 

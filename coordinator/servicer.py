@@ -112,7 +112,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._authorize(context, request.agent_id)
         start = time.perf_counter()
         header, payload = self.admission.download(
-            request.agent_id, request.global_round, request.plan_id, serde.encode_payload
+            request.agent_id, request.global_round, request.plan_id, serde.encode_payload, request.have_digest
         )
         seconds = self.metrics.download_seconds.labels(request.agent_id)
         return _download_stream(

@@ -15,6 +15,7 @@ from common.modeling import evaluate
 from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, ProbePlan, Task, TaskKind, UpdateMeta
 from edge_agent.caps import Throttle, check_peak
 from edge_agent.data import LocalData
+from edge_agent.ferret import FerretWorker
 from edge_agent.metrics import AgentMetrics
 from edge_agent.model import LocalModel
 from edge_agent.profiler import memory_in_use_bytes
@@ -35,7 +36,7 @@ class Gateway(Protocol):
     def register(self, profile: DeviceProfile, spec: ModelSpec, version: str) -> float: ...
     def heartbeat(self, state: str) -> bool: ...
     def get_task(self, wait_s: float) -> Task: ...
-    def download(self, global_round: int, plan_id: str) -> dict[str, torch.Tensor]: ...
+    def download(self, global_round: int, plan_id: str, have_digest: str = "") -> dict[str, torch.Tensor]: ...
     def upload(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor]) -> str: ...
     def report_evaluation(self, global_round: int, evaluation: Evaluation) -> None: ...
     def report_importance(self, report: ImportanceReport) -> None: ...
@@ -75,6 +76,7 @@ class Agent:
         self.registered = False
         self.ready_s = ready_s
         self.last_step: float | None = None
+        self.ferret = FerretWorker(model, gateway, metrics)  # the Ferret mode's state, used by its plans only
         metrics.info.info({"agent": agent_id, "version": VERSION, "device": profile.device})
         metrics.device_memory.set_function(lambda: memory_in_use_bytes(model.device))  # read at each scrape
 
@@ -148,12 +150,17 @@ class Agent:
         plan = task.plan
         received = time.monotonic()
         self.state = "loading"
-        adapted = self.model.prepare(plan)
-        adapted.load(self.gateway.download(task.global_round, plan.plan_id))
+        ferret = plan.mode == "ferret"
+        if ferret:
+            model = self.ferret.sync(task.global_round, plan)
+        else:
+            adapted = self.model.prepare(plan)
+            adapted.load(self.gateway.download(task.global_round, plan.plan_id))
+            model = adapted.model
         if task.kind is TaskKind.EVALUATE:
             self.state = "evaluating"
             result = evaluate(
-                adapted.model,
+                model,
                 self.model.tokenizer,
                 self.data.val,
                 plan.max_seq_len,
@@ -174,8 +181,9 @@ class Agent:
         self.state = "training"
         self.last_step = None  # step time is measured between steps, within one task
         deadline = received + plan.deadline_s - UPLOAD_RESERVE_S
+        start = self.ferret.prepare_training(model, plan) if ferret else {}
         trained = train_local(
-            adapted.model,
+            model,
             self.model.tokenizer,
             self.data.train,
             plan,
@@ -186,7 +194,12 @@ class Agent:
             throttle=self.throttle,
             task=self.spec.task,
         )
-        tensors = adapted.extract()
+        base_digest, projection_seconds = "", 0.0
+        if ferret:
+            projected = self.ferret.project_and_restore(model, plan, task.round, start)
+            tensors, base_digest, projection_seconds = projected.tensors, projected.base_digest, projected.seconds
+        else:
+            tensors = adapted.extract()
         meta = UpdateMeta(
             agent_id=self.agent_id,
             round=task.round,
@@ -196,6 +209,8 @@ class Agent:
             train_seconds=trained.seconds,
             train_loss=trained.mean_loss,
             peak_memory_bytes=trained.peak_memory_bytes,
+            base_digest=base_digest,
+            projection_seconds=projection_seconds,
         )
         self.state = "uploading"
         message = self.gateway.upload(meta, tensors)

@@ -94,9 +94,12 @@ class CoordinatorClient:
         response = self._call(lambda: self.stub.GetTask(request, timeout=wait_s + 30), "get task", "GetTask")
         return serde.task_from_pb(response)
 
-    def download(self, global_round: int, plan_id: str) -> dict[str, torch.Tensor]:
-        """The global adapter for this agent's plan, reassembled and checksum-verified."""
-        request = pb.DownloadGlobalRequest(agent_id=self.agent_id, global_round=global_round, plan_id=plan_id)
+    def download(self, global_round: int, plan_id: str, have_digest: str = "") -> dict[str, torch.Tensor]:
+        """The global for this agent's plan, reassembled and checksum-verified (Ferret: relative to the weights
+        whose digest it names)."""
+        request = pb.DownloadGlobalRequest(
+            agent_id=self.agent_id, global_round=global_round, plan_id=plan_id, have_digest=have_digest
+        )
 
         def fetch() -> dict[str, torch.Tensor]:
             start = time.perf_counter()

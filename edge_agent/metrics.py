@@ -36,6 +36,17 @@ class AgentMetrics:
         self.download_seconds = Counter("fedpipe_edge_download_seconds", "Time spent downloading", registry=r)
         self.rpc_retries = Counter("fedpipe_edge_rpc_retries", "RPC attempts retried", ["method"], registry=r)
         self.ready = Gauge("fedpipe_edge_ready", "1 once registered with the coordinator", registry=r)
+        self.ferret_projection_seconds = Counter(
+            "fedpipe_edge_ferret_projection_seconds", "Ferret: time projecting updates onto directions", registry=r
+        )
+        self.ferret_reconstruction_seconds = Counter(
+            "fedpipe_edge_ferret_reconstruction_seconds",
+            "Ferret: time rebuilding the round's aggregate from coefficients",
+            registry=r,
+        )
+        self.ferret_resyncs = Counter(
+            "fedpipe_edge_ferret_resyncs", "Ferret: full downloads of the global weights", registry=r
+        )
         self.info = Info("fedpipe_edge", "The agent's id, version and device", registry=r)
         self.step_seconds = Histogram(
             "fedpipe_edge_step_duration_seconds", "Wall time of one optimizer step", buckets=STEP_BUCKETS, registry=r

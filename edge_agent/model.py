@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 class LocalModel:
-    """Keeps the base model across rounds; reloads it only when the plan's quantization changes."""
+    """Keeps the base model across rounds; reloads it only when the plan's quantization changes (or, for the
+    Ferret mode, the blocks held in full precision). One base is loaded at a time."""
 
     def __init__(self, path: str, labels: tuple[str, ...], device: torch.device, task: str = SEQ_CLS) -> None:
         self.path = path
@@ -27,14 +28,41 @@ class LocalModel:
         self.tokenizer: Any = load_tokenizer(path)
         self.quantization: Quantization | None = None
         self.adapted: AdaptedModel | None = None
+        self.full: Any = None  # the Ferret mode's base: (quantization, held blocks) -> model
+        self.full_key: tuple[Quantization, tuple[str, ...]] | None = None
+
+    def _free(self) -> None:
+        self.adapted = None
+        self.full, self.full_key = None, None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def full_at(self, quantization: Quantization, blocks: tuple[str, ...]) -> tuple[Any, bool]:
+        """The base at this quantization with `blocks` in float32 (trained in full), and whether it was just
+        loaded (so it holds the checkpoint's weights, not the run's)."""
+        key = (quantization, tuple(sorted(blocks)))
+        if self.full is not None and key == self.full_key:
+            return self.full, False
+        self._free()
+        start = time.perf_counter()
+        self.full = load_base(self.path, self.labels, quantization, self.device, self.task, full_precision=key[1])
+        self.full_key = key
+        self.quantization = None  # base_at must load its own again
+        log.info(
+            "model: loaded %s at %s with %d blocks in float32 on %s in %.1fs",
+            self.path,
+            quantization.value,
+            len(blocks),
+            self.device,
+            time.perf_counter() - start,
+        )
+        return self.full, True
 
     def base_at(self, quantization: Quantization) -> AdaptedModel:
         """The model at this quantization, loading the base only when the precision changes."""
         if self.adapted is None or quantization is not self.quantization:
-            self.adapted = None
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self._free()
             start = time.perf_counter()
             base = load_base(self.path, self.labels, quantization, self.device, self.task)
             self.adapted = AdaptedModel(base, self.task)

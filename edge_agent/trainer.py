@@ -57,7 +57,11 @@ def train_local(
     generator = torch.Generator().manual_seed(plan.seed)
     torch.manual_seed(plan.seed)  # LoRA dropout
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
+    optimizer: torch.optim.Optimizer
+    if plan.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
     warmup = max(1, int(total * WARMUP_FRACTION))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     throttle = throttle or Throttle(1.0)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from common.types import GlobalState, ModelSpec, TensorInfo, TrainPlan
+from common.types import GlobalState, ModelSpec, TensorInfo, TrainPlan, UpdateMeta
 
 if TYPE_CHECKING:
     from coordinator.strategy import Strategy
@@ -41,8 +41,20 @@ class Mode(Protocol):
         """The global with whatever the round's plans train that it still lacks (unchanged otherwise)."""
         ...
 
+    def finalize_plans(self, plans: Mapping[str, TrainPlan], global_: GlobalState) -> dict[str, TrainPlan]:
+        """The planner's plans with what the mode adds from the global (Ferret: the held blocks, the digest)."""
+        ...
+
+    def selection_rank(self, rank: int) -> int:
+        """The rank the selection budget is counted at (0: the matrices are trained in full)."""
+        ...
+
     def planned_bytes(self, plan: TrainPlan, spec: ModelSpec) -> int:
         """The most bytes an upload for this plan may carry."""
+        ...
+
+    def check_origin(self, meta: UpdateMeta, plan: TrainPlan) -> None:
+        """The upload was trained from what the plan sent (StaleRound otherwise)."""
         ...
 
     def check_declared(self, infos: Sequence[TensorInfo], plan: TrainPlan, spec: ModelSpec) -> None:

@@ -32,7 +32,7 @@ from common.adapters import (
     with_modules,
 )
 from common.errors import InvalidArgument
-from common.types import GlobalState, ModelSpec, TensorInfo, TrainPlan
+from common.types import GlobalState, ModelSpec, TensorInfo, TrainPlan, UpdateMeta
 from coordinator.modes import Contribution
 from coordinator.rundir import atomic_dir
 
@@ -82,9 +82,20 @@ class LoraMode:
         """The global plus a fresh pair (dW = 0) for every planned module it lacks."""
         return with_modules(_lora(global_), widest(plans).rank_pattern, spec)
 
+    def finalize_plans(self, plans: Mapping[str, TrainPlan], global_: GlobalState) -> dict[str, TrainPlan]:
+        """The plans as the planner made them."""
+        return dict(plans)
+
+    def selection_rank(self, rank: int) -> int:
+        """The configured LoRA rank."""
+        return rank
+
     def planned_bytes(self, plan: TrainPlan, spec: ModelSpec) -> int:
         """The bytes of the exact tensors the plan asks for."""
         return sum(info.nbytes for info in expected_tensors(plan, spec))
+
+    def check_origin(self, meta: UpdateMeta, plan: TrainPlan) -> None:
+        """Nothing to check: the plan id already ties a LoRA upload to the global it was sent."""
 
     def check_declared(self, infos: Sequence[TensorInfo], plan: TrainPlan, spec: ModelSpec) -> None:
         """The header declares exactly the plan's tensors, with their shapes and dtypes."""

@@ -32,6 +32,7 @@ from coordinator.config import (
     ServerSection,
 )
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.modes import Mode
 from coordinator.orchestrator import Orchestrator
 from coordinator.planner import uniform_plan
 from coordinator.registry import Registry
@@ -182,6 +183,7 @@ def launch(
     security: ServerSecurity | None = None,
     credentials: grpc.ChannelCredentials | None = None,
     spec: ModelSpec = SPEC,
+    mode: Mode | None = None,
     **sections: Any,
 ) -> Coordinator:
     """A serving coordinator with its run loop started; plaintext unless security and credentials are given.
@@ -199,6 +201,7 @@ def launch(
         get_strategy("rank-padding"),
         metrics,
         BASE_PATH,
+        mode=mode,
     )
     serving = start_server(orchestrator.admission, config.server, metrics, security or ServerSecurity.insecure())
     address = f"127.0.0.1:{serving.port}"

@@ -332,6 +332,7 @@ class TrainPlan(_message.Message):
     BASIS_FIELD_NUMBER: _builtins.int
     SHARED_SEED_FIELD_NUMBER: _builtins.int
     GLOBAL_DIGEST_FIELD_NUMBER: _builtins.int
+    HELD_MODULES_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     lora_alpha: _builtins.float
     lora_dropout: _builtins.float
@@ -370,6 +371,10 @@ class TrainPlan(_message.Message):
     def modules_to_save(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """heads trained in full"""
 
+    @_builtins.property
+    def held_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ferret: every block the global holds (kept in full precision)"""
+
     def __init__(
         self,
         *,
@@ -394,10 +399,11 @@ class TrainPlan(_message.Message):
         basis: _builtins.str = ...,
         shared_seed: _builtins.int = ...,
         global_digest: _builtins.str = ...,
+        held_modules: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "batch_size", b"batch_size", "deadline_s", b"deadline_s", "directions", b"directions", "global_digest", b"global_digest", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "mode", b"mode", "modules_to_save", b"modules_to_save", "optimizer", b"optimizer", "plan_id", b"plan_id", "quantization", b"quantization", "rank_pattern", b"rank_pattern", "seed", b"seed", "shared_seed", b"shared_seed", "target_modules", b"target_modules", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "batch_size", b"batch_size", "deadline_s", b"deadline_s", "directions", b"directions", "global_digest", b"global_digest", "held_modules", b"held_modules", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "mode", b"mode", "modules_to_save", b"modules_to_save", "optimizer", b"optimizer", "plan_id", b"plan_id", "quantization", b"quantization", "rank_pattern", b"rank_pattern", "seed", b"seed", "shared_seed", b"shared_seed", "target_modules", b"target_modules", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
