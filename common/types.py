@@ -246,3 +246,4 @@ class RoundResult:
     dropped: tuple[str, ...] = field(default_factory=tuple)  # planned agents without an accepted update
     refused: tuple[str, ...] = field(default_factory=tuple)  # accepted updates left out when the round closed
     failure: str | None = None  # why the round was not aggregated (no quorum, a non-finite aggregate), or None
+    aggregation_seconds: float = 0.0  # the strategy's time (Ferret: rebuilding the blocks from coefficients)

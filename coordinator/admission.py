@@ -204,6 +204,8 @@ class Admission:
                     state.downloads[(global_round, plan_id, have_digest)] = cached
         encoded, nbytes = cached
         self.metrics.download_bytes.labels(agent_id).inc(nbytes)
+        with state.cond:
+            state.downloaded[agent_id] = state.downloaded.get(agent_id, 0) + nbytes
         return cast(E, encoded)
 
     def _plan_of(self, agent_id: str, plan_id: str) -> TrainPlan:

@@ -231,7 +231,10 @@ class FerretSection(Section):
     """The Ferret mode's projection (training.mode ferret)."""
 
     directions: int = Field(
-        1000, ge=2, description="directions per agent and round (K), shared among the blocks by their update norms"
+        1000,
+        ge=0,
+        description="directions per agent and round (K), shared among the blocks by their update norms; 0 sends "
+        "each block's whole change (plain full-weight FedAvg of the same blocks, the reference Ferret approximates)",
     )
     basis: Literal["rademacher", "gaussian"] = Field(
         "rademacher",

@@ -177,6 +177,7 @@ def predict(
             base_bytes(spec, config.quantization, element) - _linear_bytes(spec, config.quantization, element) * full,
         )
         weights = quantized + full * FULL_BYTES.get(config.optimizer, FULL_BYTES["adamw"])
+        weights += trainable * ADAM_BYTES_PER_PARAM  # the heads, trained with AdamW state as in LoRA
         largest = max(
             (spec.candidate(m).in_features * spec.candidate(m).out_features for m in config.modules), default=0
         )

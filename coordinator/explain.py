@@ -43,10 +43,12 @@ def render(planned: PlanSet, profiles: Mapping[str, DeviceProfile]) -> str:
         plan = planned.plans[agent]
         prediction = planned.predictions.get(agent)
         ranks = sorted(set(plan.rank_pattern.values()))
-        line = (
-            f"{agent} ({caps}): batch {plan.batch_size}, rank {'/'.join(map(str, ranks))} on "
-            f"{len(plan.target_modules)} matrices, base {plan.quantization.value}"
+        trained = (
+            f"rank {'/'.join(map(str, ranks))} on {len(plan.target_modules)} matrices"
+            if ranks
+            else f"{len(plan.target_modules)} matrices in full"
         )
+        line = f"{agent} ({caps}): batch {plan.batch_size}, {trained}, base {plan.quantization.value}"
         if prediction is not None:
             line += (
                 f"; predicted peak {prediction.peak_memory_bytes / 2**20:.0f} of "

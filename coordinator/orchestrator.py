@@ -291,7 +291,7 @@ class Orchestrator:
             )  # fmt: skip
         new_global, agg_metrics, agg_seconds = aggregated
         self._refit(inbox, planned.predictions)
-        report = _round_report(inbox, weights, planned.predictions)
+        report = _round_report(inbox, weights, planned.predictions, dict(self.state.downloaded))
         self.rundir.save_round(new_global, plans, report, self._bookkeeping(), self.strategy.state_dict())
         self.state.set_global(new_global)
         seconds = self.state.clock() - start
@@ -316,8 +316,9 @@ class Orchestrator:
             else "",
         )
         result = RoundResult(
-            round_, tuple(sorted(inbox)), seconds, samples, train_loss=train_loss, dropped=dropped, refused=refused
-        )
+            round_, tuple(sorted(inbox)), seconds, samples, train_loss=train_loss, dropped=dropped, refused=refused,
+            aggregation_seconds=agg_seconds,
+        )  # fmt: skip
         return self._evaluate(round_, plans, result)
 
     def _screen(
@@ -706,9 +707,13 @@ class Orchestrator:
 
 
 def _round_report(
-    inbox: Mapping[str, Admitted], weights: Mapping[str, float], predictions: Mapping[str, Prediction]
+    inbox: Mapping[str, Admitted],
+    weights: Mapping[str, float],
+    predictions: Mapping[str, Prediction],
+    downloaded: Mapping[str, int],
 ) -> dict[str, dict[str, Any]]:
-    """Per agent, what the planner predicted, what the agent measured, and its weight (plans.json)."""
+    """Per agent, what the planner predicted, what the agent measured, its weight and the bytes that travelled
+    (plans.json)."""
     report: dict[str, dict[str, Any]] = {a: {"predicted": asdict(p)} for a, p in predictions.items()}
     for agent, admitted in inbox.items():
         meta = admitted.update.meta
@@ -719,6 +724,9 @@ def _round_report(
             "step_seconds": meta.train_seconds / max(meta.steps, 1),
             "train_loss": meta.train_loss,
             "peak_memory_bytes": meta.peak_memory_bytes,
+            "projection_seconds": meta.projection_seconds,
+            "upload_bytes": sum(t.numel() * t.element_size() for t in admitted.update.tensors.values()),
+            "download_bytes": downloaded.get(agent, 0),
             "change_norm": admitted.norm,
             "tensor_change_norms": dict(admitted.tensor_norms),
             "weight": weights.get(agent, 0.0),

@@ -255,6 +255,11 @@ def mask_subsets(
     return subsets
 
 
+def capacity(config: costmodel.Config) -> int:
+    """What a configuration trains: rank slots over its matrices (LoRA), or its matrices (trained in full)."""
+    return config.rank * len(config.modules) if config.mode == "lora" else len(config.modules)
+
+
 def steps_within(cost: costmodel.Cost, seconds: float) -> int:
     """Whole steps that fit in `seconds` after the transfer."""
     return max(0, math.floor((seconds - cost.transfer_seconds) / cost.step_seconds))
@@ -278,7 +283,7 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
         for r in ranks
         for b in search.batch_sizes
     ]
-    max_capacity = max(1, max(ranks) * len(modules))
+    max_capacity = max(1, max(ranks) * len(modules)) if options.mode == "lora" else len(modules)
     feasible: dict[str, list[_Choice]] = {}
     excluded: dict[str, str] = {}
     for agent_id in sorted(profiles):
@@ -328,7 +333,7 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
                         cost=W_UNDER
                         * weights[agent_id]
                         * under_training(ch.cost, ch.config.batch_size, target(agent_id, ch.config.batch_size), seconds)
-                        - W_CAPACITY * ch.config.rank * len(ch.config.modules) / max_capacity
+                        - W_CAPACITY * capacity(ch.config) / max_capacity
                         - W_PRECISION * PRECISION[ch.config.quantization],
                         upload_bytes=ch.cost.payload_bytes,
                     )
@@ -410,7 +415,7 @@ def _binding(choice: _Choice, fits: list[_Choice], configs: list[costmodel.Confi
         return "deadline"
 
     def key(c: costmodel.Config) -> tuple[int, float, int]:
-        return c.rank * len(c.modules), PRECISION[c.quantization], c.batch_size
+        return capacity(c), PRECISION[c.quantization], c.batch_size
 
     mine = key(choice.config)
     better = [c for c in configs if all(x >= y for x, y in zip(key(c), mine, strict=True)) and key(c) != mine]

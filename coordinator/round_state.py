@@ -66,6 +66,7 @@ class RoundState:
     importance: dict[str, ImportanceReport] = field(default_factory=dict)
     finished_seen: set[str] = field(default_factory=set)
     notices: dict[str, str] = field(default_factory=dict)  # agent -> what it is told with its WAITs this round
+    downloaded: dict[str, int] = field(default_factory=dict)  # agent -> bytes sent to it since the round opened
     # each download of (global round, plan, what the agent holds) as the transport encoded it, and its bytes
     downloads: dict[tuple[int, str, str], tuple[object, int]] = field(default_factory=dict)
 
@@ -79,7 +80,7 @@ class RoundState:
             self.phase, self.round, self.plans, self.inbox = Phase.TRAINING, round_, dict(plans), {}
             self.allowed = dict(allowed)
             self.digests = {k: v for k, v in self.digests.items() if k[1] == round_ - 1}
-            self.withdrawn, self.sat_out, self.notices = set(), {}, {}
+            self.withdrawn, self.sat_out, self.notices, self.downloaded = set(), {}, {}, {}
             self.notify()
 
     def delivered(self) -> set[str]:

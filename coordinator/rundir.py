@@ -266,6 +266,7 @@ def result_from_record(record: Mapping[str, Any]) -> RoundResult:
         dropped=tuple(record.get("dropped", ())),
         refused=tuple(record.get("refused", ())),
         failure=record.get("failure"),
+        aggregation_seconds=record.get("aggregation_seconds", 0.0),
     )
 
 

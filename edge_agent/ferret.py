@@ -28,6 +28,7 @@ from edge_agent.model import LocalModel
 log = logging.getLogger(__name__)
 
 COEF = "::coef"
+DELTA = "::delta"  # a block's whole change (a plan of 0 directions: the exact FedAvg reference)
 
 
 class Downloads(Protocol):
@@ -102,16 +103,22 @@ class FerretWorker:
         start = time.perf_counter()
         blocks = {n: t for n, t in tensors.items() if n in plan.held_modules}
         heads = {n: t for n, t in tensors.items() if n in self.heads}
-        for name, coefficients in tensors.items():
-            if not name.endswith(COEF):
+        for name, value in tensors.items():
+            if not name.endswith((COEF, DELTA)):
                 continue
-            block = name[: -len(COEF)]
+            block = name.rsplit("::", 1)[0]
             current = block_weight(model, block).detach().to("cpu", torch.float32)
-            delta = reconstruct(coefficients, tuple(current.shape), plan.shared_seed, global_round, block, plan.basis)
+            if name.endswith(DELTA):
+                blocks[block] = current + value
+                continue
+            delta = reconstruct(value, tuple(current.shape), plan.shared_seed, global_round, block, plan.basis)
             blocks[block] = current + delta
         write_blocks(model, blocks, heads)
         if any(n.endswith(COEF) for n in tensors):
-            self.metrics.ferret_reconstruction_seconds.inc(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.metrics.ferret_reconstruction_seconds.inc(seconds)
+            directions = sum(t.numel() for n, t in tensors.items() if n.endswith(COEF))
+            log.info("ferret: rebuilt round %d's update (%d directions) in %.2fs", global_round, directions, seconds)
 
     def prepare_training(self, model: Any, plan: TrainPlan) -> dict[str, torch.Tensor]:
         """Unfreeze the planned blocks and the heads; their starting values (to set the local result aside)."""
@@ -136,6 +143,9 @@ class FerretWorker:
             b: (block_weight(model, b).detach().to("cpu", torch.float32) - start[b].to("cpu", torch.float32))
             for b in plan.target_modules
         }
+        if plan.directions == 0:  # exact: the changes themselves
+            exact = {b + DELTA: d for b, d in deltas.items()}
+            return self._finish(model, plan, start, exact, began)
         counts = allot(
             {b: float(d.norm()) for b, d in deltas.items()}, {b: d.numel() for b, d in deltas.items()}, plan.directions
         )
@@ -143,6 +153,17 @@ class FerretWorker:
             b + COEF: project(deltas[b], plan.shared_seed, round_, b, counts[b], plan.basis)
             for b in plan.target_modules
         }
+        return self._finish(model, plan, start, tensors, began)
+
+    def _finish(
+        self,
+        model: Any,
+        plan: TrainPlan,
+        start: Mapping[str, torch.Tensor],
+        tensors: dict[str, torch.Tensor],
+        began: float,
+    ) -> Projected:
+        """The trained heads beside the blocks' changes, then the model's weights back to the round's start."""
         params = dict(model.named_parameters())
         tensors.update(
             {h: params[h].detach().to("cpu", torch.float32).clone() for h in start if h in params and h in self.heads}

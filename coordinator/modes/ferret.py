@@ -2,7 +2,9 @@
 steps and send each block's update as coefficients on shared random directions (common.ferret).
 
 The coordinator keeps the trained weights of every block any round trained, in float32, and the heads. An
-upload holds, per planned block, its K_g coefficients (`<block>::coef`) and the heads in full; the round's
+upload holds, per planned block, its K_g coefficients (`<block>::coef`) and the heads in full (with a budget
+of 0 directions, each block's whole change `<block>::delta` instead: plain full-weight FedAvg of the same
+blocks, the reference Ferret approximates, through the same code); the round's
 new global is the old one plus the reconstruction of the (strategy-)combined coefficients, which every
 agent rebuilds the same way from the same seeds. What travels down is therefore one of: nothing (the agent
 holds the current global), the last round's combined coefficients and heads (it holds the one before), or
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COEF = "::coef"  # suffix of a block's coefficient tensor on the wire
+DELTA = "::delta"  # suffix of a block's whole change (directions 0: exact, the FedAvg reference)
 WEIGHTS_FILE = "weights.safetensors"
 ARTEFACT_FILE = "fedpipe_ferret.json"
 
@@ -79,6 +82,11 @@ class FerretMode:
         self.basis = basis
         self.weights = weights  # the base model's block weights, read on first use
         self.reconstruction_seconds = 0.0  # of the last aggregation
+        self.shapes: dict[str, tuple[int, ...]] = {}  # each held block's weight shape, for exact uploads
+
+    def _held(self, global_: FerretGlobal) -> FerretGlobal:
+        self.shapes.update({name: tuple(value.shape) for name, value in global_.blocks.items()})
+        return global_
 
     # ------------------------------------------------------------------ the global
 
@@ -86,7 +94,7 @@ class FerretMode:
         """The base's weights of every planned block, and fresh heads."""
         blocks = {b: self.weights.block(b) for b in sorted({m for p in plans.values() for m in p.target_modules})}
         saved = {m for p in plans.values() for m in p.modules_to_save}
-        return FerretGlobal(round=0, blocks=blocks, heads=init_heads(spec, saved, seed))
+        return self._held(FerretGlobal(round=0, blocks=blocks, heads=init_heads(spec, saved, seed)))
 
     def extend(self, global_: GlobalState, plans: Mapping[str, TrainPlan], spec: ModelSpec) -> GlobalState:
         """The global plus the base's weights of every planned block it lacks; blocks it has stay as trained."""
@@ -97,7 +105,7 @@ class FerretMode:
         blocks = dict(current.blocks)
         blocks.update({b: self.weights.block(b) for b in sorted(wanted)})
         # The agents' route from the previous global now passes a full download of the new blocks.
-        return replace(current, blocks=blocks, coefficients={}, previous_digest="")
+        return self._held(replace(current, blocks=blocks, coefficients={}, previous_digest=""))
 
     def finalize_plans(self, plans: Mapping[str, TrainPlan], global_: GlobalState) -> dict[str, TrainPlan]:
         """Every plan names the blocks the global holds and the digest an agent must reach before training."""
@@ -115,6 +123,8 @@ class FerretMode:
     def planned_bytes(self, plan: TrainPlan, spec: ModelSpec) -> int:
         """Coefficients up to the plan's direction budget, and the heads."""
         heads = sum(math.prod(shape) for name, shape in spec.heads if name.rsplit(".", 1)[0] in plan.modules_to_save)
+        if plan.directions == 0:
+            return 4 * (sum(block_size(spec, b) for b in plan.target_modules) + heads)
         return 4 * (direction_limit(plan, len(plan.target_modules)) + heads)
 
     def check_origin(self, meta: UpdateMeta, plan: TrainPlan) -> None:
@@ -133,6 +143,9 @@ class FerretMode:
         limit = direction_limit(plan, len(plan.target_modules))
         total = 0
         for block in plan.target_modules:
+            if plan.directions == 0:
+                self._check_delta(declared.get(block + DELTA), block)
+                continue
             info = declared.get(block + COEF)
             if info is None:
                 raise InvalidArgument("payload.tensors", f"missing {block + COEF}")
@@ -155,16 +168,26 @@ class FerretMode:
                 raise InvalidArgument(
                     f"payload.tensors[{name}]", f"expected float32 {shape}, got {info.dtype} {info.shape}"
                 )
-        known = {b + COEF for b in plan.target_modules} | set(heads)
+        suffix = DELTA if plan.directions == 0 else COEF
+        known = {b + suffix for b in plan.target_modules} | set(heads)
         extra = sorted(set(declared) - known)
         if extra:
             raise InvalidArgument("payload.tensors", f"unknown blocks or tensors: {extra[:3]}")
+
+    def _check_delta(self, info: TensorInfo | None, block: str) -> None:
+        if info is None:
+            raise InvalidArgument("payload.tensors", f"missing {block + DELTA}")
+        shape = self.shapes.get(block)
+        if info.dtype != "float32" or info.shape != shape:
+            raise InvalidArgument(
+                f"payload.tensors[{block + DELTA}]", f"expected float32 {shape}, got {info.dtype} {info.shape}"
+            )
 
     def check_values(self, tensors: Mapping[str, torch.Tensor], bound: float) -> None:
         """Coefficients finite (their scale grows with sqrt(d / K); the norm bounds judge their size), heads
         finite and within bound."""
         check_values({n: t for n, t in tensors.items() if n.endswith(COEF)}, 0.0)
-        check_values({n: t for n, t in tensors.items() if not n.endswith(COEF)}, bound)
+        check_values({n: t for n, t in tensors.items() if not n.endswith(COEF)}, bound)  # heads and deltas
 
     def change_norms(
         self, tensors: Mapping[str, torch.Tensor], global_: GlobalState, plan: TrainPlan, spec: ModelSpec
@@ -177,6 +200,8 @@ class FerretMode:
             if name.endswith(COEF):
                 size = block_size(spec, name[: -len(COEF)])
                 norms[name] = float(value.double().norm()) * math.sqrt(value.numel() / size)
+            elif name.endswith(DELTA):
+                norms[name] = float(value.double().norm())
             else:
                 norms[name] = float((value.double() - current.heads[name].double()).norm())
         return norms
@@ -192,9 +217,10 @@ class FerretMode:
         """Coefficients times the factor; heads moved that share of the way from the global's."""
         factors = factor if isinstance(factor, Mapping) else dict.fromkeys(tensors, factor)
         current = _ferret(global_)
-        heads = {n: t for n, t in tensors.items() if not n.endswith(COEF)}
+        changes = {n for n in tensors if n.endswith((COEF, DELTA))}
+        heads = {n: t for n, t in tensors.items() if n not in changes}
         out = scale_change(heads, {n: current.heads[n] for n in heads}, factors)
-        out.update({n: t * factors.get(n, 1.0) for n, t in tensors.items() if n.endswith(COEF)})
+        out.update({n: tensors[n] * factors.get(n, 1.0) for n in changes})
         return out
 
     # ------------------------------------------------------------------ aggregation
@@ -211,6 +237,12 @@ class FerretMode:
         start = time.perf_counter()
         for block in sorted({b for c in contributions for b in c.plan.target_modules}):
             holders = [c for c in contributions if block in c.plan.target_modules]
+            if all(block + DELTA in c.tensors for c in holders):  # exact: the changes themselves
+                delta = strategy.combine([c.tensors[block + DELTA] for c in holders], [c.weight for c in holders])
+                check_values({block + DELTA: delta}, 0.0, "combined change")
+                blocks[block] = current.blocks[block] + delta.to(torch.float32)
+                combined[block + DELTA] = delta.to(torch.float32)
+                continue
             longest = max(c.tensors[block + COEF].numel() for c in holders)
             padded = [
                 torch.nn.functional.pad(c.tensors[block + COEF], (0, longest - c.tensors[block + COEF].numel()))
@@ -218,25 +250,25 @@ class FerretMode:
             ]
             coefficients = strategy.combine(padded, [c.weight for c in holders]).to(torch.float32)
             check_values({block + COEF: coefficients}, 0.0, "combined coefficients")
-            delta = reconstruct(
-                coefficients, tuple(current.blocks[block].shape), self.run_seed, round_, block, self.basis
-            )
+            shape = tuple(current.blocks[block].shape)
+            delta = reconstruct(coefficients, shape, self.run_seed, round_, block, self.basis)
             blocks[block] = current.blocks[block] + delta
-            combined[block] = coefficients
+            combined[block + COEF] = coefficients
         self.reconstruction_seconds = time.perf_counter() - start
         heads = dict(current.heads)
-        for name in sorted({n for c in contributions for n in c.tensors if not n.endswith(COEF)}):
+        for name in sorted({n for c in contributions for n in c.tensors if not n.endswith((COEF, DELTA))}):
             holders = [c for c in contributions if name in c.tensors]
             heads[name] = strategy.combine([c.tensors[name] for c in holders], [c.weight for c in holders])
         new = FerretGlobal(
             round=round_, blocks=blocks, heads=heads, coefficients=combined, previous_digest=self.digest(current)
         )
-        squared = sum(float((blocks[b] - current.blocks[b]).double().pow(2).sum()) for b in combined)
+        moved = {n.rsplit("::", 1)[0] for n in combined}
+        squared = sum(float((blocks[b] - current.blocks[b]).double().pow(2).sum()) for b in moved)
         squared += sum(float((heads[h] - current.heads[h]).double().pow(2).sum()) for h in heads if h in current.heads)
         metrics = {
             "updates": float(len(contributions)),
             "delta_norm": math.sqrt(squared),
-            "directions": float(sum(c.numel() for c in combined.values())),
+            "directions": float(sum(c.numel() for n, c in combined.items() if n.endswith(COEF))),
             "reconstruction_seconds": self.reconstruction_seconds,
         }
         return new, metrics
@@ -257,7 +289,7 @@ class FerretMode:
         if have_digest and have_digest == self.digest(current):
             return {}
         if have_digest and current.coefficients and have_digest == current.previous_digest:
-            delta = {block + COEF: value for block, value in current.coefficients.items()}
+            delta = dict(current.coefficients)  # <block>::coef (or ::delta) of the last round
             delta.update(current.heads)
             return delta
         return {**current.blocks, **current.heads}
@@ -286,7 +318,7 @@ class FerretMode:
                 previous = bytes(value.tolist()).hex()
             else:
                 parts[kind][name] = value
-        return FerretGlobal(round_, parts["block"], parts["head"], parts["coef"], previous)
+        return self._held(FerretGlobal(round_, parts["block"], parts["head"], parts["coef"], previous))
 
     def digest(self, global_: GlobalState) -> str:
         """sha256 over the blocks' and heads' names and bytes: what an agent computes over its own weights."""

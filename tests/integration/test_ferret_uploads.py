@@ -127,4 +127,4 @@ def test_good_coefficient_uploads_move_the_weights_and_the_digest(coordinator: C
     assert isinstance(global_, FerretGlobal) and global_.round == 1
     assert summary["rounds"][0]["agents"] == (AGENT_A, AGENT_B)
     assert held_digest(coordinator) != before and global_.previous_digest == before
-    assert global_.coefficients[QUERY].numel() == 5
+    assert global_.coefficients[QUERY + COEF].numel() == 5

@@ -187,3 +187,48 @@ def test_a_spec_without_linear_weights_or_heads_still_plans() -> None:
     assert all(
         0 < p.step_seconds < float("inf") for p in [*uniform.predictions.values(), *planned.predictions.values()]
     )
+
+
+# ---------------------------------------------------------------- the Ferret mode
+
+
+FERRET = replace(OPTIONS, mode="ferret", directions=1000)
+
+
+def test_a_block_trained_in_full_costs_its_weights_gradient_starting_copy_and_adam_moments() -> None:
+    # Prepare: the same agent and batch, LoRA rank 8 on 4 matrices against the 4 matrices in full
+    modules = tuple(m.name for m in SPEC.candidates[:4])
+    fit = costmodel.fit(profile(16), SPEC)
+    lora = costmodel.Config(8, 8, Quantization.NONE, modules)
+    full = costmodel.Config(8, 0, Quantization.NONE, modules, "ferret", "adamw", 1000)
+
+    # Execute
+    lora_cost = costmodel.predict(profile(16), SPEC, fit, lora, 64, 1e8)
+    full_cost = costmodel.predict(profile(16), SPEC, fit, full, 64, 1e8)
+    sgd_cost = costmodel.predict(profile(16), SPEC, fit, replace(full, optimizer="sgd"), 64, 1e8)
+
+    # Assert: 4 x 147,456 weights at 20 bytes, 4 of which the fp32 base holds anyway, plus one direction buffer,
+    # against LoRA's 24,576 parameters at 16 bytes
+    blocks = 4 * 384 * 384
+    heads = 770
+    assert full_cost.peak_memory_bytes - lora_cost.peak_memory_bytes == pytest.approx(
+        blocks * (20 - 4) + 4 * 384 * 384 - (4 * 8 * 768) * 16, rel=1e-9
+    )
+    assert full_cost.peak_memory_bytes - sgd_cost.peak_memory_bytes == blocks * 8
+    assert full_cost.payload_bytes == 4 * (1000 + heads) and full_cost.step_seconds > lora_cost.step_seconds
+
+
+def test_the_ferret_planner_gives_a_tight_agent_fewer_blocks_and_leaves_out_one_that_fits_none() -> None:
+    # Prepare: full precision only; the whole mask at batch 2 needs 0.735 GiB, half of it 0.708 GiB (usable: 90%)
+    profiles = {"roomy": profile(16), "tight": profile(0.80), "tiny": profile(0.7)}
+    options = replace(FERRET, search=replace(FERRET.search, quantizations=(Quantization.NONE,)))
+
+    # Execute
+    planned = fedpipe_plan(profiles, SPEC, options, 1)
+
+    # Assert
+    assert planned.plans["roomy"].mode == "ferret" and planned.plans["roomy"].rank_pattern == {}
+    assert len(planned.plans["roomy"].target_modules) == 24
+    assert len(planned.plans["tight"].target_modules) == 12
+    assert "tiny" in planned.excluded and "GiB" in planned.excluded["tiny"]
+    assert planned.plans["roomy"].directions == 1000 and planned.plans["roomy"].shared_seed == FERRET.seed

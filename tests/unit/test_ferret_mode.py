@@ -12,7 +12,7 @@ from common.errors import InvalidArgument, StaleRound
 from common.ferret import reconstruct, weights_digest
 from common.types import ModelSpec, ModuleShape, Quantization, TensorInfo, TrainPlan, UpdateMeta
 from coordinator.modes import Contribution
-from coordinator.modes.ferret import COEF, BaseWeights, FerretGlobal, FerretMode
+from coordinator.modes.ferret import COEF, DELTA, BaseWeights, FerretGlobal, FerretMode
 from coordinator.strategy import get_strategy
 
 Q, V = "enc.layer.0.q", "enc.layer.0.v"
@@ -137,7 +137,7 @@ def test_the_aggregate_is_the_weighted_mean_of_the_agents_reconstructions() -> N
         expected = global_.blocks[block] + (3 * rebuilt[0] + rebuilt[1]) / 4
         torch.testing.assert_close(new.blocks[block], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(new.heads[HEAD_W], torch.full((2, 4), 2.0))
-    assert new.previous_digest == ferret.digest(global_) and new.coefficients[Q].numel() == 4
+    assert new.previous_digest == ferret.digest(global_) and new.coefficients[Q + COEF].numel() == 4
     assert metrics["directions"] == 10.0
 
 
@@ -175,7 +175,9 @@ def test_the_checkpoint_round_trip_keeps_every_bit_and_the_route_from_the_previo
     # Assert
     assert isinstance(back, FerretGlobal) and isinstance(new, FerretGlobal)
     assert ferret.digest(back) == ferret.digest(new) == weights_digest({**new.blocks, **new.heads})
-    assert back.previous_digest == new.previous_digest and torch.equal(back.coefficients[V], new.coefficients[V])
+    assert back.previous_digest == new.previous_digest and torch.equal(
+        back.coefficients[V + COEF], new.coefficients[V + COEF]
+    )
 
 
 def test_a_change_norm_is_estimated_from_the_coefficients() -> None:
@@ -189,3 +191,29 @@ def test_a_change_norm_is_estimated_from_the_coefficients() -> None:
     # Assert
     assert norms[Q + COEF] == pytest.approx(5.0 * (2 / 16) ** 0.5)
     assert norms[HEAD_W] == pytest.approx(8**0.5) and norms[HEAD_B] == 0.0
+
+
+def test_with_no_directions_the_blocks_whole_changes_travel_and_average_exactly() -> None:
+    # Prepare: the FedAvg reference: a plan of 0 directions (the mode learns the blocks' shapes from its global)
+    ferret = mode()
+    global_ = ferret.initial(SPEC, {"a": PLAN}, seed=3)
+    assert isinstance(global_, FerretGlobal)
+    plan = replace(PLAN, directions=0)
+    heads = {HEAD_W: torch.zeros(2, 4), HEAD_B: torch.zeros(2)}
+    a = Contribution("a", 1.0, {Q + DELTA: torch.ones(4, 4), V + DELTA: torch.zeros(4, 6), **heads}, plan)
+    b = Contribution("b", 3.0, {Q + DELTA: torch.full((4, 4), 5.0), V + DELTA: torch.ones(4, 6), **heads}, plan)
+
+    # Execute
+    ferret.check_declared(
+        [TensorInfo(Q + DELTA, (4, 4), "float32"), TensorInfo(V + DELTA, (4, 6), "float32"), *infos({})[-2:]],
+        plan,
+        SPEC,
+    )
+    new, _ = ferret.aggregate(global_, [a, b], get_strategy("fedavg"), round_=1)
+
+    # Assert: old + (1 * 1 + 3 * 5) / 4 = old + 4; the wrong shape is refused
+    assert isinstance(new, FerretGlobal)
+    torch.testing.assert_close(new.blocks[Q], global_.blocks[Q] + 4.0)
+    torch.testing.assert_close(new.blocks[V], global_.blocks[V] + 0.75)
+    with pytest.raises(InvalidArgument, match=r"expected float32 \(4, 4\)"):
+        ferret.check_declared([TensorInfo(Q + DELTA, (16,), "float32")], plan, SPEC)
