@@ -64,11 +64,22 @@ def round_line(record: dict[str, Any], rounds: int, causal: bool = False) -> str
     )
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports nobody listens on now; every socket stays bound until all are chosen,
+    so two calls for one federation never hand out the same port."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def free_port() -> int:
     """A port nobody listens on now; fixed up front so a restarted coordinator keeps its address."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 class Federation:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy.local_federation import Federation, free_port
+from deploy.local_federation import Federation, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -107,10 +107,10 @@ def watched(tmp_path_factory: pytest.TempPathFactory, prometheus_tools: tuple[Pa
     """Prometheus scraping a federation that has finished its first round (and goes on to round 4)."""
     base = tmp_path_factory.mktemp("prometheus")
     prometheus_bin, promtool = prometheus_tools
-    coordinator_port, agent_ports = free_port(), {agent: free_port() for agent in AGENTS}
+    coordinator_port, web, *ports = free_ports(2 + len(AGENTS))
+    agent_ports = dict(zip(AGENTS, ports, strict=True))
     config = base / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config(coordinator_port, agent_ports)))
-    web = free_port()
     with (base / "prometheus.log").open("wb") as log:
         server = subprocess.Popen(
             [str(prometheus_bin), f"--config.file={config}", f"--storage.tsdb.path={base / 'tsdb'}",
