@@ -13,11 +13,12 @@ Arms, alike but for these keys: lora (rank 8, alpha 16, lr 1e-3, the demo's), fe
 MiniLM and 2e-5 for SmolLM2, the usual full fine-tuning rates), and fedavg-full (the same with 0 directions:
 every block's whole change travels, plain FedAvg of the same blocks). One thread per agent, no calibration.
 
-From each run directory: held-out accuracy per round (rounds.jsonl), the bytes each agent sent and received
+From each run directory: held-out accuracy and loss per round (rounds.jsonl), the bytes each agent sent and received
 per round, training, projection and peak memory (rounds/NNNN/plans.json), the coordinator's aggregation
 seconds (rounds.jsonl) and each agent's reconstruction seconds (its log's "rebuilt ... in Xs" lines).
 Every process imports the code on PYTHONPATH: run it from a copy of the tree (BENCHMARKS.md gives the
-command). `--only classifier|causal`, `--seeds N` narrow it. Writes bench/results/ferret_vs_lora.json.
+command). `--only classifier|causal`, `--seeds N` narrow it; a run it finished before (runs/ferret-vs-lora/*/bench.json)
+is kept unless `--fresh`. Writes bench/results/ferret_vs_lora.json.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def measure(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
         rounds.append({
             "round": record["round"],
             "accuracy": record["heldout"]["accuracy"],
+            "loss": record["heldout"]["loss"],
             "seconds": record["seconds"],
             "aggregation_seconds": record.get("aggregation_seconds", 0.0),
             "upload_bytes": sum(m["upload_bytes"] for m in measured),
@@ -108,8 +110,14 @@ def measure(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
             rebuilt[int(round_)] = max(rebuilt.get(int(round_), 0.0), float(seconds))
     for entry in rounds:
         entry["agent_reconstruction_seconds_max"] = rebuilt.get(entry["round"] - 1, 0.0)
-    zero = next((r["heldout"]["accuracy"] for r in records if r["round"] == 0 and r.get("heldout")), None)
-    return {"round0_accuracy": zero, "rounds": rounds, "final_accuracy": summary["final_accuracy"]}
+    zero = next((r["heldout"] for r in records if r["round"] == 0 and r.get("heldout")), None)
+    return {
+        "round0_accuracy": zero["accuracy"] if zero else None,
+        "round0_loss": zero["loss"] if zero else None,
+        "rounds": rounds,
+        "final_accuracy": summary["final_accuracy"],
+        "final_loss": rounds[-1]["loss"] if rounds else None,
+    }
 
 
 def main() -> int:
@@ -117,6 +125,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("classifier", "causal"), default=None)
     parser.add_argument("--seeds", type=int, default=None, help="seeds per task (default: 3 classifier, 2 causal)")
+    parser.add_argument("--fresh", action="store_true", help="rerun arms whose run directory holds a finished run")
     args = parser.parse_args()
     runs: list[dict[str, Any]] = []
     for task in ("classifier", "causal"):
@@ -125,22 +134,36 @@ def main() -> int:
         for seed in range(1, (args.seeds or (3 if task == "classifier" else 2)) + 1):
             for name in ("lora", "ferret-1k", "ferret-10k", "fedavg-full"):
                 run_dir = RUNS / f"{task}-{name}-s{seed}"
-                start = time.monotonic()
-                summary = federate(arm(base(task, run_dir, seed), name, task), run_dir, timeout_s=7200)
-                record: dict[str, Any] = {"task": task, "arm": name, "seed": seed}
-                record["wall_s"] = round(time.monotonic() - start, 1)
-                record.update(measure(run_dir, summary))
+                done = run_dir / "bench.json"
+                if done.exists() and not args.fresh:
+                    # A run this script finished before (the settings are fixed, the runs seeded): kept.
+                    record: dict[str, Any] = json.loads(done.read_text())
+                else:
+                    start = time.monotonic()
+                    summary = federate(arm(base(task, run_dir, seed), name, task), run_dir, timeout_s=7200)
+                    record = {"task": task, "arm": name, "seed": seed}
+                    record["wall_s"] = round(time.monotonic() - start, 1)
+                    record.update(measure(run_dir, summary))
+                    done.write_text(json.dumps(record))
                 runs.append(record)
-                print(f"{task} {name} s{seed}: {[round(r['accuracy'], 3) for r in record['rounds']]}", flush=True)
+                print(
+                    f"{task} {name} s{seed}: accuracy {[round(r['accuracy'], 3) for r in record['rounds']]}"
+                    f" loss {[round(r['loss'], 4) for r in record['rounds']]}",
+                    flush=True,
+                )
     table: dict[str, dict[str, Any]] = {}
     for key in sorted({(r["task"], r["arm"]) for r in runs}):
         chosen = [r for r in runs if (r["task"], r["arm"]) == key]
         finals = [r["final_accuracy"] for r in chosen]
+        losses = [r["final_loss"] for r in chosen]
         rounds = [x for r in chosen for x in r["rounds"]]
         table[f"{key[0]}/{key[1]}"] = {
             "final_mean": statistics.mean(finals),
             "final_min": min(finals),
             "final_max": max(finals),
+            "final_loss_mean": statistics.mean(losses),
+            "final_loss_min": min(losses),
+            "final_loss_max": max(losses),
             "seeds": len(finals),
             "upload_bytes_per_round": statistics.mean(x["upload_bytes"] for x in rounds),
             "download_bytes_per_round": statistics.mean(x["download_bytes"] for x in rounds),
@@ -154,6 +177,7 @@ def main() -> int:
         row = table[f"{key[0]}/{key[1]}"]
         print(
             f"{key[0]:10s} {key[1]:12s} final {row['final_mean']:.3f} ({row['final_min']:.3f}-{row['final_max']:.3f}) "
+            f"loss {row['final_loss_mean']:.4f} ({row['final_loss_min']:.4f}-{row['final_loss_max']:.4f}) "
             f"up {row['upload_bytes_per_round'] / 2**20:.2f} MiB/round, round {row['round_seconds']:.1f}s"
         )
     write_result(

@@ -247,3 +247,4 @@ class RoundResult:
     refused: tuple[str, ...] = field(default_factory=tuple)  # accepted updates left out when the round closed
     failure: str | None = None  # why the round was not aggregated (no quorum, a non-finite aggregate), or None
     aggregation_seconds: float = 0.0  # the strategy's time (Ferret: rebuilding the blocks from coefficients)
+    truncated_energy_share: float | None = None  # SVD-ordered strategies: share of the update the global rank dropped

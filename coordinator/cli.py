@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
     from coordinator.modes import Mode
     from coordinator.planner import PlanOptions, SearchSpace
+    from coordinator.strategy import Strategy
 
 log = logging.getLogger("fedpipe.coordinator")
 
@@ -64,7 +65,6 @@ def run(config: CoordinatorConfig) -> int:
     from coordinator.planner import PLANNERS
     from coordinator.registry import Registry
     from coordinator.server import start_server
-    from coordinator.strategy import get_strategy
 
     # Credentials first: a bad certificate path must not leave a half-started coordinator behind.
     tls = config.tls
@@ -105,16 +105,22 @@ def run(config: CoordinatorConfig) -> int:
         Registry(spec),
         PLANNERS[config.planner],
         options,
-        get_strategy(config.strategy, config.aggregation.trim_fraction),
+        build_strategy(config),
         metrics,
         base_path,
         evaluator,
         mode,
     )
-    if config.metrics.port >= 0:
-        metrics_port = serve(metrics.registry, config.metrics.host, config.metrics.port)
-        log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_port)
+    # gRPC binds first: its port is fixed (agents know it), the metrics port may be 0, and the OS
+    # could hand an ephemeral metrics port the very number gRPC was about to take.
     serving = start_server(orchestrator.admission, config.server, metrics, security)
+    if config.metrics.port >= 0:
+        try:
+            metrics_port = serve(metrics.registry, config.metrics.host, config.metrics.port)
+        except OSError:
+            serving.stop(grace_s=0)
+            raise
+        log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_port)
     log.info(
         "serving fedpipe.v1.Coordinator on %s:%d (%s, run %s, dir %s)",
         config.server.host,
@@ -141,6 +147,21 @@ def run(config: CoordinatorConfig) -> int:
     if accuracy is not None:
         log.info("final accuracy: %.3f (%s, round %d)", accuracy, summary["final_source"], summary["final_round"])
     return 0
+
+
+def build_strategy(config: CoordinatorConfig) -> Strategy:
+    """The aggregation strategy, under the server optimizer the config names."""
+    from coordinator.strategy import get_strategy
+    from coordinator.strategy.server_opt import ServerSettings
+
+    agg = config.aggregation
+    server = None
+    if agg.server_optimizer != "none":
+        lr = agg.server_lr if agg.server_lr is not None else (1.0 if agg.server_optimizer == "fedavgm" else 0.01)
+        server = ServerSettings(
+            agg.server_optimizer, lr, agg.server_beta1, agg.server_beta2, agg.server_tau, agg.global_rank
+        )
+    return get_strategy(config.strategy, agg.trim_fraction, agg.global_rank, server)
 
 
 def build_mode(config: CoordinatorConfig, spec: ModelSpec, base_path: str) -> Mode:

@@ -248,6 +248,24 @@ class AggregationSection(Section):
     trim_fraction: float = Field(
         0.2, ge=0, lt=0.5, description="trimmed-mean: share of the updates dropped at each end, per coordinate"
     )
+    global_rank: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="rank-padding and flexlora: rank the SVD-ordered global keeps per module "
+        "(0: the largest of its current rank and the ranks trained that round)",
+    )
+    server_optimizer: Literal["none", "fedavgm", "fedadam", "fedyogi"] = Field(
+        "none",
+        description="a server optimizer over the round's averaged change (Reddi et al.): moments on each module's "
+        "dW and the heads, saved with every checkpoint (LoRA mode only)",
+    )
+    server_lr: float | None = Field(
+        None, gt=0, le=100, description="server learning rate (default 1.0 for fedavgm, 0.01 for fedadam and fedyogi)"
+    )
+    server_beta1: float = Field(0.9, ge=0, lt=1, description="server momentum / first-moment decay")
+    server_beta2: float = Field(0.99, ge=0, lt=1, description="fedadam, fedyogi: second-moment decay")
+    server_tau: float = Field(1e-3, gt=0, le=1, description="fedadam, fedyogi: adaptivity (v starts at tau^2)")
 
 
 class CoordinatorConfig(BaseSettings):
@@ -261,9 +279,12 @@ class CoordinatorConfig(BaseSettings):
     planner: Literal["fedpipe", "uniform"] = Field(
         "fedpipe", description="fedpipe: per-agent plans from measured resources; uniform: one plan for all"
     )
-    strategy: Literal["rank-padding", "fedavg", "coordinate-median", "trimmed-mean"] = Field(
+    strategy: Literal[
+        "rank-padding", "slot-average", "flexlora", "hetlora", "fedavg", "coordinate-median", "trimmed-mean"
+    ] = Field(
         "rank-padding",
-        description="aggregation: rank-padding (weighted, per rank slot), fedavg (equal ranks), or the robust "
+        description="aggregation: rank-padding (exact weighted mean of the changes, SVD-ordered), slot-average "
+        "(per rank slot, the old baseline), flexlora, hetlora, fedavg (equal ranks), or the robust "
         "coordinate-median and trimmed-mean (unweighted, per coordinate)",
     )
     log_format: Literal["text", "json"] = Field("text", description="log line format")
@@ -282,3 +303,14 @@ class CoordinatorConfig(BaseSettings):
     planning: PlanningSection = PlanningSection()
     training: TrainingSection = TrainingSection()
     evaluation: EvaluationSection = EvaluationSection()
+
+    @model_validator(mode="after")
+    def _server_optimizer_fits(self) -> CoordinatorConfig:
+        if self.aggregation.server_optimizer != "none" and self.training.mode == "ferret":
+            # Ferret broadcasts the averaged coefficients and every agent applies them itself; a server step
+            # would make the coordinator's weights differ from every agent's.
+            raise ValueError(
+                f"aggregation.server_optimizer {self.aggregation.server_optimizer} needs training.mode lora: "
+                "the ferret mode broadcasts coefficients, not the coordinator's weights"
+            )
+        return self

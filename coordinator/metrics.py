@@ -48,6 +48,11 @@ class CoordinatorMetrics:
         self.ferret_directions = Gauge(
             "fedpipe_ferret_directions", "Ferret: directions of the last round's combined update", registry=r
         )
+        self.truncated_energy_share = Gauge(
+            "fedpipe_aggregation_truncated_energy_share",
+            "Share of the last round's update energy that truncation to the global rank dropped",
+            registry=r,
+        )
         self.agents_registered = Gauge("fedpipe_agents_registered", "Agents known to the registry", registry=r)
         self.agents_alive = Gauge("fedpipe_agents_alive", "Agents with a recent heartbeat", registry=r)
         self.agent_up = Gauge(

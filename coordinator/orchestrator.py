@@ -174,11 +174,12 @@ class Orchestrator:
         if self.mask is not None:
             self.metrics.mask_size.set(len(self.mask))
         log.info(
-            "resuming run %s after round %d from %s (global sha256 %s, %s, %s in the mask)",
+            "resuming run %s after round %d from %s (global sha256 %s, strategy state sha256 %s, %s, %s in the mask)",
             self.run_id,
             global_.round,
             self.config.run.run_dir,
             meta.get("global_sha256", "?"),
+            meta.get("strategy_sha256", "?"),
             self.mode.describe(global_),
             f"{len(self.mask)} matrices" if self.mask is not None else "every candidate",
         )
@@ -304,8 +305,11 @@ class Orchestrator:
         if "directions" in agg_metrics:
             self.metrics.ferret_directions.set(agg_metrics["directions"])
             self.metrics.ferret_reconstruction_seconds.set(agg_metrics["reconstruction_seconds"])
+        truncated = agg_metrics.get("truncated_energy_share")
+        if truncated is not None:
+            self.metrics.truncated_energy_share.set(truncated)
         log.info(
-            "round %d: aggregated %d updates (%d samples, |dW| change %.4f) in %.2fs%s",
+            "round %d: aggregated %d updates (%d samples, |dW| change %.4f) in %.2fs%s%s",
             round_,
             len(updates),
             samples,
@@ -314,10 +318,14 @@ class Orchestrator:
             f", {agg_metrics['directions']:.0f} directions rebuilt in {agg_metrics['reconstruction_seconds']:.2f}s"
             if "directions" in agg_metrics
             else "",
+            f", global rank {agg_metrics['max_rank']:.0f} drops {100 * truncated:.2f}% of the update's energy"
+            f" (worst module {100 * agg_metrics['truncated_energy_share_max']:.2f}%)"
+            if truncated is not None
+            else "",
         )
         result = RoundResult(
             round_, tuple(sorted(inbox)), seconds, samples, train_loss=train_loss, dropped=dropped, refused=refused,
-            aggregation_seconds=agg_seconds,
+            aggregation_seconds=agg_seconds, truncated_energy_share=truncated,
         )  # fmt: skip
         return self._evaluate(round_, plans, result)
 
@@ -428,10 +436,14 @@ class Orchestrator:
             Contribution(agent, weights[agent], admitted.update.tensors, plans[agent])
             for agent, admitted in sorted(inbox.items())
         ]
+        # A refused aggregate publishes nothing, so a stateful strategy (server momentum) must not keep the
+        # moments it moved either: they go back to where this round found them.
+        kept = self.strategy.state_dict()
         try:
             new_global, metrics = self.mode.aggregate(global_, contributions, self.strategy, round_)
             self.mode.check_global(new_global, self.config.updates.max_abs_value)
         except (InvalidArgument, ArithmeticError) as err:
+            self.strategy.load_state_dict(kept)
             return str(err)
         seconds = time.perf_counter() - start
         self.metrics.aggregation_duration.observe(seconds)

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from common.errors import ConfigError
+from common.ferret import weights_digest
 from common.types import (
     CalibrationPoint,
     DeviceProfile,
@@ -161,6 +162,7 @@ class RunDir:
         digest = self.mode.digest(global_)
         record = {**dict(extra or {}), "round": global_.round, "fingerprint": self.spec.fingerprint}
         record["mode"] = self.mode.name
+        record["strategy_sha256"] = weights_digest(dict(strategy_state or {}))
         write_json(state_dir / STATE_FILE, {**record, "global_file": name, "global_sha256": digest})
         for old in state_dir.glob("global*.safetensors"):
             if old.name != name:
@@ -200,6 +202,9 @@ class RunDir:
         expected = meta.get("global_sha256")
         if expected is not None and self.mode.digest(global_) != expected:
             raise ConfigError(f"run.run_dir: {state_dir} is corrupt: the global does not match its sha256")
+        expected_strategy = meta.get("strategy_sha256")
+        if expected_strategy is not None and weights_digest(strategy) != expected_strategy:
+            raise ConfigError(f"run.run_dir: {state_dir} is corrupt: the strategy's state does not match its sha256")
         return global_, strategy, meta
 
     def finalize(self, global_: GlobalState, summary: Mapping[str, Any]) -> Path:
@@ -267,6 +272,7 @@ def result_from_record(record: Mapping[str, Any]) -> RoundResult:
         refused=tuple(record.get("refused", ())),
         failure=record.get("failure"),
         aggregation_seconds=record.get("aggregation_seconds", 0.0),
+        truncated_energy_share=record.get("truncated_energy_share"),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from common.adapters import FoldedUpdate, GlobalAdapter
-from coordinator.strategy import rank_padding
+from coordinator.strategy import slot_average
 
 
 def aggregate(global_: GlobalAdapter, updates: Sequence[FoldedUpdate]) -> tuple[GlobalAdapter, dict[str, float]]:
@@ -20,5 +20,5 @@ def aggregate(global_: GlobalAdapter, updates: Sequence[FoldedUpdate]) -> tuple[
                     f"fedavg needs equal ranks: {update.agent_id} sent rank {pair.rank} for {module}, "
                     f"expected {expected}; use the rank-padding strategy"
                 )
-    # With equal ranks every slot is covered by every holder, so rank padding reduces to FedAvg.
-    return rank_padding.aggregate(global_, updates)
+    # With equal ranks every slot is covered by every holder, so the per-slot average is FedAvg of A and B.
+    return slot_average.aggregate(global_, updates)

@@ -1,7 +1,7 @@
 """Robust aggregation: coordinate-wise median and trimmed mean (Yin et al., ICML 2018), for runs that expect
 hostile or broken agents among the honest ones.
 
-Both work like rank padding (per module over the agents that trained it, per rank slot over the agents whose
+Both work like the per-slot average (per module over the agents that trained it, per rank slot over the agents whose
 rank covers it, heads per tensor) but replace the weighted mean by a per-coordinate statistic that a
 minority of agents cannot move far. They ignore sample weights on purpose: a weight is the agents' own
 claim, and a robust statistic that honoured it could be outvoted by one large claim.
@@ -16,7 +16,7 @@ from functools import partial
 import torch
 
 from common.adapters import FoldedUpdate, GlobalAdapter
-from coordinator.strategy.rank_padding import aggregate as padded
+from coordinator.strategy.slot_average import aggregate as padded
 
 
 def coordinate_median(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:

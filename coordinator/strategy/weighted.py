@@ -6,7 +6,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from common.adapters import FoldedUpdate
+from common.adapters import FoldedUpdate, GlobalAdapter
+from coordinator.strategy.lowrank import energy
 
 Combine = Callable[[Sequence[torch.Tensor], Sequence[float]], torch.Tensor]  # tensors and weights -> one tensor
 
@@ -53,3 +54,28 @@ def update_norm(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Te
         if name in before and before[name].shape == value.shape:
             squared += float((value.double() - before[name].double()).pow(2).sum())
     return float(squared**0.5)  # float ** float is Any to mypy
+
+
+def delta_norm(before: GlobalAdapter, after: GlobalAdapter) -> float:
+    """Norm of the change in dW (factored, comparable across ranks) and heads."""
+    squared = 0.0
+    for module, pair in after.lora.items():
+        old = before.lora.get(module)
+        if old is None:
+            squared += energy([pair.b], [pair.a])
+        else:
+            squared += energy([pair.b, -old.b], [pair.a, old.a])
+    return float((squared + update_norm(before.heads, after.heads) ** 2) ** 0.5)
+
+
+def round_metrics(
+    before: GlobalAdapter, after: GlobalAdapter, updates: int, samples: float, modules: int
+) -> dict[str, float]:
+    """The figures every LoRA strategy reports for a round."""
+    return {
+        "updates": float(updates),
+        "samples": samples,
+        "modules": float(modules),
+        "max_rank": float(max((pair.rank for pair in after.lora.values()), default=0)),
+        "delta_norm": delta_norm(before, after),
+    }

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
+from common.ferret import weights_digest
 from deploy.local_federation import Federation
 
 pytestmark = pytest.mark.integration
@@ -25,7 +26,13 @@ pytestmark = pytest.mark.integration
 WAIT_S = 240.0
 
 
-def spec(run_dir: Path, agents: int, rounds: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def spec(
+    run_dir: Path,
+    agents: int,
+    rounds: int,
+    overrides: dict[str, Any] | None = None,
+    aggregation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Tiny real training: MiniLM, LoRA rank 4 on query/value, a few steps per round, no evaluation."""
     return {
         "coordinator": {
@@ -45,6 +52,7 @@ def spec(run_dir: Path, agents: int, rounds: int, overrides: dict[str, Any] | No
             "selection": {"mode": "all"},
             "training": {"batch_size": 8, "max_steps": 6, "max_seq_len": 32},
             "evaluation": {"agents": False, "initial": False, "heldout": None},
+            "aggregation": aggregation or {},
         },
         "agents": {
             "count": agents,
@@ -130,9 +138,10 @@ def test_agent_killed_mid_round_round_closes_with_the_rest_and_the_agent_rejoins
 
 
 def test_coordinator_killed_mid_round_resumes_with_the_saved_global_and_agents_carry_on(tmp_path: Path) -> None:
-    # Prepare: two agents, three rounds; wait for round 1 to be saved and round 2 to be under way
+    # Prepare: two agents, three rounds under FedAdam, whose moments must survive the crash with the global;
+    # wait for round 1 to be saved and round 2 to be under way
     run_dir = tmp_path / "run"
-    with Federation(spec(run_dir, agents=2, rounds=3), run_dir) as fed:
+    with Federation(spec(run_dir, agents=2, rounds=3, aggregation={"server_optimizer": "fedadam"}), run_dir) as fed:
         fed.start_coordinator()
         assert fed.wait_serving()
         for agent_id in fed.agent_ids:
@@ -158,10 +167,16 @@ def test_coordinator_killed_mid_round_resumes_with_the_saved_global_and_agents_c
         # Assert: resumed from round 1 with the very global saved before the crash, and finished with the same agents
         assert restarted.returncode == 0, fed.log("coordinator", 2)[-3000:]
         log = fed.log("coordinator", 2)
-        match = re.search(r"resuming run (\w+) after round 1 from .* \(global sha256 ([0-9a-f]{64})", log)
+        match = re.search(
+            r"resuming run (\w+) after round 1 from .* \(global sha256 ([0-9a-f]{64}), strategy state sha256 "
+            r"([0-9a-f]{64})",
+            log,
+        )
         assert match is not None, log[-2000:]
         assert match.group(1) == state["run_id"]
         assert match.group(2) == state["global_sha256"]
+        # the moments came back as saved (load_state refuses a state whose tensors do not match this digest)
+        assert match.group(3) == state["strategy_sha256"] != weights_digest({})
         records = fed.rounds_done()
         assert [r["round"] for r in records] == [1, 2, 3]
         assert all(sorted(r["agents"]) == ["agent-1", "agent-2"] for r in records)
@@ -170,7 +185,8 @@ def test_coordinator_killed_mid_round_resumes_with_the_saved_global_and_agents_c
         assert {a: p.pid for a, p in fed.agents.items()} == agents_before, "no agent was restarted"
         assert all(p.wait(timeout=60) == 0 for p in fed.agents.values())
         print(
-            f"RELIABILITY coordinator-kill: killed mid-round 2, resumed after round 1 (same sha256) "
+            f"RELIABILITY coordinator-kill: killed mid-round 2 (FedAdam), resumed after round 1 "
+            f"(global and moments, same sha256) "
             f"{resumed_s:.1f}s after restart, round 2 training again after {training_s:.1f}s; "
             f"rounds completed 3/3, agents restarted 0"
         )

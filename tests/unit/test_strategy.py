@@ -15,7 +15,7 @@ from common.errors import ConfigError
 from common.types import Quantization, TrainPlan
 from coordinator.strategy import NAMES, LoraAggregate, get_strategy
 from coordinator.strategy.fedavg import aggregate as fedavg
-from coordinator.strategy.rank_padding import aggregate as rank_padding
+from coordinator.strategy.slot_average import aggregate as slot_average
 from coordinator.strategy.weighted import average_heads, total_weight, update_norm, weighted_mean
 
 M = "layer.0.q"
@@ -129,7 +129,7 @@ def test_hand_computed_example_two_agents_ranks_one_and_two() -> None:
     global_ = global_adapter({M: current})
 
     # Execute
-    new, metrics = rank_padding(global_, [agent1, agent2])
+    new, metrics = slot_average(global_, [agent1, agent2])
 
     # Assert
     # slot 0, both agents, weights 1 and 3: A = ([1,2,3] + 3 [3,0,3]) / 4, B = ([2,4] + 3 [2,0]) / 4
@@ -153,7 +153,7 @@ def test_hand_computed_example_without_global_module() -> None:
     )
 
     # Execute
-    new, metrics = rank_padding(global_adapter({}), [agent1, agent2])
+    new, metrics = slot_average(global_adapter({}), [agent1, agent2])
 
     # Assert
     assert torch.equal(new.lora[M].a, torch.tensor([[2.5, 0.5, 3.0], [1.0, 1.0, 1.0]]))
@@ -171,7 +171,7 @@ def test_scaling_is_folded_before_averaging() -> None:
     agent_big = fold_update("b", 1.0, {f"{M}.lora_A": a, f"{M}.lora_B": torch.tensor([[1.0], [2.0]])}, plan(1, 4.0))
 
     # Execute
-    new, _ = rank_padding(global_adapter({}), [agent_small, agent_big])
+    new, _ = slot_average(global_adapter({}), [agent_small, agent_big])
 
     # Assert: both agents meant dW = [[4, 0, 0], [8, 0, 0]], so the average is that dW, not a mix of scales
     assert torch.equal(new.lora[M].b @ new.lora[M].a, torch.tensor([[4.0, 0.0, 0.0], [8.0, 0.0, 0.0]]))
@@ -199,7 +199,7 @@ def test_equal_ranks_and_weights_is_exactly_fedavg(
     plain_b = (torch.stack([p.b for p in pairs]).double().sum(0) / n_agents).float()
 
     # Execute
-    padded, _ = rank_padding(global_, updates)
+    padded, _ = slot_average(global_, updates)
     averaged, _ = fedavg(global_, updates)
 
     # Assert
@@ -219,7 +219,7 @@ def test_equal_ranks_and_weights_matches_fedavg_for_random_floats(
     updates = [update(f"a{i}", weight, {M: p}) for i, p in enumerate(pairs)]
 
     # Execute
-    new, _ = rank_padding(global_adapter({M: pair(rank, seed - 1)}), updates)
+    new, _ = slot_average(global_adapter({M: pair(rank, seed - 1)}), updates)
 
     # Assert
     torch.testing.assert_close(new.lora[M].a, torch.stack([p.a for p in pairs]).mean(0))
@@ -245,7 +245,7 @@ def test_unequal_ranks_average_each_slot_over_covering_agents(
     expected = reference_rank_padding(current, pairs, weights)
 
     # Execute
-    new, metrics = rank_padding(global_, updates)
+    new, metrics = slot_average(global_, updates)
 
     # Assert
     result = new.lora[M]
@@ -280,8 +280,8 @@ def test_result_does_not_depend_on_agent_order(
     rng.shuffle(shuffled)
 
     # Execute
-    first, _ = rank_padding(global_adapter({}, heads), updates)
-    second, _ = rank_padding(global_adapter({}, heads), shuffled)
+    first, _ = slot_average(global_adapter({}, heads), updates)
+    second, _ = slot_average(global_adapter({}, heads), shuffled)
 
     # Assert
     torch.testing.assert_close(first.lora[M].a, second.lora[M].a, rtol=1e-6, atol=1e-7)
@@ -296,7 +296,7 @@ def test_module_is_averaged_only_over_agents_that_trained_it() -> None:
     global_ = global_adapter({M: pair(2, 10), N: pair(2, 11)})
 
     # Execute
-    new, metrics = rank_padding(global_, updates)
+    new, metrics = slot_average(global_, updates)
 
     # Assert
     assert torch.equal(new.lora[M].a, (m1.a + 3 * m2.a) / 4)
@@ -313,7 +313,7 @@ def test_modules_and_heads_nobody_trained_keep_the_global_value() -> None:
     updates = [update("a1", 2.0, {M: pair(2, 6)}, {"classifier.bias": torch.tensor([4.0, 8.0])})]
 
     # Execute
-    new, _ = rank_padding(global_, updates)
+    new, _ = slot_average(global_, updates)
 
     # Assert
     assert torch.equal(new.lora[N].a, untouched.a)
@@ -332,7 +332,7 @@ def test_heads_are_sample_weighted_over_the_agents_that_carry_them() -> None:
     ]
 
     # Execute
-    new, _ = rank_padding(global_, updates)
+    new, _ = slot_average(global_, updates)
 
     # Assert
     assert torch.equal(new.heads["classifier.weight"], torch.tensor([[4.0, 5.0], [6.0, 7.0]]))
@@ -349,7 +349,7 @@ def test_aggregate_does_not_modify_its_inputs() -> None:
     snapshot = (current.a.clone(), current.b.clone(), head.clone(), sent.a.clone(), sent.b.clone())
 
     # Execute
-    new, _ = rank_padding(global_, updates)
+    new, _ = slot_average(global_, updates)
     new.lora[M].a.add_(1.0)
     new.heads["h.bias"].add_(1.0)
 
@@ -368,7 +368,7 @@ def test_identical_updates_return_the_same_adapter() -> None:
     updates = [update(f"a{i}", float(i + 1), {M: current}) for i in range(3)]
 
     # Execute
-    new, metrics = rank_padding(global_adapter({M: current}), updates)
+    new, metrics = slot_average(global_adapter({M: current}), updates)
 
     # Assert
     torch.testing.assert_close(new.lora[M].a, current.a)
@@ -384,8 +384,8 @@ def test_zero_weight_update_has_no_influence() -> None:
     idle = update("idle", 0.0, {M: pair(4, 3), N: pair(1, 4)}, {"h.bias": torch.tensor([9.0, 9.0])})
 
     # Execute
-    with_idle, _ = rank_padding(global_adapter({M: current}, heads), [*live, idle])
-    without, _ = rank_padding(global_adapter({M: current}, heads), live)
+    with_idle, _ = slot_average(global_adapter({M: current}, heads), [*live, idle])
+    without, _ = slot_average(global_adapter({M: current}, heads), live)
 
     # Assert
     assert set(with_idle.lora) == set(without.lora)
@@ -403,7 +403,7 @@ def test_delta_norm_counts_lora_and_head_changes() -> None:
     updates = [update("a", 1.0, {M: sent}, {"h.bias": torch.tensor([4.0])})]
 
     # Execute
-    _, metrics = rank_padding(global_, updates)
+    _, metrics = slot_average(global_, updates)
 
     # Assert: dW changes by 3 in one entry, the head by 4
     assert metrics["delta_norm"] == pytest.approx(5.0)
@@ -412,14 +412,14 @@ def test_delta_norm_counts_lora_and_head_changes() -> None:
 # ---------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("strategy", [rank_padding, fedavg], ids=["rank-padding", "fedavg"])
+@pytest.mark.parametrize("strategy", [slot_average, fedavg], ids=["slot-average", "fedavg"])
 def test_no_updates_raise(strategy: LoraAggregate) -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match="no updates"):
         strategy(global_adapter({M: pair(2, 1)}), [])
 
 
-@pytest.mark.parametrize("strategy", [rank_padding, fedavg], ids=["rank-padding", "fedavg"])
+@pytest.mark.parametrize("strategy", [slot_average, fedavg], ids=["slot-average", "fedavg"])
 @pytest.mark.parametrize("weights", [[0.0], [0.0, 0.0], [float("nan"), 1.0]])
 def test_zero_total_weight_raises(strategy: LoraAggregate, weights: list[float]) -> None:
     # Prepare
@@ -430,7 +430,7 @@ def test_zero_total_weight_raises(strategy: LoraAggregate, weights: list[float])
         strategy(global_adapter({M: pair(2, 9)}), updates)
 
 
-@pytest.mark.parametrize("strategy", [rank_padding, fedavg], ids=["rank-padding", "fedavg"])
+@pytest.mark.parametrize("strategy", [slot_average, fedavg], ids=["slot-average", "fedavg"])
 def test_negative_weight_raises(strategy: LoraAggregate) -> None:
     # Prepare
     updates = [update("a", 5.0, {M: pair(2, 1)}), update("b", -1.0, {M: pair(2, 2)})]
@@ -536,7 +536,7 @@ def test_update_norm_over_common_names_with_equal_shapes() -> None:
 # ---------------------------------------------------------------- registry
 
 
-@pytest.mark.parametrize(("name", "function"), [("rank-padding", rank_padding), ("fedavg", fedavg)])
+@pytest.mark.parametrize(("name", "function"), [("slot-average", slot_average), ("fedavg", fedavg)])
 def test_get_strategy_returns_registered_function(name: str, function: LoraAggregate) -> None:
     # Execute
     strategy = get_strategy(name)
@@ -546,7 +546,7 @@ def test_get_strategy_returns_registered_function(name: str, function: LoraAggre
     assert name in NAMES and strategy.state_dict() == {}
 
 
-@pytest.mark.parametrize("name", ["", "FedAvg", "flexlora", "rank_padding"])
+@pytest.mark.parametrize("name", ["", "FedAvg", "FlexLoRA", "rank_padding", "exact"])
 def test_get_strategy_unknown_name_raises_config_error_listing_choices(name: str) -> None:
     # Execute
     with pytest.raises(ConfigError) as caught:

@@ -1,4 +1,9 @@
-"""FedPipe's default aggregation: zero-pad folded LoRA factors to one rank, average per rank slot.
+"""The per-slot baseline (`slot-average`): zero-pad folded LoRA factors to one rank, average per rank slot.
+
+This was FedPipe's default before exact rank padding (coordinator/strategy/exact.py) and stays as the
+baseline it is measured against, and as the layout the robust strategies (per-coordinate statistics) and
+HetLoRA use. It is not the mean of the agents' updates: the mean of products B_i A_i is not the product
+of the means, and slot j has no fixed meaning across agents.
 
 Per module m, only the agents that trained m take part. Every update is already folded (B carries
 alpha / r, see common.adapters), so all dW share one scale. A (r_i x d_in) and B (d_out x r_i) are
@@ -14,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from common.adapters import FoldedUpdate, GlobalAdapter, LoraPair, pad_rank
-from coordinator.strategy.weighted import Combine, average_heads, total_weight, update_norm, weighted_mean
+from coordinator.strategy.weighted import Combine, average_heads, round_metrics, total_weight, weighted_mean
 
 
 def aggregate_module(
@@ -54,29 +59,4 @@ def aggregate(
         )
     heads = average_heads(global_.heads, updates, combine)
     new = GlobalAdapter(round=global_.round + 1, lora=lora, heads=heads)
-    metrics = {
-        "updates": float(len(updates)),
-        "samples": total,
-        "modules": float(len(modules)),
-        "max_rank": float(max((pair.rank for pair in lora.values()), default=0)),
-        "delta_norm": _delta_norm(global_, new),
-    }
-    return new, metrics
-
-
-def _product_inner(x: LoraPair, y: LoraPair) -> float:
-    """<B_x A_x, B_y A_y> (Frobenius) from r x r factors, never forming a d_out x d_in matrix."""
-    gram_b = x.b.double().T @ y.b.double()
-    gram_a = x.a.double() @ y.a.double().T
-    return float((gram_b * gram_a).sum())
-
-
-def _delta_norm(before: GlobalAdapter, after: GlobalAdapter) -> float:
-    """Norm of the change in dW and heads, comparable across ranks."""
-    squared = 0.0
-    for module, pair in after.lora.items():
-        squared += _product_inner(pair, pair)
-        old = before.lora.get(module)
-        if old is not None:
-            squared += _product_inner(old, old) - 2 * _product_inner(pair, old)
-    return float((max(squared, 0.0) + update_norm(before.heads, after.heads) ** 2) ** 0.5)
+    return new, round_metrics(global_, new, len(updates), total, len(modules))

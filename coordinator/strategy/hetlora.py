@@ -1,0 +1,33 @@
+"""HetLoRA's aggregation (Cho et al. 2024, "sparsity-weighted"): zero-padded factors averaged per rank slot
+with weights proportional to the norm of each agent's update ||B_i A_i||_F, per module.
+
+Like the paper, the norm replaces the sample count for the adapters (heads stay sample-weighted); an agent
+whose product is zero everywhere falls back to the sample weights. The global keeps the largest rank; the
+paper's rank self-pruning is not part of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from common.adapters import FoldedUpdate, GlobalAdapter
+from coordinator.strategy.lowrank import product_norm
+from coordinator.strategy.slot_average import aggregate_module
+from coordinator.strategy.weighted import average_heads, round_metrics, total_weight
+
+
+def aggregate(global_: GlobalAdapter, updates: Sequence[FoldedUpdate]) -> tuple[GlobalAdapter, dict[str, float]]:
+    """Norm-weighted per-slot average; modules nobody trained keep their value."""
+    total = total_weight(updates)
+    updates = [update for update in updates if update.weight > 0]
+    lora = dict(global_.lora)
+    modules = sorted({module for update in updates for module in update.lora})
+    for module in modules:
+        holders = [update for update in updates if module in update.lora]
+        pairs = [u.lora[module] for u in holders]
+        weights = [product_norm(pair) for pair in pairs]
+        if not sum(weights) > 0:
+            weights = [u.weight for u in holders]
+        lora[module] = aggregate_module(global_.lora.get(module), pairs, weights)
+    new = GlobalAdapter(round=global_.round + 1, lora=lora, heads=average_heads(global_.heads, updates))
+    return new, round_metrics(global_, new, len(updates), total, len(modules))
