@@ -181,14 +181,35 @@ def relative_bound(norms: Mapping[str, float], multiple: float, min_updates: int
     return multiple * median(list(norms.values()))
 
 
-def tensor_bounds(norms: Mapping[str, Mapping[str, float]], multiple: float, min_updates: int = 3) -> dict[str, float]:
+def tensor_bounds(
+    norms: Mapping[str, Mapping[str, float]],
+    multiple: float,
+    min_updates: int = 3,
+    sizes: Mapping[str, int] | None = None,
+    total_bound: float | None = None,
+) -> dict[str, float]:
     """Per tensor name, multiple x the median of its change norm over the round's updates that carry it (those
     carried by at least min_updates). An update's whole norm can hide a large change to one small tensor (a
-    classifier bias moved by all of its budget); this bound cannot be spent elsewhere."""
+    classifier bias moved by all of its budget); this bound cannot be spent elsewhere.
+
+    With `sizes` (values per tensor) and the round's whole-update bound, a tensor may always move by its share
+    of that bound by size, total_bound x sqrt(size / all sizes): what an update at the bound spread evenly
+    would give it. Without that floor a tensor that most agents barely move (the bias of a label an agent
+    hardly sees) has a median near zero, and an honest agent with skewed labels lands at 20x it.
+    """
     if multiple <= 0:
         return {}
     by_tensor: dict[str, list[float]] = {}
     for update in norms.values():
         for name, norm in update.items():
             by_tensor.setdefault(name, []).append(norm)
-    return {name: multiple * median(values) for name, values in by_tensor.items() if len(values) >= min_updates}
+    total_size = sum(sizes.values()) if sizes else 0
+    bounds = {}
+    for name, values in by_tensor.items():
+        if len(values) < min_updates:
+            continue
+        bound = multiple * median(values)
+        if sizes and total_bound is not None and total_size > 0:
+            bound = max(bound, total_bound * math.sqrt(sizes.get(name, 0) / total_size))
+        bounds[name] = bound
+    return bounds

@@ -301,3 +301,24 @@ def test_tensor_bounds_are_per_tensor_medians_of_the_updates_that_carry_them() -
     # Assert: the median of 4 bias norms is 0.0175, of 5 LoRA norms 1.0
     assert bounds == {"bias": pytest.approx(0.175), "lora": pytest.approx(10.0)}
     assert tensor_bounds(norms, 0.0) == {} and "bias" not in tensor_bounds(norms, 10.0, min_updates=5)
+
+
+def test_a_tensor_may_always_move_by_its_share_of_the_whole_bound() -> None:
+    # Prepare: the bias (2 values) of 3 balanced agents barely moves, a label-skewed honest agent moves it 20x;
+    # the adapter (9998 values) moves about 1 everywhere
+    norms = {
+        "a": {"bias": 0.0005, "lora": 1.0},
+        "b": {"bias": 0.0004, "lora": 1.1},
+        "c": {"bias": 0.0006, "lora": 0.9},
+        "skewed": {"bias": 0.011, "lora": 1.0},
+    }
+    sizes = {"bias": 2, "lora": 9998}
+
+    # Execute
+    bounds = tensor_bounds(norms, 10.0, sizes=sizes, total_bound=10.0)
+
+    # Assert: the bias bound is the floor 10 x sqrt(2 / 10000) = 0.141, over 10 x its median 0.0055, so the
+    # skewed agent passes, while the whole budget (10) put on the bias would still be 70x over
+    assert bounds["bias"] == pytest.approx(10.0 * (2 / 10000) ** 0.5)
+    assert norms["skewed"]["bias"] < bounds["bias"] < 10.0 / 70
+    assert bounds["lora"] == pytest.approx(10.0)  # 10 x the median 1.0 is above its floor 9.999
