@@ -298,6 +298,7 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
         shared_seed=plan.shared_seed,
         global_digest=plan.global_digest,
         held_modules=list(plan.held_modules),
+        proximal_mu=plan.proximal_mu,
     )
 
 
@@ -320,6 +321,8 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
         raise InvalidArgument("plan.rank_pattern", f"no rank for {missing[:3]}")
     if message.batch_size == 0:
         raise InvalidArgument("plan.batch_size", "must be positive")
+    if not 0.0 <= message.proximal_mu < 1e6:  # also refuses NaN
+        raise InvalidArgument("plan.proximal_mu", f"{message.proximal_mu} is not in [0, 1e6)")
     return TrainPlan(
         plan_id=message.plan_id,
         target_modules=tuple(message.target_modules),
@@ -343,6 +346,7 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
         shared_seed=message.shared_seed,
         global_digest=message.global_digest,
         held_modules=tuple(message.held_modules),
+        proximal_mu=message.proximal_mu,
     )
 
 

@@ -120,6 +120,7 @@ class TrainPlan:
     shared_seed: int = 0  # ferret: the run seed every side derives the directions from
     global_digest: str = ""  # ferret: sha256 of the weights the agent must hold before it trains
     held_modules: tuple[str, ...] = ()  # ferret: every block the global holds (kept in full precision)
+    proximal_mu: float = 0.0  # FedProx: weight of (mu / 2) ||w - w_start||^2 added to the local loss
 
     def steps_for(self, num_examples: int) -> int:
         """Optimizer steps this plan asks for on num_examples: local epochs, capped by max_steps."""

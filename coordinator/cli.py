@@ -199,6 +199,7 @@ def plan_options(config: CoordinatorConfig) -> PlanOptions:
         optimizer=config.training.optimizer,
         directions=config.ferret.directions,
         basis=config.ferret.basis,
+        proximal_mu=config.training.proximal_mu,
     )
 
 

@@ -128,6 +128,10 @@ class RunSection(Section):
         "skip", description="when the deadline passes without quorum: skip the round, or extend its deadline"
     )
     max_extensions: int = Field(1, ge=0, description="deadline extensions of one round before it is skipped")
+    sample_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of the alive agents drawn to train each round (seeded by run.seed)"
+    )
+    sample_count: int = Field(0, ge=0, description="agents drawn to train each round; 0 = use sample_fraction")
 
 
 class LoraSection(Section):
@@ -210,6 +214,9 @@ class TrainingSection(Section):
     max_steps: int = Field(0, ge=0, description="cap on steps per round, 0 = none")
     learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    proximal_mu: float = Field(
+        0.0, ge=0, lt=1e6, description="FedProx: agents add (mu / 2) ||w - w_start||^2 over the trained tensors"
+    )
     max_seq_len: int = Field(64, ge=8, description="tokens per sample")
     quantization: Literal["none", "int8", "nf4"] = Field("none", description="precision of the frozen base")
 

@@ -48,6 +48,9 @@ class CoordinatorMetrics:
         self.ferret_directions = Gauge(
             "fedpipe_ferret_directions", "Ferret: directions of the last round's combined update", registry=r
         )
+        self.sampled_agents = Gauge(
+            "fedpipe_round_sampled_agents", "Agents drawn to train the current round (client sampling)", registry=r
+        )
         self.truncated_energy_share = Gauge(
             "fedpipe_aggregation_truncated_energy_share",
             "Share of the last round's update energy that truncation to the global rank dropped",

@@ -41,6 +41,7 @@ from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction, resol
 from coordinator.registry import AgentRecord, Registry
 from coordinator.round_state import Admitted, Phase, RoundState
 from coordinator.rundir import RunDir, from_snapshot, plan_record, saved_state, snapshot
+from coordinator.sampling import draw, sample_size
 from coordinator.selection import combine, resolve_budget, select
 from coordinator.strategy import Strategy
 
@@ -338,7 +339,10 @@ class Orchestrator:
         with its next WAIT."""
         updates = self.config.updates
         total_bound = relative_bound({a: x.norm for a, x in inbox.items()}, updates.norm_multiple)
-        bounds = tensor_bounds({a: x.tensor_norms for a, x in inbox.items()}, updates.norm_multiple)
+        sizes = {name: t.numel() for x in inbox.values() for name, t in x.update.tensors.items()}
+        bounds = tensor_bounds(
+            {a: x.tensor_norms for a, x in inbox.items()}, updates.norm_multiple, sizes=sizes, total_bound=total_bound
+        )
         if total_bound is None:
             return dict(inbox), ()
         kept: dict[str, Admitted] = {}
@@ -354,7 +358,7 @@ class Orchestrator:
                 worst = max(over, key=over.__getitem__)
                 reason = (
                     f"its change to {worst} ({admitted.tensor_norms[worst]:.4g}) exceeds {updates.norm_multiple:g} "
-                    f"x the round's median for that tensor ({bounds[worst]:.4g})"
+                    f"x the round's median for that tensor (bound {bounds[worst]:.4g})"
                 )
             else:
                 reason = (
@@ -471,6 +475,16 @@ class Orchestrator:
             options = replace(options, targets=self.mask)
         profiles = {a: r.profile for a, r in alive.items()}
         self.rundir.write_agents(snapshot(profiles, spec, self.mask, self.mask_scores, self.corrections))
+        run = self.config.run
+        size = sample_size(len(profiles), run.sample_fraction, run.sample_count, run.min_agents)
+        sampled = draw(profiles, size, run.seed, round_)
+        unsampled = {a: f"not drawn this round ({size} of {len(profiles)} agents train)" for a in profiles}
+        for agent in sampled:
+            del unsampled[agent]
+        self.metrics.sampled_agents.set(len(sampled))
+        if unsampled:
+            log.info("round %d: drew %d of %d agents: %s", round_, size, len(profiles), ", ".join(sampled))
+        profiles = {a: profiles[a] for a in sampled}
         counted = counted_profiles(profiles, self.config.updates.max_weight_ratio)
         for agent in sorted(profiles):
             if counted[agent].num_train_samples < profiles[agent].num_train_samples:
@@ -488,7 +502,8 @@ class Orchestrator:
         for agent, reason in planned.excluded.items():
             log.warning("round %d: %s left out: %s", round_, agent, reason)
         with self.state.cond:
-            self.state.excluded = dict(planned.excluded)
+            # Agents not drawn keep polling and hear why they wait.
+            self.state.excluded = {**unsampled, **planned.excluded}
         if len(planned.plans) < self.config.run.min_agents:
             reasons = "; ".join(f"{a}: {r}" for a, r in planned.excluded.items())
             raise RunAborted(

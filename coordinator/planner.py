@@ -45,6 +45,7 @@ class PlanOptions:
     optimizer: str = "adamw"  # local optimizer
     directions: int = 0  # ferret: the round's projection budget per agent
     basis: str = "rademacher"  # ferret: the directions' distribution
+    proximal_mu: float = 0.0  # FedProx's proximal weight, passed to every plan
     scores: Mapping[str, float] = field(default_factory=dict)  # importance per mask module, for subsets
     corrections: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # agent -> (time, memory)
 
@@ -157,6 +158,7 @@ def _make_plan(
         directions=options.directions if ferret else 0,
         basis=options.basis,
         shared_seed=options.seed,
+        proximal_mu=options.proximal_mu,
     )
 
 

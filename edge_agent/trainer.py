@@ -57,6 +57,8 @@ def train_local(
     generator = torch.Generator().manual_seed(plan.seed)
     torch.manual_seed(plan.seed)  # LoRA dropout
     params = [p for p in model.parameters() if p.requires_grad]
+    # FedProx (Li et al. 2020): pull the trained tensors towards where this round started them.
+    anchors = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
     optimizer: torch.optim.Optimizer
     if plan.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=plan.learning_rate, weight_decay=plan.weight_decay)
@@ -85,7 +87,11 @@ def train_local(
         with throttle:  # float(loss) waits for the GPU, so the throttle times the whole step
             inputs = encode(tokenizer, batch, plan.max_seq_len, device, task)
             loss = model(**inputs).loss
-            loss.backward()
+            objective = loss
+            if anchors:
+                proximal = sum(((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)), loss.new_zeros(()))
+                objective = loss + 0.5 * plan.proximal_mu * proximal
+            objective.backward()
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
             schedule.step()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.orchestrator import Orchestrator
 from coordinator.planner import PlanOptions, uniform_plan
 from coordinator.registry import Registry
+from coordinator.sampling import draw
 from coordinator.selection import combine, select
 from coordinator.server import start_server
 from coordinator.strategy import get_strategy
@@ -260,3 +262,41 @@ def test_reselection_adds_entering_matrices_fresh_and_keeps_leaving_ones(tmp_pat
         saved = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
         assert saved["target_modules"] == sorted([m0, m1, m3])
         assert saved["rank_pattern"] == {m0: 2, m1: 2, m3: 2}
+
+
+# ---------------------------------------------------------------- client sampling
+
+
+@pytest.mark.integration
+def test_sampled_agents_train_and_the_others_are_told_they_sit_the_round_out(tmp_path: Path) -> None:
+    # Prepare: four agents, two drawn per round
+    run = RunSection(
+        rounds=1, min_agents=2, round_deadline_s=30.0, registration_timeout_s=10.0, run_dir=tmp_path,
+        finish_grace_s=0.0, sample_count=2,
+    )  # fmt: skip
+    agents = ("a", "b", "c", "d")
+    with coordinator(tmp_path, run, SelectionSection(mode="all")) as started:
+        for agent in agents:
+            register(started.stub, agent)
+
+        # Execute: once round 1 is open (an agent has its plan), ask everyone without waiting
+        while not started.orchestrator.state.plans:
+            time.sleep(0.05)
+        tasks = {
+            agent: serde.task_from_pb(started.stub.GetTask(pb.GetTaskRequest(agent_id=agent, wait_s=0.0), timeout=10))
+            for agent in agents
+        }
+
+        # Assert: of the agents alive when round 1 was planned (at least min_agents; a late one is not among
+        # them), the seeded draw trains and the rest wait with the reason; the gauge says 2
+        state = started.orchestrator.state
+        waiting = {a for a, why in state.excluded.items() if "not drawn this round" in why}
+        considered = set(state.plans) | waiting
+        assert len(considered) >= 2
+        drawn = draw(considered, 2, 0, 1)
+        assert set(state.plans) == set(drawn)
+        assert {a for a, t in tasks.items() if t.kind is TaskKind.TRAIN} == set(drawn)
+        for agent in waiting:
+            assert tasks[agent].kind is TaskKind.WAIT
+            assert f"not drawn this round (2 of {len(considered)} agents train)" in tasks[agent].message
+        assert started.orchestrator.metrics.sampled_agents._value.get() == 2

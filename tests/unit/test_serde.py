@@ -593,7 +593,7 @@ def test_unusable_spec_names_the_field(change: dict[str, object], field: str) ->
 @pytest.mark.parametrize("quantization", list(Quantization))
 def test_plan_round_trip(quantization: Quantization) -> None:
     # Prepare
-    plan = replace(PLAN, quantization=quantization)
+    plan = replace(PLAN, quantization=quantization, proximal_mu=0.01)
 
     # Execute
     back = plan_from_pb(pb.TrainPlan.FromString(plan_to_pb(plan).SerializeToString()))
@@ -647,6 +647,8 @@ def test_plan_from_pb_drops_ranks_of_modules_outside_the_mask() -> None:
         ("quantization_unknown", "plan.quantization"),
         ("rank_missing", "plan.rank_pattern"),
         ("batch_zero", "plan.batch_size"),
+        ("mu_negative", "plan.proximal_mu"),
+        ("mu_nan", "plan.proximal_mu"),
     ],
 )
 def test_unexecutable_plan_names_the_field(mutate: str, field: str) -> None:
@@ -658,6 +660,10 @@ def test_unexecutable_plan_names_the_field(mutate: str, field: str) -> None:
         message.quantization = 99  # type: ignore[assignment]  # an enum value from a newer peer
     elif mutate == "rank_missing":
         del message.rank_pattern["m.v"]
+    elif mutate == "mu_negative":
+        message.proximal_mu = -0.1
+    elif mutate == "mu_nan":
+        message.proximal_mu = float("nan")
     else:
         message.batch_size = 0
 

@@ -333,6 +333,7 @@ class TrainPlan(_message.Message):
     SHARED_SEED_FIELD_NUMBER: _builtins.int
     GLOBAL_DIGEST_FIELD_NUMBER: _builtins.int
     HELD_MODULES_FIELD_NUMBER: _builtins.int
+    PROXIMAL_MU_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     lora_alpha: _builtins.float
     lora_dropout: _builtins.float
@@ -359,6 +360,8 @@ class TrainPlan(_message.Message):
     """ferret: the run seed every side derives the directions from"""
     global_digest: _builtins.str
     """ferret: sha256 of the weights the agent must hold to train"""
+    proximal_mu: _builtins.float
+    """FedProx: weight of (mu / 2) ||w - w_start||^2 in the local loss"""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the mask: full module names that get LoRA"""
@@ -400,10 +403,11 @@ class TrainPlan(_message.Message):
         shared_seed: _builtins.int = ...,
         global_digest: _builtins.str = ...,
         held_modules: _abc.Iterable[_builtins.str] | None = ...,
+        proximal_mu: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "batch_size", b"batch_size", "deadline_s", b"deadline_s", "directions", b"directions", "global_digest", b"global_digest", "held_modules", b"held_modules", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "mode", b"mode", "modules_to_save", b"modules_to_save", "optimizer", b"optimizer", "plan_id", b"plan_id", "quantization", b"quantization", "rank_pattern", b"rank_pattern", "seed", b"seed", "shared_seed", b"shared_seed", "target_modules", b"target_modules", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "batch_size", b"batch_size", "deadline_s", b"deadline_s", "directions", b"directions", "global_digest", b"global_digest", "held_modules", b"held_modules", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "mode", b"mode", "modules_to_save", b"modules_to_save", "optimizer", b"optimizer", "plan_id", b"plan_id", "proximal_mu", b"proximal_mu", "quantization", b"quantization", "rank_pattern", b"rank_pattern", "seed", b"seed", "shared_seed", b"shared_seed", "target_modules", b"target_modules", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
