@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import ROOT, machine, write_result
+from harness import ROOT, kept_run, machine, write_result
 from hostile import federate
 
 RUNS = ROOT / "runs" / "ferret-vs-lora"
@@ -134,17 +134,18 @@ def main() -> int:
         for seed in range(1, (args.seeds or (3 if task == "classifier" else 2)) + 1):
             for name in ("lora", "ferret-1k", "ferret-10k", "fedavg-full"):
                 run_dir = RUNS / f"{task}-{name}-s{seed}"
-                done = run_dir / "bench.json"
-                if done.exists() and not args.fresh:
-                    # A run this script finished before (the settings are fixed, the runs seeded): kept.
-                    record: dict[str, Any] = json.loads(done.read_text())
-                else:
+
+                def one(
+                    run_dir: Path = run_dir, name: str = name, task: str = task, seed: int = seed
+                ) -> dict[str, Any]:
                     start = time.monotonic()
                     summary = federate(arm(base(task, run_dir, seed), name, task), run_dir, timeout_s=7200)
-                    record = {"task": task, "arm": name, "seed": seed}
+                    record: dict[str, Any] = {"task": task, "arm": name, "seed": seed}
                     record["wall_s"] = round(time.monotonic() - start, 1)
                     record.update(measure(run_dir, summary))
-                    done.write_text(json.dumps(record))
+                    return record
+
+                record = kept_run(run_dir, args.fresh, one)
                 runs.append(record)
                 print(
                     f"{task} {name} s{seed}: accuracy {[round(r['accuracy'], 3) for r in record['rounds']]}"

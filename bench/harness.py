@@ -9,7 +9,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 from deploy.local_federation import merge  # noqa: E402  (the launcher's deep merge, re-exported)
 
-__all__ = ["ROOT", "Variant", "machine", "merge", "run_federation", "write_result"]
+__all__ = ["ROOT", "Variant", "kept_run", "machine", "merge", "run_federation", "write_result"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +66,15 @@ def write_result(path: Path, result: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {path}")
+
+
+def kept_run(run_dir: Path, fresh: bool, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The record of one benchmark run: the one a previous invocation left in run_dir/bench.json (settings are
+    fixed and runs seeded, so it stands), or run() now, saved there. fresh reruns it."""
+    done = run_dir / "bench.json"
+    if done.exists() and not fresh:
+        record: dict[str, Any] = json.loads(done.read_text())
+        return record
+    record = run()
+    done.write_text(json.dumps(record))
+    return record

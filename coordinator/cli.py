@@ -200,6 +200,7 @@ def plan_options(config: CoordinatorConfig) -> PlanOptions:
         directions=config.ferret.directions,
         basis=config.ferret.basis,
         proximal_mu=config.training.proximal_mu,
+        agent_ranks=dict(config.planning.agent_ranks),
     )
 
 

@@ -191,6 +191,17 @@ class PlanningSection(Section):
     bandwidth_bytes_per_s: float = Field(12.5e6, gt=0, description="assumed link speed for transfer time")
     max_round_upload_bytes: int = Field(0, ge=0, description="bound on a round's total upload bytes, 0 = none")
     refit_threshold: float = Field(0.1, gt=0, description="relative prediction error that triggers a refit")
+    agent_ranks: dict[str, int] = Field(
+        {}, description="uniform planner: a fixed LoRA rank per agent id (experiments with unequal ranks)"
+    )
+
+    @field_validator("agent_ranks")
+    @classmethod
+    def _positive_ranks(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {agent: rank for agent, rank in value.items() if not 1 <= rank <= 1024}
+        if bad:
+            raise ValueError(f"ranks must be in 1..1024: {bad}")
+        return value
 
     @field_validator("ranks", "batch_sizes", "quantizations", "mask_fractions")
     @classmethod

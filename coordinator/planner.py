@@ -46,6 +46,7 @@ class PlanOptions:
     directions: int = 0  # ferret: the round's projection budget per agent
     basis: str = "rademacher"  # ferret: the directions' distribution
     proximal_mu: float = 0.0  # FedProx's proximal weight, passed to every plan
+    agent_ranks: Mapping[str, int] = field(default_factory=dict)  # uniform planner: a fixed rank per agent
     scores: Mapping[str, float] = field(default_factory=dict)  # importance per mask module, for subsets
     corrections: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # agent -> (time, memory)
 
@@ -200,8 +201,9 @@ def uniform_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     modules = resolve_targets(spec, options.targets)
     plans: dict[str, TrainPlan] = {}
     predictions: dict[str, Prediction] = {}
-    config = _config(options, options.batch_size, options.rank, options.quantization, modules)
     for index, agent_id in enumerate(sorted(profiles)):
+        rank = options.agent_ranks.get(agent_id, options.rank)
+        config = _config(options, options.batch_size, rank, options.quantization, modules)
         plan = _make_plan(
             options,
             round_,
@@ -209,7 +211,7 @@ def uniform_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
             index,
             spec,
             modules,
-            options.rank,
+            rank,
             options.batch_size,
             options.quantization,
             options.local_epochs,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from common.errors import ConfigError
@@ -48,3 +50,17 @@ def test_uniform_plan_is_the_same_for_everyone_but_the_seed() -> None:
     assert a.modules_to_save == ("classifier",) and a.quantization is Quantization.NF4
     assert a.seed != b.seed and a.plan_id != b.plan_id and a.plan_id.startswith("r3-a-")
     assert uniform_plan({"a": PROFILE}, SPEC, OPTIONS, round_=3).plans["a"] == a  # pure: same inputs, same plan
+
+
+def test_uniform_plan_takes_a_fixed_rank_per_agent_when_given() -> None:
+    # Prepare
+    options = replace(OPTIONS, agent_ranks={"a": 2, "c": 16})
+
+    # Execute
+    planned = uniform_plan({"a": PROFILE, "b": PROFILE, "c": PROFILE}, SPEC, options, round_=1)
+
+    # Assert: a and c at their ranks, b at the run's, each priced at its own rank
+    ranks = {agent: set(plan.rank_pattern.values()) for agent, plan in planned.plans.items()}
+    assert ranks == {"a": {2}, "b": {4}, "c": {16}}
+    memory = {agent: p.peak_memory_bytes for agent, p in planned.predictions.items()}
+    assert memory["a"] < memory["b"] < memory["c"]
