@@ -57,6 +57,8 @@ def round_line(record: dict[str, Any], rounds: int, causal: bool = False) -> str
     source = "held-out" if held else ("agents'" if agents_eval else "no")
     dropped = f", dropped {','.join(record['dropped'])}" if record.get("dropped") else ""
     perplexity = f", perplexity {math.exp(min(held['loss'], 50.0)):.2f}" if causal and held else ""
+    if held and not causal:
+        perplexity = f", loss {held['loss']:.4f}"  # moves before accuracy does (Ferret at full-tuning rates)
     zero_shot = " (zero-shot)" if causal and record["round"] == 0 else ""
     return (
         f"round {record['round']}/{rounds}{zero_shot}: {len(record['agents'])} agents, {record['seconds']:.1f}s, "
@@ -250,7 +252,11 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
             except subprocess.TimeoutExpired:
                 proc.terminate()
         summary = json.loads((run_dir / "summary.json").read_text())
-        print(f"final adapter: {run_dir / 'final'}; logs: {fed.logs}", flush=True)
+        if (run_dir / "final" / "weights.safetensors").exists():  # the Ferret mode keeps trained weights
+            what = f"final weights: {run_dir / 'final'} (fedpipe-export {run_dir} --out DIR writes a full model)"
+        else:
+            what = f"final adapter: {run_dir / 'final'}"
+        print(f"{what}; logs: {fed.logs}", flush=True)
         accuracy = summary.get("final_accuracy")
         if accuracy is None:
             print("final accuracy: n/a (the run evaluates nothing)", flush=True)

@@ -47,7 +47,7 @@ def refactor(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], rank: int)
     if k * (d_out + d_in) >= d_out * d_in:
         # Stacked ranks past about half the smaller side (a hundred agents on a 384-wide model): the factored
         # route would cost more than the dense matrix it avoids, which is then small enough to form.
-        left_all, s, right_all = svd(b @ a)
+        left_all, s, right_all = dense_top(b @ a, rank)
     else:
         q_b, r_b = torch.linalg.qr(b)
         q_a, r_a = torch.linalg.qr(a.T)
@@ -58,7 +58,29 @@ def refactor(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], rank: int)
 
 def from_dense(matrix: torch.Tensor, rank: int) -> Refactored:
     """A dense matrix as an SVD-ordered pair of at most rank components (the same split as refactor)."""
-    return split(*svd(matrix.to(torch.float64)), rank)
+    return split(*dense_top(matrix.to(torch.float64), rank), rank)
+
+
+def dense_top(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading `rank` left and right singular vectors of a float64 matrix and all its singular values,
+    from the eigendecomposition of its Gram matrix on the smaller side: about half the time of an SVD for the
+    384-wide modules of a hundred-agent round. Squaring loses relative precision only in the small singular
+    values (around 1e-8 of the largest), which are the truncated tail; a kept one that small would make the
+    other side's vectors inaccurate, so that case takes the SVD."""
+    rows, cols = matrix.shape
+    tall = rows >= cols
+    gram = matrix.T @ matrix if tall else matrix @ matrix.T
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
+    s = values.sqrt()
+    kept = max(1, min(rank, s.shape[0]))
+    if float(s[kept - 1]) <= 1e-7 * max(float(s[0]), 1e-300):
+        left, s, right = svd(matrix)
+        return left[:, :kept], s, right[:, :kept]
+    top = vectors[:, :kept]
+    if tall:
+        return matrix @ top / s[:kept], s, top
+    return top, s, matrix.T @ top / s[:kept]
 
 
 def split(left: torch.Tensor, s: torch.Tensor, right: torch.Tensor, rank: int) -> Refactored:
