@@ -320,7 +320,11 @@ class Orchestrator:
             if "directions" in agg_metrics
             else "",
             f", global rank {agg_metrics['max_rank']:.0f} drops {100 * truncated:.2f}% of the update's energy"
-            f" (worst module {100 * agg_metrics['truncated_energy_share_max']:.2f}%)"
+            + (
+                f" (worst module {100 * agg_metrics['truncated_energy_share_max']:.2f}%)"
+                if "truncated_energy_share_max" in agg_metrics
+                else ""
+            )
             if truncated is not None
             else "",
         )

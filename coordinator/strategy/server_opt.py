@@ -92,6 +92,7 @@ def optimize(
     lora = dict(global_.lora)
     dropped = 0.0
     stepped = 0.0
+    worst = 0.0
     prefix = "m::lora::"
     # Modules trained this round, and those whose momentum still moves them; the rest keep their pair.
     modules = sorted(set(trained_ranks) | {key[len(prefix) :] for key in moments if key.startswith(prefix)})
@@ -109,7 +110,10 @@ def optimize(
         refactored = from_dense(before + delta, rank)
         lora[module] = refactored.pair
         dropped += refactored.dropped_energy
-        stepped += float(delta.pow(2).sum())
+        energy = float(delta.pow(2).sum())
+        stepped += energy
+        if energy > 0:
+            worst = max(worst, refactored.dropped_energy / energy)
     heads = dict(global_.heads)
     for name, value in target.heads.items():
         held = global_.heads.get(name)
@@ -121,6 +125,7 @@ def optimize(
         "max_rank": float(max((pair.rank for pair in lora.values()), default=0)),
         "delta_norm": delta_norm(global_, new_global),
         "truncated_energy_share": dropped / stepped if stepped > 0 else 0.0,
+        "truncated_energy_share_max": worst,
     }
     return new_global, metrics
 

@@ -182,3 +182,16 @@ def test_the_config_builds_the_optimizer_with_its_default_rate() -> None:
 def test_ferret_with_a_server_optimizer_is_refused_at_start_up() -> None:
     with pytest.raises(ValueError, match=r"needs training\.mode lora"):
         CoordinatorConfig(aggregation={"server_optimizer": "fedyogi"}, training={"mode": "ferret"}, insecure=True)
+
+
+@pytest.mark.parametrize("base", ["rank-padding", "slot-average", "hetlora", "coordinate-median"])
+def test_any_lora_strategy_can_sit_under_an_optimizer_and_reports_the_same_figures(base: str) -> None:
+    # Execute
+    strategy = get_strategy(base, server=ServerSettings("fedavgm", 1.0, global_rank=2))
+    new, metrics = strategy(start(), rounds_of_updates(5)[0])
+
+    # Assert: the orchestrator's round line reads these keys
+    for key in ("delta_norm", "max_rank", "truncated_energy_share", "truncated_energy_share_max"):
+        assert key in metrics
+    assert 0.0 <= metrics["truncated_energy_share_max"] <= 1.0
+    assert new.lora[M].rank == 2
