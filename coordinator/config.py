@@ -324,6 +324,13 @@ class CoordinatorConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _server_optimizer_fits(self) -> CoordinatorConfig:
+        if self.training.mode == "ferret" and self.strategy in ("slot-average", "flexlora", "hetlora"):
+            # These are about LoRA factors; Ferret combines coefficients per coordinate, where they would
+            # quietly become a plain weighted mean.
+            raise ValueError(
+                f"strategy {self.strategy} combines LoRA factors; the ferret mode takes rank-padding or fedavg "
+                "(the weighted mean), coordinate-median or trimmed-mean"
+            )
         if self.aggregation.server_optimizer != "none" and self.training.mode == "ferret":
             # Ferret broadcasts the averaged coefficients and every agent applies them itself; a server step
             # would make the coordinator's weights differ from every agent's.

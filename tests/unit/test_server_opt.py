@@ -195,3 +195,9 @@ def test_any_lora_strategy_can_sit_under_an_optimizer_and_reports_the_same_figur
         assert key in metrics
     assert 0.0 <= metrics["truncated_energy_share_max"] <= 1.0
     assert new.lora[M].rank == 2
+
+
+@pytest.mark.parametrize("strategy", ["slot-average", "flexlora", "hetlora"])
+def test_ferret_refuses_the_strategies_of_lora_factors(strategy: str) -> None:
+    with pytest.raises(ValueError, match="combines LoRA factors"):
+        CoordinatorConfig(strategy=strategy, training={"mode": "ferret"}, insecure=True)
