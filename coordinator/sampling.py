@@ -2,7 +2,8 @@
 
 The draw is seeded by the run seed and the round, so a resumed coordinator that sees the same agents alive
 draws the same ones again, and it is uniform without replacement over the alive agents in sorted order: each
-agent's chance per round is k / n, the sampling rate a differential-privacy accountant needs. Never fewer than run.min_agents are drawn.
+agent's chance per round is k / n, the sampling rate a differential-privacy accountant needs. Never fewer
+than run.min_agents are drawn.
 """
 
 from __future__ import annotations
