@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from common.adapters import FoldedUpdate, GlobalAdapter, LoraPair
-from coordinator.strategy.lowrank import Refactored, energy, inner, refactor
+from coordinator.strategy.lowrank import Refactored, energy, inner, refactor, stack
 from coordinator.strategy.weighted import average_heads, round_metrics, total_weight
 
 
@@ -72,7 +72,8 @@ def exact_module(
             sent[: min(pair.rank, current.rank)] += w
         bs.append(current.b.to(torch.float64) * (1.0 - sent))
         as_.append(current.a)
-    return _result(refactor(bs, as_, target_rank(current, pairs, global_rank)), bs, as_, current)
+    b, a = stack(bs, as_)  # once: the refactoring and the energy both read the stacks
+    return _result(refactor([b], [a], target_rank(current, pairs, global_rank)), [b], [a], current)
 
 
 def flexlora_module(
@@ -81,8 +82,8 @@ def flexlora_module(
     """SVD of sum_i w_i P_i at the target rank (FlexLoRA)."""
     total = float(sum(weights))
     bs = [(w / total) * pair.b.to(torch.float64) for pair, w in zip(pairs, weights, strict=True)]
-    as_ = [pair.a for pair in pairs]
-    return _result(refactor(bs, as_, target_rank(current, pairs, global_rank)), bs, as_, current)
+    b, a = stack(bs, [pair.a for pair in pairs])
+    return _result(refactor([b], [a], target_rank(current, pairs, global_rank)), [b], [a], current)
 
 
 def _aggregate(

@@ -39,10 +39,16 @@ class Refactored:
     dropped_energy: float
 
 
+def stack(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B_1 .. B_n] and [A_1; ..; A_n] in float64 (one tensor each is passed through, not copied)."""
+    if len(bs) == 1 and len(as_) == 1:
+        return bs[0].to(torch.float64), as_[0].to(torch.float64)
+    return torch.cat([x.to(torch.float64) for x in bs], dim=1), torch.cat([x.to(torch.float64) for x in as_], dim=0)
+
+
 def refactor(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], rank: int) -> Refactored:
     """sum_k bs[k] @ as_[k] as an SVD-ordered pair of at most rank components."""
-    b = torch.cat([x.to(torch.float64) for x in bs], dim=1)
-    a = torch.cat([x.to(torch.float64) for x in as_], dim=0)
+    b, a = stack(bs, as_)
     d_out, d_in, k = b.shape[0], a.shape[1], b.shape[1]
     if k * (d_out + d_in) >= d_out * d_in:
         # Stacked ranks past about half the smaller side (a hundred agents on a 384-wide model): the factored
@@ -110,8 +116,7 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def inner(bs: Sequence[torch.Tensor], as_: Sequence[torch.Tensor], pair: LoraPair) -> float:
     """<sum_k bs[k] @ as_[k], B A> (Frobenius) at cost O((d_out + d_in) K r)."""
-    b = torch.cat([x.to(torch.float64) for x in bs], dim=1)
-    a = torch.cat([x.to(torch.float64) for x in as_], dim=0)
+    b, a = stack(bs, as_)
     return float(((b.T @ pair.b.to(torch.float64)) * (a @ pair.a.to(torch.float64).T)).sum())
 
 
