@@ -27,7 +27,7 @@ import torch
 
 from common.adapters import FoldedUpdate, GlobalAdapter, LoraPair
 from coordinator.strategy.lowrank import Refactored, energy, inner, refactor, stack
-from coordinator.strategy.weighted import average_heads, round_metrics, total_weight
+from coordinator.strategy.weighted import assemble, by_module
 
 
 @dataclass(frozen=True)
@@ -89,31 +89,22 @@ def flexlora_module(
 def _aggregate(
     global_: GlobalAdapter, updates: Sequence[FoldedUpdate], global_rank: int, flex: bool
 ) -> tuple[GlobalAdapter, dict[str, float]]:
-    total = total_weight(updates)
-    # A zero-sample update has no say (and alone it would divide 0 by 0).
-    updates = [update for update in updates if update.weight > 0]
-    lora = dict(global_.lora)
-    modules = sorted({module for update in updates for module in update.lora})
+    round_ = by_module(updates)
+    lora = {}
     dropped = 0.0
     update_energy = 0.0
     worst = 0.0
     module_fn = flexlora_module if flex else exact_module
-    for module in modules:
-        holders = [update for update in updates if module in update.lora]
-        result = module_fn(
-            global_.lora.get(module), [u.lora[module] for u in holders], [u.weight for u in holders], global_rank
-        )
+    for module in round_.holders:
+        result = module_fn(global_.lora.get(module), round_.pairs(module), round_.weights(module), global_rank)
         lora[module] = result.refactored.pair
         dropped += result.refactored.dropped_energy
         update_energy += result.update_energy
         if result.update_energy > 0:
             worst = max(worst, result.refactored.dropped_energy / result.update_energy)
-    new = GlobalAdapter(round=global_.round + 1, lora=lora, heads=average_heads(global_.heads, updates))
-    metrics = {
-        **round_metrics(global_, new, len(updates), total, len(modules)),
-        "truncated_energy_share": dropped / update_energy if update_energy > 0 else 0.0,
-        "truncated_energy_share_max": worst,
-    }
+    new, metrics = assemble(global_, round_, lora)
+    metrics["truncated_energy_share"] = dropped / update_energy if update_energy > 0 else 0.0
+    metrics["truncated_energy_share_max"] = worst
     return new, metrics
 
 

@@ -13,21 +13,17 @@ from collections.abc import Sequence
 from common.adapters import FoldedUpdate, GlobalAdapter
 from coordinator.strategy.lowrank import product_norm
 from coordinator.strategy.slot_average import aggregate_module
-from coordinator.strategy.weighted import average_heads, round_metrics, total_weight
+from coordinator.strategy.weighted import assemble, by_module
 
 
 def aggregate(global_: GlobalAdapter, updates: Sequence[FoldedUpdate]) -> tuple[GlobalAdapter, dict[str, float]]:
     """Norm-weighted per-slot average; modules nobody trained keep their value."""
-    total = total_weight(updates)
-    updates = [update for update in updates if update.weight > 0]
-    lora = dict(global_.lora)
-    modules = sorted({module for update in updates for module in update.lora})
-    for module in modules:
-        holders = [update for update in updates if module in update.lora]
-        pairs = [u.lora[module] for u in holders]
+    round_ = by_module(updates)
+    lora = {}
+    for module in round_.holders:
+        pairs = round_.pairs(module)
         weights = [product_norm(pair) for pair in pairs]
         if not sum(weights) > 0:
-            weights = [u.weight for u in holders]
+            weights = round_.weights(module)
         lora[module] = aggregate_module(global_.lora.get(module), pairs, weights)
-    new = GlobalAdapter(round=global_.round + 1, lora=lora, heads=average_heads(global_.heads, updates))
-    return new, round_metrics(global_, new, len(updates), total, len(modules))
+    return assemble(global_, round_, lora)

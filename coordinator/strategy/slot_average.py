@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from common.adapters import FoldedUpdate, GlobalAdapter, LoraPair, pad_rank
-from coordinator.strategy.weighted import Combine, average_heads, round_metrics, total_weight, weighted_mean
+from coordinator.strategy.weighted import Combine, assemble, by_module, weighted_mean
 
 
 def aggregate_module(
@@ -47,16 +47,8 @@ def aggregate(
     global_: GlobalAdapter, updates: Sequence[FoldedUpdate], combine: Combine = weighted_mean
 ) -> tuple[GlobalAdapter, dict[str, float]]:
     """New global adapter from the updates of one round; modules nobody trained keep their value."""
-    total = total_weight(updates)
-    # A zero-sample update has no say; kept in, it alone could cover a slot or head and divide 0 by 0.
-    updates = [update for update in updates if update.weight > 0]
-    lora = dict(global_.lora)
-    modules = sorted({module for update in updates for module in update.lora})
-    for module in modules:
-        holders = [update for update in updates if module in update.lora]
-        lora[module] = aggregate_module(
-            global_.lora.get(module), [u.lora[module] for u in holders], [u.weight for u in holders], combine
-        )
-    heads = average_heads(global_.heads, updates, combine)
-    new = GlobalAdapter(round=global_.round + 1, lora=lora, heads=heads)
-    return new, round_metrics(global_, new, len(updates), total, len(modules))
+    round_ = by_module(updates)
+    lora = {
+        m: aggregate_module(global_.lora.get(m), round_.pairs(m), round_.weights(m), combine) for m in round_.holders
+    }
+    return assemble(global_, round_, lora, combine)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from common.adapters import FoldedUpdate, GlobalAdapter
+from common.adapters import FoldedUpdate, GlobalAdapter, LoraPair
 from coordinator.strategy.lowrank import energy
 
 Combine = Callable[[Sequence[torch.Tensor], Sequence[float]], torch.Tensor]  # tensors and weights -> one tensor
@@ -68,14 +69,42 @@ def delta_norm(before: GlobalAdapter, after: GlobalAdapter) -> float:
     return float((squared + update_norm(before.heads, after.heads) ** 2) ** 0.5)
 
 
-def round_metrics(
-    before: GlobalAdapter, after: GlobalAdapter, updates: int, samples: float, modules: int
-) -> dict[str, float]:
-    """The figures every LoRA strategy reports for a round."""
-    return {
-        "updates": float(updates),
-        "samples": samples,
-        "modules": float(modules),
-        "max_rank": float(max((pair.rank for pair in after.lora.values()), default=0)),
-        "delta_norm": delta_norm(before, after),
+@dataclass(frozen=True)
+class ModuleRound:
+    """A round's updates as the LoRA strategies read them: the total samples, the updates with a say (a
+    zero-sample update has none, and kept in alone it could cover a slot or head and divide 0 by 0), and per
+    module, in name order, the updates that trained it."""
+
+    total: float
+    updates: list[FoldedUpdate]
+    holders: dict[str, list[FoldedUpdate]]
+
+    def pairs(self, module: str) -> list[LoraPair]:
+        return [u.lora[module] for u in self.holders[module]]
+
+    def weights(self, module: str) -> list[float]:
+        return [u.weight for u in self.holders[module]]
+
+
+def by_module(updates: Sequence[FoldedUpdate]) -> ModuleRound:
+    """The round's updates grouped by module; ValueError as total_weight when there is nothing to average."""
+    total = total_weight(updates)
+    kept = [update for update in updates if update.weight > 0]
+    modules = sorted({module for update in kept for module in update.lora})
+    return ModuleRound(total, kept, {m: [u for u in kept if m in u.lora] for m in modules})
+
+
+def assemble(
+    global_: GlobalAdapter, round_: ModuleRound, lora: Mapping[str, LoraPair], combine: Combine = weighted_mean
+) -> tuple[GlobalAdapter, dict[str, float]]:
+    """The new global (the new pairs over the old, heads combined over their holders) and the figures every
+    LoRA strategy reports for a round; modules nobody trained keep their value."""
+    heads = average_heads(global_.heads, round_.updates, combine)
+    new = GlobalAdapter(round=global_.round + 1, lora={**global_.lora, **lora}, heads=heads)
+    return new, {
+        "updates": float(len(round_.updates)),
+        "samples": round_.total,
+        "modules": float(len(round_.holders)),
+        "max_rank": float(max((pair.rank for pair in new.lora.values()), default=0)),
+        "delta_norm": delta_norm(global_, new),
     }
