@@ -41,7 +41,7 @@ from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction, resol
 from coordinator.registry import AgentRecord, Registry
 from coordinator.round_state import Admitted, Phase, RoundState
 from coordinator.rundir import RunDir, from_snapshot, plan_record, saved_state, snapshot
-from coordinator.sampling import draw, sample_size
+from coordinator.sampling import draw, sample_size, sit_outs
 from coordinator.selection import combine, resolve_budget, select
 from coordinator.strategy import Strategy
 
@@ -482,9 +482,7 @@ class Orchestrator:
         run = self.config.run
         size = sample_size(len(profiles), run.sample_fraction, run.sample_count, run.min_agents)
         sampled = draw(profiles, size, run.seed, round_)
-        unsampled = {a: f"not drawn this round ({size} of {len(profiles)} agents train)" for a in profiles}
-        for agent in sampled:
-            del unsampled[agent]
+        unsampled = sit_outs(profiles, sampled)
         self.metrics.sampled_agents.set(len(sampled))
         if unsampled:
             log.info("round %d: drew %d of %d agents: %s", round_, size, len(profiles), ", ".join(sampled))

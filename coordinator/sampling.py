@@ -27,3 +27,10 @@ def draw(agents: Iterable[str], size: int, seed: int, round_: int) -> tuple[str,
         return tuple(pool)
     key = hashlib.sha256(f"fedpipe-sample|{seed}|{round_}".encode()).digest()
     return tuple(sorted(random.Random(int.from_bytes(key[:8], "big")).sample(pool, size)))
+
+
+def sit_outs(agents: Iterable[str], drawn: Iterable[str]) -> dict[str, str]:
+    """Each agent not drawn, with the reason it is told while it waits."""
+    pool, chosen = sorted(agents), set(drawn)
+    reason = f"not drawn this round ({len(chosen)} of {len(pool)} agents train)"
+    return {agent: reason for agent in pool if agent not in chosen}

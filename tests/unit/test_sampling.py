@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.sampling import draw, sample_size
+from coordinator.sampling import draw, sample_size, sit_outs
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,11 @@ def test_every_agent_is_drawn_at_the_sampling_rate() -> None:
     # Assert: within 5 standard deviations of k/n
     assert set(counts) == set(agents)
     assert all(abs(c - 900) < 5 * 25.1 for c in counts.values()), counts
+
+
+def test_the_agents_not_drawn_are_told_why() -> None:
+    assert sit_outs(["c", "a", "b"], ("b",)) == {
+        "a": "not drawn this round (1 of 3 agents train)",
+        "c": "not drawn this round (1 of 3 agents train)",
+    }
+    assert sit_outs(["a"], ["a"]) == {}
