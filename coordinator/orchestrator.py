@@ -343,12 +343,12 @@ class Orchestrator:
         with its next WAIT."""
         updates = self.config.updates
         total_bound = relative_bound({a: x.norm for a, x in inbox.items()}, updates.norm_multiple)
+        if total_bound is None:
+            return dict(inbox), ()
         sizes = {name: t.numel() for x in inbox.values() for name, t in x.update.tensors.items()}
         bounds = tensor_bounds(
             {a: x.tensor_norms for a, x in inbox.items()}, updates.norm_multiple, sizes=sizes, total_bound=total_bound
         )
-        if total_bound is None:
-            return dict(inbox), ()
         kept: dict[str, Admitted] = {}
         refused: list[str] = []
         global_ = self.state.global_
