@@ -31,7 +31,7 @@ from common.types import (
     TrainPlan,
 )
 from coordinator.admission import Admission
-from coordinator.bounds import allowed_samples, capped, counted_profiles, relative_bound, tensor_bounds
+from coordinator.bounds import allowed_samples, capped, counted_profiles
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
 from coordinator.metrics import CoordinatorMetrics
@@ -42,6 +42,7 @@ from coordinator.registry import AgentRecord, Registry
 from coordinator.round_state import Admitted, Phase, RoundState
 from coordinator.rundir import RunDir, from_snapshot, plan_record, saved_state, snapshot
 from coordinator.sampling import draw, sample_size, sit_outs
+from coordinator.screening import Screening
 from coordinator.selection import combine, resolve_budget, select
 from coordinator.strategy import Strategy
 
@@ -93,6 +94,7 @@ class Orchestrator:
         self.mode: Mode = mode or LoraMode(self.spec, options.alpha, base_path)
         self.state = RoundState()
         self.admission = Admission(self.state, registry, config, metrics, self.mode)
+        self.screening = Screening(config.updates, self.mode, self.spec, metrics)
         self.dead: set[str] = set()  # agents marked dead (missed heartbeats), until they call again
         self.mask: tuple[str, ...] | None = None  # selected modules; None = every candidate
         self.mask_scores: dict[str, float] = {}  # combined importance of the candidates
@@ -265,7 +267,11 @@ class Orchestrator:
             self.metrics.stragglers.labels(agent).inc()
         if dropped:
             log.warning("round %d: closing without %s", round_, ", ".join(dropped))
-        inbox, refused = self._screen(round_, inbox, plans)
+        screened = self.screening.screen(round_, inbox, plans, global_)
+        inbox, refused = screened.kept, tuple(screened.refused)
+        with self.state.cond:
+            for agent, reason in screened.refused.items():
+                self.state.notices[agent] = f"your round-{round_} update was left out: {reason}"
         if len(inbox) < quorum:
             self.metrics.rounds_failed.labels("no_quorum").inc()
             log.error(
@@ -282,7 +288,7 @@ class Orchestrator:
                 round_, tuple(sorted(inbox)), self.state.clock() - start, 0, dropped=dropped, refused=refused,
                 failure=failure,
             )  # fmt: skip
-        weights = self._weights(inbox)
+        weights = self.screening.weights(round_, inbox, self.state.allowed)
         aggregated = self._aggregate(global_, inbox, weights, plans, round_)
         if isinstance(aggregated, str):
             self.metrics.rounds_failed.labels("non_finite").inc()
@@ -333,101 +339,6 @@ class Orchestrator:
             aggregation_seconds=agg_seconds, truncated_energy_share=truncated,
         )  # fmt: skip
         return self._evaluate(round_, plans, result)
-
-    def _screen(
-        self, round_: int, inbox: Mapping[str, Admitted], plans: Mapping[str, TrainPlan]
-    ) -> tuple[dict[str, Admitted], tuple[str, ...]]:
-        """The relative norm bounds (rounds of 3 or more updates): an update whose change norm exceeds
-        updates.norm_multiple x the round's median, or whose change to one tensor exceeds that multiple of the
-        tensor's median change, is left out (reject) or scaled down to the bounds (clip). Its agent is told
-        with its next WAIT."""
-        updates = self.config.updates
-        total_bound = relative_bound({a: x.norm for a, x in inbox.items()}, updates.norm_multiple)
-        if total_bound is None:
-            return dict(inbox), ()
-        sizes = {name: t.numel() for x in inbox.values() for name, t in x.update.tensors.items()}
-        bounds = tensor_bounds(
-            {a: x.tensor_norms for a, x in inbox.items()}, updates.norm_multiple, sizes=sizes, total_bound=total_bound
-        )
-        kept: dict[str, Admitted] = {}
-        refused: list[str] = []
-        global_ = self.state.global_
-        assert global_ is not None
-        for agent, admitted in sorted(inbox.items()):
-            over = {n: v / bounds[n] for n, v in admitted.tensor_norms.items() if n in bounds and v > bounds[n]}
-            if admitted.norm <= total_bound and not over:
-                kept[agent] = admitted
-                continue
-            if over:
-                worst = max(over, key=over.__getitem__)
-                reason = (
-                    f"its change to {worst} ({admitted.tensor_norms[worst]:.4g}) exceeds {updates.norm_multiple:g} "
-                    f"x the round's median for that tensor (bound {bounds[worst]:.4g})"
-                )
-            else:
-                reason = (
-                    f"its change norm {admitted.norm:.4g} exceeds {updates.norm_multiple:g} x the round's median "
-                    f"({total_bound:.4g})"
-                )
-            if updates.norm_action == "clip":
-                kept[agent] = self._clip(admitted, plans[agent], global_, bounds, total_bound)
-                self.metrics.updates_clipped.labels(agent).inc()
-                self.metrics.updates_screened.labels(agent, "clipped").inc()
-                log.warning("round %d: update from %s clipped: %s", round_, agent, reason)
-                continue
-            refused.append(agent)
-            self.metrics.updates_screened.labels(agent, "rejected").inc()
-            log.warning("round %d: update from %s left out: %s", round_, agent, reason)
-            with self.state.cond:
-                self.state.notices[agent] = f"your round-{round_} update was left out: {reason}"
-        return kept, tuple(refused)
-
-    def _clip(
-        self,
-        admitted: Admitted,
-        plan: TrainPlan,
-        global_: GlobalState,
-        bounds: Mapping[str, float],
-        total_bound: float,
-    ) -> Admitted:
-        """The update with each tensor's change scaled down to its bound, then the whole to the total bound."""
-        factors = {
-            name: min(1.0, bounds[name] / norm) if name in bounds and norm > 0 else 1.0
-            for name, norm in admitted.tensor_norms.items()
-        }
-        norms = {name: norm * factors[name] for name, norm in admitted.tensor_norms.items()}
-        total = math.sqrt(sum(v * v for v in norms.values()))
-        if total > total_bound:
-            scale = total_bound / total
-            factors = {name: f * scale for name, f in factors.items()}
-            norms = {name: v * scale for name, v in norms.items()}
-        tensors = self.mode.scale_change(admitted.update.tensors, global_, plan, self.spec, factors)
-        return replace(
-            admitted,
-            update=replace(admitted.update, tensors=tensors),
-            norm=math.sqrt(sum(v * v for v in norms.values())),
-            tensor_norms=norms,
-        )
-
-    def _weights(self, inbox: Mapping[str, Admitted]) -> dict[str, float]:
-        """Aggregation weights the coordinator stands behind: the samples an update claims, never more than its
-        plan allows on the agent's counted data, each at most updates.max_weight_ratio x the round's median."""
-        claimed = {a: float(min(x.update.meta.samples, self.state.allowed.get(a, 0))) for a, x in inbox.items()}
-        weights = capped(claimed, self.config.updates.max_weight_ratio)
-        total = sum(weights.values())
-        for agent, weight in weights.items():
-            if weight < claimed[agent]:
-                self.metrics.weights_capped.labels(agent).inc()
-                log.warning(
-                    "round %d: %s's weight cut from %d to %.0f samples (%g x the round's median)",
-                    self.state.round,
-                    agent,
-                    claimed[agent],
-                    weight,
-                    self.config.updates.max_weight_ratio,
-                )
-            self.metrics.agent_weight_share.labels(agent).set(weight / total if total > 0 else 0.0)
-        return weights
 
     def _aggregate(
         self,
