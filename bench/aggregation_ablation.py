@@ -18,10 +18,11 @@ Settings (fixed before the first run):
 * seeds 1-3. One thread per agent, no calibration.
 
 Per run: held-out accuracy and loss per round, seconds per round, the ranks planned, and the rounds and seconds
-to the target (None when never reached). Runs finished before are kept (runs/aggregation-ablation/*/bench.json)
-unless `--fresh`; `--only classifier|causal`, `--seeds N`, `--arms a,b` and `--ranks fixed|planner` narrow it.
-Every process imports the code on PYTHONPATH: run it from a copy of the tree. Writes
-bench/results/aggregation_ablation.json.
+to the target (None when never reached). Runs finished before are kept unless `--fresh`: those in
+runs/aggregation-ablation/*/bench.json and those already in bench/results/aggregation_ablation.json (which is
+rewritten after every run, so a benchmark that takes longer than one sitting goes on where it stopped);
+`--only classifier|causal`, `--seeds N`, `--arms a,b` and `--ranks fixed|planner` narrow it. Every process
+imports the code on PYTHONPATH: run it from a copy of the tree.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from harness import ROOT, kept_run, machine, write_result
 from hostile import federate
 
 RUNS = ROOT / "runs" / "aggregation-ablation"
+RESULT = ROOT / "bench" / "results" / "aggregation_ablation.json"
 ARMS = ("rank-padding", "slot-average", "flexlora", "hetlora", "fedadam")
 FIXED_RANKS = {"agent-1": 4, "agent-2": 16, "agent-3": 64}
 UNEQUAL = {
@@ -128,46 +130,14 @@ def measure(run_dir: Path, task: str) -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    """Every task, skew, rank set, arm and seed, then the summary table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("classifier", "causal"), default=None)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--ranks", choices=("fixed", "planner"), default=None)
-    parser.add_argument("--fresh", action="store_true", help="rerun runs whose directory holds a finished run")
-    args = parser.parse_args()
-    runs: list[dict[str, Any]] = []
-    cases: list[tuple[str, float | None]] = [("classifier", 0.5), ("classifier", 1.0), ("causal", None)]
-    for task, skew in cases:
-        if args.only and task != args.only:
-            continue
-        for ranks in ("fixed", "planner"):
-            if args.ranks and ranks != args.ranks:
-                continue
-            for seed in range(1, args.seeds + 1):
-                for arm in args.arms.split(","):
-                    name = f"{task}-skew{skew}-{ranks}-{arm}-s{seed}" if skew else f"{task}-{ranks}-{arm}-s{seed}"
-                    run_dir = RUNS / name
+def run_name(record: dict[str, Any]) -> str:
+    """A run's name (its directory under RUNS) from its settings."""
+    task, skew, ranks, arm, seed = (record[k] for k in ("task", "skew", "ranks", "arm", "seed"))
+    return f"{task}-skew{skew}-{ranks}-{arm}-s{seed}" if skew else f"{task}-{ranks}-{arm}-s{seed}"
 
-                    def one(
-                        run_dir: Path = run_dir, task: str = task, skew: float | None = skew, ranks: str = ranks,
-                        arm: str = arm, seed: int = seed,
-                    ) -> dict[str, Any]:  # fmt: skip
-                        start = time.monotonic()
-                        federate(spec(task, skew, ranks, arm, run_dir, seed), run_dir, timeout_s=7200)
-                        record: dict[str, Any] = {"task": task, "skew": skew, "ranks": ranks, "arm": arm, "seed": seed}
-                        record["wall_s"] = round(time.monotonic() - start, 1)
-                        record.update(measure(run_dir, task))
-                        return record
 
-                    record = kept_run(run_dir, args.fresh, one)
-                    runs.append(record)
-                    print(
-                        f"{name}: accuracy {[r['accuracy'] for r in record['rounds']]} "
-                        f"target round {record['target_round']}",
-                        flush=True,
-                    )
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per task, skew, rank set and arm: seeds, final accuracy mean and spread, final loss, time to target."""
     table: dict[str, Any] = {}
     for key in sorted({(r["task"], str(r["skew"]), r["ranks"], r["arm"]) for r in runs}):
         chosen = [r for r in runs if (r["task"], str(r["skew"]), r["ranks"], r["arm"]) == key]
@@ -182,10 +152,56 @@ def main() -> int:
             "reached_target": len(reached),
             "target_seconds_mean": statistics.mean(reached) if reached else None,
         }
-        print("/".join(key), table["/".join(key)])
-    write_result(
-        ROOT / "bench" / "results" / "aggregation_ablation.json", {"machine": machine(), "table": table, "runs": runs}
-    )
+    return table
+
+
+def main() -> int:
+    """Every task, skew, rank set, arm and seed, then the summary table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("classifier", "causal"), default=None)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--ranks", choices=("fixed", "planner"), default=None)
+    parser.add_argument("--fresh", action="store_true", help="rerun runs whose directory holds a finished run")
+    args = parser.parse_args()
+    previous = json.loads(RESULT.read_text())["runs"] if RESULT.exists() and not args.fresh else []
+    done = {run_name(r): r for r in previous}
+    runs: list[dict[str, Any]] = []
+    cases: list[tuple[str, float | None]] = [("classifier", 0.5), ("classifier", 1.0), ("causal", None)]
+    for task, skew in cases:
+        if args.only and task != args.only:
+            continue
+        for ranks in ("fixed", "planner"):
+            if args.ranks and ranks != args.ranks:
+                continue
+            for seed in range(1, args.seeds + 1):
+                for arm in args.arms.split(","):
+                    name = run_name({"task": task, "skew": skew, "ranks": ranks, "arm": arm, "seed": seed})
+                    run_dir = RUNS / name
+
+                    def one(
+                        run_dir: Path = run_dir, task: str = task, skew: float | None = skew, ranks: str = ranks,
+                        arm: str = arm, seed: int = seed,
+                    ) -> dict[str, Any]:  # fmt: skip
+                        start = time.monotonic()
+                        federate(spec(task, skew, ranks, arm, run_dir, seed), run_dir, timeout_s=7200)
+                        record: dict[str, Any] = {"task": task, "skew": skew, "ranks": ranks, "arm": arm, "seed": seed}
+                        record["wall_s"] = round(time.monotonic() - start, 1)
+                        record.update(measure(run_dir, task))
+                        return record
+
+                    record = done[name] if name in done else kept_run(run_dir, args.fresh, one)
+                    runs.append(record)
+                    done[name] = record
+                    everything = list(done.values())
+                    write_result(RESULT, {"machine": machine(), "table": summarise(everything), "runs": everything})
+                    print(
+                        f"{name}: accuracy {[r['accuracy'] for r in record['rounds']]} "
+                        f"target round {record['target_round']}",
+                        flush=True,
+                    )
+    for key, row in summarise(runs).items():
+        print(key, row)
     return 0
 
 
