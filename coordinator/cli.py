@@ -6,10 +6,12 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from common import logs
+from common.base_id import KNOWN as KNOWN_BASES
 from common.errors import ConfigError, FedPipeError
 from common.settings import build
 
@@ -145,7 +147,14 @@ def run(config: CoordinatorConfig) -> int:
         serving.stop(grace_s=2)
     accuracy = summary.get("final_accuracy")
     if accuracy is not None:
-        log.info("final accuracy: %.3f (%s, round %d)", accuracy, summary["final_source"], summary["final_round"])
+        f1 = summary.get("final_macro_f1")
+        log.info(
+            "final accuracy: %.3f%s (%s, round %d)",
+            accuracy,
+            f", macro-F1 {f1:.3f}" if f1 is not None else "",
+            summary["final_source"],
+            summary["final_round"],
+        )
     return 0
 
 
@@ -172,7 +181,10 @@ def build_mode(config: CoordinatorConfig, spec: ModelSpec, base_path: str) -> Mo
         return FerretMode(spec, base_path, config.run.seed, config.ferret.basis, BaseWeights(base_path, spec))
     from coordinator.modes.lora import LoraMode
 
-    return LoraMode(spec, config.lora.alpha, base_path)
+    # Saved adapters name an embedded base by FedPipe's name for it, which resolves on any install, rather
+    # than by its path inside this machine's virtual environment (common.base_id).
+    named = config.model.path if config.model.path in KNOWN_BASES else str(Path(base_path).resolve())
+    return LoraMode(spec, config.lora.alpha, named)
 
 
 def plan_options(config: CoordinatorConfig) -> PlanOptions:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import logs
+from common.base_id import KNOWN, METADATA, local_name, portable_id, read_metadata, write_metadata
 from common.errors import ConfigError, FedPipeError
 
 if TYPE_CHECKING:
@@ -193,11 +194,23 @@ def locate(path: Path, round_: int | None = None) -> Source:
     )
 
 
+def given_base(source: Source, override: str | None) -> tuple[str | None, str]:
+    """(the base as named, where that name comes from): --base, else the local path in the adapter's
+    fedpipe_adapter.json, else its base_model_name_or_path (an embedded model's public id as FedPipe's name)."""
+    recorded = read_metadata(source.adapter_dir).get("base_path")
+    if override is not None:
+        return override, "--base"
+    if recorded:
+        return recorded, f"base_path in {source.adapter_dir / METADATA}"
+    given = source.config.get("base_model_name_or_path")
+    origin = f"base_model_name_or_path in {source.adapter_dir / ADAPTER_CONFIG}"
+    return (local_name(given) or given if isinstance(given, str) else None), origin
+
+
 def resolve_base(source: Source, override: str | None) -> str:
-    """The base model directory: --base, else the adapter's base_model_name_or_path; names such as "embedded"
-    (MiniLM) or "embedded-llm" resolve as everywhere in FedPipe (common.modeling.resolve_model_path)."""
-    given = override if override is not None else source.config.get("base_model_name_or_path")
-    origin = "--base" if override is not None else f"base_model_name_or_path in {source.adapter_dir / ADAPTER_CONFIG}"
+    """The base model directory the adapter names (given_base); names such as "embedded" (MiniLM) or
+    "embedded-llm" resolve as everywhere in FedPipe (common.modeling.resolve_model_path)."""
+    given, origin = given_base(source, override)
     if not isinstance(given, str) or not given:
         raise ConfigError(f"{origin} names no base model: give the base model directory with --base")
     path = Path(given).expanduser()
@@ -363,11 +376,15 @@ def _merge(source: Source, base: str, dtype_name: str, out: Path) -> dict[str, A
     return {"parameters": int(parameters), "tokenizer": tokenizer, "dtype": dtype_name}
 
 
-def _copy_adapter(source: Source, base: str, out: Path) -> dict[str, Any]:
-    """The adapter as is, its config naming the base actually used, plus the base's tokenizer."""
+def _copy_adapter(source: Source, base: str, out: Path, override: str | None) -> dict[str, Any]:
+    """The adapter as is, its config naming the base by the portable id of the base actually used, the local
+    path in fedpipe_adapter.json, plus the base's tokenizer."""
     shutil.copyfile(source.weights, out / source.weights.name)
-    config = {**source.config, "base_model_name_or_path": base}
+    given = given_base(source, override)[0]
+    named = given if given in KNOWN else base  # "embedded" stays "embedded", a directory is named by its path
+    config = {**source.config, "base_model_name_or_path": portable_id(named)}
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_metadata(out, named)
     tokenizer = _save_tokenizer(base, out)
     return {"tokenizer": tokenizer, "dtype": source.adapter_dtype()}
 
@@ -383,13 +400,16 @@ def _check_out(out: Path, source: Source, base: str) -> None:
         raise ConfigError(f"--out {out} is not empty and holds no earlier export ({RECORD}); choose another directory")
 
 
-def export(source: Source, base: str, out: Path, merge: bool, dtype: str) -> dict[str, Any]:
-    """Write the export into out (built beside it, then moved into place); returns fedpipe_export.json's content."""
+def export(
+    source: Source, base: str, out: Path, merge: bool, dtype: str, override: str | None = None
+) -> dict[str, Any]:
+    """Write the export into out (built beside it, then moved into place); returns fedpipe_export.json's content.
+    override: the --base given, if any."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        facts = _merge(source, base, dtype, tmp) if merge else _copy_adapter(source, base, tmp)
+        facts = _merge(source, base, dtype, tmp) if merge else _copy_adapter(source, base, tmp, override)
         record = {
             "source": str(source.adapter_dir.resolve()),
             "run_dir": str(source.run_dir.resolve()) if source.run_dir is not None else None,
@@ -465,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations peft still triggers
-            record = export(source, base, args.out, args.merge, args.dtype or "float32")
+            record = export(source, base, args.out, args.merge, args.dtype or "float32", args.base)
     except ConfigError as err:
         log.error("%s", err)
         return 2

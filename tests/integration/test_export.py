@@ -179,15 +179,23 @@ def test_unmerged_round_export_is_a_plain_peft_adapter(run: Run, tmp_path: Path)
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "fedpipe_adapter.json",
         "fedpipe_export.json",
         "tokenizer.json",
         "tokenizer_config.json",
     ]
     config = json.loads((out / "adapter_config.json").read_text())
     original = json.loads((run.run_dir / "rounds" / "0001" / "adapter_config.json").read_text())
-    assert original["base_model_name_or_path"] == "embedded"
-    assert config == {**original, "base_model_name_or_path": run.base}
-    loaded = PeftModel.from_pretrained(classifier_base(config["base_model_name_or_path"]), str(out)).eval()
+    # peft's config names the base by its public id, on the coordinator and in the export; the local
+    # name or path is in FedPipe's own metadata
+    assert original["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert config == original
+    assert json.loads((out / "fedpipe_adapter.json").read_text()) == {
+        "base_id": "sentence-transformers/all-MiniLM-L6-v2",
+        "base_path": "embedded",
+    }
+    assert run.base not in (out / "adapter_config.json").read_text()
+    loaded = PeftModel.from_pretrained(classifier_base(run.base), str(out)).eval()
     assert torch.equal(classify(loaded, out), expected)
     record = json.loads((out / "fedpipe_export.json").read_text())
     assert (record["round"], record["merged"], record["dtype"], record["base"]) == (1, False, "float32", run.base)
