@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from common.adapters import from_peft_key, to_peft_key
+from common.base_id import portable_id, write_metadata
 from common.data import CAUSAL_LM, SEQ_CLS, Example
 from common.errors import ConfigError, ModelMismatch
+from common.scores import confusion_matrix
 from common.types import Evaluation, ModelSpec, ModuleShape, Quantization, TrainPlan
 
 if TYPE_CHECKING:
@@ -566,8 +568,8 @@ def evaluate(
     batch_size: int = 64,
     task: str = SEQ_CLS,
 ) -> Evaluation:
-    """Mean loss and accuracy on examples: a classifier's cross-entropy and argmax accuracy, or a causal
-    LM's per-token loss on the responses and exact match of its greedy answer."""
+    """Mean loss and accuracy on examples: a classifier's cross-entropy, argmax accuracy and confusion matrix,
+    or a causal LM's per-token loss on the responses and exact match of its greedy answer."""
     if not examples:
         return Evaluation(loss=0.0, accuracy=0.0, samples=0)
     if task == CAUSAL_LM:
@@ -575,14 +577,23 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_sum = 0.0
-    correct = 0
+    predicted: list[int] = []
+    classes = 0
     for batch in batches(examples, batch_size):
         inputs = encode(tokenizer, batch, max_seq_len, device)
         out = model(**inputs)
         loss_sum += float(out.loss) * len(batch)
-        correct += int((out.logits.argmax(dim=-1) == inputs["labels"]).sum())
+        predicted.extend(out.logits.argmax(dim=-1).tolist())
+        classes = out.logits.shape[-1]
     model.train(was_training)
-    return Evaluation(loss=loss_sum / len(examples), accuracy=correct / len(examples), samples=len(examples))
+    truth = [e.label for e in examples]
+    correct = sum(p == t for p, t in zip(predicted, truth, strict=True))
+    return Evaluation(
+        loss=loss_sum / len(examples),
+        accuracy=correct / len(examples),
+        samples=len(examples),
+        confusion=confusion_matrix(truth, predicted, classes),
+    )
 
 
 def evaluate_causal(
@@ -624,11 +635,12 @@ def write_adapter_config(
     modules_to_save: Sequence[str],
     task: str = SEQ_CLS,
 ) -> dict[str, Any]:
-    """adapter_config.json that peft's PeftModel.from_pretrained reads; returns what it wrote."""
+    """adapter_config.json that peft's PeftModel.from_pretrained reads, naming the base by its portable id,
+    and fedpipe_adapter.json with the base's local path; returns the peft config."""
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": PEFT_TASK[task],
-        "base_model_name_or_path": base_path,
+        "base_model_name_or_path": portable_id(base_path),
         "r": max(ranks.values()) if ranks else 8,
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
@@ -643,4 +655,5 @@ def write_adapter_config(
         "use_rslora": False,
     }
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_metadata(directory, base_path)
     return config

@@ -466,13 +466,33 @@ def update_meta_from_pb(message: pb.UpdateHeader) -> UpdateMeta:
     )
 
 
+def evaluation_to_pb(agent_id: str, global_round: int, evaluation: Evaluation) -> pb.ReportEvaluationRequest:
+    """Evaluation -> proto (the confusion matrix row-major)."""
+    return pb.ReportEvaluationRequest(
+        agent_id=agent_id,
+        global_round=global_round,
+        loss=evaluation.loss,
+        accuracy=evaluation.accuracy,
+        samples=evaluation.samples,
+        confusion=[value for row in evaluation.confusion for value in row],
+    )
+
+
 def evaluation_from_pb(message: pb.ReportEvaluationRequest) -> Evaluation:
-    """proto evaluation report -> Evaluation; InvalidArgument for impossible figures."""
+    """proto evaluation report -> Evaluation; InvalidArgument for impossible figures (the coordinator's
+    bounds then check them against the run: classes, samples, accuracy)."""
     if not 0.0 <= message.accuracy <= 1.0:
         raise InvalidArgument("accuracy", f"must be in [0, 1], got {message.accuracy}")
     if message.loss != message.loss or message.loss < 0:
         raise InvalidArgument("loss", f"must be a non-negative number, got {message.loss}")
-    return Evaluation(loss=message.loss, accuracy=message.accuracy, samples=message.samples)
+    flat = list(message.confusion)
+    n = math.isqrt(len(flat))
+    if n * n != len(flat):
+        raise InvalidArgument("confusion", f"must hold classes x classes values, got {len(flat)}")
+    if not all(math.isfinite(v) and v >= 0 for v in flat):
+        raise InvalidArgument("confusion", "must hold finite, non-negative counts")
+    confusion = tuple(tuple(flat[i * n : (i + 1) * n]) for i in range(n))
+    return Evaluation(loss=message.loss, accuracy=message.accuracy, samples=message.samples, confusion=confusion)
 
 
 def importance_to_pb(agent_id: str, report: ImportanceReport) -> pb.ReportImportanceRequest:

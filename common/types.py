@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common import scores
+
 
 class Quantization(enum.Enum):
     """Precision of the frozen base weights on an agent."""
@@ -226,11 +228,24 @@ class GlobalState:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Loss and accuracy of one global adapter on some data."""
+    """Loss and accuracy of one global adapter on some data; for a classifier also its confusion matrix
+    (rows true class, columns predicted; weighted counts when agents' reports are combined), from which
+    common.scores derives per-class recall and macro-F1."""
 
     loss: float
     accuracy: float
     samples: int
+    confusion: tuple[tuple[float, ...], ...] = ()
+
+    @property
+    def macro_f1(self) -> float | None:
+        """Macro-F1 from the confusion matrix; None without one."""
+        return scores.macro_f1(self.confusion)
+
+    @property
+    def class_recall(self) -> tuple[float | None, ...]:
+        """Recall per class (None for a class absent from the data); () without a confusion matrix."""
+        return scores.class_recall(self.confusion)
 
 
 @dataclass(frozen=True)

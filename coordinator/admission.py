@@ -16,6 +16,7 @@ from typing import TypeVar, cast
 
 import torch
 
+from common.data import CAUSAL_LM
 from common.errors import AlreadyUploaded, InvalidArgument, NotReady, StaleRound, UnknownAgent
 from common.types import (
     AdapterUpdate,
@@ -341,7 +342,9 @@ class Admission:
         """Keep an agent's evaluation of the current global adapter: one per agent and round (an identical
         re-send is fine), figures within range and at most the agent's validation samples."""
         record = self.registry.touch(agent_id)
-        check_evaluation(evaluation, record.profile.num_val_samples)
+        spec = self.registry.spec
+        classes = 0 if spec.task == CAUSAL_LM else len(spec.labels)  # a causal LM's reports carry no matrix
+        check_evaluation(evaluation, record.profile.num_val_samples, classes)
         state = self.state
         with state.cond:
             if state.phase is not Phase.EVALUATING or state.global_ is None or global_round != state.global_.round:

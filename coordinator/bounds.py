@@ -111,11 +111,28 @@ def check_meta(meta: UpdateMeta, plan: TrainPlan, allowed_samples: int, limits: 
     _between(meta.peak_memory_bytes, 0, limits.max_memory_bytes, "peak_memory_bytes")
 
 
-def check_evaluation(evaluation: Evaluation, num_val_samples: int) -> None:
-    """An evaluation report: accuracy in [0, 1], finite loss, no more samples than the agent's validation split."""
+def check_evaluation(evaluation: Evaluation, num_val_samples: int, classes: int) -> None:
+    """An evaluation report: accuracy in [0, 1], finite loss, no more samples than the agent's validation split;
+    a confusion matrix (classifiers; optional) of the run's classes x classes whole counts that add up to the
+    samples and whose diagonal gives the accuracy."""
     _between(evaluation.accuracy, 0.0, 1.0, "accuracy")
     _between(evaluation.loss, 0.0, MAX_LOSS, "loss")
     _between(evaluation.samples, 0, num_val_samples, "samples")
+    confusion = evaluation.confusion
+    if not confusion:
+        return
+    if len(confusion) != classes or any(len(row) != classes for row in confusion):
+        shape = f"{classes} x {classes} (the run's classes)" if classes else "empty (the run's task has no classes)"
+        raise InvalidArgument("confusion", f"must be {shape}, got {len(confusion)} rows")
+    values = [v for row in confusion for v in row]
+    if not all(math.isfinite(v) and v >= 0 and v == int(v) for v in values):
+        raise InvalidArgument("confusion", "must hold whole, non-negative counts")
+    if sum(values) != evaluation.samples:
+        raise InvalidArgument("confusion", f"counts add up to {sum(values):g}, not the {evaluation.samples} samples")
+    correct = sum(confusion[i][i] for i in range(classes))
+    if evaluation.samples and abs(correct / evaluation.samples - evaluation.accuracy) > 1e-6:
+        raise InvalidArgument("confusion", f"its diagonal gives accuracy {correct / evaluation.samples:.6f}, "
+                              f"the report says {evaluation.accuracy:.6f}")  # fmt: skip
 
 
 def check_importance(report: ImportanceReport, probe: ProbePlan) -> None:

@@ -1,8 +1,9 @@
 """Every Prometheus metric fedpipe-coordinator exports, declared once on its own registry (docs/metrics.md).
 
 Names are fedpipe_*, units are in the names, labels are bounded: agent ids of registered agents, reason,
-method, code, source and matrix enums; never a round number. fedpipe_agent_* metrics here are the
-coordinator's view of each agent; the agents' own metrics are fedpipe_edge_* (edge_agent.metrics).
+method, code, source and matrix enums, the class names of the run's model; never a round number.
+fedpipe_agent_* metrics here are the coordinator's view of each agent; the agents' own metrics are
+fedpipe_edge_* (edge_agent.metrics).
 """
 
 from __future__ import annotations
@@ -205,6 +206,21 @@ class CoordinatorMetrics:
             "fedpipe_global_accuracy", "Accuracy of the latest global adapter", ["source"], registry=r
         )
         self.global_loss = Gauge("fedpipe_global_loss", "Loss of the latest global adapter", ["source"], registry=r)
+        self.global_macro_f1 = Gauge(
+            "fedpipe_global_macro_f1", "Macro-F1 of the latest global adapter (classifiers)", ["source"], registry=r
+        )
+        self.global_class_recall = Gauge(
+            "fedpipe_global_class_recall",
+            "Recall of each class by the latest global adapter (classifiers; one series per class of the run)",
+            ["source", "label"],
+            registry=r,
+        )
+        self.global_predicted_classes = Gauge(
+            "fedpipe_global_predicted_classes",
+            "Classes the latest global adapter predicts for at least one example (1: it predicts one class for all)",
+            ["source"],
+            registry=r,
+        )
         self.mask_size = Gauge("fedpipe_selection_mask_size", "Weight matrices in the current LoRA mask", registry=r)
         self.mask_parameters = Gauge(
             "fedpipe_selection_trainable_parameters", "LoRA parameters of the mask at the planned rank", registry=r

@@ -19,6 +19,8 @@ from typing import Any
 
 from common.data import CAUSAL_LM
 from common.errors import ConfigError, InvalidArgument
+from common.scores import combine as combine_confusions
+from common.scores import predicted_classes, single_class_warning
 from common.types import (
     DeviceProfile,
     Evaluation,
@@ -40,7 +42,7 @@ from coordinator.modes.lora import LoraMode
 from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction, resolve_targets
 from coordinator.registry import AgentRecord, Registry
 from coordinator.round_state import Admitted, Phase, RoundState
-from coordinator.rundir import RunDir, from_snapshot, plan_record, saved_state, snapshot
+from coordinator.rundir import RunDir, from_snapshot, plan_record, result_record, saved_state, snapshot
 from coordinator.sampling import draw, sample_size, sit_outs
 from coordinator.screening import Screening
 from coordinator.selection import combine, resolve_budget, select
@@ -54,16 +56,20 @@ class RunAborted(Exception):
 
 
 def weighted_evaluation(reports: Mapping[str, Evaluation], ratio: float = 0.0) -> Evaluation | None:
-    """Size-weighted mean of agents' evaluations, each size at most ratio x the median (0: as reported);
-    None when no agent reported any sample."""
+    """Size-weighted mean of agents' evaluations, each size at most ratio x the median (0: as reported), with
+    their confusion matrices combined at the same weights; None when no agent reported any sample."""
     weights = capped({a: float(r.samples) for a, r in reports.items()}, ratio)
     total = sum(weights.values())
     if total == 0:
         return None
+    # Every agent's matrix or none: a combination of some would weigh classes by who happened to send one.
+    confusions = {a: r.confusion for a, r in reports.items() if r.samples > 0}
+    complete = all(confusions.values()) and len({len(c) for c in confusions.values()}) == 1
     return Evaluation(
         loss=sum(r.loss * weights[a] for a, r in reports.items()) / total,
         accuracy=sum(r.accuracy * weights[a] for a, r in reports.items()) / total,
         samples=sum(r.samples for r in reports.values()),
+        confusion=combine_confusions(confusions, weights) if complete else (),
     )
 
 
@@ -611,11 +617,25 @@ class Orchestrator:
         result = replace(result, heldout=heldout, agents_eval=agents_eval)
         for source, evaluation in (("heldout", result.heldout), ("agents", agents_eval)):
             if evaluation is not None:
-                self.metrics.global_accuracy.labels(source).set(evaluation.accuracy)
-                self.metrics.global_loss.labels(source).set(evaluation.loss)
-        log.info("%s", round_line(result, self.config.run.rounds, spec.task == CAUSAL_LM))
+                self._evaluation_metrics(source, evaluation)
+        log.info("%s", round_line(result, self.config.run.rounds, spec.task == CAUSAL_LM, spec.labels))
+        for source, evaluation in (("held-out", result.heldout), ("agents' validation", agents_eval)):
+            warning = single_class_warning(evaluation.confusion, spec.labels) if evaluation is not None else None
+            if warning is not None:
+                log.warning("round %d, %s: %s", round_, source, warning)
         self.rundir.append_round(result)
         return result
+
+    def _evaluation_metrics(self, source: str, evaluation: Evaluation) -> None:
+        self.metrics.global_accuracy.labels(source).set(evaluation.accuracy)
+        self.metrics.global_loss.labels(source).set(evaluation.loss)
+        if not evaluation.confusion:
+            return
+        self.metrics.global_macro_f1.labels(source).set(evaluation.macro_f1 or 0.0)
+        self.metrics.global_predicted_classes.labels(source).set(len(predicted_classes(evaluation.confusion)))
+        for label, recall in zip(self.spec.labels, evaluation.class_recall, strict=False):
+            if recall is not None:
+                self.metrics.global_class_recall.labels(source, label).set(recall)
 
     def _finish(self) -> dict[str, Any]:
         state = self.state
@@ -623,10 +643,14 @@ class Orchestrator:
         final_eval = (self.results[-1].heldout or self.results[-1].agents_eval) if self.results else None
         summary = {
             "run_id": self.run_id,
-            "rounds": [asdict(r) for r in self.results],
+            "rounds": [result_record(r, self.spec.labels) for r in self.results],
             "final_round": state.global_.round,
             "final_accuracy": final_eval.accuracy if final_eval else None,
             "final_loss": final_eval.loss if final_eval else None,
+            "final_macro_f1": final_eval.macro_f1 if final_eval else None,
+            "final_class_recall": dict(zip(self.spec.labels, final_eval.class_recall, strict=False))
+            if final_eval and final_eval.confusion
+            else None,
             "final_source": "heldout" if self.results and self.results[-1].heldout else "agents",
             "plans": {a: plan_record(p) for a, p in state.plans.items()},
         }
@@ -674,15 +698,29 @@ def _round_report(
     return report
 
 
-def round_line(result: RoundResult, rounds: int, causal: bool = False) -> str:
-    """The one line per round an operator reads (with perplexity for a causal LM)."""
+def class_figures(evaluation: Evaluation, labels: tuple[str, ...]) -> str:
+    """' macro-F1 0.xxx (recall a 0.xx, b 0.xx)' for an evaluation with a confusion matrix, else ''."""
+    if not evaluation.confusion or evaluation.macro_f1 is None:
+        return ""
+    recall = ", ".join(
+        f"{label} {value:.2f}"
+        for label, value in zip(labels, evaluation.class_recall, strict=False)
+        if value is not None
+    )
+    return f" macro-F1 {evaluation.macro_f1:.3f} (recall {recall})"
+
+
+def round_line(result: RoundResult, rounds: int, causal: bool = False, labels: tuple[str, ...] = ()) -> str:
+    """The one line per round an operator reads (with perplexity for a causal LM, macro-F1 and per-class
+    recall for a classifier)."""
     parts = [f"round {result.round}/{rounds}", f"agents {len(result.agents)}", f"{result.seconds:.1f}s"]
     if result.heldout is not None:
         held = result.heldout
         quality = f"perplexity {math.exp(min(held.loss, 50.0)):.2f}" if causal else f"loss {held.loss:.4f}"
-        parts.append(f"held-out accuracy {held.accuracy:.3f} {quality}")
+        parts.append(f"held-out accuracy {held.accuracy:.3f}{class_figures(held, labels)} {quality}")
     if result.agents_eval is not None:
-        parts.append(f"agents' validation accuracy {result.agents_eval.accuracy:.3f}")
+        agents = result.agents_eval
+        parts.append(f"agents' validation accuracy {agents.accuracy:.3f}{class_figures(agents, labels)}")
     if result.dropped:
         parts.append(f"dropped {','.join(result.dropped)}")
     return " | ".join(parts)

@@ -233,7 +233,7 @@ class RunDir:
     def append_round(self, result: RoundResult) -> None:
         """One line of rounds.jsonl."""
         with (self.run_dir / "rounds.jsonl").open("a") as handle:
-            handle.write(json.dumps(asdict(result), default=str) + "\n")
+            handle.write(json.dumps(result_record(result, self.spec.labels), default=str) + "\n")
 
     def results(self, up_to: int) -> list[RoundResult]:
         """The rounds.jsonl records of rounds 0..up_to (the last of each round wins), in order."""
@@ -254,11 +254,34 @@ def saved_state(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def evaluation_record(evaluation: Evaluation, labels: tuple[str, ...]) -> dict[str, Any]:
+    """An evaluation as JSON, with the figures a reader wants from its confusion matrix: macro-F1 and the
+    recall of each class by name (classifiers)."""
+    record = asdict(evaluation)
+    if evaluation.confusion:
+        record["macro_f1"] = evaluation.macro_f1
+        record["class_recall"] = dict(zip(labels, evaluation.class_recall, strict=False))
+    return record
+
+
+def result_record(result: RoundResult, labels: tuple[str, ...]) -> dict[str, Any]:
+    """A round's line of rounds.jsonl and entry of summary.json."""
+    record = asdict(result)
+    for key in ("heldout", "agents_eval"):
+        evaluation = getattr(result, key)
+        if evaluation is not None:
+            record[key] = evaluation_record(evaluation, labels)
+    return record
+
+
 def result_from_record(record: Mapping[str, Any]) -> RoundResult:
     """A RoundResult from its rounds.jsonl line."""
 
     def evaluation(raw: Mapping[str, Any] | None) -> Evaluation | None:
-        return Evaluation(**raw) if raw else None
+        if not raw:
+            return None
+        confusion = tuple(tuple(float(v) for v in row) for row in raw.get("confusion", ()))
+        return Evaluation(loss=raw["loss"], accuracy=raw["accuracy"], samples=raw["samples"], confusion=confusion)
 
     return RoundResult(
         round=record["round"],

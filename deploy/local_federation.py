@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from common.certs import agent_paths, write_bundle
+from common.scores import single_class_warning
 
 START_TIMEOUT_S = 120.0
 
@@ -59,6 +60,10 @@ def round_line(record: dict[str, Any], rounds: int, causal: bool = False) -> str
     perplexity = f", perplexity {math.exp(min(held['loss'], 50.0)):.2f}" if causal and held else ""
     if held and not causal:
         perplexity = f", loss {held['loss']:.4f}"  # moves before accuracy does (Ferret at full-tuning rates)
+    scored = held or agents_eval
+    if scored and scored.get("macro_f1") is not None:
+        recall = ", ".join(f"{k} {v:.2f}" for k, v in scored["class_recall"].items() if v is not None)
+        perplexity = f", macro-F1 {scored['macro_f1']:.3f} (recall {recall}){perplexity}"
     zero_shot = " (zero-shot)" if causal and record["round"] == 0 else ""
     return (
         f"round {record['round']}/{rounds}{zero_shot}: {len(record['agents'])} agents, {record['seconds']:.1f}s, "
@@ -261,7 +266,14 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
         if accuracy is None:
             print("final accuracy: n/a (the run evaluates nothing)", flush=True)
         else:
-            print(f"final accuracy: {accuracy:.3f}", flush=True)
+            f1 = summary.get("final_macro_f1")
+            print(f"final accuracy: {accuracy:.3f}" + (f", macro-F1 {f1:.3f}" if f1 is not None else ""), flush=True)
+            last = summary["rounds"][-1] if summary.get("rounds") else {}
+            scored = last.get("heldout") or last.get("agents_eval") or {}
+            confusion = tuple(tuple(row) for row in scored.get("confusion", ()))
+            warning = single_class_warning(confusion, tuple(scored.get("class_recall") or ()))
+            if warning:
+                print(f"warning: {warning}", flush=True)
         return 0
 
 

@@ -170,10 +170,11 @@ class Agent:
             self.gateway.report_evaluation(task.global_round, result)
             self.metrics.eval_accuracy.set(result.accuracy)
             log.info(
-                "round %d global: validation loss %.4f accuracy %.3f on %d samples",
+                "round %d global: validation loss %.4f accuracy %.3f%s on %d samples",
                 task.global_round,
                 result.loss,
                 result.accuracy,
+                f" macro-F1 {result.macro_f1:.3f}" if result.macro_f1 is not None else "",
                 result.samples,
             )
             self.state = "idle"

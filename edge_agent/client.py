@@ -137,14 +137,8 @@ class CoordinatorClient:
         return str(response.message)
 
     def report_evaluation(self, global_round: int, evaluation: Evaluation) -> None:
-        """Send the loss and accuracy of a global adapter on the local validation split."""
-        request = pb.ReportEvaluationRequest(
-            agent_id=self.agent_id,
-            global_round=global_round,
-            loss=evaluation.loss,
-            accuracy=evaluation.accuracy,
-            samples=evaluation.samples,
-        )
+        """Send the loss, accuracy and confusion matrix of a global adapter on the local validation split."""
+        request = serde.evaluation_to_pb(self.agent_id, global_round, evaluation)
         self._call(lambda: self.stub.ReportEvaluation(request, timeout=30), "report", "ReportEvaluation")
 
     def report_importance(self, report: ImportanceReport) -> None:

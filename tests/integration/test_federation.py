@@ -63,9 +63,16 @@ def test_rounds_complete_and_beat_the_untrained_adapter(federation: tuple[Path, 
     assert final > untrained + 0.05, (untrained, final)
     assert all(sorted(r["agents"]) == ["agent-1", "agent-2"] for r in records[1:])
     assert all(r["agents_eval"]["samples"] > 0 for r in records), "agents evaluated every global on their own data"
-    lines = output.strip().splitlines()
-    assert lines[-1] == f"final accuracy: {final:.3f}"
+    lines = [line for line in output.strip().splitlines() if not line.startswith("warning: ")]
+    held = records[-1]["heldout"]
+    assert lines[-1] == f"final accuracy: {final:.3f}, macro-F1 {held['macro_f1']:.3f}"
     assert sum(line.startswith("round ") for line in lines) == 3
+    # beside accuracy: macro-F1 and each class's recall, held-out and the agents' (their matrices combined)
+    for record in records:
+        for scored in (record["heldout"], record["agents_eval"]):
+            assert len(scored["confusion"]) == 2 and sum(map(sum, scored["confusion"])) > 0
+            assert set(scored["class_recall"]) == {"negative", "positive"} and 0 <= scored["macro_f1"] <= 1
+        assert sum(map(sum, record["heldout"]["confusion"])) == HELDOUT
 
 
 @pytest.mark.integration
@@ -119,4 +126,5 @@ def test_final_adapter_loads_in_peft_and_reproduces_the_reported_accuracy(federa
     held = embedded_split(DataSource("embedded"))[1][:HELDOUT]
     result = evaluate(model, load_tokenizer(path), held, 48, torch.device("cpu"))
     assert result.accuracy == pytest.approx(summary["final_accuracy"], abs=1e-9)
+    assert result.macro_f1 == pytest.approx(summary["final_macro_f1"], abs=1e-9)
     assert result.loss == pytest.approx(summary["final_loss"], rel=1e-4)

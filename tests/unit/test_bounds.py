@@ -187,8 +187,35 @@ def test_an_upload_header_outside_its_plan_is_refused(changes: dict[str, Any], f
 )
 def test_an_evaluation_report_outside_range_is_refused(evaluation: Evaluation, field: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        check_evaluation(evaluation, 60)
+        check_evaluation(evaluation, 60, 2)
     assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("confusion", "classes", "message"),
+    [
+        (((3.0, 1.0, 0.0), (1.0, 5.0, 0.0), (0.0, 0.0, 0.0)), 2, "must be 2 x 2"),
+        (((3.0, 1.0), (1.0, 5.0)), 0, "must be empty"),
+        (((3.5, 0.5), (1.0, 5.0)), 2, "whole, non-negative"),
+        (((-1.0, 5.0), (1.0, 5.0)), 2, "whole, non-negative"),
+        (((3.0, 1.0), (1.0, 6.0)), 2, "add up to 11"),
+        (((4.0, 0.0), (0.0, 6.0)), 2, "gives accuracy 1.000000"),
+    ],
+)
+def test_an_evaluation_report_with_an_inconsistent_confusion_matrix_is_refused(
+    confusion: tuple[tuple[float, ...], ...], classes: int, message: str
+) -> None:
+    # Prepare: 10 samples, 8 right
+    evaluation = Evaluation(loss=0.3, accuracy=0.8, samples=10, confusion=confusion)
+
+    # Execute
+    with pytest.raises(InvalidArgument, match=message) as caught:
+        check_evaluation(evaluation, 60, classes)
+
+    # Assert
+    assert caught.value.field == "confusion"
+    check_evaluation(replace(evaluation, confusion=((3.0, 1.0), (1.0, 5.0))), 60, 2)  # the consistent one passes
+    check_evaluation(replace(evaluation, confusion=()), 60, 2)  # a matrix is optional
 
 
 PROBE = ProbePlan("p0", ("l.0.query", "l.0.value"), 4, 20, 16, 1e-3, 64, Quantization.NONE, 0, 300.0)

@@ -20,6 +20,7 @@ from common.serde import (
     dtype_name,
     encode_payload,
     evaluation_from_pb,
+    evaluation_to_pb,
     plan_from_pb,
     plan_to_pb,
     profile_from_pb,
@@ -782,6 +783,36 @@ def test_evaluation_from_pb() -> None:
 
     # Assert
     assert evaluation == Evaluation(loss=0.5, accuracy=0.875, samples=150)
+
+
+def test_evaluation_with_a_confusion_matrix_round_trips() -> None:
+    # Prepare
+    evaluation = Evaluation(
+        loss=0.5, accuracy=0.6, samples=10, confusion=((3.0, 1.0, 0.0), (1.0, 2.0, 1.0), (0.0, 1.0, 1.0))
+    )
+
+    # Execute
+    message = evaluation_to_pb("a", 2, evaluation)
+    back = evaluation_from_pb(pb.ReportEvaluationRequest.FromString(message.SerializeToString()))
+
+    # Assert
+    assert back == evaluation
+    assert (message.agent_id, message.global_round) == ("a", 2)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([1.0, 2.0, 3.0], "classes x classes"),
+        ([1.0, -1.0, 0.0, 2.0], "non-negative"),
+        ([1.0, float("inf"), 0.0, 2.0], "finite"),
+    ],
+)
+def test_a_malformed_confusion_matrix_is_refused(values: list[float], message: str) -> None:
+    request = pb.ReportEvaluationRequest(agent_id="a", loss=0.5, accuracy=0.5, samples=4, confusion=values)
+    with pytest.raises(InvalidArgument, match=message) as caught:
+        evaluation_from_pb(request)
+    assert caught.value.field == "confusion"
 
 
 @pytest.mark.parametrize(

@@ -857,11 +857,18 @@ class ReportEvaluationRequest(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     ACCURACY_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
+    CONFUSION_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     global_round: _builtins.int
     loss: _builtins.float
     accuracy: _builtins.float
     samples: _builtins.int
+    @_builtins.property
+    def confusion(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Classifier: the confusion matrix, row-major (row = true class, column = predicted), labels x labels
+        counts; empty for a causal LM.
+        """
+
     def __init__(
         self,
         *,
@@ -870,10 +877,11 @@ class ReportEvaluationRequest(_message.Message):
         loss: _builtins.float = ...,
         accuracy: _builtins.float = ...,
         samples: _builtins.int = ...,
+        confusion: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "agent_id", b"agent_id", "global_round", b"global_round", "loss", b"loss", "samples", b"samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "agent_id", b"agent_id", "confusion", b"confusion", "global_round", b"global_round", "loss", b"loss", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
