@@ -242,7 +242,7 @@ def broadcast_tensors(global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec) 
             pair = LoraPair(
                 a=torch.cat([pair.a, fresh.a[pair.rank :]]), b=torch.cat([pair.b, fresh.b[:, pair.rank :]], dim=1)
             )
-        a, b = unfold(truncate_rank(pair, rank), plan.lora_alpha)
+        a, b = unfold(truncate_rank(pair, rank), plan.alpha_of(module))
         a_name, b_name = lora_names(module)
         tensors[a_name] = a.contiguous()
         tensors[b_name] = b.contiguous()
@@ -260,7 +260,7 @@ def fold_update(agent_id: str, weight: float, tensors: Mapping[str, torch.Tensor
         a_name, b_name = lora_names(module)
         a = tensors[a_name].to(torch.float32)
         b = tensors[b_name].to(torch.float32)
-        lora[module] = fold(a, b, plan.lora_alpha)
+        lora[module] = fold(a, b, plan.alpha_of(module))
     heads = {
         name: value.to(torch.float32)
         for name, value in tensors.items()

@@ -371,6 +371,7 @@ class AdapterLayout:
     lora_alpha: float
     lora_dropout: float
     modules_to_save: tuple[str, ...]
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
 
     @staticmethod
     def of(plan: TrainPlan) -> AdapterLayout:
@@ -381,6 +382,7 @@ class AdapterLayout:
             lora_alpha=plan.lora_alpha,
             lora_dropout=plan.lora_dropout,
             modules_to_save=plan.modules_to_save,
+            alpha_pattern=tuple(sorted(plan.alpha_pattern().items())),
         )
 
 
@@ -414,6 +416,7 @@ class AdaptedModel:
             lora_dropout=layout.lora_dropout,
             target_modules=list(layout.target_modules),
             rank_pattern=ranks,
+            alpha_pattern=dict(layout.alpha_pattern),
             modules_to_save=list(layout.modules_to_save),
         )
         self.model = get_peft_model(self.base, config)

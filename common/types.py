@@ -103,7 +103,7 @@ class TrainPlan:
     plan_id: str  # identifies this plan; uploads must name it
     target_modules: tuple[str, ...]  # the mask: full module names that get LoRA
     rank_pattern: Mapping[str, int]  # LoRA rank per target module
-    lora_alpha: float  # peft scales each update by lora_alpha / rank
+    lora_alpha: float  # alpha at the plan's largest rank; each module's alpha keeps alpha / rank equal (alpha_of)
     lora_dropout: float  # dropout on the LoRA input during training
     modules_to_save: tuple[str, ...]  # heads trained in full (peft modules_to_save)
     batch_size: int  # samples per optimizer step
@@ -123,6 +123,17 @@ class TrainPlan:
     global_digest: str = ""  # ferret: sha256 of the weights the agent must hold before it trains
     held_modules: tuple[str, ...] = ()  # ferret: every block the global holds (kept in full precision)
     proximal_mu: float = 0.0  # FedProx: weight of (mu / 2) ||w - w_start||^2 added to the local loss
+
+    def alpha_of(self, module: str) -> float:
+        """peft's lora_alpha for one module: lora_alpha x its rank / the plan's largest rank, so every module's
+        update is scaled by the same alpha / rank however the ranks differ (equal ranks: lora_alpha)."""
+        top = max(self.rank_pattern.values(), default=0)
+        rank = self.rank_pattern.get(module, top)
+        return self.lora_alpha * rank / top if top > 0 else self.lora_alpha
+
+    def alpha_pattern(self) -> dict[str, float]:
+        """peft's alpha_pattern: the modules whose alpha differs from lora_alpha."""
+        return {m: self.alpha_of(m) for m in self.target_modules if self.alpha_of(m) != self.lora_alpha}
 
     def steps_for(self, num_examples: int) -> int:
         """Optimizer steps this plan asks for on num_examples: local epochs, capped by max_steps."""

@@ -290,6 +290,7 @@ def search_space(config: CoordinatorConfig) -> SearchSpace:
         memory_headroom=planning.memory_headroom,
         bandwidth_bytes_per_s=planning.bandwidth_bytes_per_s,
         max_round_upload_bytes=planning.max_round_upload_bytes,
+        rank_allocation=planning.rank_allocation,
     )
 
 

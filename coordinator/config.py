@@ -191,6 +191,11 @@ class PlanningSection(Section):
     bandwidth_bytes_per_s: float = Field(12.5e6, gt=0, description="assumed link speed for transfer time")
     max_round_upload_bytes: int = Field(0, ge=0, description="bound on a round's total upload bytes, 0 = none")
     refit_threshold: float = Field(0.1, gt=0, description="relative prediction error that triggers a refit")
+    rank_allocation: Literal["uniform", "per-matrix"] = Field(
+        "uniform",
+        description="fedpipe planner: one rank on all of an agent's matrices, or a rank for each matrix (0 = not "
+        "trained) spreading the agent's LoRA parameter budget by importance (coordinator/ranks.py)",
+    )
     agent_ranks: dict[str, int] = Field(
         {}, description="uniform planner: a fixed LoRA rank per agent id (experiments with unequal ranks)"
     )
@@ -337,5 +342,12 @@ class CoordinatorConfig(BaseSettings):
             raise ValueError(
                 f"aggregation.server_optimizer {self.aggregation.server_optimizer} needs training.mode lora: "
                 "the ferret mode broadcasts coefficients, not the coordinator's weights"
+            )
+        if self.planning.rank_allocation == "per-matrix" and (
+            self.planner != "fedpipe" or self.training.mode != "lora"
+        ):
+            raise ValueError(
+                "planning.rank_allocation per-matrix spreads the fedpipe planner's LoRA budget: it needs planner "
+                f"fedpipe and training.mode lora (got planner {self.planner}, training.mode {self.training.mode})"
             )
         return self

@@ -127,6 +127,7 @@ class Config:
     mode: str = "lora"
     optimizer: str = "adamw"
     directions: int = 0  # ferret: the round's projection budget
+    rank_pattern: tuple[tuple[str, int], ...] = ()  # a rank per module, overriding `rank` (per-matrix allocation)
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,11 @@ def predict(
         projection = 2 * config.directions * (full / max(1, len(config.modules))) / GENERATION_VALUES_PER_S
     else:
         full = 0
-        lora = lora_parameters(spec, config.modules, config.rank)
+        lora = (
+            sum(r * (spec.candidate(m).in_features + spec.candidate(m).out_features) for m, r in config.rank_pattern)
+            if config.rank_pattern
+            else lora_parameters(spec, config.modules, config.rank)
+        )
         trainable = lora + head_parameters(spec)
         weights = base_bytes(spec, config.quantization, element) + trainable * ADAM_BYTES_PER_PARAM
         payload = trainable * 4

@@ -15,12 +15,13 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from common.adapters import head_modules
 from common.errors import ConfigError
 from common.types import DeviceProfile, ModelSpec, Quantization, TrainPlan
 from coordinator import costmodel, solver
+from coordinator import ranks as rank_allocation
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class SearchSpace:
     memory_headroom: float = 0.1  # plan to (1 - headroom) of the usable memory
     bandwidth_bytes_per_s: float = 12.5e6  # assumed link speed for transfer time (100 Mbit/s)
     max_round_upload_bytes: int = 0  # bound on the round's total upload (0 = none): couples the agents
+    rank_allocation: str = "uniform"  # "per-matrix": the chosen budget spread over the mask by importance
 
 
 @dataclass(frozen=True)
@@ -121,13 +123,19 @@ def _make_plan(
     quantization: Quantization,
     local_epochs: int,
     max_steps: int,
+    ranks: Mapping[str, int] | None = None,
 ) -> TrainPlan:
-    # Alpha grows with the rank (alpha / r stays the configured scale), so ranks share one update scale.
-    alpha = options.alpha * rank / options.rank
+    """ranks: a rank per module (per-matrix allocation); else `rank` on every module."""
     ferret = options.mode == "ferret"
+    pattern = {} if ferret else dict(ranks) if ranks else dict.fromkeys(modules, rank)
+    top = max(pattern.values(), default=rank)
+    # Alpha grows with the rank (alpha / r stays the configured scale), so ranks share one update scale; the
+    # plan's alpha is at its largest rank and TrainPlan.alpha_of scales it down for smaller ones.
+    alpha = options.alpha * top / options.rank
     fields = {
         "modules": modules,
         "rank": rank,
+        "ranks": sorted(pattern.items()),
         "alpha": alpha,
         "batch": batch_size,
         "quant": quantization.value,
@@ -141,7 +149,7 @@ def _make_plan(
     return TrainPlan(
         plan_id=plan_id(round_, agent_id, fields),
         target_modules=modules,
-        rank_pattern={} if ferret else dict.fromkeys(modules, rank),
+        rank_pattern=pattern,
         lora_alpha=alpha,
         lora_dropout=options.dropout,
         modules_to_save=head_modules(spec),
@@ -261,7 +269,9 @@ def mask_subsets(
 
 def capacity(config: costmodel.Config) -> int:
     """What a configuration trains: rank slots over its matrices (LoRA), or its matrices (trained in full)."""
-    return config.rank * len(config.modules) if config.mode == "lora" else len(config.modules)
+    if config.mode != "lora":
+        return len(config.modules)
+    return sum(r for _, r in config.rank_pattern) if config.rank_pattern else config.rank * len(config.modules)
 
 
 def steps_within(cost: costmodel.Cost, seconds: float) -> int:
@@ -378,6 +388,8 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     predictions: dict[str, Prediction] = {}
     for index, (agent_id, pick) in enumerate(zip(feasible, chosen, strict=True)):
         choice = feasible[agent_id][pick]
+        if search.rank_allocation == "per-matrix" and options.mode == "lora":
+            choice = _per_matrix(choice, modules, spec, options, profiles[agent_id], agent_id)
         config, cost = choice.config, choice.cost
         n = profiles[agent_id].num_train_samples
         epoch_steps = max(1, math.ceil(n / config.batch_size))
@@ -396,6 +408,7 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
             config.quantization,
             search.max_local_epochs,
             steps,
+            dict(config.rank_pattern) or None,
         )
         u = under_training(cost, config.batch_size, target(agent_id, config.batch_size), seconds)
         predictions[agent_id] = Prediction(
@@ -409,6 +422,27 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
             binding=_binding(choice, feasible[agent_id], configs, u),
         )
     return PlanSet(plans=plans, predictions=predictions, excluded=excluded, round_seconds=seconds)
+
+
+def _per_matrix(
+    choice: _Choice,
+    modules: tuple[str, ...],
+    spec: ModelSpec,
+    options: PlanOptions,
+    profile: DeviceProfile,
+    agent_id: str,
+) -> _Choice:
+    """The chosen configuration with its LoRA parameter budget (its rank on its matrices) spread over the
+    whole mask by importance (coordinator.ranks): the same or fewer parameters, so memory, step time and
+    upload stay within what was planned; priced again at the ranks given."""
+    config = choice.config
+    budget = costmodel.lora_parameters(spec, config.modules, config.rank)
+    widths = {m: spec.candidate(m).in_features + spec.candidate(m).out_features for m in modules}
+    allocated = rank_allocation.allocate(modules, widths, options.scores, options.search.ranks, budget)
+    pattern = tuple((m, allocated[m]) for m in modules if m in allocated)
+    chosen = tuple(m for m, _ in pattern)
+    per_matrix = replace(config, modules=chosen, rank=max(r for _, r in pattern), rank_pattern=pattern)
+    return _Choice(per_matrix, _price(profile, spec, options, agent_id, per_matrix))
 
 
 def _binding(choice: _Choice, fits: list[_Choice], configs: list[costmodel.Config], u: float) -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.adapters import broadcast_tensors, fold_update, init_global
+from common.adapters import LoraPair, broadcast_tensors, fold_update, init_global
 from common.data import CAUSAL_LM, Example
 from common.modeling import AdaptedModel, load_base, load_tokenizer, model_spec, resolve_model_path
 from common.types import ModelSpec, Quantization, TrainPlan
@@ -168,3 +168,35 @@ def test_gpt2_fused_attention_adapters_of_unequal_ranks_aggregate_and_load_back(
         delta = dict(merged.named_parameters())[f"{module}.weight"].detach() - before[f"{module}.weight"]
         torch.testing.assert_close(delta, (pair.b @ pair.a).T, rtol=1e-4, atol=1e-6)
         assert float((pair.b @ pair.a).abs().max()) > 0, "training moved every adapter"
+
+
+def test_a_plan_with_a_rank_per_matrix_reproduces_the_global_in_peft(tmp_path: Path) -> None:
+    # Prepare: ranks 4, 2, 1, 4 over the four matrices (a per-matrix plan), a global with non-zero products
+    path = str(tiny_gpt2(tmp_path / "gpt2"))
+    spec = model_spec(path, LABELS, task=CAUSAL_LM)
+    modules = tuple(m.name for m in spec.candidates)
+    ranks = dict(zip(modules, (4, 2, 1, 4), strict=True))
+    plan = replace(plan_for(spec, 4, "pm"), rank_pattern=ranks)
+    generator = torch.Generator().manual_seed(3)
+    fresh = init_global(spec, plan, seed=0)
+    global_ = replace(
+        fresh,
+        lora={m: LoraPair(p.a, torch.randn(p.b.shape, generator=generator)) for m, p in fresh.lora.items()},
+    )
+    adapted = AdaptedModel(load_base(path, LABELS, Quantization.NONE, CPU, CAUSAL_LM), CAUSAL_LM)
+    before = {n: p.detach().clone() for n, p in adapted.base.named_parameters()}
+
+    # Execute
+    model = adapted.ensure(plan)
+    adapted.load(broadcast_tensors(global_, plan, spec))
+    scales = {m: model.get_submodule("base_model.model." + m).scaling["default"] for m in modules}
+    merged = model.merge_and_unload()
+
+    # Assert: peft scales every matrix by the same alpha / r (alpha_pattern), and the merged weights moved
+    # by exactly the global's products at each matrix's own rank
+    assert set(scales.values()) == {plan.lora_alpha / 4}
+    for module in modules:
+        delta = dict(merged.named_parameters())[f"{module}.weight"].detach() - before[f"{module}.weight"]
+        pair = global_.lora[module]
+        expected = pair.b[:, : ranks[module]] @ pair.a[: ranks[module]]
+        torch.testing.assert_close(delta, expected.T, rtol=1e-4, atol=1e-5)

@@ -491,15 +491,17 @@ def test_init_global_is_deterministic_per_seed() -> None:
 def test_broadcast_at_global_rank_reproduces_folded_delta_w() -> None:
     # Prepare
     global_ = make_global({Q: 2, V: 4})
-    plan = make_plan({Q: 2, V: 4}, alpha=8.0)  # scales 4 and 2: exact
+    plan = make_plan({Q: 2, V: 4}, alpha=8.0)  # alpha 8 at rank 4, 4 at rank 2: scale 2 on both, exact
 
     # Execute
     tensors = broadcast_tensors(global_, plan, SPEC)
 
-    # Assert
+    # Assert: each module unfolded with its own alpha, which keeps alpha / rank equal across modules
+    assert (plan.alpha_of(Q), plan.alpha_of(V), plan.alpha_pattern()) == (4.0, 8.0, {Q: 4.0})
     for module in (Q, V):
         a_name, b_name = lora_names(module)
-        scale = plan.lora_alpha / plan.rank_pattern[module]
+        scale = plan.alpha_of(module) / plan.rank_pattern[module]
+        assert scale == 2.0
         assert torch.equal(scale * tensors[b_name] @ tensors[a_name], global_.lora[module].b @ global_.lora[module].a)
 
 
@@ -532,9 +534,10 @@ def test_broadcast_truncates_to_agent_rank_and_unfolds_with_its_alpha() -> None:
 
     # Assert
     assert torch.equal(tensors[f"{Q}.lora_A"], global_.lora[Q].a[:1])
-    assert torch.equal(tensors[f"{Q}.lora_B"], global_.lora[Q].b[:, :1] / 4.0)  # 4 / 1
+    # alpha 4 at the plan's largest rank 2, so 2 at rank 1: both modules scaled by alpha / r = 2
+    assert torch.equal(tensors[f"{Q}.lora_B"], global_.lora[Q].b[:, :1] / 2.0)
     assert torch.equal(tensors[f"{V}.lora_A"], global_.lora[V].a[:2])
-    assert torch.equal(tensors[f"{V}.lora_B"], global_.lora[V].b[:, :2] / 2.0)  # 4 / 2
+    assert torch.equal(tensors[f"{V}.lora_B"], global_.lora[V].b[:, :2] / 2.0)
 
 
 def test_broadcast_above_global_rank_adds_fresh_slots_that_keep_delta_w() -> None:
