@@ -68,3 +68,16 @@ def matrix_scores(tracker: SensitivityTracker, triplets: Mapping[str, tuple[str,
         module: float(triplet_scores(tracker.score(a), tracker.score(e), tracker.score(b)).sum())
         for module, (a, e, b) in triplets.items()
     }
+
+
+def lora_scores(tracker: SensitivityTracker, pairs: Mapping[str, tuple[str, str]]) -> dict[str, float]:
+    """Importance of each module from a plain LoRA pair tracked during training: its rank slots scored as
+    AdaLoRA's triplets without the singular value (row i of A, column i of B), summed; pairs maps module ->
+    (A, B) names. Modules whose tensors never had a gradient are left out."""
+    scores: dict[str, float] = {}
+    for module, (a, b) in pairs.items():
+        if a not in tracker or b not in tracker:
+            continue
+        s_a, s_b = tracker.score(a), tracker.score(b)
+        scores[module] = float(triplet_scores(s_a, s_a.new_zeros(s_a.shape[0]), s_b).sum())
+    return scores

@@ -299,6 +299,7 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
         global_digest=plan.global_digest,
         held_modules=list(plan.held_modules),
         proximal_mu=plan.proximal_mu,
+        track_importance=plan.track_importance,
     )
 
 
@@ -347,6 +348,7 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
         global_digest=message.global_digest,
         held_modules=tuple(message.held_modules),
         proximal_mu=message.proximal_mu,
+        track_importance=message.track_importance,
     )
 
 
@@ -437,6 +439,7 @@ def update_header_to_pb(meta: UpdateMeta, payload: pb.PayloadHeader) -> pb.Updat
         payload=payload,
         base_digest=meta.base_digest,
         projection_seconds=meta.projection_seconds,
+        importance=dict(meta.importance),
     )
 
 
@@ -452,6 +455,9 @@ def update_meta_from_pb(message: pb.UpdateHeader) -> UpdateMeta:
         raise InvalidArgument("header.train_seconds", f"must be finite and >= 0, got {message.train_seconds}")
     if not (math.isfinite(message.projection_seconds) and message.projection_seconds >= 0):
         raise InvalidArgument("header.projection_seconds", f"must be finite and >= 0, got {message.projection_seconds}")
+    bad = sorted(name for name, score in message.importance.items() if not (math.isfinite(score) and score >= 0))
+    if bad:
+        raise InvalidArgument("header.importance", f"scores must be finite and >= 0 (not for {bad[:3]})")
     return UpdateMeta(
         agent_id=message.agent_id,
         round=message.round,
@@ -463,6 +469,7 @@ def update_meta_from_pb(message: pb.UpdateHeader) -> UpdateMeta:
         peak_memory_bytes=message.peak_memory_bytes,
         base_digest=message.base_digest,
         projection_seconds=message.projection_seconds,
+        importance=dict(message.importance),
     )
 
 

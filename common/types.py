@@ -123,6 +123,7 @@ class TrainPlan:
     global_digest: str = ""  # ferret: sha256 of the weights the agent must hold before it trains
     held_modules: tuple[str, ...] = ()  # ferret: every block the global holds (kept in full precision)
     proximal_mu: float = 0.0  # FedProx: weight of (mu / 2) ||w - w_start||^2 added to the local loss
+    track_importance: bool = False  # score the trained matrices while training (UpdateMeta.importance)
 
     def alpha_of(self, module: str) -> float:
         """peft's lora_alpha for one module: lora_alpha x its rank / the plan's largest rank, so every module's
@@ -220,6 +221,7 @@ class UpdateMeta:
     peak_memory_bytes: int
     base_digest: str = ""  # ferret: sha256 of the weights the agent trained from
     projection_seconds: float = 0.0  # ferret: time spent projecting the update
+    importance: Mapping[str, float] = field(default_factory=dict)  # track_importance: score per trained matrix
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ MIN_STEP_SECONDS = 1e-5  # no framework steps faster than this, whatever its FLO
 MAX_POLL_S = 60.0
 MAX_SCORE = 1e30  # importance scores are normalised per agent; this keeps their sum finite
 MAX_LOSS = 1e6
+MAX_IMPORTANCE = 1e30  # a training score is |w x grad| smoothed, squared: tiny in practice; finite is what counts
 MAX_TRAIN_SECONDS = 7 * 86_400.0
 _PRINTABLE = re.compile(r"[ -~]*")
 
@@ -99,7 +100,9 @@ def check_wait(wait_s: float) -> float:
 
 def check_meta(meta: UpdateMeta, plan: TrainPlan, allowed_samples: int, limits: LimitsSection) -> None:
     """An upload header's figures: positive samples within what the plan allows, steps within the plan's,
-    finite non-negative loss and time, a peak within the memory ceiling."""
+    finite non-negative loss and time, a peak within the memory ceiling, importance scores only for the
+    plan's matrices and finite (each agent's scores are normalised before they count, so their scale can't
+    outweigh other agents')."""
     if meta.samples == 0:
         raise InvalidArgument("samples", "must be positive: an update with no samples has no weight")
     if meta.samples > allowed_samples:
@@ -109,6 +112,11 @@ def check_meta(meta: UpdateMeta, plan: TrainPlan, allowed_samples: int, limits: 
     _between(meta.train_seconds, 0.0, MAX_TRAIN_SECONDS, "train_seconds")
     _between(meta.projection_seconds, 0.0, MAX_TRAIN_SECONDS, "projection_seconds")
     _between(meta.peak_memory_bytes, 0, limits.max_memory_bytes, "peak_memory_bytes")
+    unplanned = sorted(set(meta.importance) - set(plan.target_modules))
+    if unplanned:
+        raise InvalidArgument("importance", f"scores matrices the plan does not train: {unplanned[:3]}")
+    for module, score in meta.importance.items():
+        _between(score, 0.0, MAX_IMPORTANCE, f"importance[{module}]")
 
 
 def check_evaluation(evaluation: Evaluation, num_val_samples: int, classes: int) -> None:

@@ -213,6 +213,7 @@ def plan_options(config: CoordinatorConfig) -> PlanOptions:
         basis=config.ferret.basis,
         proximal_mu=config.training.proximal_mu,
         agent_ranks=dict(config.planning.agent_ranks),
+        track_importance=config.selection.scores_training,
     )
 
 

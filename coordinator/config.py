@@ -170,7 +170,18 @@ class SelectionSection(Section):
     probe_batch_size: int = Field(16, ge=1, description="samples per probe step")
     probe_learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the probe")
     probe_deadline_s: float = Field(300.0, gt=0, description="seconds agents have to report their scores")
-    reselect_every: int = Field(0, ge=0, description="probe and re-select every N rounds; 0 = select once")
+    reselect_every: int = Field(0, ge=0, description="re-select every N rounds; 0 = select once")
+    rescore: Literal["training", "probe"] = Field(
+        "training",
+        description="how re-selection scores the mask (reselect_every > 0): training: from the sensitivity x "
+        "uncertainty the agents accumulate over their adapters while they train (no extra probe); probe: a new "
+        "probe of the base with a fresh head",
+    )
+
+    @property
+    def scores_training(self) -> bool:
+        """Whether plans ask agents to score their matrices while training (for re-selection)."""
+        return self.mode == "importance" and self.reselect_every > 0 and self.rescore == "training"
 
 
 class PlanningSection(Section):

@@ -45,7 +45,7 @@ from coordinator.round_state import Admitted, Phase, RoundState
 from coordinator.rundir import RunDir, from_snapshot, plan_record, result_record, saved_state, snapshot
 from coordinator.sampling import draw, sample_size, sit_outs
 from coordinator.screening import Screening
-from coordinator.selection import combine, resolve_budget, select
+from coordinator.selection import combine, rescore, resolve_budget, select
 from coordinator.strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class Orchestrator:
         self.mask: tuple[str, ...] | None = None  # selected modules; None = every candidate
         self.mask_scores: dict[str, float] = {}  # combined importance of the candidates
         self.corrections: dict[str, tuple[float, float]] = {}  # agent -> (time, memory) scale from measurements
+        self.training_scores: dict[str, ImportanceReport] = {}  # the last round's scores from training, per agent
         self.results: list[RoundResult] = []
         self.rundir = RunDir(config.run.run_dir, self.spec, self.mode)
         self.eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
@@ -305,6 +306,7 @@ class Orchestrator:
             )  # fmt: skip
         new_global, agg_metrics, agg_seconds = aggregated
         self._refit(inbox, planned.predictions)
+        self._keep_training_scores(round_, inbox, weights)
         report = _round_report(inbox, weights, planned.predictions, dict(self.state.downloaded))
         self.rundir.save_round(new_global, plans, report, self._bookkeeping(), self.strategy.state_dict())
         self.state.set_global(new_global)
@@ -477,13 +479,39 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ selection
 
+    def _keep_training_scores(self, round_: int, inbox: Mapping[str, Admitted], weights: Mapping[str, float]) -> None:
+        """The aggregated updates' importance scores (plans with track_importance), each agent's say its
+        capped aggregation weight, for the next re-selection."""
+        self.training_scores = {
+            agent: ImportanceReport(
+                f"training-r{round_}",
+                dict(x.update.meta.importance),
+                max(1, math.floor(weights[agent])),
+                x.update.meta.steps,
+                x.update.meta.train_seconds,
+            )
+            for agent, x in inbox.items()
+            if x.update.meta.importance and weights.get(agent, 0.0) > 0
+        }
+
     def _select(self, after_round: int, alive: Mapping[str, AgentRecord], spec: ModelSpec) -> None:
-        """Probe the candidates on the alive agents and set the mask from their combined scores."""
+        """Set the mask: from the last round's training scores when selection.rescore is training and they
+        exist (re-selection), else by probing the candidates on the alive agents."""
         sel = self.config.selection
         if sel.mode == "all":
             return
         candidates = resolve_targets(spec, self.options.targets)
         shapes = [spec.candidate(name) for name in candidates]
+        if sel.mode == "importance" and sel.rescore == "training" and self.training_scores and self.mask_scores:
+            trained = sorted({m for r in self.training_scores.values() for m in r.scores})
+            scores = rescore(self.mask_scores, combine(self.training_scores, trained))
+            log.info(
+                "re-selection after round %d from the training scores of %s (no probe)",
+                after_round,
+                ", ".join(sorted(self.training_scores)),
+            )
+            self._apply_selection(after_round, scores, shapes, self.training_scores, f"training-r{after_round}")
+            return
         if sel.mode == "random":
             generator = random.Random(self.options.seed * 7919 + after_round)
             self._apply_selection(after_round, {name: generator.random() for name in candidates}, shapes, {}, "random")

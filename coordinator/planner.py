@@ -48,6 +48,7 @@ class PlanOptions:
     basis: str = "rademacher"  # ferret: the directions' distribution
     proximal_mu: float = 0.0  # FedProx's proximal weight, passed to every plan
     agent_ranks: Mapping[str, int] = field(default_factory=dict)  # uniform planner: a fixed rank per agent
+    track_importance: bool = False  # agents score their trained matrices while training (re-selection)
     scores: Mapping[str, float] = field(default_factory=dict)  # importance per mask module, for subsets
     corrections: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # agent -> (time, memory)
 
@@ -168,6 +169,7 @@ def _make_plan(
         basis=options.basis,
         shared_seed=options.seed,
         proximal_mu=options.proximal_mu,
+        track_importance=options.track_importance and not ferret,
     )
 
 

@@ -4,6 +4,8 @@ Agents score every candidate matrix with an AdaLoRA probe on their own data (MET
 Raw scores are products of weights and gradients, so their scale follows each agent's loss and data:
 each agent's scores are normalised to sum to 1 before they are averaged, weighted by the samples the
 probe saw. Then the highest-scoring matrices are kept while their LoRA parameters fit the budget.
+Later re-selections (selection.rescore: training) take the trained matrices' scores from the training
+itself, which the agents accumulate over their adapters and send with their uploads (`rescore`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,23 @@ def combine(reports: Mapping[str, ImportanceReport], candidates: Sequence[str]) 
         for name in candidates:
             combined[name] += weight * report.scores.get(name, 0.0) / mass
     return combined
+
+
+def rescore(previous: Mapping[str, float], training: Mapping[str, float]) -> dict[str, float]:
+    """Combined scores for a re-selection from training: the matrices the round trained take their training
+    scores, rescaled so that together they keep the share of the previous scores they had (the two
+    measurements have different scales; only their ranking within the trained set is taken from training);
+    every other candidate keeps its previous (probe) score, so it can still enter when a trained matrix
+    falls below it."""
+    trained = [m for m in training if m in previous]
+    mass_before = sum(previous[m] for m in trained)
+    mass_now = sum(training[m] for m in trained)
+    scores = dict(previous)
+    if mass_now <= 0:
+        return scores
+    for module in trained:
+        scores[module] = training[module] * mass_before / mass_now
+    return scores
 
 
 def lora_cost(module: ModuleShape, rank: int) -> int:

@@ -212,6 +212,7 @@ class Agent:
             peak_memory_bytes=trained.peak_memory_bytes,
             base_digest=base_digest,
             projection_seconds=projection_seconds,
+            importance=trained.importance,
         )
         self.state = "uploading"
         message = self.gateway.upload(meta, tensors)

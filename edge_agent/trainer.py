@@ -6,12 +6,14 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from common.adapters import PEFT_PREFIX
 from common.data import SEQ_CLS, Example
+from common.importance import SensitivityTracker, lora_scores
 from common.modeling import encode
 from common.types import TrainPlan
 from edge_agent.caps import Throttle
@@ -33,6 +35,7 @@ class TrainResult:
     mean_loss: float
     peak_memory_bytes: int
     stopped_early: bool  # the deadline cut the planned work short
+    importance: dict[str, float] = field(default_factory=dict)  # plan.track_importance: score per module
 
 
 def train_local(
@@ -67,6 +70,7 @@ def train_local(
     warmup = max(1, int(total * WARMUP_FRACTION))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     throttle = throttle or Throttle(1.0)
+    tracker, watched = _importance_watch(model, plan)
     reset_peak_memory(device)
     bar = _Progress(progress, total, f"train {plan.plan_id}")
     model.train()
@@ -92,6 +96,8 @@ def train_local(
                 proximal = sum(((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)), loss.new_zeros(()))
                 objective = loss + 0.5 * plan.proximal_mu * proximal
             objective.backward()
+            if tracker is not None:
+                tracker.update(watched)  # the raw gradients, before clipping (as the probe reads them)
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
             schedule.step()
@@ -114,7 +120,26 @@ def train_local(
         mean_loss=loss_sum / steps if steps else float("nan"),
         peak_memory_bytes=peak_memory_bytes(device),
         stopped_early=stopped_early,
+        importance=lora_scores(tracker, _pairs(plan)) if tracker is not None else {},
     )
+
+
+def _pairs(plan: TrainPlan) -> dict[str, tuple[str, str]]:
+    """peft's parameter names of each planned module's A and B."""
+    return {
+        module: (f"{PEFT_PREFIX}{module}.lora_A.default.weight", f"{PEFT_PREFIX}{module}.lora_B.default.weight")
+        for module in plan.target_modules
+    }
+
+
+def _importance_watch(model: Any, plan: TrainPlan) -> tuple[SensitivityTracker | None, dict[str, torch.Tensor]]:
+    """A tracker over the plan's LoRA tensors when the plan asks for scores (LoRA mode only), and those
+    tensors; (None, {}) otherwise. Only adapter tensors are watched: cheap next to the step itself."""
+    if not plan.track_importance or plan.mode != "lora":
+        return None, {}
+    named = dict(model.named_parameters())
+    watched = {name: named[name] for pair in _pairs(plan).values() for name in pair if name in named}
+    return SensitivityTracker(), watched
 
 
 class _Progress:

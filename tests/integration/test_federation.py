@@ -80,8 +80,15 @@ def test_selection_plans_and_round_adapters_are_written(federation: tuple[Path, 
     run_dir, _ = federation
     masks = {
         1: json.loads((run_dir / "selection" / "0000.json").read_text()),
-        2: json.loads((run_dir / "selection" / "0001.json").read_text()),  # probed again before round 2
+        2: json.loads((run_dir / "selection" / "0001.json").read_text()),  # re-selected before round 2
     }
+    # round 0 probed the base; the re-selection took round 1's training scores instead of probing again:
+    # each agent scored the matrices it trained, the untrained candidates kept their probe scores
+    assert masks[1]["probe"].startswith("p0-") and masks[2]["probe"] == "training-r1"
+    for agent in masks[2]["agents"].values():
+        assert set(agent["scores"]) <= set(masks[1]["mask"]) and all(v > 0 for v in agent["scores"].values())
+    untrained = set(masks[1]["combined"]) - set(masks[1]["mask"])
+    assert {m: masks[2]["combined"][m] for m in untrained} == {m: masks[1]["combined"][m] for m in untrained}
     for round_ in (1, 2):
         selection = masks[round_]
         assert sorted(selection["agents"]) == ["agent-1", "agent-2"] and len(selection["combined"]) == 24

@@ -91,6 +91,31 @@ def test_fedprox_keeps_the_trained_tensors_closer_to_where_the_round_started_the
     assert math.isfinite(held_loss) and abs(held_loss - free_loss) < 0.5
 
 
+def test_training_scores_its_matrices_when_the_plan_asks() -> None:
+    # Prepare
+    plan, spec = make_plan(Quantization.NONE)
+    start = broadcast_tensors(init_global(spec, plan, seed=0), plan, spec)
+    examples = embedded_split(DataSource("embedded"))[0][:24]
+    model = LocalModel(resolve_model_path("embedded"), LABELS, torch.device("cpu"))
+
+    def scores(track: bool) -> dict[str, float]:
+        adapted = model.prepare(replace(plan, track_importance=track))
+        adapted.load(start)
+        result = train_local(
+            adapted.model, model.tokenizer, examples, replace(plan, track_importance=track), torch.device("cpu"),
+            time.monotonic() + 120, progress="off",
+        )  # fmt: skip
+        return result.importance
+
+    # Execute
+    tracked, untracked = scores(True), scores(False)
+
+    # Assert: every trained matrix scored, positive and finite; nothing when the plan does not ask
+    assert set(tracked) == set(plan.target_modules)
+    assert all(math.isfinite(v) and v > 0 for v in tracked.values())
+    assert untracked == {}
+
+
 def test_flops_measurement_is_positive_and_sane() -> None:
     flops = measure_flops(torch.device("cpu"), torch.float32, seconds=0.2, size=256)
     assert 1e7 < flops < 1e13

@@ -80,7 +80,10 @@ def coordinator(run_dir: Path, run: RunSection, selection: SelectionSection, see
         selection=selection,
         evaluation=EvaluationSection(agents=False, initial=False),
     )
-    options = PlanOptions(("all",), 2, 4.0, 0.0, 4, 1, 0, 1e-3, 0.0, 16, Quantization.NONE, run.round_deadline_s, seed)
+    options = PlanOptions(
+        ("all",), 2, 4.0, 0.0, 4, 1, 0, 1e-3, 0.0, 16, Quantization.NONE, run.round_deadline_s, seed,
+        track_importance=selection.scores_training,
+    )  # fmt: skip
     metrics = CoordinatorMetrics()
     orchestrator = Orchestrator(
         config, Registry(SPEC), uniform_plan, options, get_strategy("rank-padding"), metrics, "base"
@@ -202,9 +205,16 @@ def test_random_mode_skips_the_probe_and_keeps_the_budget(tmp_path: Path) -> Non
         assert record["probe"] == "random" and record["mask"] == list(first.plan.target_modules)
 
 
-def upload(stub: pb_grpc.CoordinatorStub, agent: str, round_: int, plan_id: str, tensors: dict[str, Any]) -> None:
+def upload(
+    stub: pb_grpc.CoordinatorStub,
+    agent: str,
+    round_: int,
+    plan_id: str,
+    tensors: dict[str, Any],
+    importance: dict[str, float] | None = None,
+) -> None:
     header, payload = serde.encode_payload(tensors)
-    meta = UpdateMeta(agent, round_, plan_id, 40, 10, 1.0, 0.5, 1)
+    meta = UpdateMeta(agent, round_, plan_id, 40, 10, 1.0, 0.5, 1, importance=importance or {})
     messages = [pb.UploadUpdateRequest(header=serde.update_header_to_pb(meta, header))]
     messages += [pb.UploadUpdateRequest(chunk=c) for c in serde.chunked(payload, 1024)]
     stub.UploadUpdate(iter(messages), timeout=10)
@@ -300,3 +310,30 @@ def test_sampled_agents_train_and_the_others_are_told_they_sit_the_round_out(tmp
             assert tasks[agent].kind is TaskKind.WAIT
             assert f"not drawn this round (2 of {len(considered)} agents train)" in tasks[agent].message
         assert started.orchestrator.metrics.sampled_agents._value.get() == 2
+
+
+@pytest.mark.integration
+def test_reselection_from_training_scores_needs_no_probe(tmp_path: Path) -> None:
+    # Prepare: the round-0 probe prefers m1 and m3; round 1's training then finds m1 barely matters
+    run = RunSection(rounds=2, min_agents=1, round_deadline_s=10.0, run_dir=tmp_path, finish_grace_s=0.0)
+    selection = SelectionSection(mode="importance", budget=0.5, reselect_every=1, rescore="training")
+    m0, m1, m2, m3 = (m.name for m in MODULES)
+    with coordinator(tmp_path, run, selection) as started:
+        stub = started.stub
+        register(stub, "a")
+        probe = task(stub, "a").probe
+        assert probe is not None
+        report(stub, "a", probe.probe_id, {m0: 0.1, m1: 5.0, m2: 0.0, m3: 4.0})
+        first = task(stub, "a")
+        assert first.plan is not None and first.plan.target_modules == (m1, m3) and first.plan.track_importance
+
+        # Execute: the upload carries the training's scores
+        trained = {name: value + 0.01 for name, value in download(stub, "a", first).items()}
+        upload(stub, "a", 1, first.plan.plan_id, trained, importance={m1: 0.01, m3: 5.0})
+        second = task(stub, "a")
+
+        # Assert: no probe; m1's training share falls below m0's probe score, so m0 takes its place
+        assert second.probe is None and second.plan is not None
+        assert second.plan.target_modules == (m0, m3)
+    record = json.loads((tmp_path / "selection" / "0001.json").read_text())
+    assert record["probe"] == "training-r1" and record["agents"]["a"]["scores"] == {m1: 0.01, m3: 5.0}

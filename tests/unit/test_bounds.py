@@ -178,6 +178,17 @@ def test_an_upload_header_outside_its_plan_is_refused(changes: dict[str, Any], f
 
 
 @pytest.mark.parametrize(
+    ("importance", "field"),
+    [({"l.1.value": 0.5}, "importance"), ({"l.0.query": math.inf}, "importance[l.0.query]")],
+)
+def test_importance_scores_only_for_the_plans_matrices_and_finite(importance: dict[str, float], field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        check_meta(replace(META, importance=importance), PLAN, 38 * 16, LIMITS)
+    assert caught.value.field == field
+    check_meta(replace(META, importance={"l.0.query": 0.5}), PLAN, 38 * 16, LIMITS)
+
+
+@pytest.mark.parametrize(
     ("evaluation", "field"),
     [
         (Evaluation(loss=math.inf, accuracy=0.5, samples=10), "loss"),

@@ -130,3 +130,21 @@ def test_matrix_scores_sum_each_modules_triplets() -> None:
 
     # Assert: q = 2 triplets x (8 + 2 + 0.5); v = 2 x 2.
     assert scores == {"q": 21.0, "v": 4.0}
+
+
+def test_lora_scores_sum_the_rank_slots_of_a_and_b() -> None:
+    # Prepare: one step of I = |w * grad| (so Ibar = 0.15 I and Ubar = 0.15 * 0.85 I)
+    from common.importance import SensitivityTracker, lora_scores
+
+    a = torch.nn.Parameter(torch.ones(2, 3))
+    b = torch.nn.Parameter(torch.ones(4, 2))
+    a.grad, b.grad = torch.full((2, 3), 2.0), torch.full((4, 2), 1.0)
+    tracker = SensitivityTracker()
+
+    # Execute
+    tracker.update({"a": a, "b": b})
+    scores = lora_scores(tracker, {"m": ("a", "b"), "never": ("x", "y")})
+
+    # Assert: per slot mean s_A (0.15 * 0.1275 * 4) + mean s_B (0.15 * 0.1275 * 1), two slots
+    factor = 0.15 * (0.15 * 0.85)
+    assert scores == {"m": pytest.approx(2 * (factor * 4 + factor * 1))}

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from common.errors import ConfigError
 from common.types import ImportanceReport, ModuleShape
-from coordinator.selection import combine, lora_cost, resolve_budget, select
+from coordinator.selection import combine, lora_cost, rescore, resolve_budget, select
 
 MODULES = (
     ModuleShape("l0.q", 4, 4),  # cost 8 per rank
@@ -101,3 +101,33 @@ def test_select_invariants(scores: list[float], rank: int, budget: int) -> None:
     for left in (m for m in MODULES if m.name not in selection.mask):
         if lora_cost(left, rank) <= budget - selection.used:
             pytest.fail(f"{left.name} fits in the leftover budget but was left out")
+
+
+def test_rescore_ranks_the_trained_matrices_by_training_on_the_previous_scale() -> None:
+    # Prepare: a and b were trained; training now says b matters three times as much as a
+    previous = {"a": 0.4, "b": 0.2, "c": 0.25, "d": 0.15}
+
+    # Execute
+    scores = rescore(previous, {"a": 1e-6, "b": 3e-6})
+
+    # Assert: a and b keep their 0.6 together, split 1:3; c and d keep their probe scores
+    assert scores == pytest.approx({"a": 0.15, "b": 0.45, "c": 0.25, "d": 0.15})
+    assert sum(scores.values()) == pytest.approx(sum(previous.values()))
+
+
+def test_rescore_lets_an_untrained_matrix_enter_when_a_trained_one_falls_below_it() -> None:
+    # Prepare: budget for two matrices of four equal shapes
+    shapes = [ModuleShape(name, 8, 8) for name in ("a", "b", "c", "d")]
+    previous = {"a": 0.3, "b": 0.3, "c": 0.25, "d": 0.15}
+    before = select(previous, shapes, 4, 2 * lora_cost(shapes[0], 4)).mask
+
+    # Execute
+    after = select(rescore(previous, {"a": 1.0, "b": 0.05}), shapes, 4, 2 * lora_cost(shapes[0], 4)).mask
+
+    # Assert: b's training share (0.03) falls below c's 0.25, so c enters
+    assert before == ("a", "b") and after == ("a", "c")
+
+
+def test_rescore_without_training_signal_keeps_the_previous_scores() -> None:
+    assert rescore({"a": 0.5, "b": 0.5}, {"a": 0.0}) == {"a": 0.5, "b": 0.5}
+    assert rescore({"a": 0.5}, {"zzz": 1.0}) == {"a": 0.5}  # a score for a non-candidate is ignored

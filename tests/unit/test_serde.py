@@ -746,11 +746,30 @@ def test_update_header_round_trip_keeps_meta_and_payload() -> None:
     assert message.payload == payload_header
 
 
+def test_update_header_carries_training_importance_scores() -> None:
+    # Prepare
+    payload_header, _ = encode_payload(sample_tensors())
+    meta = replace(META, importance={"l.0.query": 0.25, "l.0.value": 1e-9})
+
+    # Execute
+    back = update_meta_from_pb(
+        pb.UpdateHeader.FromString(update_header_to_pb(meta, payload_header).SerializeToString())
+    )
+
+    # Assert
+    assert back == meta and dict(back.importance) == {"l.0.query": 0.25, "l.0.value": 1e-9}
+
+
 @pytest.mark.parametrize(
     ("message", "field"),
     [
         (pb.UpdateHeader(agent_id="", payload=pb.PayloadHeader()), "header.agent_id"),
         (pb.UpdateHeader(agent_id="agent-1"), "header.payload"),
+        (
+            pb.UpdateHeader(agent_id="a", payload=pb.PayloadHeader(), importance={"m": float("nan")}),
+            "header.importance",
+        ),
+        (pb.UpdateHeader(agent_id="a", payload=pb.PayloadHeader(), importance={"m": -1.0}), "header.importance"),
     ],
 )
 def test_bad_update_header_names_the_field(message: pb.UpdateHeader, field: str) -> None:

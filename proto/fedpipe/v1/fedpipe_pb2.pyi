@@ -334,6 +334,7 @@ class TrainPlan(_message.Message):
     GLOBAL_DIGEST_FIELD_NUMBER: _builtins.int
     HELD_MODULES_FIELD_NUMBER: _builtins.int
     PROXIMAL_MU_FIELD_NUMBER: _builtins.int
+    TRACK_IMPORTANCE_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     lora_alpha: _builtins.float
     lora_dropout: _builtins.float
@@ -362,6 +363,8 @@ class TrainPlan(_message.Message):
     """ferret: sha256 of the weights the agent must hold to train"""
     proximal_mu: _builtins.float
     """FedProx: weight of (mu / 2) ||w - w_start||^2 in the local loss"""
+    track_importance: _builtins.bool
+    """score the trained matrices during training, sent with the upload"""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the mask: full module names that get LoRA"""
@@ -404,10 +407,11 @@ class TrainPlan(_message.Message):
         global_digest: _builtins.str = ...,
         held_modules: _abc.Iterable[_builtins.str] | None = ...,
         proximal_mu: _builtins.float = ...,
+        track_importance: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "batch_size", b"batch_size", "deadline_s", b"deadline_s", "directions", b"directions", "global_digest", b"global_digest", "held_modules", b"held_modules", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "mode", b"mode", "modules_to_save", b"modules_to_save", "optimizer", b"optimizer", "plan_id", b"plan_id", "proximal_mu", b"proximal_mu", "quantization", b"quantization", "rank_pattern", b"rank_pattern", "seed", b"seed", "shared_seed", b"shared_seed", "target_modules", b"target_modules", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "batch_size", b"batch_size", "deadline_s", b"deadline_s", "directions", b"directions", "global_digest", b"global_digest", "held_modules", b"held_modules", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "mode", b"mode", "modules_to_save", b"modules_to_save", "optimizer", b"optimizer", "plan_id", b"plan_id", "proximal_mu", b"proximal_mu", "quantization", b"quantization", "rank_pattern", b"rank_pattern", "seed", b"seed", "shared_seed", b"shared_seed", "target_modules", b"target_modules", "track_importance", b"track_importance", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -749,6 +753,26 @@ Global___DownloadGlobalResponse: _TypeAlias = DownloadGlobalResponse  # noqa: Y0
 class UpdateHeader(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ImportanceEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     AGENT_ID_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
     PLAN_ID_FIELD_NUMBER: _builtins.int
@@ -760,6 +784,7 @@ class UpdateHeader(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     BASE_DIGEST_FIELD_NUMBER: _builtins.int
     PROJECTION_SECONDS_FIELD_NUMBER: _builtins.int
+    IMPORTANCE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     round: _builtins.int
     plan_id: _builtins.str
@@ -775,6 +800,12 @@ class UpdateHeader(_message.Message):
     """ferret: seconds spent projecting the update onto the directions"""
     @_builtins.property
     def payload(self) -> Global___PayloadHeader: ...
+    @_builtins.property
+    def importance(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Plans with track_importance: per trained matrix, the AdaLoRA sensitivity x uncertainty the training
+        accumulated over its adapter (the coordinator re-selects from these instead of probing again).
+        """
+
     def __init__(
         self,
         *,
@@ -789,10 +820,11 @@ class UpdateHeader(_message.Message):
         payload: Global___PayloadHeader | None = ...,
         base_digest: _builtins.str = ...,
         projection_seconds: _builtins.float = ...,
+        importance: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "base_digest", b"base_digest", "payload", b"payload", "peak_memory_bytes", b"peak_memory_bytes", "plan_id", b"plan_id", "projection_seconds", b"projection_seconds", "round", b"round", "samples", b"samples", "steps", b"steps", "train_loss", b"train_loss", "train_seconds", b"train_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "base_digest", b"base_digest", "importance", b"importance", "payload", b"payload", "peak_memory_bytes", b"peak_memory_bytes", "plan_id", b"plan_id", "projection_seconds", b"projection_seconds", "round", b"round", "samples", b"samples", "steps", b"steps", "train_loss", b"train_loss", "train_seconds", b"train_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
