@@ -292,6 +292,7 @@ def search_space(config: CoordinatorConfig) -> SearchSpace:
         bandwidth_bytes_per_s=planning.bandwidth_bytes_per_s,
         max_round_upload_bytes=planning.max_round_upload_bytes,
         rank_allocation=planning.rank_allocation,
+        matrix_ranks=tuple(planning.matrix_ranks),
     )
 
 

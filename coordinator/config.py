@@ -204,8 +204,11 @@ class PlanningSection(Section):
     refit_threshold: float = Field(0.1, gt=0, description="relative prediction error that triggers a refit")
     rank_allocation: Literal["uniform", "per-matrix"] = Field(
         "uniform",
-        description="fedpipe planner: one rank on all of an agent's matrices, or a rank for each matrix (0 = not "
-        "trained) spreading the agent's LoRA parameter budget by importance (coordinator/ranks.py)",
+        description="one rank on all of an agent's matrices, or a rank for each matrix (0 = not trained) "
+        "spreading the LoRA parameters the planner gave the agent by importance (coordinator/ranks.py)",
+    )
+    matrix_ranks: list[int] = Field(
+        [], description="ranks the per-matrix allocation may give a matrix; empty = planning.ranks"
     )
     agent_ranks: dict[str, int] = Field(
         {}, description="uniform planner: a fixed LoRA rank per agent id (experiments with unequal ranks)"
@@ -215,6 +218,14 @@ class PlanningSection(Section):
     @classmethod
     def _positive_ranks(cls, value: dict[str, int]) -> dict[str, int]:
         bad = {agent: rank for agent, rank in value.items() if not 1 <= rank <= 1024}
+        if bad:
+            raise ValueError(f"ranks must be in 1..1024: {bad}")
+        return value
+
+    @field_validator("matrix_ranks")
+    @classmethod
+    def _matrix_ranks(cls, value: list[int]) -> list[int]:
+        bad = [rank for rank in value if not 1 <= rank <= 1024]
         if bad:
             raise ValueError(f"ranks must be in 1..1024: {bad}")
         return value
@@ -354,11 +365,9 @@ class CoordinatorConfig(BaseSettings):
                 f"aggregation.server_optimizer {self.aggregation.server_optimizer} needs training.mode lora: "
                 "the ferret mode broadcasts coefficients, not the coordinator's weights"
             )
-        if self.planning.rank_allocation == "per-matrix" and (
-            self.planner != "fedpipe" or self.training.mode != "lora"
-        ):
+        if self.planning.rank_allocation == "per-matrix" and self.training.mode != "lora":
             raise ValueError(
-                "planning.rank_allocation per-matrix spreads the fedpipe planner's LoRA budget: it needs planner "
-                f"fedpipe and training.mode lora (got planner {self.planner}, training.mode {self.training.mode})"
+                "planning.rank_allocation per-matrix spreads LoRA parameters over matrices: it needs training.mode "
+                f"lora (the {self.training.mode} mode trains its matrices in full)"
             )
         return self

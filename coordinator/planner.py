@@ -68,6 +68,7 @@ class SearchSpace:
     bandwidth_bytes_per_s: float = 12.5e6  # assumed link speed for transfer time (100 Mbit/s)
     max_round_upload_bytes: int = 0  # bound on the round's total upload (0 = none): couples the agents
     rank_allocation: str = "uniform"  # "per-matrix": the chosen budget spread over the mask by importance
+    matrix_ranks: tuple[int, ...] = ()  # ranks the per-matrix allocation may give (empty: `ranks`)
 
 
 @dataclass(frozen=True)
@@ -211,21 +212,25 @@ def uniform_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     modules = resolve_targets(spec, options.targets)
     plans: dict[str, TrainPlan] = {}
     predictions: dict[str, Prediction] = {}
+    per_matrix = options.search.rank_allocation == "per-matrix" and options.mode == "lora"
     for index, agent_id in enumerate(sorted(profiles)):
         rank = options.agent_ranks.get(agent_id, options.rank)
         config = _config(options, options.batch_size, rank, options.quantization, modules)
+        if per_matrix:
+            config = _spread(config, modules, spec, options)
         plan = _make_plan(
             options,
             round_,
             agent_id,
             index,
             spec,
-            modules,
+            config.modules,
             rank,
             options.batch_size,
             options.quantization,
             options.local_epochs,
             options.max_steps,
+            dict(config.rank_pattern) or None,
         )
         plans[agent_id] = plan
         profile = profiles[agent_id]
@@ -434,17 +439,25 @@ def _per_matrix(
     profile: DeviceProfile,
     agent_id: str,
 ) -> _Choice:
-    """The chosen configuration with its LoRA parameter budget (its rank on its matrices) spread over the
-    whole mask by importance (coordinator.ranks): the same or fewer parameters, so memory, step time and
-    upload stay within what was planned; priced again at the ranks given."""
-    config = choice.config
+    """The chosen configuration with its LoRA parameter budget spread over the whole mask (_spread), priced
+    again at the ranks given: the same or fewer parameters, so memory, step time and upload stay within
+    what was planned."""
+    per_matrix = _spread(choice.config, modules, spec, options)
+    return _Choice(per_matrix, _price(profile, spec, options, agent_id, per_matrix))
+
+
+def _spread(
+    config: costmodel.Config, modules: tuple[str, ...], spec: ModelSpec, options: PlanOptions
+) -> costmodel.Config:
+    """A configuration's LoRA parameters (its rank on its matrices) spread over `modules` by importance
+    (coordinator.ranks), at planning.matrix_ranks (else planning.ranks)."""
     budget = costmodel.lora_parameters(spec, config.modules, config.rank)
     widths = {m: spec.candidate(m).in_features + spec.candidate(m).out_features for m in modules}
-    allocated = rank_allocation.allocate(modules, widths, options.scores, options.search.ranks, budget)
+    search = options.search
+    allocated = rank_allocation.allocate(modules, widths, options.scores, search.matrix_ranks or search.ranks, budget)
     pattern = tuple((m, allocated[m]) for m in modules if m in allocated)
     chosen = tuple(m for m, _ in pattern)
-    per_matrix = replace(config, modules=chosen, rank=max(r for _, r in pattern), rank_pattern=pattern)
-    return _Choice(per_matrix, _price(profile, spec, options, agent_id, per_matrix))
+    return replace(config, modules=chosen, rank=max(r for _, r in pattern), rank_pattern=pattern)
 
 
 def _binding(choice: _Choice, fits: list[_Choice], configs: list[costmodel.Config], u: float) -> str:

@@ -65,8 +65,11 @@ def allocate(
     weight = _weights(modules, scores)
     names = list(modules)
     count = len(names) * len(choices)
-    # Variable (i, k): module i at rank choices[k]. milp minimises, so the objective is negated.
-    objective = np.array([-weight[m] * value(r) for m in names for r in choices])
+    # Variable (i, k): module i at rank choices[k]. milp minimises, so the objective is negated; it is scaled so
+    # its largest term is 1e6, because HiGHS stops within an absolute gap of 1e-6 (scipy cannot set it), which
+    # would otherwise let an assignment a little short of the optimum through.
+    terms = [weight[m] * value(r) for m in names for r in choices]
+    objective = -np.array(terms) * (1e6 / max(terms))
     params = np.array([float(r * widths[m]) for m in names for r in choices])
     one_each = np.zeros((len(names), count))
     for i in range(len(names)):

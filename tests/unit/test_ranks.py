@@ -131,12 +131,31 @@ def test_the_cost_model_prices_a_rank_pattern_by_its_parameters() -> None:
     )
 
 
-@pytest.mark.parametrize("other", [{"planner": "uniform"}, {"training": {"mode": "ferret"}}])
-def test_per_matrix_allocation_outside_the_fedpipe_lora_planner_is_refused(other: dict[str, object]) -> None:
+def test_per_matrix_allocation_in_the_ferret_mode_is_refused() -> None:
     from pydantic import ValidationError
 
     from coordinator.config import CoordinatorConfig
 
     with pytest.raises(ValidationError, match="rank_allocation per-matrix"):
-        CoordinatorConfig(planning={"rank_allocation": "per-matrix"}, insecure=True, **other)  # type: ignore[arg-type]
-    CoordinatorConfig(planning={"rank_allocation": "per-matrix"}, insecure=True)
+        CoordinatorConfig(planning={"rank_allocation": "per-matrix"}, training={"mode": "ferret"}, insecure=True)
+    CoordinatorConfig(planning={"rank_allocation": "per-matrix"}, planner="uniform", insecure=True)
+    with pytest.raises(ValidationError, match=r"1\.\.1024"):
+        CoordinatorConfig(planning={"matrix_ranks": [0, 8]}, insecure=True)
+
+
+def test_the_uniform_planner_spreads_its_rank_per_matrix_at_the_matrix_ranks() -> None:
+    # Prepare: rank 8 on all 24 matrices as the budget; the allocator may use 2..32; importance falls with depth
+    from coordinator.planner import uniform_plan
+
+    modules = [m.name for m in SPEC.candidates]
+    scores = {m: 1.0 / (1 + i) ** 2 for i, m in enumerate(modules)}
+    search = replace(OPTIONS.search, rank_allocation="per-matrix", matrix_ranks=(2, 4, 8, 16, 32))
+    options = replace(OPTIONS, scores=scores, search=search)
+
+    # Execute
+    plan = uniform_plan({"a": profile(8.0)}, SPEC, options, 1).plans["a"]
+
+    # Assert: within the budget, unequal, the first matrix at the top rank, the plan's modules those given a rank
+    assert sum(plan.rank_pattern.values()) * 768 <= 8 * 24 * 768
+    assert plan.rank_pattern[modules[0]] == 32 and len(set(plan.rank_pattern.values())) > 1
+    assert plan.target_modules == tuple(m for m in modules if m in plan.rank_pattern)
