@@ -21,8 +21,8 @@ Per run: held-out accuracy and loss per round, seconds per round, the ranks plan
 to the target (None when never reached). Runs finished before are kept unless `--fresh`: those in
 runs/aggregation-ablation/*/bench.json and those already in bench/results/aggregation_ablation.json (which is
 rewritten after every run, so a benchmark that takes longer than one sitting goes on where it stopped);
-`--only classifier|causal`, `--seeds N`, `--arms a,b` and `--ranks fixed|planner` narrow it. Every process
-imports the code on PYTHONPATH: run it from a copy of the tree.
+`--only classifier|causal`, `--skew A`, `--seeds N`, `--arms a,b` and `--ranks fixed|planner` narrow it.
+Every process imports the code on PYTHONPATH: run it from a copy of the tree.
 """
 
 from __future__ import annotations
@@ -162,6 +162,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--ranks", choices=("fixed", "planner"), default=None)
+    parser.add_argument("--skew", type=float, default=None, help="only the classifier runs at this label skew")
     parser.add_argument("--fresh", action="store_true", help="rerun runs whose directory holds a finished run")
     args = parser.parse_args()
     previous = json.loads(RESULT.read_text())["runs"] if RESULT.exists() and not args.fresh else []
@@ -169,7 +170,7 @@ def main() -> int:
     runs: list[dict[str, Any]] = []
     cases: list[tuple[str, float | None]] = [("classifier", 0.5), ("classifier", 1.0), ("causal", None)]
     for task, skew in cases:
-        if args.only and task != args.only:
+        if (args.only and task != args.only) or (args.skew is not None and skew != args.skew):
             continue
         for ranks in ("fixed", "planner"):
             if args.ranks and ranks != args.ranks:
