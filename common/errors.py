@@ -52,6 +52,10 @@ class ServerUnavailable(FedPipeError):
     """The coordinator could not be reached after all retries."""
 
 
+class Stopped(FedPipeError):
+    """The process was asked to stop (a signal) while it waited to reach the coordinator."""
+
+
 class Unauthenticated(FedPipeError):
     """A call carries no valid credentials."""
 

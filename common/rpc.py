@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -82,6 +83,9 @@ class RetryPolicy:
     give_up_s: float = 900.0
     initial_s: float = 0.25
     max_s: float = 8.0
+    # Set by a stop request (SIGTERM): the wait between tries ends and the call raises errors.Stopped, so a
+    # process told to stop while the coordinator is unreachable does not retry for give_up_s first.
+    stop: threading.Event | None = field(default=None, compare=False)
 
     def call(self, fn: Callable[[], T], what: str, on_retry: Callable[[], None] | None = None) -> T:
         """Run fn, retrying retryable gRPC errors; ServerUnavailable once give_up_s has passed."""
@@ -107,5 +111,10 @@ class RetryPolicy:
                 # the first tries are routine (a busy server); say it loudly once it looks like an outage
                 level = logging.INFO if attempt < 4 else logging.WARNING
                 log.log(level, "%s failed (%s), retry %d in %.1fs", what, code.name if code else "?", attempt, sleep)
-                time.sleep(sleep)
+                if self.stop is None:
+                    time.sleep(sleep)
+                elif self.stop.is_set() or self.stop.wait(sleep):
+                    raise errors.Stopped(
+                        f"{what}: stopping; the coordinator was unreachable ({attempt} tries)"
+                    ) from err
                 delay = min(delay * 2, self.max_s)

@@ -133,15 +133,16 @@ class Federation:
         for i, agent_id in enumerate(self.agent_ids, start=1):
             agent_cfg = merge(
                 agents_spec.get("config", {}),
-                {
-                    "agent_id": agent_id,
-                    "coordinator": self.address,
-                    "data": {"shard": f"{i}/{self.count}"},
-                    "metrics": {"port": 0},
-                    "progress": "lines",
-                },
+                {"agent_id": agent_id, "coordinator": self.address, "metrics": {"port": 0}, "progress": "lines"},
             )
             agent_cfg = merge(merge(agent_cfg, agent_security[agent_id]), overrides.get(agent_id, {}))
+            data = agent_cfg.setdefault("data", {})
+            # The embedded corpus is one data set for everyone, so each agent takes its shard of it; a file
+            # handed to an agent is that agent's own data and is used whole unless the spec shards it.
+            if data.get("path", "embedded") == "embedded":
+                data.setdefault("shard", f"{i}/{self.count}")
+            elif "shard" in data:
+                print(f"{agent_id}: data.shard {data['shard']} of {data['path']} (as the spec says)", flush=True)
             (run_dir / f"{agent_id}.yaml").write_text(yaml.safe_dump(agent_cfg))
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         self.coordinator: subprocess.Popen[bytes] | None = None
@@ -277,14 +278,31 @@ def run(config_path: Path, run_dir_override: Path | None, timeout_s: float) -> i
         return 0
 
 
+class Terminated(Exception):
+    """SIGTERM or SIGHUP reached the launcher."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main() -> int:
-    """Parse flags and run the federation."""
+    """Parse flags and run the federation; a SIGTERM (or SIGHUP, Ctrl-C) stops every process it started."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path(__file__).with_name("demo.yaml"))
     parser.add_argument("--run-dir", type=Path, default=None, help="overrides coordinator.run.run_dir")
     parser.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
     args = parser.parse_args()
-    return run(args.config, args.run_dir, args.timeout)
+    # Python's default SIGTERM ends the process without unwinding, which would leave the coordinator and the
+    # agents running; raised as an exception it unwinds through Federation.__exit__, which stops them.
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    try:
+        return run(args.config, args.run_dir, args.timeout)
+    except (Terminated, KeyboardInterrupt) as err:
+        signum = err.args[0] if isinstance(err, Terminated) else signal.SIGINT
+        print(f"stopped by signal {signum}: the coordinator and the agents were stopped", file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

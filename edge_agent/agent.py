@@ -58,7 +58,9 @@ class Agent:
         progress: str = "auto",
         throttle: Throttle | None = None,
         ready_s: float = 60.0,
+        stop: threading.Event | None = None,
     ) -> None:
+        """stop: the event a stop request sets (shared with the client's retries); a new one by default."""
         self.agent_id = agent_id
         self.gateway = gateway
         self.model = model
@@ -70,7 +72,7 @@ class Agent:
         self.progress = progress
         self.throttle = throttle or Throttle(1.0)  # the operator's compute share, applied to every step
         self.state = "idle"
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.heartbeat_s = 5.0
         self.last_notice = ""
         self.registered = False

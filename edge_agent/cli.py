@@ -6,12 +6,13 @@ import dataclasses
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from common import logs
-from common.errors import ConfigError, FedPipeError
+from common.errors import ConfigError, FedPipeError, Stopped
 from common.settings import build
 
 if TYPE_CHECKING:
@@ -37,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         log.error("config error: %s", err)
         return 2
+    except Stopped as err:
+        log.info("%s", err)
+        return 0
     except FedPipeError as err:
         log.error("%s", err)
         return 1
@@ -114,13 +118,14 @@ def run(config: AgentConfig) -> int:
             )
             check_peak(point.peak_memory_bytes, memory_cap, f"calibration at batch {point.batch_size}")
         measured = dataclasses.replace(measured, calibration=points)
+    stopping = threading.Event()  # SIGTERM: the agent loop and the client's retries both end on it
     client = CoordinatorClient(
         config.coordinator,
         config.agent_id,
         metrics,
         credentials,
         config.tls.server_name,
-        RetryPolicy(give_up_s=config.reconnect_s),
+        RetryPolicy(give_up_s=config.reconnect_s, stop=stopping),
     )
     agent = Agent(
         config.agent_id,
@@ -134,6 +139,7 @@ def run(config: AgentConfig) -> int:
         config.progress,
         throttle,
         config.ready_s,
+        stopping,
     )
     agents.append(agent)
 
