@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -110,6 +111,33 @@ def truncate_rank(pair: LoraPair, rank: int) -> LoraPair:
     if rank > pair.rank:
         raise ValueError(f"cannot truncate rank {pair.rank} up to {rank}")
     return LoraPair(a=pair.a[:rank].clone(), b=pair.b[:, :rank].clone())
+
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_index(module: str) -> int | None:
+    """The transformer layer a module name sits in (the first dotted number: "...layer.3.attention..." is 3,
+    "model.layers.3.self_attn.q_proj" 3, "transformer.h.0.attn.c_attn" 0); None when the name has none."""
+    match = _LAYER.search(module)
+    return int(match.group(1)) if match else None
+
+
+def layer_count(spec: ModelSpec) -> int:
+    """Transformer layers of a spec's candidates (1 + the largest layer index; 0 when none has one)."""
+    indices = [i for i in (layer_index(m.name) for m in spec.candidates) if i is not None]
+    return 1 + max(indices) if indices else 0
+
+
+def backward_layers(spec: ModelSpec, modules: Iterable[str]) -> int:
+    """Layers the backward pass runs through when these modules train: from the earliest of them to the top
+    (autograd keeps no activations below the first tensor that needs a gradient). All layers when a module
+    has no layer index or the spec has none."""
+    total = layer_count(spec)
+    indices = [layer_index(m) for m in modules]
+    if total == 0 or not indices or any(i is None for i in indices):
+        return total
+    return total - min(i for i in indices if i is not None)
 
 
 def lora_names(module: str) -> tuple[str, str]:

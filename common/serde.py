@@ -189,6 +189,7 @@ def profile_to_pb(profile: DeviceProfile) -> pb.DeviceProfile:
                 step_seconds=p.step_seconds,
                 peak_memory_bytes=p.peak_memory_bytes,
                 trainable_parameters=p.trainable_parameters,
+                layers=p.layers,
             )
             for p in profile.calibration
         ],
@@ -218,6 +219,7 @@ def profile_from_pb(message: pb.DeviceProfile) -> DeviceProfile:
                 step_seconds=point.step_seconds,
                 peak_memory_bytes=point.peak_memory_bytes,
                 trainable_parameters=point.trainable_parameters,
+                layers=point.layers,
             )
         )
     return DeviceProfile(

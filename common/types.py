@@ -45,6 +45,7 @@ class CalibrationPoint:
     step_seconds: float  # mean optimizer step time, throttling included
     peak_memory_bytes: int  # process peak (CPU) or CUDA allocator peak during the run
     trainable_parameters: int
+    layers: int = 0  # transformer layers the backward ran through (earliest trained one to the top); 0 = all
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@ rather than from formulas alone. Each run is the real training loop (edge_agent.
 LoRA of one rank on every candidate plus the heads, at full precision, under the agent's compute throttle,
 so what is measured is what a round would cost. Every batch is exactly seq_len tokens long, so the two
 points differ only in batch size.
+
+A third, shallow run at the larger batch trains LoRA on the last layer's candidates only: the backward then
+stops at that layer, and the difference to the full-depth run is what a mask of late layers saves in
+activation memory and step time (coordinator.costmodel interpolates in between).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import torch
 
-from common.adapters import broadcast_tensors, expected_tensors, head_modules, init_global
+from common.adapters import broadcast_tensors, expected_tensors, head_modules, init_global, layer_count, layer_index
 from common.data import Example
 from common.types import CalibrationPoint, ModelSpec, Quantization, TrainPlan
 from edge_agent.caps import Throttle
@@ -34,11 +38,17 @@ DROPOUT = 0.05  # the coordinator's default: dropout keeps masks for backward, w
 FILLER = Example(text="calibration", label=0)  # stands in for data when the agent has none
 
 
-def calibration_plan(spec: ModelSpec, batch_size: int, seq_len: int, rank: int, steps: int) -> TrainPlan:
-    """A plan for one calibration run: LoRA at `rank` on every candidate, heads in full, full precision."""
+def calibration_plan(
+    spec: ModelSpec, batch_size: int, seq_len: int, rank: int, steps: int, shallow: bool = False
+) -> TrainPlan:
+    """A plan for one calibration run: LoRA at `rank` on every candidate (shallow: on the last layer's only,
+    so the backward stops there), heads in full, full precision."""
     modules = tuple(module.name for module in spec.candidates)
+    if shallow:
+        last = layer_count(spec) - 1
+        modules = tuple(m for m in modules if layer_index(m) == last)
     return TrainPlan(
-        plan_id=f"calibration-b{batch_size}",
+        plan_id=f"calibration-b{batch_size}" + ("-shallow" if shallow else ""),
         target_modules=modules,
         rank_pattern=dict.fromkeys(modules, rank),
         lora_alpha=ALPHA_PER_RANK * rank,
@@ -92,10 +102,15 @@ def calibrate(
     if steps < 2:
         raise ValueError("calibration needs at least two steps: the first one is warm-up")
     points: list[CalibrationPoint] = []
+    batch_size = max(batch_sizes)
     try:
         for batch_size in sorted(batch_sizes):
             plan = calibration_plan(spec, batch_size, seq_len, rank, steps)
             points.append(measure(model, examples, spec, plan, throttle))
+        if layer_count(spec) > 1:
+            # The shallow run: how much less memory and time a mask of the top layers needs (module docstring).
+            plan = calibration_plan(spec, batch_size, seq_len, rank, steps, shallow=True)
+            points.append(replace(measure(model, examples, spec, plan, throttle), layers=1))
     except torch.OutOfMemoryError:
         log.warning("calibration: batch %d x %d tokens does not fit in memory; stopping here", batch_size, seq_len)
     if model.adapted is not None and model.adapted.model is not None:

@@ -56,18 +56,25 @@ def test_calibration_measures_two_batch_sizes_and_leaves_a_usable_model(setup: S
         if points[1].step_seconds > points[0].step_seconds:
             break
 
-    small, large = points
-    assert (small.batch_size, large.batch_size) == (2, 8)
+    small, large, shallow = points
+    assert (small.batch_size, large.batch_size, shallow.batch_size) == (2, 8, 8)
+    assert (small.layers, large.layers, shallow.layers) == (0, 0, 1)
     assert all(p.seq_len == 32 and p.rank == 8 and p.quantization is Quantization.NONE for p in points)
     assert large.step_seconds > small.step_seconds > 0
     assert large.peak_memory_bytes > small.peak_memory_bytes > 0
+    # the shallow run (LoRA on the last layer only) keeps the activations of one layer, not of all
+    assert 0 < shallow.peak_memory_bytes < large.peak_memory_bytes
     plan = calibration_plan(setup.spec, 2, 32, 8, 3)
     lora_and_heads = sum(torch.Size(info.shape).numel() for info in expected_tensors(plan, setup.spec))
     assert small.trainable_parameters == large.trainable_parameters == lora_and_heads
+    last = calibration_plan(setup.spec, 8, 32, 8, 3, shallow=True)
+    assert last.target_modules and all(".layer.5." in m for m in last.target_modules)
+    shallow_params = sum(torch.Size(info.shape).numel() for info in expected_tensors(last, setup.spec))
+    assert shallow.trainable_parameters == shallow_params < lora_and_heads
     adapted = setup.model.adapted
     assert adapted is not None
     trainable = sum(p.numel() for p in adapted.model.parameters() if p.requires_grad)
-    assert trainable == lora_and_heads  # the count is what the optimizer really held
+    assert trainable == shallow_params  # the count is what the optimizer really held (the last run's)
     assert setup.model.quantization is Quantization.NONE
 
 

@@ -232,3 +232,59 @@ def test_the_ferret_planner_gives_a_tight_agent_fewer_blocks_and_leaves_out_one_
     assert len(planned.plans["tight"].target_modules) == 12
     assert "tiny" in planned.excluded and "GiB" in planned.excluded["tiny"]
     assert planned.plans["roomy"].directions == 1000 and planned.plans["roomy"].shared_seed == FERRET.seed
+
+
+def test_layer_indices_and_backward_depth_from_module_names() -> None:
+    from common.adapters import backward_layers, layer_count, layer_index
+
+    assert layer_index("bert.encoder.layer.3.attention.self.value") == 3
+    assert layer_index("model.layers.12.self_attn.q_proj") == 12
+    assert layer_index("transformer.h.0.attn.c_attn") == 0
+    assert layer_index("classifier") is None
+    assert layer_count(SPEC) == 6
+    names = [m.name for m in SPEC.candidates]
+    assert backward_layers(SPEC, names) == 6
+    assert backward_layers(SPEC, [n for n in names if ".layer.4." in n or ".layer.5." in n]) == 2
+    assert backward_layers(SPEC, ["classifier"]) == 6  # unknown: the whole depth, the safe side
+
+
+def shallow_profile() -> DeviceProfile:
+    """Full-depth runs at batch 2 and 8, and a shallow run (last layer only) at batch 8 with 40 MiB less."""
+    full = calibration(0.1, 0.34, 700 * 2**20, 760 * 2**20)
+    last_layer_lora = 4 * 8 * 768 + 770
+    shallow = CalibrationPoint(
+        8, 64, 8, Quantization.NONE, 0.22, 720 * 2**20 - (24 - 4) * 8 * 768 * 16, last_layer_lora, 1
+    )
+    return replace(profile(4.0), calibration=(*full, shallow))
+
+
+def test_a_shallow_calibration_run_gives_the_per_token_figures_by_depth() -> None:
+    # Prepare
+    measured = shallow_profile()
+    fit = costmodel.fit(measured, SPEC)
+    names = tuple(m.name for m in SPEC.candidates)
+    last = tuple(n for n in names if ".layer.5." in n)
+    middle = tuple(n for n in names if int(n.split(".")[3]) >= 3)  # layers 3-5: depth 3
+
+    # Execute
+    def predicted(modules: tuple[str, ...]) -> costmodel.Cost:
+        return costmodel.predict(measured, SPEC, fit, costmodel.Config(8, 8, Quantization.NONE, modules), 64, 1e9)
+
+    everything, top, half = predicted(names), predicted(last), predicted(middle)
+
+    # Assert: full depth reproduces the full run, the last layer the shallow run (its own smaller adapter
+    # accounted for), three layers lie two fifths of the way from the shallow figures to the full ones
+    assert everything.peak_memory_bytes == pytest.approx(760 * 2**20)
+    assert top.peak_memory_bytes == pytest.approx(720 * 2**20 - 20 * 8 * 768 * 16, rel=1e-9)
+    activations = {k: fit.per_token(d)[0] for k, d in (("full", 6), ("top", 1), ("half", 3))}
+    assert activations["half"] == pytest.approx(activations["top"] + 0.4 * (activations["full"] - activations["top"]))
+    assert top.step_seconds < half.step_seconds < everything.step_seconds
+    assert fit.per_token(0) == fit.per_token(6) == (fit.activation_bytes_per_token, fit.step_seconds_per_token)
+
+
+def test_without_a_shallow_run_depth_changes_nothing_measured_and_scales_the_formula() -> None:
+    measured = profile(4.0)
+    calibrated = costmodel.fit(measured, SPEC)
+    formula = costmodel.fit(replace(measured, calibration=()), SPEC)
+    assert calibrated.per_token(2) == calibrated.per_token(6)
+    assert formula.per_token(3)[0] == pytest.approx(formula.per_token(6)[0] / 2)

@@ -90,6 +90,7 @@ class CalibrationPoint(_message.Message):
     STEP_SECONDS_FIELD_NUMBER: _builtins.int
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     TRAINABLE_PARAMETERS_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
     batch_size: _builtins.int
     seq_len: _builtins.int
     rank: _builtins.int
@@ -100,6 +101,10 @@ class CalibrationPoint(_message.Message):
     peak_memory_bytes: _builtins.int
     """process peak (CPU) or CUDA allocator peak during the run"""
     trainable_parameters: _builtins.int
+    layers: _builtins.int
+    """Transformer layers the backward pass ran through (from the earliest trained module to the top);
+    0 = all of them (LoRA on every candidate).
+    """
     def __init__(
         self,
         *,
@@ -110,10 +115,11 @@ class CalibrationPoint(_message.Message):
         step_seconds: _builtins.float = ...,
         peak_memory_bytes: _builtins.int = ...,
         trainable_parameters: _builtins.int = ...,
+        layers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "peak_memory_bytes", b"peak_memory_bytes", "quantization", b"quantization", "rank", b"rank", "seq_len", b"seq_len", "step_seconds", b"step_seconds", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "layers", b"layers", "peak_memory_bytes", b"peak_memory_bytes", "quantization", b"quantization", "rank", b"rank", "seq_len", b"seq_len", "step_seconds", b"step_seconds", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
