@@ -129,6 +129,12 @@ def layer_count(spec: ModelSpec) -> int:
     return 1 + max(indices) if indices else 0
 
 
+def last_layer_modules(spec: ModelSpec) -> tuple[str, ...]:
+    """The candidates of the last transformer layer (what a shallow calibration run trains)."""
+    last = layer_count(spec) - 1
+    return tuple(m.name for m in spec.candidates if layer_index(m.name) == last)
+
+
 def backward_layers(spec: ModelSpec, modules: Iterable[str]) -> int:
     """Layers the backward pass runs through when these modules train: from the earliest of them to the top
     (autograd keeps no activations below the first tensor that needs a gradient). All layers when a module

@@ -26,9 +26,10 @@ interpolated in the number of layers the backward runs through.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from common.adapters import backward_layers, layer_count
+from common.adapters import backward_layers, last_layer_modules, layer_count
 from common.types import DeviceProfile, ModelSpec, Quantization
 
 MIN_STEP_SECONDS = 1e-6  # a spec with no weights to price (hand-made) still gets a finite step count
@@ -41,6 +42,7 @@ TIME_FACTORS = {
     "cpu": {Quantization.NONE: 1.0, Quantization.INT8: 1.5, Quantization.NF4: 1.1},
     "cuda": {Quantization.NONE: 1.0, Quantization.INT8: 1.8, Quantization.NF4: 1.3},
 }
+CALIBRATION_DROPOUT = 0.05  # edge_agent.calibrate.DROPOUT: the LoRA dropout the calibration runs train with
 FALLBACK_OVERHEAD_BYTES = 400 * 2**20  # runtime, tokenizer and allocator slack when nothing was measured
 FALLBACK_EFFICIENCY = 0.25  # share of matmul FLOP/s a training step reaches when nothing was measured
 
@@ -92,7 +94,9 @@ def step_flops_per_token(spec: ModelSpec, lora_parameters: int, full_parameters:
 @dataclass(frozen=True)
 class Fit:
     """An agent's fitted coefficients; the per-token ones at full depth (the backward through every layer),
-    and, where a calibration run trained only the top layers, at that depth too."""
+    and, where a calibration run trained only the top layers, at that depth too. Calibrated activation
+    figures are the base model's: LoRA's own saved tensors are priced per configuration
+    (lora_activation_bytes_per_token)."""
 
     activation_bytes_per_token: float
     overhead_bytes: float
@@ -140,6 +144,10 @@ def fit(profile: DeviceProfile, spec: ModelSpec) -> Fit:
         per_token = max(0.0, (high.step_seconds - low.step_seconds) / (tokens_high - tokens_low))
         t0 = max(0.0, low.step_seconds - per_token * tokens_low)
         overhead = max(0.0, intercept - fixed_memory)
+        # The slopes kept are the base model's: what LoRA added in the calibration runs comes off, and
+        # predict() adds back what the configuration's own modules and ranks add.
+        everywhere = tuple((m.name, low.rank) for m in spec.candidates)
+        slope = max(0.0, slope - lora_activation_bytes_per_token(spec, everywhere, CALIBRATION_DROPOUT, element))
         shallow = [p for p in profile.calibration if 0 < p.layers < layers and p.batch_size * p.seq_len > 0]
         if not shallow:
             return Fit(slope, overhead, t0, per_token, lora, True, layers)
@@ -147,7 +155,12 @@ def fit(profile: DeviceProfile, spec: ModelSpec) -> Fit:
         tokens = point.batch_size * point.seq_len
         # Its own fixed memory (fewer trainable tensors) comes off, the overhead is the full runs'.
         point_fixed = base_bytes(spec, point.quantization, element) + point.trainable_parameters * ADAM_BYTES_PER_PARAM
-        shallow_memory = max(0.0, (point.peak_memory_bytes - point_fixed - overhead) / tokens)
+        top = tuple((m, point.rank) for m in last_layer_modules(spec))
+        shallow_memory = max(
+            0.0,
+            (point.peak_memory_bytes - point_fixed - overhead) / tokens
+            - lora_activation_bytes_per_token(spec, top, CALIBRATION_DROPOUT, element),
+        )
         # Its step on the full runs' FLOP scale (it trains fewer LoRA parameters), as predict() rescales.
         full_flops = step_flops_per_token(spec, lora)
         own_flops = step_flops_per_token(spec, max(0, point.trainable_parameters - head_parameters(spec)))
@@ -175,6 +188,7 @@ class Config:
     optimizer: str = "adamw"
     directions: int = 0  # ferret: the round's projection budget
     rank_pattern: tuple[tuple[str, int], ...] = ()  # a rank per module, overriding `rank` (per-matrix allocation)
+    dropout: float = CALIBRATION_DROPOUT  # LoRA dropout (its masks are activations too)
 
 
 @dataclass(frozen=True)
@@ -190,6 +204,19 @@ class Cost:
 def lora_parameters(spec: ModelSpec, modules: tuple[str, ...], rank: int) -> int:
     """LoRA parameters of a rank on these modules."""
     return sum(rank * (spec.candidate(m).in_features + spec.candidate(m).out_features) for m in modules)
+
+
+def lora_activation_bytes_per_token(
+    spec: ModelSpec, ranks: Iterable[tuple[str, int]], dropout: float, element_bytes: int
+) -> float:
+    """What peft's LoRA adds to the saved activations per token: per module lora_A's input (the dropout
+    output, in the compute dtype), dropout's mask (1 byte per value, when dropout > 0) and lora_B's input
+    (rank values)."""
+    total = 0.0
+    for module, rank in ranks:
+        d_in = spec.candidate(module).in_features
+        total += d_in * element_bytes + (d_in if dropout > 0 else 0) + rank * element_bytes
+    return total
 
 
 # Ferret: bytes per parameter trained in full, beyond the frozen base: fp32 weight, gradient, the round's
@@ -245,6 +272,12 @@ def predict(
         projection = 0.0
     depth = backward_layers(spec, config.modules)
     activation_per_token, seconds_per_token = coefficients.per_token(depth)
+    if coefficients.calibrated and config.mode == "lora":
+        ranks = config.rank_pattern or tuple((m, config.rank) for m in config.modules)
+        activation_per_token += lora_activation_bytes_per_token(spec, ranks, config.dropout, element)
+    elif coefficients.calibrated:
+        # A weight trained in full keeps its input for its gradient, in the compute dtype.
+        activation_per_token += sum(spec.candidate(m).in_features * element for m in config.modules)
     memory = weights + activation_per_token * tokens + coefficients.overhead_bytes
     calibrated = step_flops_per_token(spec, coefficients.calibration_lora_parameters)
     # A spec without linear weights or calibration (hand-made, or an unknown layout) gives no ratio to scale by.

@@ -199,8 +199,9 @@ def _config(
     options: PlanOptions, batch_size: int, rank: int, quantization: Quantization, modules: tuple[str, ...]
 ) -> costmodel.Config:
     return costmodel.Config(
-        batch_size, rank, quantization, modules, options.mode, options.optimizer, options.directions
-    )
+        batch_size, rank, quantization, modules, options.mode, options.optimizer, options.directions,
+        dropout=options.dropout,
+    )  # fmt: skip
 
 
 def _usable(profile: DeviceProfile, search: SearchSpace) -> int:

@@ -22,7 +22,14 @@ from typing import Any
 
 import torch
 
-from common.adapters import broadcast_tensors, expected_tensors, head_modules, init_global, layer_count, layer_index
+from common.adapters import (
+    broadcast_tensors,
+    expected_tensors,
+    head_modules,
+    init_global,
+    last_layer_modules,
+    layer_count,
+)
 from common.data import Example
 from common.types import CalibrationPoint, ModelSpec, Quantization, TrainPlan
 from edge_agent.caps import Throttle
@@ -34,7 +41,7 @@ log = logging.getLogger(__name__)
 
 LEARNING_RATE = 1e-4  # small: calibration should barely move the adapter it leaves behind
 ALPHA_PER_RANK = 2.0  # alpha = 2 * rank, the coordinator's default (16 at rank 8); cost does not depend on it
-DROPOUT = 0.05  # the coordinator's default: dropout keeps masks for backward, which counts as activations
+DROPOUT = 0.05  # the coordinator's default (costmodel.CALIBRATION_DROPOUT): dropout's masks count as activations
 FILLER = Example(text="calibration", label=0)  # stands in for data when the agent has none
 
 
@@ -43,10 +50,7 @@ def calibration_plan(
 ) -> TrainPlan:
     """A plan for one calibration run: LoRA at `rank` on every candidate (shallow: on the last layer's only,
     so the backward stops there), heads in full, full precision."""
-    modules = tuple(module.name for module in spec.candidates)
-    if shallow:
-        last = layer_count(spec) - 1
-        modules = tuple(m for m in modules if layer_index(m) == last)
+    modules = last_layer_modules(spec) if shallow else tuple(module.name for module in spec.candidates)
     return TrainPlan(
         plan_id=f"calibration-b{batch_size}" + ("-shallow" if shallow else ""),
         target_modules=modules,

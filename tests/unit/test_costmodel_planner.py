@@ -90,7 +90,9 @@ def test_fit_to_two_calibration_runs() -> None:
     measured = profile(4.0)
     fit = costmodel.fit(measured, SPEC)
     # memory: 60 MiB more for 384 more tokens; time: 0.24 s more for 384 more tokens
-    assert fit.activation_bytes_per_token == pytest.approx(60 * 2**20 / 384)
+    # the base's slope: LoRA's saved tensors in the calibration (24 modules: dropout output, mask, A output)
+    # come off, and predict() adds back the configuration's
+    assert fit.activation_bytes_per_token == pytest.approx(60 * 2**20 / 384 - 24 * (384 * 4 + 384 + 8 * 4))
     assert fit.step_seconds_per_token == pytest.approx(0.24 / 384)
     assert fit.step_seconds_fixed == pytest.approx(0.1 - 0.24 / 384 * 128)
     fixed = 22_713_216 * 4 + (24 * 8 * 768 + 770) * 16
@@ -127,8 +129,8 @@ def test_fast_and_slow_agents_get_the_same_round_time_and_the_fast_one_more_samp
     ("memory", "quantization", "batch", "binding"),
     [
         (0.8, Quantization.NONE, 4, "memory"),  # batch 8 at full precision would not fit
-        # NF4 at batch 2 fits; int8 at batch 2 fits too but its slower steps would miss the round time
-        (0.74, Quantization.NF4, 2, "deadline"),
+        # NF4 at batch 4 fits on the top half of the mask: 12 fewer LoRA modules keep fewer activations
+        (0.74, Quantization.NF4, 4, "memory"),
     ],
 )
 def test_small_memory_gets_a_cheaper_configuration_within_its_cap(
@@ -208,11 +210,13 @@ def test_a_block_trained_in_full_costs_its_weights_gradient_starting_copy_and_ad
     sgd_cost = costmodel.predict(profile(16), SPEC, fit, replace(full, optimizer="sgd"), 64, 1e8)
 
     # Assert: 4 x 147,456 weights at 20 bytes, 4 of which the fp32 base holds anyway, plus one direction buffer,
-    # against LoRA's 24,576 parameters at 16 bytes
+    # against LoRA's 24,576 parameters at 16 bytes; per token (8 x 64) each full block keeps its fp32 input,
+    # each LoRA module its dropout output, mask and A output
     blocks = 4 * 384 * 384
     heads = 770
+    activations = 8 * 64 * 4 * (384 * 4 - (384 * 4 + 384 + 8 * 4))
     assert full_cost.peak_memory_bytes - lora_cost.peak_memory_bytes == pytest.approx(
-        blocks * (20 - 4) + 4 * 384 * 384 - (4 * 8 * 768) * 16, rel=1e-9
+        blocks * (20 - 4) + 4 * 384 * 384 - (4 * 8 * 768) * 16 + activations, rel=1e-9
     )
     assert full_cost.peak_memory_bytes - sgd_cost.peak_memory_bytes == blocks * 8
     assert full_cost.payload_bytes == 4 * (1000 + heads) and full_cost.step_seconds > lora_cost.step_seconds
@@ -288,3 +292,13 @@ def test_without_a_shallow_run_depth_changes_nothing_measured_and_scales_the_for
     formula = costmodel.fit(replace(measured, calibration=()), SPEC)
     assert calibrated.per_token(2) == calibrated.per_token(6)
     assert formula.per_token(3)[0] == pytest.approx(formula.per_token(6)[0] / 2)
+
+
+def test_lora_activations_are_priced_per_module_rank_and_dropout() -> None:
+    from edge_agent.calibrate import DROPOUT
+
+    query = SPEC.candidates[0].name
+    assert costmodel.CALIBRATION_DROPOUT == DROPOUT  # the fit removes what the calibration runs really kept
+    # fp32: lora_A's input (384 x 4 bytes), dropout's mask (384 x 1) and lora_B's input (rank x 4)
+    assert costmodel.lora_activation_bytes_per_token(SPEC, [(query, 16)], 0.05, 4) == 384 * 4 + 384 + 16 * 4
+    assert costmodel.lora_activation_bytes_per_token(SPEC, [(query, 16)], 0.0, 2) == 384 * 2 + 16 * 2
