@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from common.adapters import backward_layers, last_layer_modules, layer_count
+from common.adapters import backward_layers, last_layer_modules, layer_count, lora_parameter_count
 from common.types import DeviceProfile, ModelSpec, Quantization
 
 MIN_STEP_SECONDS = 1e-6  # a spec with no weights to price (hand-made) still gets a finite step count
@@ -190,6 +190,10 @@ class Config:
     rank_pattern: tuple[tuple[str, int], ...] = ()  # a rank per module, overriding `rank` (per-matrix allocation)
     dropout: float = CALIBRATION_DROPOUT  # LoRA dropout (its masks are activations too)
 
+    def module_ranks(self) -> tuple[tuple[str, int], ...]:
+        """(module, rank) of every trained module: the rank pattern, else `rank` on each module."""
+        return self.rank_pattern or tuple((m, self.rank) for m in self.modules)
+
 
 @dataclass(frozen=True)
 class Cost:
@@ -201,9 +205,9 @@ class Cost:
     payload_bytes: int  # one direction
 
 
-def lora_parameters(spec: ModelSpec, modules: tuple[str, ...], rank: int) -> int:
-    """LoRA parameters of a rank on these modules."""
-    return sum(rank * (spec.candidate(m).in_features + spec.candidate(m).out_features) for m in modules)
+def lora_parameters(spec: ModelSpec, config: Config) -> int:
+    """LoRA parameters of a configuration's modules at their ranks."""
+    return lora_parameter_count(dict(config.module_ranks()), spec)
 
 
 def lora_activation_bytes_per_token(
@@ -261,11 +265,7 @@ def predict(
         projection = 2 * config.directions * (full / max(1, len(config.modules))) / GENERATION_VALUES_PER_S
     else:
         full = 0
-        lora = (
-            sum(r * (spec.candidate(m).in_features + spec.candidate(m).out_features) for m, r in config.rank_pattern)
-            if config.rank_pattern
-            else lora_parameters(spec, config.modules, config.rank)
-        )
+        lora = lora_parameters(spec, config)
         trainable = lora + head_parameters(spec)
         weights = base_bytes(spec, config.quantization, element) + trainable * ADAM_BYTES_PER_PARAM
         payload = trainable * 4
@@ -273,8 +273,7 @@ def predict(
     depth = backward_layers(spec, config.modules)
     activation_per_token, seconds_per_token = coefficients.per_token(depth)
     if coefficients.calibrated and config.mode == "lora":
-        ranks = config.rank_pattern or tuple((m, config.rank) for m in config.modules)
-        activation_per_token += lora_activation_bytes_per_token(spec, ranks, config.dropout, element)
+        activation_per_token += lora_activation_bytes_per_token(spec, config.module_ranks(), config.dropout, element)
     elif coefficients.calibrated:
         # A weight trained in full keeps its input for its gradient, in the compute dtype.
         activation_per_token += sum(spec.candidate(m).in_features * element for m in config.modules)

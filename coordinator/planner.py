@@ -279,7 +279,7 @@ def capacity(config: costmodel.Config) -> int:
     """What a configuration trains: rank slots over its matrices (LoRA), or its matrices (trained in full)."""
     if config.mode != "lora":
         return len(config.modules)
-    return sum(r for _, r in config.rank_pattern) if config.rank_pattern else config.rank * len(config.modules)
+    return sum(r for _, r in config.module_ranks())
 
 
 def steps_within(cost: costmodel.Cost, seconds: float) -> int:
@@ -452,7 +452,7 @@ def _spread(
 ) -> costmodel.Config:
     """A configuration's LoRA parameters (its rank on its matrices) spread over `modules` by importance
     (coordinator.ranks), at planning.matrix_ranks (else planning.ranks)."""
-    budget = costmodel.lora_parameters(spec, config.modules, config.rank)
+    budget = costmodel.lora_parameters(spec, config)
     widths = {m: spec.candidate(m).in_features + spec.candidate(m).out_features for m in modules}
     search = options.search
     allocated = rank_allocation.allocate(modules, widths, options.scores, search.matrix_ranks or search.ranks, budget)
