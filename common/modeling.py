@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from common.adapters import from_peft_key, to_peft_key
-from common.base_id import portable_id, write_metadata
+from common.base_id import write_metadata
 from common.data import CAUSAL_LM, SEQ_CLS, Example
 from common.errors import ConfigError, ModelMismatch
 from common.scores import confusion_matrix
@@ -640,10 +640,11 @@ def write_adapter_config(
 ) -> dict[str, Any]:
     """adapter_config.json that peft's PeftModel.from_pretrained reads, naming the base by its portable id,
     and fedpipe_adapter.json with the base's local path; returns the peft config."""
+    base = write_metadata(directory, base_path)
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": PEFT_TASK[task],
-        "base_model_name_or_path": portable_id(base_path),
+        "base_model_name_or_path": base["base_id"],
         "r": max(ranks.values()) if ranks else 8,
         "lora_alpha": alpha,
         "lora_dropout": 0.0,
@@ -658,5 +659,4 @@ def write_adapter_config(
         "use_rslora": False,
     }
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_metadata(directory, base_path)
     return config

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import logs
-from common.base_id import KNOWN, METADATA, local_name, portable_id, read_metadata, write_metadata
+from common.base_id import KNOWN, METADATA, local_name, read_metadata, write_metadata
 from common.errors import ConfigError, FedPipeError
 
 if TYPE_CHECKING:
@@ -197,9 +197,9 @@ def locate(path: Path, round_: int | None = None) -> Source:
 def given_base(source: Source, override: str | None) -> tuple[str | None, str]:
     """(the base as named, where that name comes from): --base, else the local path in the adapter's
     fedpipe_adapter.json, else its base_model_name_or_path (an embedded model's public id as FedPipe's name)."""
-    recorded = read_metadata(source.adapter_dir).get("base_path")
     if override is not None:
         return override, "--base"
+    recorded = read_metadata(source.adapter_dir).get("base_path")
     if recorded:
         return recorded, f"base_path in {source.adapter_dir / METADATA}"
     given = source.config.get("base_model_name_or_path")
@@ -382,9 +382,8 @@ def _copy_adapter(source: Source, base: str, out: Path, override: str | None) ->
     shutil.copyfile(source.weights, out / source.weights.name)
     given = given_base(source, override)[0]
     named = given if given in KNOWN else base  # "embedded" stays "embedded", a directory is named by its path
-    config = {**source.config, "base_model_name_or_path": portable_id(named)}
+    config = {**source.config, "base_model_name_or_path": write_metadata(out, named)["base_id"]}
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    write_metadata(out, named)
     tokenizer = _save_tokenizer(base, out)
     return {"tokenizer": tokenizer, "dtype": source.adapter_dtype()}
 
