@@ -502,7 +502,7 @@ class Orchestrator:
             return
         candidates = resolve_targets(spec, self.options.targets)
         shapes = [spec.candidate(name) for name in candidates]
-        if sel.mode == "importance" and sel.rescore == "training" and self.training_scores and self.mask_scores:
+        if sel.scores_training and self.training_scores and self.mask_scores:
             trained = sorted({m for r in self.training_scores.values() for m in r.scores})
             scores = rescore(self.mask_scores, combine(self.training_scores, trained))
             log.info(
