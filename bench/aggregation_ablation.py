@@ -31,10 +31,11 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness import ROOT, kept_run, machine, write_result
+from harness import ROOT, Ledger, run_section
 from hostile import federate
 
 RUNS = ROOT / "runs" / "aggregation-ablation"
@@ -53,15 +54,7 @@ def spec(task: str, skew: float | None, ranks: str, arm: str, run_dir: Path, see
     coordinator: dict[str, Any] = {
         "planner": "uniform" if ranks == "fixed" else "fedpipe",
         "strategy": "rank-padding" if arm == "fedadam" else arm,
-        "run": {
-            "rounds": 3 if causal else 5,
-            "min_agents": 3,
-            "run_dir": str(run_dir),
-            "round_deadline_s": 1800,
-            "registration_timeout_s": 600,
-            "finish_grace_s": 5,
-            "seed": seed,
-        },
+        "run": run_section(run_dir, seed, rounds=3 if causal else 5, min_agents=3),
         "model": {"path": "embedded-llm" if causal else "embedded"},
         "lora": {"rank": 16, "alpha": 16, "targets": ["q_proj", "v_proj"] if causal else ["query", "value"]},
         "selection": {"mode": "all"},
@@ -130,7 +123,7 @@ def measure(run_dir: Path, task: str) -> dict[str, Any]:
     }
 
 
-def run_name(record: dict[str, Any]) -> str:
+def run_name(record: Mapping[str, Any]) -> str:
     """A run's name (its directory under RUNS) from its settings."""
     task, skew, ranks, arm, seed = (record[k] for k in ("task", "skew", "ranks", "arm", "seed"))
     return f"{task}-skew{skew}-{ranks}-{arm}-s{seed}" if skew else f"{task}-{ranks}-{arm}-s{seed}"
@@ -165,8 +158,7 @@ def main() -> int:
     parser.add_argument("--skew", type=float, default=None, help="only the classifier runs at this label skew")
     parser.add_argument("--fresh", action="store_true", help="rerun runs whose directory holds a finished run")
     args = parser.parse_args()
-    previous = json.loads(RESULT.read_text())["runs"] if RESULT.exists() and not args.fresh else []
-    done = {run_name(r): r for r in previous}
+    ledger = Ledger(RESULT, run_name, summarise, args.fresh)
     runs: list[dict[str, Any]] = []
     cases: list[tuple[str, float | None]] = [("classifier", 0.5), ("classifier", 1.0), ("causal", None)]
     for task, skew in cases:
@@ -191,11 +183,8 @@ def main() -> int:
                         record.update(measure(run_dir, task))
                         return record
 
-                    record = done[name] if name in done else kept_run(run_dir, args.fresh, one)
+                    record = ledger.record(name, run_dir, one)
                     runs.append(record)
-                    done[name] = record
-                    everything = list(done.values())
-                    write_result(RESULT, {"machine": machine(), "table": summarise(everything), "runs": everything})
                     print(
                         f"{name}: accuracy {[r['accuracy'] for r in record['rounds']]} "
                         f"target round {record['target_round']}",

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import ROOT, kept_run, machine, write_result
+from harness import ROOT, kept_run, machine, run_section, write_result
 from hostile import federate
 
 RUNS = ROOT / "runs" / "ferret-vs-lora"
@@ -43,15 +43,7 @@ def base(task: str, run_dir: Path, seed: int) -> dict[str, Any]:
     causal = task == "causal"
     coordinator = {
         "planner": "uniform",
-        "run": {
-            "rounds": 3 if causal else 5,
-            "min_agents": 2 if causal else 3,
-            "run_dir": str(run_dir),
-            "round_deadline_s": 1800,
-            "registration_timeout_s": 600,
-            "finish_grace_s": 5,
-            "seed": seed,
-        },
+        "run": run_section(run_dir, seed, rounds=3 if causal else 5, min_agents=2 if causal else 3),
         "model": {"path": "embedded-llm" if causal else "embedded"},
         "lora": {"rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"] if causal else ["query", "value"]},
         "selection": {"mode": "all"},

@@ -78,3 +78,42 @@ def kept_run(run_dir: Path, fresh: bool, run: Callable[[], dict[str, Any]]) -> d
     record = run()
     done.write_text(json.dumps(record))
     return record
+
+
+def run_section(run_dir: Path, seed: int, rounds: int, min_agents: int) -> dict[str, Any]:
+    """The coordinator's `run` section of a benchmark federation: generous deadlines (2 cores, nothing may
+    time out), a short finish grace, the run's seed."""
+    return {
+        "rounds": rounds,
+        "min_agents": min_agents,
+        "run_dir": str(run_dir),
+        "round_deadline_s": 1800,
+        "registration_timeout_s": 600,
+        "finish_grace_s": 5,
+        "seed": seed,
+    }
+
+
+class Ledger:
+    """A benchmark's runs kept in its results file, rewritten after every run, so a grid longer than one
+    sitting goes on where it stopped; `fresh` starts it over."""
+
+    def __init__(
+        self,
+        path: Path,
+        name_of: Callable[[Mapping[str, Any]], str],
+        summarise: Callable[[list[dict[str, Any]]], Any],
+        fresh: bool,
+    ) -> None:
+        self.path, self.summarise, self.fresh = path, summarise, fresh
+        previous = json.loads(path.read_text())["runs"] if path.exists() and not fresh else []
+        self.done: dict[str, dict[str, Any]] = {name_of(r): r for r in previous}
+
+    def record(self, name: str, run_dir: Path, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The run called name: recorded before, or left in run_dir by an earlier invocation (kept_run), or
+        run now; the results file is rewritten with it."""
+        record = self.done[name] if name in self.done else kept_run(run_dir, self.fresh, run)
+        self.done[name] = record
+        everything = list(self.done.values())
+        write_result(self.path, {"machine": machine(), "table": self.summarise(everything), "runs": everything})
+        return record

@@ -32,10 +32,11 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness import ROOT, kept_run, machine, write_result
+from harness import ROOT, Ledger, run_section
 from hostile import federate
 
 RUNS = ROOT / "runs" / "method-ablation"
@@ -71,15 +72,7 @@ def spec(case: str, arm: str, run_dir: Path, seed: int) -> dict[str, Any]:
     settings = arm_settings(arm)
     coordinator: dict[str, Any] = {
         "planner": "fedpipe" if arm == "defaults" else "uniform",
-        "run": {
-            "rounds": 3 if causal else 5,
-            "min_agents": 3,
-            "run_dir": str(run_dir),
-            "round_deadline_s": 1800,
-            "registration_timeout_s": 600,
-            "finish_grace_s": 5,
-            "seed": seed,
-        },
+        "run": run_section(run_dir, seed, rounds=3 if causal else 5, min_agents=3),
         "model": {"path": "embedded-llm" if causal else "embedded"},
         "lora": {**settings["lora"], "targets": ["q_proj", "k_proj", "v_proj", "o_proj"] if causal else ["all"]},
         "selection": settings["selection"],
@@ -104,6 +97,11 @@ def spec(case: str, arm: str, run_dir: Path, seed: int) -> dict[str, Any]:
     if causal:
         agent["model"] = {"path": "embedded-llm"}
     return {"coordinator": coordinator, "agents": {"count": 3, "config": agent}}
+
+
+def run_name(record: Mapping[str, Any]) -> str:
+    """A run's name (its directory under RUNS) from its settings."""
+    return f"{record['case']}-{record['arm']}-s{record['seed']}"
 
 
 def measure(run_dir: Path) -> dict[str, Any]:
@@ -168,8 +166,7 @@ def main() -> int:
     parser.add_argument("--arms", default=None, help="comma-separated arms (default: every arm of each case)")
     parser.add_argument("--fresh", action="store_true", help="rerun runs already recorded")
     args = parser.parse_args()
-    previous = json.loads(RESULT.read_text())["runs"] if RESULT.exists() and not args.fresh else []
-    done = {f"{r['case']}-{r['arm']}-s{r['seed']}": r for r in previous}
+    ledger = Ledger(RESULT, run_name, summarise, args.fresh)
     runs: list[dict[str, Any]] = []
     for case, arms in CASES.items():
         if args.only and case != args.only:
@@ -178,7 +175,7 @@ def main() -> int:
             for arm in arms:
                 if args.arms and arm not in args.arms.split(","):
                     continue
-                name = f"{case}-{arm}-s{seed}"
+                name = run_name({"case": case, "arm": arm, "seed": seed})
                 run_dir = RUNS / name
 
                 def one(run_dir: Path = run_dir, case: str = case, arm: str = arm, seed: int = seed) -> dict[str, Any]:
@@ -189,11 +186,8 @@ def main() -> int:
                     record.update(measure(run_dir))
                     return record
 
-                record = done[name] if name in done else kept_run(run_dir, args.fresh, one)
+                record = ledger.record(name, run_dir, one)
                 runs.append(record)
-                done[name] = record
-                everything = list(done.values())
-                write_result(RESULT, {"machine": machine(), "table": summarise(everything), "runs": everything})
                 print(f"{name}: accuracy {[r['accuracy'] for r in record['rounds']]}", flush=True)
     for key, row in summarise(runs).items():
         print(key, row)
