@@ -16,7 +16,7 @@ from common.types import ModelSpec, Quantization, TrainPlan
 from coordinator.planner import PlanOptions, uniform_plan
 from edge_agent.model import LocalModel
 from edge_agent.profiler import measure_flops, profile
-from edge_agent.trainer import train_local
+from edge_agent.trainer import TrainResult, train_local
 
 LABELS = ("negative", "positive")
 
@@ -63,22 +63,33 @@ def test_deadline_stops_training_early_and_counts_what_was_done() -> None:
     assert result.stopped_early and result.steps == 1 and result.samples == 8
 
 
+def from_one_start() -> tuple[TrainPlan, dict[str, torch.Tensor], LocalModel]:
+    """A seeded plan, the broadcast it starts every variant from, and the model to train."""
+    plan, spec = make_plan(Quantization.NONE)
+    start = broadcast_tensors(init_global(spec, plan, seed=0), plan, spec)
+    return plan, start, LocalModel(resolve_model_path("embedded"), LABELS, torch.device("cpu"))
+
+
+def train_variant(
+    model: LocalModel, start: dict[str, torch.Tensor], plan: TrainPlan
+) -> tuple[TrainResult, dict[str, torch.Tensor]]:
+    """One local round of `plan` from `start` on 24 embedded tweets: its result and the trained tensors."""
+    adapted = model.prepare(plan)
+    adapted.load(start)
+    examples = embedded_split(DataSource("embedded"))[0][:24]
+    result = train_local(
+        adapted.model, model.tokenizer, examples, plan, torch.device("cpu"), time.monotonic() + 120, progress="off"
+    )
+    return result, adapted.extract()
+
+
 @pytest.mark.integration
 def test_fedprox_keeps_the_trained_tensors_closer_to_where_the_round_started_them() -> None:
     # Prepare: the same seeded plan with mu 0 and a large mu, from the same start
-    plan, spec = make_plan(Quantization.NONE)
-    start = broadcast_tensors(init_global(spec, plan, seed=0), plan, spec)
-    examples = embedded_split(DataSource("embedded"))[0][:24]
-    model = LocalModel(resolve_model_path("embedded"), LABELS, torch.device("cpu"))
+    plan, start, model = from_one_start()
 
     def drift(mu: float) -> tuple[float, float]:
-        adapted = model.prepare(replace(plan, proximal_mu=mu))
-        adapted.load(start)
-        result = train_local(
-            adapted.model, model.tokenizer, examples, replace(plan, proximal_mu=mu), torch.device("cpu"),
-            time.monotonic() + 120, progress="off",
-        )  # fmt: skip
-        moved = adapted.extract()
+        result, moved = train_variant(model, start, replace(plan, proximal_mu=mu))
         squared = sum(float((moved[n] - start[n]).pow(2).sum()) for n in start if n.endswith((".lora_A", ".lora_B")))
         return squared**0.5, result.mean_loss
 
@@ -93,22 +104,11 @@ def test_fedprox_keeps_the_trained_tensors_closer_to_where_the_round_started_the
 
 def test_training_scores_its_matrices_when_the_plan_asks() -> None:
     # Prepare
-    plan, spec = make_plan(Quantization.NONE)
-    start = broadcast_tensors(init_global(spec, plan, seed=0), plan, spec)
-    examples = embedded_split(DataSource("embedded"))[0][:24]
-    model = LocalModel(resolve_model_path("embedded"), LABELS, torch.device("cpu"))
-
-    def scores(track: bool) -> dict[str, float]:
-        adapted = model.prepare(replace(plan, track_importance=track))
-        adapted.load(start)
-        result = train_local(
-            adapted.model, model.tokenizer, examples, replace(plan, track_importance=track), torch.device("cpu"),
-            time.monotonic() + 120, progress="off",
-        )  # fmt: skip
-        return result.importance
+    plan, start, model = from_one_start()
 
     # Execute
-    tracked, untracked = scores(True), scores(False)
+    tracked = train_variant(model, start, replace(plan, track_importance=True))[0].importance
+    untracked = train_variant(model, start, replace(plan, track_importance=False))[0].importance
 
     # Assert: every trained matrix scored, positive and finite; nothing when the plan does not ask
     assert set(tracked) == set(plan.target_modules)
