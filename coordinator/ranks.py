@@ -88,7 +88,28 @@ def allocate(
         picked = result.x[i * len(choices) : (i + 1) * len(choices)]
         if picked.max() > 0.5:
             chosen[module] = choices[int(np.argmax(picked))]
-    return chosen
+    return _in_importance_order(chosen, names, widths, weight)
+
+
+def _in_importance_order(
+    chosen: Mapping[str, int], modules: Sequence[str], widths: Mapping[str, int], weight: Mapping[str, float]
+) -> dict[str, int]:
+    """Among matrices of equal width, the ranks handed out again from the most important down.
+
+    Same widths, same cost; and by the rearrangement inequality the objective cannot fall. It settles what
+    the solver's tolerance leaves open between near-equal scores, so a more important matrix of the same
+    shape never gets less rank.
+    """
+    by_width: dict[int, list[str]] = {}
+    for module in modules:
+        by_width.setdefault(widths[module], []).append(module)
+    ordered: dict[str, int] = {}
+    for group in by_width.values():
+        ranks = sorted((chosen.get(m, 0) for m in group), reverse=True)
+        for module, rank in zip(sorted(group, key=lambda m: -weight[m]), ranks, strict=True):
+            if rank > 0:
+                ordered[module] = rank
+    return {m: ordered[m] for m in modules if m in ordered}
 
 
 def objective(ranks: Mapping[str, int], modules: Sequence[str], scores: Mapping[str, float]) -> float:
