@@ -24,7 +24,7 @@ import grpc
 from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
-from common import serde
+from common import serde, transfer
 from common.certs import agent_paths, write_bundle
 from common.data import EMBEDDED_LABELS
 from common.modeling import configured_model
@@ -80,7 +80,7 @@ class Mallory(threading.Thread):
     def _poison(self, round_: int, global_round: int, plan: TrainPlan) -> str:
         request = pb.DownloadGlobalRequest(agent_id=MALLORY, global_round=global_round, plan_id=plan.plan_id)
         parts = list(self.stub.DownloadGlobal(request, timeout=60))
-        tensors = serde.decode_payload(parts[0].header, [p.chunk for p in parts[1:]], 1 << 30, 1 << 23)
+        tensors = transfer.decode_payload(parts[0].header, [p.chunk for p in parts[1:]], 1 << 30, 1 << 23)
         bias = tensors[BIAS].clone()
         if self.attack == "bias":
             bias[:] = -1e6
@@ -93,9 +93,9 @@ class Mallory(threading.Thread):
         tensors[BIAS] = bias
         samples = plan.steps_for(TRAIN_SAMPLES) * plan.batch_size
         meta = UpdateMeta(MALLORY, round_, plan.plan_id, samples, plan.steps_for(TRAIN_SAMPLES), 10.0, 0.5, 2**30)
-        header, payload = serde.encode_payload(tensors)
+        header, payload = transfer.encode_payload(tensors)
         messages = [pb.UploadUpdateRequest(header=serde.update_header_to_pb(meta, header))]
-        messages += [pb.UploadUpdateRequest(chunk=c) for c in serde.chunked(payload)]
+        messages += [pb.UploadUpdateRequest(chunk=c) for c in transfer.chunked(payload)]
         try:
             return str(self.stub.UploadUpdate(iter(messages), timeout=60).message)
         except grpc.RpcError as err:

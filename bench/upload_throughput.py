@@ -9,17 +9,19 @@ update of `expected_tensors(plan, spec)`. The first agent of each size is a warm
 
 Measured paths (both exactly what a real agent and the real coordinator execute):
 
-* upload: `CoordinatorClient.upload` -> `serde.encode_payload` (SHA-256) -> chunked client stream ->
-  `CoordinatorServicer.UploadUpdate` -> `Orchestrator.check_upload` -> `serde.decode_payload`
+* upload: `CoordinatorClient.upload` -> `transfer.encode_payload` (SHA-256) -> chunked client stream ->
+  `CoordinatorServicer.UploadUpdate` -> `Orchestrator.check_upload` -> `transfer.decode_payload`
   (size checks, SHA-256 verification) -> `Orchestrator.accept_update` (`check_tensors`: shapes,
   dtypes, finiteness) -> response.
 * download: `CoordinatorClient.download` -> `Orchestrator.global_for` (`broadcast_tensors`) ->
-  `serde.encode_payload` -> server stream -> `serde.decode_payload` on the client.
+  `transfer.encode_payload` -> server stream -> `transfer.decode_payload` on the client.
 
-Baselines, same tensors, same process, no gRPC: `serde` = encode_payload + chunked + decode_payload;
-`serde+check` additionally runs `check_tensors`, i.e. all the CPU work of an upload except gRPC and
-the orchestrator's bookkeeping. Ratios are time ratios (gRPC path seconds / baseline seconds), so 1.0
-means gRPC and loopback cost nothing. Throughput is in MB/s with MB = 10**6 bytes.
+Baselines, same process: `tcp` = the same number of bytes through one raw loopback TCP stream (sender and
+receiver threads, `sendall` from one buffer into `recv_into` a preallocated one, then a one-byte answer), the
+figure the transfers are held against; `serde` = encode_payload + chunk_messages + parse_upload_part +
+decode_payload on the same tensors; `serde+check` additionally runs `check_tensors`, i.e. all the CPU work of
+an upload except gRPC and the orchestrator's bookkeeping. Upload and download are also given as a share of
+the tcp throughput (1.0: as fast as raw TCP). Throughput is in MB/s with MB = 10**6 bytes.
 
 Writes bench/results/upload_throughput.json.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import statistics
 import sys
 import tempfile
@@ -40,7 +43,7 @@ from typing import Any
 import torch
 from harness import machine, write_result
 
-from common import serde
+from common import transfer
 from common.adapters import check_tensors, expected_tensors
 from common.rpc import RetryPolicy
 from common.security import ServerSecurity
@@ -58,7 +61,7 @@ from edge_agent.metrics import AgentMetrics
 MIB = 2**20
 HIDDEN = 4096  # a 7B-class hidden size: 64 such modules at rank 16 are LLaMA-7B's q,v adapter
 BYTES_PER_MODULE_AND_RANK = 2 * HIDDEN * 4  # A (r, d) + B (d, r), float32
-DEFAULT_SIZES_MIB = (0.25, 1.0, 8.0, 32.0)
+DEFAULT_SIZES_MIB = (1.0, 32.0, 256.0)
 RESULTS = Path(__file__).resolve().parent / "results" / "upload_throughput.json"
 
 
@@ -235,13 +238,14 @@ def measure_serde(shape: Shape, repeats: int) -> dict[str, Any]:
     tensors = update_tensors(plan, spec)
     expected = expected_tensors(plan, spec)
     limits = ServerSection()
-    chunk = serde.DEFAULT_CHUNK_BYTES
+    chunk = transfer.DEFAULT_CHUNK_BYTES
 
     def round_trip() -> dict[str, torch.Tensor]:
-        header, payload = serde.encode_payload(tensors)
-        return serde.decode_payload(
+        header, payload = transfer.encode_payload(tensors)
+        parts = (transfer.parse_upload_part(m) for m in transfer.chunk_messages(payload, chunk))
+        return transfer.decode_payload(
             header,
-            serde.chunked(payload, chunk),
+            (c for c in map(transfer.chunk_of, parts) if c is not None),
             max(limits.max_upload_bytes, 2 * shape.nbytes),
             limits.max_chunk_bytes,
         )
@@ -260,6 +264,36 @@ def measure_serde(shape: Shape, repeats: int) -> dict[str, Any]:
     return {"serde_s": serde_s, "serde_check_s": check_s}
 
 
+def measure_tcp(nbytes: int, repeats: int) -> list[float]:
+    """Seconds to move nbytes through one loopback TCP stream and get a one-byte answer, per repeat."""
+    data = bytes(nbytes)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def receive() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            view = memoryview(bytearray(nbytes))
+            got = 0
+            while got < nbytes:
+                got += connection.recv_into(view[got:])
+            connection.sendall(b"k")
+
+    seconds: list[float] = []
+    with listener:
+        for index in range(repeats + 1):  # the first one warms up
+            receiver = threading.Thread(target=receive, daemon=True)
+            receiver.start()
+            with socket.create_connection(("127.0.0.1", port)) as sender:
+                start = time.perf_counter()
+                sender.sendall(data)
+                sender.recv(1)
+                if index:
+                    seconds.append(time.perf_counter() - start)
+            receiver.join()
+    return seconds
+
+
 def mbps(nbytes: int, seconds: float) -> float:
     """MB/s with MB = 10**6 bytes."""
     return nbytes / seconds / 1e6
@@ -276,8 +310,8 @@ def main() -> int:
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
     header = (
-        f"{'size MiB':>8} {'upload MB/s':>11} {'download MB/s':>13} {'serde MB/s':>10} {'serde+chk MB/s':>14} "
-        f"{'up/serde':>8} {'up/serde+chk':>12} {'up ms':>7}"
+        f"{'size MiB':>8} {'tcp MB/s':>9} {'upload MB/s':>11} {'download MB/s':>13} {'serde MB/s':>10} "
+        f"{'serde+chk MB/s':>14} {'up/tcp':>6} {'down/tcp':>8} {'up ms':>7}"
     )
     print(header)
     with tempfile.TemporaryDirectory(prefix="fedpipe-bench-") as tmp:
@@ -285,6 +319,8 @@ def main() -> int:
             shape = shape_for(round(size * MIB))
             grpc_times = measure_grpc(shape, args.repeats, Path(tmp))
             base = measure_serde(shape, args.repeats)
+            tcp_s = measure_tcp(shape.nbytes, args.repeats)
+            tcp = statistics.median(tcp_s)
             up = statistics.median(grpc_times["upload_s"])
             down = statistics.median(grpc_times["download_s"])
             raw = statistics.median(base["serde_s"])
@@ -296,24 +332,29 @@ def main() -> int:
                 "rank": shape.rank,
                 "hidden": HIDDEN,
                 "repeats": args.repeats,
+                "tcp_mbps": mbps(shape.nbytes, tcp),
                 "upload_mbps": mbps(shape.nbytes, up),
                 "download_mbps": mbps(shape.nbytes, down),
                 "serde_mbps": mbps(shape.nbytes, raw),
                 "serde_check_mbps": mbps(shape.nbytes, raw_check),
+                "upload_share_of_tcp": tcp / up,
+                "download_share_of_tcp": tcp / down,
                 "upload_over_serde": up / raw,
                 "upload_over_serde_check": up / raw_check,
+                "median_tcp_s": tcp,
                 "median_upload_s": up,
                 "median_download_s": down,
                 "median_serde_s": raw,
                 "median_serde_check_s": raw_check,
                 **grpc_times,
                 **base,
+                "tcp_s": tcp_s,
             }
             rows.append(row)
             print(
-                f"{row['size_mib']:>8.2f} {row['upload_mbps']:>11.1f} {row['download_mbps']:>13.1f} "
-                f"{row['serde_mbps']:>10.1f} {row['serde_check_mbps']:>14.1f} {row['upload_over_serde']:>8.2f} "
-                f"{row['upload_over_serde_check']:>12.2f} {up * 1e3:>7.1f}",
+                f"{row['size_mib']:>8.2f} {row['tcp_mbps']:>9.1f} {row['upload_mbps']:>11.1f} "
+                f"{row['download_mbps']:>13.1f} {row['serde_mbps']:>10.1f} {row['serde_check_mbps']:>14.1f} "
+                f"{row['upload_share_of_tcp']:>6.2f} {row['download_share_of_tcp']:>8.2f} {up * 1e3:>7.1f}",
                 flush=True,
             )
     result = {

@@ -1,24 +1,13 @@
-"""The only place that converts domain types to protobuf and back, and tensors to chunks and back.
-
-A tensor payload travels as a header (names, shapes, dtypes, total size, SHA-256) followed by chunks
-of raw little-endian bytes in header order. Receivers check every size before allocating and the
-checksum before any tensor is used.
-"""
+"""The only place that converts domain types to protobuf and back (tensor payloads: common.transfer)."""
 
 from __future__ import annotations
 
-import hashlib
 import math
-import sys
-from collections.abc import Iterable, Iterator, Mapping
 
-import torch
 from fedpipe.v1 import fedpipe_pb2 as pb
 
-from common.errors import IntegrityError, InvalidArgument, ResourceExhausted
+from common.errors import InvalidArgument
 from common.types import (
-    DTYPE_SIZES,
-    TORCH_DTYPES,
     CalibrationPoint,
     DeviceProfile,
     Evaluation,
@@ -29,12 +18,9 @@ from common.types import (
     Quantization,
     Task,
     TaskKind,
-    TensorInfo,
     TrainPlan,
     UpdateMeta,
 )
-
-DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024  # well under gRPC's 4 MiB default message limit
 
 _QUANT_TO_PB = {
     Quantization.NONE: pb.QUANTIZATION_NONE,
@@ -50,117 +36,6 @@ _KIND_TO_PB = {
     TaskKind.PROBE: pb.TASK_KIND_PROBE,
 }
 _KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
-
-if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
-    raise ImportError("FedPipe's wire format assumes a little-endian host")
-
-
-# ---------------------------------------------------------------- tensors <-> bytes
-
-
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """Raw bytes of a tensor (any supported dtype, bf16 included) in C order."""
-    dtype = dtype_name(tensor.dtype)
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return b""
-    # view as bytes keeps bf16 exact; numpy has no bf16.
-    raw: bytes = flat.view(torch.uint8).numpy().tobytes()
-    assert len(raw) == flat.numel() * DTYPE_SIZES[dtype]
-    return raw
-
-
-def tensor_from_bytes(data: bytes | bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
-    """Inverse of tensor_bytes; the caller has checked len(data) == info.nbytes."""
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
-    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return flat.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Wire name of a torch dtype; InvalidArgument for dtypes FedPipe does not carry."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPE_SIZES:
-        raise InvalidArgument("dtype", f"{name} is not one of {sorted(DTYPE_SIZES)}")
-    return name
-
-
-def encode_payload(tensors: Mapping[str, torch.Tensor]) -> tuple[pb.PayloadHeader, bytes]:
-    """Header and concatenated bytes of named tensors, in mapping order."""
-    infos: list[pb.TensorInfo] = []
-    parts: list[bytes] = []
-    for name, tensor in tensors.items():
-        infos.append(pb.TensorInfo(name=name, shape=list(tensor.shape), dtype=dtype_name(tensor.dtype)))
-        parts.append(tensor_bytes(tensor))
-    payload = b"".join(parts)
-    header = pb.PayloadHeader(tensors=infos, total_bytes=len(payload), sha256=hashlib.sha256(payload).digest())
-    return header, payload
-
-
-def chunked(payload: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
-    """Split a payload into chunks of at most chunk_bytes."""
-    if chunk_bytes <= 0:
-        raise ValueError("chunk_bytes must be positive")
-    view = memoryview(payload)
-    for start in range(0, len(payload), chunk_bytes):
-        yield bytes(view[start : start + chunk_bytes])
-
-
-def tensor_infos(header: pb.PayloadHeader) -> list[TensorInfo]:
-    """Domain view of a payload header; InvalidArgument for unknown dtypes or inconsistent sizes."""
-    infos: list[TensorInfo] = []
-    seen: set[str] = set()
-    for index, item in enumerate(header.tensors):
-        if not item.name:
-            raise InvalidArgument(f"payload.tensors[{index}].name", "empty")
-        if item.name in seen:
-            raise InvalidArgument(f"payload.tensors[{index}].name", f"duplicate {item.name!r}")
-        seen.add(item.name)
-        if item.dtype not in DTYPE_SIZES:
-            raise InvalidArgument(
-                f"payload.tensors[{item.name}].dtype", f"{item.dtype!r} is not one of {sorted(DTYPE_SIZES)}"
-            )
-        infos.append(TensorInfo(name=item.name, shape=tuple(int(d) for d in item.shape), dtype=item.dtype))
-    declared = sum(info.nbytes for info in infos)
-    if declared != header.total_bytes:
-        raise InvalidArgument("payload.total_bytes", f"{header.total_bytes} but the tensors declare {declared} bytes")
-    if len(header.sha256) != hashlib.sha256().digest_size:
-        raise InvalidArgument("payload.sha256", f"must be 32 bytes, got {len(header.sha256)}")
-    return infos
-
-
-def decode_payload(
-    header: pb.PayloadHeader,
-    chunks: Iterable[bytes],
-    max_bytes: int,
-    max_chunk_bytes: int,
-) -> dict[str, torch.Tensor]:
-    """Reassemble and verify a chunked payload; raises before allocating anything oversize."""
-    infos = tensor_infos(header)
-    if header.total_bytes > max_bytes:
-        raise ResourceExhausted(f"payload of {header.total_bytes} bytes exceeds the limit of {max_bytes}")
-    buffer = bytearray()
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        if len(chunk) > max_chunk_bytes:
-            raise ResourceExhausted(f"chunk of {len(chunk)} bytes exceeds the limit of {max_chunk_bytes}")
-        if len(buffer) + len(chunk) > header.total_bytes:
-            raise IntegrityError("payload", f"more bytes than the declared {header.total_bytes}")
-        buffer += chunk
-        digest.update(chunk)
-    if len(buffer) != header.total_bytes:
-        raise IntegrityError("payload", f"stream ended after {len(buffer)} of {header.total_bytes} bytes")
-    if digest.digest() != header.sha256:
-        raise IntegrityError("payload.sha256", "checksum does not match the bytes received")
-    tensors: dict[str, torch.Tensor] = {}
-    offset = 0
-    view = memoryview(buffer)
-    for info in infos:
-        tensors[info.name] = tensor_from_bytes(view[offset : offset + info.nbytes], info)
-        offset += info.nbytes
-    return tensors
-
 
 # ---------------------------------------------------------------- domain <-> proto
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from fedpipe.v1 import fedpipe_pb2 as pb
@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Histogram
 
+from common import transfer
 from common.rpc import make_server
 from common.security import ServerSecurity
 from coordinator.admission import Admission
@@ -71,6 +72,22 @@ class Serving:
         self.server.stop(grace=grace_s).wait(grace_s + 5)
 
 
+def _payload_handlers(servicer: CoordinatorServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """UploadUpdate and DownloadGlobal with common.transfer's chunk (de)serializers instead of protobuf's."""
+    return {
+        "UploadUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.UploadUpdate,
+            request_deserializer=transfer.parse_upload_part,
+            response_serializer=pb.UploadUpdateResponse.SerializeToString,
+        ),
+        "DownloadGlobal": grpc.unary_stream_rpc_method_handler(
+            servicer.DownloadGlobal,
+            request_deserializer=pb.DownloadGlobalRequest.FromString,
+            response_serializer=transfer.serialize_part,
+        ),
+    }
+
+
 def start_server(
     admission: Admission, section: ServerSection, metrics: CoordinatorMetrics, security: ServerSecurity
 ) -> Serving:
@@ -79,7 +96,13 @@ def start_server(
     server = make_server(
         section.workers, interceptors=[LatencyInterceptor(metrics), CallGuard(security, section, metrics)]
     )
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(admission, section, metrics, security), server)
+    servicer = CoordinatorServicer(admission, section, metrics, security)
+    payload = _payload_handlers(servicer)
+    # Both lookups must find these two: generic handlers are asked in order (so this one goes first), and the
+    # generated stubs' registered methods are looked up by name (so these entries replace the generated ones).
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, payload),))
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    cast(Any, server).add_registered_method_handlers(SERVICE, payload)  # grpc-stubs 1.53 predates it
     checker = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+import torch
 from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
-from common import serde
+from common import serde, transfer
 from common.errors import FedPipeError, InvalidArgument
 from common.rpc import status_for
 from common.security import ServerSecurity
@@ -106,36 +107,40 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return serde.task_to_pb(self.admission.get_task(request.agent_id, request.wait_s, context.is_active))
 
     @mapped
-    def DownloadGlobal(
+    def DownloadGlobal(  # type: ignore[override]  # chunks go out serialized (server.py's payload handlers)
         self, request: pb.DownloadGlobalRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.DownloadGlobalResponse]:
+    ) -> Iterator[pb.DownloadGlobalResponse | bytes]:
         self._authorize(context, request.agent_id)
         start = time.perf_counter()
-        header, payload = self.admission.download(
-            request.agent_id, request.global_round, request.plan_id, serde.encode_payload, request.have_digest
+        header, chunks = self.admission.download(
+            request.agent_id, request.global_round, request.plan_id, self._encode_download, request.have_digest
         )
         seconds = self.metrics.download_seconds.labels(request.agent_id)
-        return _download_stream(
-            header, payload, self.limits.chunk_bytes, lambda: seconds.inc(time.perf_counter() - start)
-        )
+        return _download_stream(header, chunks, lambda: seconds.inc(time.perf_counter() - start))
+
+    def _encode_download(self, tensors: dict[str, torch.Tensor]) -> tuple[pb.PayloadHeader, tuple[bytes, ...]]:
+        # Cut into serialized chunk messages once: however many agents download this copy, none copies it again,
+        # and later changes to the global's tensors cannot reach a download in flight.
+        header, payload = transfer.encode_payload(tensors)
+        return header, tuple(transfer.chunk_messages(payload, self.limits.chunk_bytes))
 
     @mapped
-    def UploadUpdate(
-        self, request_iterator: Iterator[pb.UploadUpdateRequest], context: grpc.ServicerContext
+    def UploadUpdate(  # chunks arrive as views (server.py's payload handlers)
+        self, request_iterator: Iterator[transfer.UploadPart], context: grpc.ServicerContext
     ) -> pb.UploadUpdateResponse:
         start = time.perf_counter()
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
+        if not isinstance(first, pb.UploadUpdateRequest) or first.WhichOneof("part") != "header":
             raise InvalidArgument("header", "an upload must start with its header")
         meta = serde.update_meta_from_pb(first.header)
         self._authorize(context, meta.agent_id)
-        infos = serde.tensor_infos(first.header.payload)
+        infos = transfer.tensor_infos(first.header.payload)
         digest = bytes(first.header.payload.sha256)
         answer = self.admission.admit_update(
             meta,
             infos,
             digest,
-            lambda: serde.decode_payload(
+            lambda: transfer.decode_payload(
                 first.header.payload,
                 _chunks(request_iterator),
                 self.limits.max_upload_bytes,
@@ -165,16 +170,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
 
 def _download_stream(
-    header: pb.PayloadHeader, payload: bytes, chunk_bytes: int, done: Callable[[], None]
-) -> Iterator[pb.DownloadGlobalResponse]:
+    header: pb.PayloadHeader, chunks: tuple[bytes, ...], done: Callable[[], None]
+) -> Iterator[pb.DownloadGlobalResponse | bytes]:
     yield pb.DownloadGlobalResponse(header=header)
-    for chunk in serde.chunked(payload, chunk_bytes):
-        yield pb.DownloadGlobalResponse(chunk=chunk)
+    yield from chunks  # serialized chunk messages (transfer.serialize_part passes them through)
     done()
 
 
-def _chunks(messages: Iterator[pb.UploadUpdateRequest]) -> Iterator[bytes]:
-    for index, message in enumerate(messages, start=1):
-        if message.WhichOneof("part") != "chunk":
+def _chunks(parts: Iterator[transfer.UploadPart]) -> Iterator[bytes | memoryview]:
+    for index, part in enumerate(parts, start=1):
+        chunk = transfer.chunk_of(part)
+        if chunk is None:
             raise InvalidArgument(f"message[{index}]", "only chunks may follow the header")
-        yield message.chunk
+        yield chunk

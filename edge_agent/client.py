@@ -11,7 +11,7 @@ import torch
 from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
-from common import serde
+from common import serde, transfer
 from common.errors import Rejected, ServerUnavailable, UnknownAgent
 from common.rpc import RetryPolicy, make_channel
 from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, Task, UpdateMeta
@@ -40,7 +40,18 @@ class CoordinatorClient:
         self.retry = retry or RetryPolicy()
         self.channel = make_channel(address, credentials, server_name)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self.chunk_bytes = serde.DEFAULT_CHUNK_BYTES
+        # The payload streams with common.transfer's chunk (de)serializers instead of protobuf's.
+        self.upload_stream = self.channel.stream_unary(
+            transfer.UPLOAD_METHOD,
+            request_serializer=transfer.serialize_part,
+            response_deserializer=pb.UploadUpdateResponse.FromString,
+        )
+        self.download_stream = self.channel.unary_stream(
+            transfer.DOWNLOAD_METHOD,
+            request_serializer=pb.DownloadGlobalRequest.SerializeToString,
+            response_deserializer=transfer.parse_download_part,
+        )
+        self.chunk_bytes = transfer.DEFAULT_CHUNK_BYTES
         self.last_answer = float("-inf")  # monotonic time the coordinator last answered (readiness)
         for method in RETRIED:
             metrics.rpc_retries.labels(method)  # at 0 from the start
@@ -103,12 +114,12 @@ class CoordinatorClient:
 
         def fetch() -> dict[str, torch.Tensor]:
             start = time.perf_counter()
-            stream = iter(self.stub.DownloadGlobal(request, timeout=300))
+            stream: Iterator[transfer.DownloadPart] = iter(self.download_stream(request, timeout=300))
             first = next(stream)
-            if first.WhichOneof("part") != "header":
+            if not isinstance(first, pb.DownloadGlobalResponse) or first.WhichOneof("part") != "header":
                 raise Rejected("DATA_LOSS", "download did not start with a header")
-            tensors = serde.decode_payload(
-                first.header, (m.chunk for m in stream), MAX_DOWNLOAD_BYTES, serde.DEFAULT_CHUNK_BYTES * 2
+            tensors = transfer.decode_payload(
+                first.header, _chunks(stream), MAX_DOWNLOAD_BYTES, transfer.DEFAULT_CHUNK_BYTES * 2
             )
             self.metrics.download_bytes.inc(first.header.total_bytes)
             self.metrics.download_seconds.inc(time.perf_counter() - start)
@@ -118,16 +129,15 @@ class CoordinatorClient:
 
     def upload(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor]) -> str:
         """Stream the update as a header and chunks; returns the coordinator's message."""
-        header, payload = serde.encode_payload(tensors)
+        header, payload = transfer.encode_payload(tensors)
 
-        def messages() -> Iterator[pb.UploadUpdateRequest]:
+        def messages() -> Iterator[pb.UploadUpdateRequest | bytes]:
             yield pb.UploadUpdateRequest(header=serde.update_header_to_pb(meta, header))
-            for chunk in serde.chunked(payload, self.chunk_bytes):
-                yield pb.UploadUpdateRequest(chunk=chunk)
+            yield from transfer.chunk_messages(payload, self.chunk_bytes)
 
         def send() -> pb.UploadUpdateResponse:
             start = time.perf_counter()
-            response: pb.UploadUpdateResponse = self.stub.UploadUpdate(messages(), timeout=300)
+            response: pb.UploadUpdateResponse = self.upload_stream(messages(), timeout=300)
             self.metrics.upload_bytes.inc(len(payload))
             self.metrics.upload_seconds.inc(time.perf_counter() - start)
             return response
@@ -158,3 +168,11 @@ def _translate(fn: Callable[[], T]) -> T:
         if code == grpc.StatusCode.NOT_FOUND:
             raise UnknownAgent(details) from err
         raise Rejected(code.name, details) from err
+
+
+def _chunks(parts: Iterator[transfer.DownloadPart]) -> Iterator[bytes | memoryview]:
+    for part in parts:
+        chunk = transfer.chunk_of(part)
+        if chunk is None:
+            raise Rejected("DATA_LOSS", "a download part after the header is not a chunk")
+        yield chunk

@@ -18,7 +18,7 @@ import torch
 from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
-from common import serde
+from common import serde, transfer
 from common.security import ServerSecurity
 from common.types import DeviceProfile, ModelSpec, ModuleShape, Task, TaskKind, TrainPlan, UpdateMeta
 from coordinator.cli import plan_options
@@ -237,11 +237,10 @@ class Upload:
         self, chunk_bytes: int = CHUNK_BYTES, edit_payload: Callable[[bytes], bytes] | None = None
     ) -> list[pb.UploadUpdateRequest]:
         """Header then chunks, as an agent sends them; edit_payload changes the bytes after the header."""
-        header, payload = serde.encode_payload(self.tensors)
-        if edit_payload is not None:
-            payload = edit_payload(payload)
+        header, encoded = transfer.encode_payload(self.tensors)
+        payload = bytes(encoded) if edit_payload is None else edit_payload(bytes(encoded))
         first = pb.UploadUpdateRequest(header=serde.update_header_to_pb(self.meta, header))
-        return [first, *(pb.UploadUpdateRequest(chunk=c) for c in serde.chunked(payload, chunk_bytes))]
+        return [first, *(pb.UploadUpdateRequest(chunk=c) for c in transfer.chunked(payload, chunk_bytes))]
 
 
 @dataclass(frozen=True)
@@ -299,7 +298,7 @@ def train_assignment(stub: pb_grpc.CoordinatorStub, agent_id: str) -> Assignment
     assert parts and parts[0].WhichOneof("part") == "header"
     assert all(part.WhichOneof("part") == "chunk" for part in parts[1:])
     header, chunks = parts[0].header, [part.chunk for part in parts[1:]]
-    tensors = serde.decode_payload(header, chunks, NO_LIMIT, CHUNK_BYTES)  # verifies sizes and sha256
+    tensors = transfer.decode_payload(header, chunks, NO_LIMIT, CHUNK_BYTES)  # verifies sizes and sha256
     return Assignment(agent_id, task, task.plan, header, chunks, tensors)
 
 

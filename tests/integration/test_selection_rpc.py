@@ -18,7 +18,7 @@ import torch
 from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
-from common import serde
+from common import serde, transfer
 from common.adapters import GlobalAdapter
 from common.security import ServerSecurity
 from common.types import (
@@ -213,10 +213,10 @@ def upload(
     tensors: dict[str, Any],
     importance: dict[str, float] | None = None,
 ) -> None:
-    header, payload = serde.encode_payload(tensors)
+    header, payload = transfer.encode_payload(tensors)
     meta = UpdateMeta(agent, round_, plan_id, 40, 10, 1.0, 0.5, 1, importance=importance or {})
     messages = [pb.UploadUpdateRequest(header=serde.update_header_to_pb(meta, header))]
-    messages += [pb.UploadUpdateRequest(chunk=c) for c in serde.chunked(payload, 1024)]
+    messages += [pb.UploadUpdateRequest(chunk=c) for c in transfer.chunked(payload, 1024)]
     stub.UploadUpdate(iter(messages), timeout=10)
 
 
@@ -227,7 +227,7 @@ def download(stub: pb_grpc.CoordinatorStub, agent: str, t: Task) -> dict[str, to
             pb.DownloadGlobalRequest(agent_id=agent, global_round=t.global_round, plan_id=t.plan.plan_id), timeout=10
         )
     )
-    return serde.decode_payload(parts[0].header, (p.chunk for p in parts[1:]), 1 << 20, 1 << 20)
+    return transfer.decode_payload(parts[0].header, (p.chunk for p in parts[1:]), 1 << 20, 1 << 20)
 
 
 @pytest.mark.integration

@@ -53,7 +53,7 @@ from rig import (
 )
 from safetensors.torch import load_file
 
-from common import serde
+from common import transfer
 from common.adapters import GlobalAdapter, to_peft_key
 from common.types import TaskKind
 from coordinator.orchestrator import Orchestrator, RunAborted
@@ -118,7 +118,7 @@ def global_digest(orchestrator: Orchestrator) -> str:
     digest = hashlib.sha256(f"round {global_.round}".encode())
     for name in sorted(named):
         digest.update(name.encode())
-        digest.update(serde.tensor_bytes(named[name]))
+        digest.update(transfer.tensor_bytes(named[name]))
     return digest.hexdigest()
 
 

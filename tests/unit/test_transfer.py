@@ -1,0 +1,551 @@
+"""Unit tests for common.transfer: tensor bytes, chunked payloads with integrity checks, chunk messages' wire form."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+from fedpipe.v1 import fedpipe_pb2 as pb
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.errors import IntegrityError, InvalidArgument, ResourceExhausted
+from common.transfer import (
+    DEFAULT_CHUNK_BYTES,
+    chunk_messages,
+    chunk_of,
+    chunk_view,
+    chunked,
+    decode_payload,
+    dtype_name,
+    encode_payload,
+    parse_download_part,
+    parse_upload_part,
+    serialize_part,
+    tensor_bytes,
+    tensor_from_bytes,
+    tensor_infos,
+)
+from common.types import TensorInfo
+
+BIG = 1 << 30  # a size limit that never bites
+
+
+def _raises(exc: type[InvalidArgument], field: str) -> pytest.RaisesExc[InvalidArgument]:
+    """pytest.raises for an InvalidArgument subclass whose field is exactly field."""
+    return pytest.raises(exc, check=lambda e: e.field == field)
+
+
+# ---------------------------------------------------------------- tensors <-> bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tensor_bytes_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
+    # Prepare: special values included (bit patterns compared, so NaN counts too)
+    values = torch.tensor([0.0, -0.0, 1.0, -2.5, 1e-3, 3.14159, 65504.0, float("inf"), float("-inf"), float("nan")])
+    tensor = torch.cat([values, torch.randn(14, generator=torch.Generator().manual_seed(0))]).to(dtype)
+    tensor = tensor.reshape(4, 6)
+    info = TensorInfo("t", (4, 6), dtype_name(dtype))
+
+    # Execute
+    data = tensor_bytes(tensor)
+    back = tensor_from_bytes(data, info)
+
+    # Assert
+    assert len(data) == info.nbytes
+    assert back.dtype == dtype
+    assert back.shape == tensor.shape
+    int_view = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(back.view(int_view), tensor.view(int_view))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "raw"),
+    [
+        (torch.float32, 1.0, b"\x00\x00\x80\x3f"),
+        (torch.float16, 1.0, b"\x00\x3c"),
+        (torch.bfloat16, 1.0, b"\x80\x3f"),
+        (torch.bfloat16, -2.0, b"\x00\xc0"),
+    ],
+)
+def test_tensor_bytes_are_little_endian(dtype: torch.dtype, value: float, raw: bytes) -> None:
+    # Execute
+    data = tensor_bytes(torch.tensor([value], dtype=dtype))
+
+    # Assert
+    assert data == raw
+
+
+def test_bfloat16_subnormals_survive() -> None:
+    # Prepare: every bf16 bit pattern with exponent 0 and a few beyond
+    bits = torch.arange(0, 2**9, dtype=torch.int16)
+    tensor = bits.view(torch.bfloat16)
+
+    # Execute
+    back = tensor_from_bytes(tensor_bytes(tensor), TensorInfo("t", (2**9,), "bfloat16"))
+
+    # Assert
+    assert torch.equal(back.view(torch.int16), bits)
+
+
+def test_tensor_bytes_of_a_non_contiguous_tensor_are_in_c_order() -> None:
+    # Prepare
+    tensor = torch.arange(6, dtype=torch.float32).reshape(2, 3).t()  # (3, 2), not contiguous
+
+    # Execute
+    data = tensor_bytes(tensor)
+
+    # Assert
+    assert data == torch.tensor([0.0, 3.0, 1.0, 4.0, 2.0, 5.0]).numpy().tobytes()
+
+
+def test_tensor_bytes_detaches_tensors_that_require_grad() -> None:
+    # Prepare
+    tensor = torch.ones(2, requires_grad=True)
+
+    # Execute
+    data = tensor_bytes(tensor)
+
+    # Assert
+    assert data == torch.ones(2).numpy().tobytes()
+
+
+@pytest.mark.parametrize(("shape", "nbytes"), [((0,), 0), ((3, 0), 0), ((), 4), ((1, 1, 1), 4)])
+def test_tensor_round_trip_of_empty_and_scalar_shapes(shape: tuple[int, ...], nbytes: int) -> None:
+    # Prepare
+    tensor = torch.full(shape, 7.0)
+    info = TensorInfo("t", shape, "float32")
+
+    # Execute
+    data = tensor_bytes(tensor)
+    back = tensor_from_bytes(data, info)
+
+    # Assert
+    assert len(data) == nbytes
+    assert tuple(back.shape) == shape
+    assert torch.equal(back, tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.int8, torch.uint8, torch.bool])
+def test_unsupported_dtype_is_invalid_argument(dtype: torch.dtype) -> None:
+    # Execute / Assert
+    with _raises(InvalidArgument, "dtype"):
+        tensor_bytes(torch.zeros(2, dtype=dtype))
+
+
+def test_tensor_from_bytes_is_writable_and_independent_of_the_input() -> None:
+    # Prepare
+    data = bytearray(tensor_bytes(torch.tensor([1.0, 2.0])))
+
+    # Execute
+    back = tensor_from_bytes(data, TensorInfo("t", (2,), "float32"))
+    back.add_(1.0)
+
+    # Assert
+    assert torch.equal(back, torch.tensor([2.0, 3.0]))
+    assert bytes(data) == tensor_bytes(torch.tensor([1.0, 2.0]))
+
+
+# ---------------------------------------------------------------- payloads
+
+
+def sample_tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "m.q.lora_A": torch.randn(4, 5, generator=generator),
+        "m.q.lora_B": torch.randn(3, 4, generator=generator).to(torch.bfloat16),
+        "classifier.bias": torch.randn(3, generator=generator).to(torch.float16),
+        "empty": torch.zeros(0, 2),
+    }
+
+
+def test_encode_payload_header_describes_the_bytes() -> None:
+    # Prepare
+    tensors = sample_tensors()
+
+    # Execute
+    header, payload = encode_payload(tensors)
+
+    # Assert
+    assert [(t.name, tuple(t.shape), t.dtype) for t in header.tensors] == [
+        ("m.q.lora_A", (4, 5), "float32"),
+        ("m.q.lora_B", (3, 4), "bfloat16"),
+        ("classifier.bias", (3,), "float16"),
+        ("empty", (0, 2), "float32"),
+    ]
+    assert header.total_bytes == len(payload) == 4 * 20 + 2 * 12 + 2 * 3
+    assert header.sha256 == hashlib.sha256(bytes(payload)).digest()
+    assert bytes(payload) == b"".join(tensor_bytes(t) for t in tensors.values())
+
+
+@settings(max_examples=40, deadline=None)
+@given(chunk_bytes=st.integers(1, 200), seed=st.integers(0, 2**16))
+def test_payload_round_trip_for_any_chunk_size(chunk_bytes: int, seed: int) -> None:
+    # Prepare
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        "a": torch.randn(3, 7, generator=generator),
+        "b": torch.randn(5, generator=generator).to(torch.bfloat16),
+        "c": torch.randn(2, 2, generator=generator).to(torch.float16),
+    }
+    header, payload = encode_payload(tensors)
+
+    # Execute
+    decoded = decode_payload(header, chunked(payload, chunk_bytes), BIG, chunk_bytes)
+
+    # Assert
+    assert list(decoded) == ["a", "b", "c"]
+    for name, tensor in tensors.items():
+        assert decoded[name].dtype == tensor.dtype
+        assert torch.equal(decoded[name], tensor)
+
+
+def test_payload_round_trip_through_a_serialized_header() -> None:
+    # Prepare
+    tensors = sample_tensors()
+    header, payload = encode_payload(tensors)
+    wire = pb.PayloadHeader.FromString(header.SerializeToString())
+
+    # Execute
+    decoded = decode_payload(wire, chunked(payload, 16), BIG, 16)
+
+    # Assert
+    assert set(decoded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert torch.equal(decoded[name], tensor)
+
+
+def test_empty_payload_round_trip() -> None:
+    # Prepare
+    header, payload = encode_payload({})
+
+    # Execute
+    decoded = decode_payload(header, chunked(payload), 0, 1)
+
+    # Assert
+    assert bytes(payload) == b""
+    assert list(chunked(payload)) == []
+    assert decoded == {}
+
+
+def test_encoded_payload_holds_views_of_the_tensors_not_copies() -> None:
+    # Prepare
+    tensor = torch.zeros(4)
+    _, payload = encode_payload({"a": tensor})
+
+    # Execute
+    tensor[0] = 1.0  # the payload's bytes are the tensor's own memory
+
+    # Assert
+    assert bytes(payload) == tensor_bytes(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(0, 50), max_size=5), chunk_bytes=st.integers(1, 64))
+def test_chunks_are_full_except_the_last_and_span_tensors(sizes: list[int], chunk_bytes: int) -> None:
+    # Prepare
+    tensors = {f"t{i}": torch.arange(n, dtype=torch.float16) for i, n in enumerate(sizes)}
+    _, payload = encode_payload(tensors)
+
+    # Execute
+    chunks = list(chunked(payload, chunk_bytes))
+
+    # Assert
+    assert b"".join(chunks) == bytes(payload) == b"".join(tensor_bytes(t) for t in tensors.values())
+    assert all(len(c) == chunk_bytes for c in chunks[:-1])
+    assert all(0 < len(c) <= chunk_bytes for c in chunks)
+
+
+def test_decoded_tensors_share_one_buffer_and_misaligned_ones_are_copied() -> None:
+    # Prepare: b (float32) starts at byte 6, misaligned for its dtype; e (float32) at byte 16, aligned
+    tensors = {
+        "a": torch.tensor([1, 2, 3], dtype=torch.float16),
+        "b": torch.tensor([1.5, -2.0]),
+        "d": torch.tensor([7], dtype=torch.float16),
+        "e": torch.tensor([0.25, 4.0]),
+    }
+    header, payload = encode_payload(tensors)
+
+    # Execute
+    decoded = decode_payload(header, chunked(payload, 5), BIG, 5)
+
+    # Assert
+    for name, tensor in tensors.items():
+        assert torch.equal(decoded[name], tensor)
+    shared = decoded["a"].untyped_storage().data_ptr()
+    assert decoded["d"].untyped_storage().data_ptr() == decoded["e"].untyped_storage().data_ptr() == shared
+    assert decoded["b"].untyped_storage().data_ptr() != decoded["a"].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize(
+    ("size", "chunk", "expected"),
+    [(0, 4, []), (1, 4, [1]), (4, 4, [4]), (10, 4, [4, 4, 2]), (12, 4, [4, 4, 4]), (5, 1, [1] * 5)],
+)
+def test_chunked_sizes(size: int, chunk: int, expected: list[int]) -> None:
+    # Prepare
+    payload = bytes(range(size))
+
+    # Execute
+    parts = list(chunked(payload, chunk))
+
+    # Assert
+    assert [len(p) for p in parts] == expected
+    assert b"".join(parts) == payload
+
+
+def test_chunked_default_size_is_under_grpc_limit() -> None:
+    # Prepare
+    payload = bytes(DEFAULT_CHUNK_BYTES + 1)
+
+    # Execute
+    parts = list(chunked(payload))
+
+    # Assert
+    assert [len(p) for p in parts] == [DEFAULT_CHUNK_BYTES, 1]
+    assert DEFAULT_CHUNK_BYTES < 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize("chunk", [0, -1])
+def test_chunked_rejects_non_positive_sizes(chunk: int) -> None:
+    # Execute / Assert
+    with pytest.raises(ValueError, match="chunk_bytes must be positive"):
+        list(chunked(b"abc", chunk))
+
+
+def _never_read() -> Iterator[bytes]:
+    raise AssertionError("the stream must not be read")
+    yield b""  # pragma: no cover
+
+
+def test_oversize_payload_is_refused_before_reading_any_chunk() -> None:
+    # Prepare
+    header, _ = encode_payload({"a": torch.zeros(100)})  # 400 bytes
+
+    # Execute / Assert
+    with pytest.raises(ResourceExhausted, match="400 bytes exceeds the limit of 399"):
+        decode_payload(header, _never_read(), max_bytes=399, max_chunk_bytes=BIG)
+
+
+def test_payload_at_exactly_the_limit_is_accepted() -> None:
+    # Prepare
+    header, payload = encode_payload({"a": torch.ones(100)})
+
+    # Execute
+    decoded = decode_payload(header, chunked(payload, 100), max_bytes=400, max_chunk_bytes=100)
+
+    # Assert
+    assert torch.equal(decoded["a"], torch.ones(100))
+
+
+def test_oversize_chunk_is_refused() -> None:
+    # Prepare
+    header, payload = encode_payload({"a": torch.zeros(100)})
+
+    # Execute / Assert
+    with pytest.raises(ResourceExhausted, match="chunk of 101 bytes"):
+        decode_payload(header, chunked(payload, 101), max_bytes=BIG, max_chunk_bytes=100)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 100, 399])
+def test_truncated_stream_is_an_integrity_error(keep: int) -> None:
+    # Prepare
+    header, payload = encode_payload({"a": torch.zeros(100)})
+
+    # Execute / Assert
+    with _raises(IntegrityError, "payload") as caught:
+        decode_payload(header, chunked(bytes(payload)[:keep], 64), BIG, BIG)
+    assert f"stream ended after {keep} of 400 bytes" in caught.value.problem
+
+
+@pytest.mark.parametrize("extra", [b"\x00", b"x" * 64])
+def test_stream_longer_than_declared_is_an_integrity_error(extra: bytes) -> None:
+    # Prepare
+    header, payload = encode_payload({"a": torch.zeros(10)})
+
+    # Execute / Assert
+    with _raises(IntegrityError, "payload") as caught:
+        decode_payload(header, iter([bytes(payload), extra]), BIG, BIG)
+    assert "more bytes than the declared 40" in caught.value.problem
+
+
+@pytest.mark.parametrize("position", [0, 17, 39])
+def test_corrupted_byte_fails_the_checksum(position: int) -> None:
+    # Prepare
+    header, payload = encode_payload({"a": torch.arange(10, dtype=torch.float32)})
+    corrupted = bytearray(bytes(payload))
+    corrupted[position] ^= 0x01
+
+    # Execute / Assert
+    with _raises(IntegrityError, "payload.sha256"):
+        decode_payload(header, chunked(bytes(corrupted), 8), BIG, BIG)
+
+
+def test_wrong_declared_checksum_fails() -> None:
+    # Prepare
+    header, payload = encode_payload({"a": torch.ones(4)})
+    header.sha256 = hashlib.sha256(b"something else").digest()
+
+    # Execute / Assert
+    with _raises(IntegrityError, "payload.sha256"):
+        decode_payload(header, chunked(payload), BIG, BIG)
+
+
+@pytest.mark.parametrize("length", [0, 16, 31, 33])
+def test_checksum_of_wrong_length_is_invalid_argument(length: int) -> None:
+    # Prepare
+    header, payload = encode_payload({"a": torch.ones(4)})
+    header.sha256 = b"\x00" * length
+
+    # Execute / Assert
+    with _raises(InvalidArgument, "payload.sha256"):
+        decode_payload(header, chunked(payload), BIG, BIG)
+
+
+def test_duplicate_tensor_names_are_invalid_argument() -> None:
+    # Prepare
+    header, payload = encode_payload({"a": torch.ones(2), "b": torch.ones(2)})
+    header.tensors[1].name = "a"
+
+    # Execute / Assert
+    with _raises(InvalidArgument, "payload.tensors[1].name") as caught:
+        decode_payload(header, chunked(payload), BIG, BIG)
+    assert "duplicate 'a'" in caught.value.problem
+
+
+def test_empty_tensor_name_is_invalid_argument() -> None:
+    # Prepare
+    header, payload = encode_payload({"a": torch.ones(2)})
+    header.tensors[0].name = ""
+
+    # Execute / Assert
+    with _raises(InvalidArgument, "payload.tensors[0].name"):
+        decode_payload(header, chunked(payload), BIG, BIG)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int8", "", "torch.float32", "FLOAT32"])
+def test_unknown_dtype_in_header_is_invalid_argument(dtype: str) -> None:
+    # Prepare
+    header, payload = encode_payload({"w": torch.ones(2)})
+    header.tensors[0].dtype = dtype
+
+    # Execute / Assert
+    with _raises(InvalidArgument, "payload.tensors[w].dtype"):
+        decode_payload(header, chunked(payload), BIG, BIG)
+
+
+@pytest.mark.parametrize("total", [0, 7, 9, 10**12])
+def test_total_bytes_that_disagree_with_the_shapes_are_invalid_argument(total: int) -> None:
+    # Prepare: shapes declare 8 bytes
+    header, _ = encode_payload({"w": torch.ones(2)})
+    header.total_bytes = total
+
+    # Execute / Assert: caught before any size limit or read
+    with _raises(InvalidArgument, "payload.total_bytes"):
+        decode_payload(header, _never_read(), max_bytes=1, max_chunk_bytes=1)
+
+
+def test_tensor_infos_returns_domain_infos_in_order() -> None:
+    # Prepare
+    header, _ = encode_payload(sample_tensors())
+
+    # Execute
+    infos = tensor_infos(header)
+
+    # Assert
+    assert infos == [
+        TensorInfo("m.q.lora_A", (4, 5), "float32"),
+        TensorInfo("m.q.lora_B", (3, 4), "bfloat16"),
+        TensorInfo("classifier.bias", (3,), "float16"),
+        TensorInfo("empty", (0, 2), "float32"),
+    ]
+
+
+# ---------------------------------------------------------------- chunk messages' wire form
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(0, 20_000), chunk_bytes=st.sampled_from([1, 127, 128, 300, 16_383, 16_384, 50_000]))
+def test_chunk_messages_are_what_protobuf_writes_for_either_stream(size: int, chunk_bytes: int) -> None:
+    # Prepare
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+
+    # Execute
+    messages = list(chunk_messages(data, chunk_bytes))
+
+    # Assert
+    chunks = list(chunked(data, chunk_bytes))
+    assert messages == [pb.UploadUpdateRequest(chunk=c).SerializeToString() for c in chunks]
+    assert messages == [pb.DownloadGlobalResponse(chunk=c).SerializeToString() for c in chunks]
+
+
+@settings(max_examples=30, deadline=None)
+@given(chunk=st.binary(max_size=3000))
+def test_a_serialized_chunk_parses_to_a_view_of_its_bytes(chunk: bytes) -> None:
+    # Prepare
+    upload = pb.UploadUpdateRequest(chunk=chunk).SerializeToString()
+    download = pb.DownloadGlobalResponse(chunk=chunk).SerializeToString()
+
+    # Execute
+    parts = parse_upload_part(upload), parse_download_part(download)
+
+    # Assert
+    for part in parts:
+        assert isinstance(part, memoryview)
+        assert bytes(part) == chunk
+        assert chunk_of(part) is part
+
+
+def test_headers_and_non_canonical_chunks_go_through_protobuf() -> None:
+    # Prepare: a header; a chunk field written twice (valid protobuf: the last one wins)
+    header = pb.UploadUpdateRequest(header=pb.UpdateHeader(agent_id="a")).SerializeToString()
+    twice = (
+        pb.UploadUpdateRequest(chunk=b"old").SerializeToString()
+        + pb.UploadUpdateRequest(chunk=b"new").SerializeToString()
+    )
+
+    # Execute
+    parsed_header, parsed_twice = parse_upload_part(header), parse_upload_part(twice)
+
+    # Assert
+    assert isinstance(parsed_header, pb.UploadUpdateRequest)
+    assert parsed_header.header.agent_id == "a"
+    assert chunk_of(parsed_header) is None
+    assert isinstance(parsed_twice, pb.UploadUpdateRequest)
+    assert chunk_of(parsed_twice) == b"new"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x12", b"\x12\x05abc", b"\x12\x02abc", b"\x12\xff", b"\x0a\x00", b"\x12" + b"\xff" * 11],
+    ids=["empty", "no-length", "short", "long", "cut-varint", "header-tag", "overlong-varint"],
+)
+def test_chunk_view_refuses_anything_but_one_whole_chunk(data: bytes) -> None:
+    # Execute / Assert
+    assert chunk_view(data) is None
+
+
+def test_serialize_part_passes_serialized_chunks_through_and_serializes_messages() -> None:
+    # Prepare
+    message = pb.DownloadGlobalResponse(header=pb.PayloadHeader(total_bytes=3))
+    raw = next(chunk_messages(b"abc"))
+
+    # Execute / Assert
+    assert serialize_part(raw) is raw
+    assert serialize_part(message) == message.SerializeToString()
+
+
+def test_a_payload_survives_chunk_messages_and_their_parse() -> None:
+    # Prepare
+    tensors = {"a": torch.randn(300, 7), "b": torch.randn(33).to(torch.bfloat16)}
+    header, payload = encode_payload(tensors)
+
+    # Execute
+    parts = [parse_upload_part(m) for m in chunk_messages(payload, 1000)]
+    decoded = decode_payload(header, (c for c in map(chunk_of, parts) if c is not None), BIG, 1000)
+
+    # Assert
+    assert all(isinstance(p, memoryview) for p in parts)
+    for name, tensor in tensors.items():
+        assert torch.equal(decoded[name], tensor)
