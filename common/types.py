@@ -278,3 +278,5 @@ class RoundResult:
     failure: str | None = None  # why the round was not aggregated (no quorum, a non-finite aggregate), or None
     aggregation_seconds: float = 0.0  # the strategy's time (Ferret: rebuilding the blocks from coefficients)
     truncated_energy_share: float | None = None  # SVD-ordered strategies: share of the update the global rank dropped
+    opened_s: float = 0.0  # when the round opened, in seconds since this coordinator started the run
+    heldout_seconds: float = 0.0  # how long the held-out evaluation of its global took (overlapped or not)

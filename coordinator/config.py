@@ -270,6 +270,11 @@ class EvaluationSection(Section):
     response_column: str = Field("response", description="causal-lm: response column of the held-out file")
     max_samples: int = Field(0, ge=0, description="cap on held-out samples, 0 = all")
     initial: bool = Field(True, description="also evaluate the untrained round-0 adapter")
+    overlap: bool = Field(
+        True,
+        description="held-out: evaluate round t while the agents train round t+1, its result reported when ready "
+        "(false: the next round waits for it)",
+    )
 
 
 class FerretSection(Section):

@@ -109,6 +109,9 @@ class Orchestrator:
         self.results: list[RoundResult] = []
         self.rundir = RunDir(config.run.run_dir, self.spec, self.mode)
         self.eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
+        # A round whose held-out evaluation still runs (evaluation.overlap): its result, less the held-out figures.
+        self.deferred: tuple[RoundResult, Future[tuple[Evaluation, float]]] | None = None
+        self.started = 0.0  # the run's start on the round state's clock
 
     @property
     def run_id(self) -> str:
@@ -126,6 +129,7 @@ class Orchestrator:
 
     def _run(self) -> dict[str, Any]:
         cfg = self.config.run
+        self.started = self.state.clock()
         self.metrics.run_rounds.set(cfg.rounds)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         saved = self._restore_registry()
@@ -147,9 +151,13 @@ class Orchestrator:
         self.state.set_global(global_)
         self.rundir.write_config(self.config.model_dump(mode="json"))
         if resumed is None and self.config.evaluation.initial:
-            self.results.append(self._evaluate(0, plans, RoundResult(0, (), 0.0, 0)))
+            self._evaluate(0, plans, RoundResult(0, (), 0.0, 0))
         for round_ in range(global_.round + 1, cfg.rounds + 1):
-            self.results.append(self._train_round(round_))
+            failed = self._train_round(round_)
+            if failed is not None:
+                self._settle(wait=True)  # results stay in round order
+                self.results.append(failed)
+        self._settle(wait=True)
         return self._finish()
 
     def _bookkeeping(self) -> dict[str, Any]:
@@ -222,7 +230,9 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ one training round
 
-    def _train_round(self, round_: int) -> RoundResult:
+    def _train_round(self, round_: int) -> RoundResult | None:
+        """One round; a failed round's result (the caller records it), None when the round published a global
+        (recorded by _evaluate, at once or when its held-out evaluation is ready)."""
         cfg = self.config.run
         alive = self._await_agents()
         spec = self.spec
@@ -240,6 +250,7 @@ class Orchestrator:
         self.state.set_global(global_)
         self._plan_metrics(planned, spec)
         start = self.state.clock()
+        opened = start - self.started
         self.state.open_training(round_, plans, {a: allowed_samples(p, counted[a]) for a, p in plans.items()})
         self.metrics.current_round.set(round_)
         self.metrics.round_started.set_to_current_time()
@@ -293,7 +304,7 @@ class Orchestrator:
             failure = f"{len(inbox)} of the {quorum} updates needed"
             return RoundResult(
                 round_, tuple(sorted(inbox)), self.state.clock() - start, 0, dropped=dropped, refused=refused,
-                failure=failure,
+                failure=failure, opened_s=opened,
             )  # fmt: skip
         weights = self.screening.weights(round_, inbox, self.state.allowed)
         aggregated = self._aggregate(global_, inbox, weights, plans, round_)
@@ -302,7 +313,7 @@ class Orchestrator:
             log.error("round %d: aggregate refused, the round-%d global stays: %s", round_, global_.round, aggregated)
             return RoundResult(
                 round_, tuple(sorted(inbox)), self.state.clock() - start, 0, dropped=dropped, refused=refused,
-                failure=aggregated,
+                failure=aggregated, opened_s=opened,
             )  # fmt: skip
         new_global, agg_metrics, agg_seconds = aggregated
         self._refit(inbox, planned.predictions)
@@ -344,9 +355,10 @@ class Orchestrator:
         )
         result = RoundResult(
             round_, tuple(sorted(inbox)), seconds, samples, train_loss=train_loss, dropped=dropped, refused=refused,
-            aggregation_seconds=agg_seconds, truncated_energy_share=truncated,
+            aggregation_seconds=agg_seconds, truncated_energy_share=truncated, opened_s=opened,
         )  # fmt: skip
-        return self._evaluate(round_, plans, result)
+        self._evaluate(round_, plans, result)
+        return None
 
     def _aggregate(
         self,
@@ -594,11 +606,16 @@ class Orchestrator:
 
     def _wait_for(self, expected: Collection[str], received: Callable[[], Collection[str]], deadline: float) -> None:
         """Wait until every expected agent delivered, the deadline passed, or every outstanding agent is dead."""
-        outcome = self.state.wait_for(expected, received, deadline, self._liveness)
+        outcome = self.state.wait_for(expected, received, deadline, self._between_waits)
         if outcome == "dead":
             with self.state.cond:
                 pending = set(expected) - set(received())
             log.warning("agents %s stopped beating; not waiting for them", ", ".join(sorted(pending)))
+
+    def _between_waits(self) -> set[str]:
+        """Called as a wait polls: records a held-out evaluation that has finished, then reports liveness."""
+        self._settle(wait=False)
+        return self._liveness()
 
     def _liveness(self) -> set[str]:
         """The alive agents; logs and counts each agent that goes silent, and each that comes back."""
@@ -620,15 +637,18 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ evaluation and the end
 
-    def _evaluate(self, round_: int, plans: Mapping[str, TrainPlan], result: RoundResult) -> RoundResult:
-        """Score the current global: held-out on this host, and validation splits on the agents."""
+    def _evaluate(self, round_: int, plans: Mapping[str, TrainPlan], result: RoundResult) -> None:
+        """Score the current global: held-out on this host, and validation splits on the agents; then record the
+        round, or (evaluation.overlap, before the last round) leave it to record when the held-out figures are in,
+        so the next round trains meanwhile."""
         assert self.state.global_ is not None
-        global_, spec = self.state.global_, self.spec
-        pending: Future[Evaluation] | None = None
+        global_ = self.state.global_
+        pending: Future[tuple[Evaluation, float]] | None = None
         if self.evaluator is not None:
             # One long-lived worker: a new thread per round would get a fresh malloc arena each time,
             # and resident memory would creep round after round.
-            pending = self.eval_pool.submit(self.evaluator, global_, next(iter(plans.values())), spec)
+            pending = self.eval_pool.submit(self._heldout, global_, next(iter(plans.values())))
+            pending.add_done_callback(lambda _: self._wake())
         agents_eval = None
         if self.config.evaluation.agents:
             alive = set(self.registry.alive(self.config.run.agent_timeout_s))
@@ -641,18 +661,48 @@ class Orchestrator:
                 self.state.clock() + self.config.run.eval_deadline_s,
             )
             agents_eval = weighted_evaluation(self.state.close_evaluation(), self.config.updates.max_weight_ratio)
-        heldout = pending.result() if pending is not None else None
-        result = replace(result, heldout=heldout, agents_eval=agents_eval)
-        for source, evaluation in (("heldout", result.heldout), ("agents", agents_eval)):
+        result = replace(result, agents_eval=agents_eval)
+        self._settle(wait=True)  # the previous round's, before this one's
+        if pending is None:
+            self._record(result)
+        elif self.config.evaluation.overlap and round_ < self.config.run.rounds:
+            self.deferred = (result, pending)
+        else:
+            self._record(_with_heldout(result, pending.result()))
+
+    def _heldout(self, global_: GlobalState, plan: TrainPlan) -> tuple[Evaluation, float]:
+        assert self.evaluator is not None
+        start = time.perf_counter()
+        evaluation = self.evaluator(global_, plan, self.spec)
+        return evaluation, time.perf_counter() - start
+
+    def _wake(self) -> None:
+        with self.state.cond:
+            self.state.notify()
+
+    def _settle(self, wait: bool) -> None:
+        """Record the deferred round once its held-out evaluation has finished (wait: block until it has)."""
+        if self.deferred is None:
+            return
+        result, pending = self.deferred
+        if not (wait or pending.done()):
+            return
+        self.deferred = None
+        self._record(_with_heldout(result, pending.result()))
+
+    def _record(self, result: RoundResult) -> None:
+        """A round's figures into the results, the metrics, the log and rounds.jsonl."""
+        spec = self.spec
+        for source, evaluation in (("heldout", result.heldout), ("agents", result.agents_eval)):
             if evaluation is not None:
                 self._evaluation_metrics(source, evaluation)
         log.info("%s", round_line(result, self.config.run.rounds, spec.task == CAUSAL_LM, spec.labels))
-        for source, evaluation in (("held-out", result.heldout), ("agents' validation", agents_eval)):
+        for source, evaluation in (("held-out", result.heldout), ("agents' validation", result.agents_eval)):
             warning = single_class_warning(evaluation.confusion, spec.labels) if evaluation is not None else None
             if warning is not None:
-                log.warning("round %d, %s: %s", round_, source, warning)
+                log.warning("round %d, %s: %s", result.round, source, warning)
         self.rundir.append_round(result)
-        return result
+        self.results.append(result)
 
     def _evaluation_metrics(self, source: str, evaluation: Evaluation) -> None:
         self.metrics.global_accuracy.labels(source).set(evaluation.accuracy)
@@ -724,6 +774,10 @@ def _round_report(
             "weight": weights.get(agent, 0.0),
         }
     return report
+
+
+def _with_heldout(result: RoundResult, heldout: tuple[Evaluation, float]) -> RoundResult:
+    return replace(result, heldout=heldout[0], heldout_seconds=heldout[1])
 
 
 def class_figures(evaluation: Evaluation, labels: tuple[str, ...]) -> str:

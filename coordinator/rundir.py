@@ -296,6 +296,8 @@ def result_from_record(record: Mapping[str, Any]) -> RoundResult:
         failure=record.get("failure"),
         aggregation_seconds=record.get("aggregation_seconds", 0.0),
         truncated_energy_share=record.get("truncated_energy_share"),
+        opened_s=record.get("opened_s", 0.0),
+        heldout_seconds=record.get("heldout_seconds", 0.0),
     )
 
 

@@ -31,6 +31,7 @@ from coordinator.config import (
     SelectionSection,
     ServerSection,
 )
+from coordinator.evaluation import Evaluator
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modes import Mode
 from coordinator.orchestrator import Orchestrator
@@ -184,6 +185,7 @@ def launch(
     credentials: grpc.ChannelCredentials | None = None,
     spec: ModelSpec = SPEC,
     mode: Mode | None = None,
+    evaluator: Evaluator | None = None,
     **sections: Any,
 ) -> Coordinator:
     """A serving coordinator with its run loop started; plaintext unless security and credentials are given.
@@ -201,6 +203,7 @@ def launch(
         get_strategy("rank-padding"),
         metrics,
         BASE_PATH,
+        evaluator=evaluator,
         mode=mode,
     )
     serving = start_server(orchestrator.admission, config.server, metrics, security or ServerSecurity.insecure())
