@@ -13,6 +13,7 @@ for heads trained in full.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -116,6 +117,7 @@ def truncate_rank(pair: LoraPair, rank: int) -> LoraPair:
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
+@functools.lru_cache(maxsize=65536)
 def layer_index(module: str) -> int | None:
     """The transformer layer a module name sits in (the first dotted number: "...layer.3.attention..." is 3,
     "model.layers.3.self_attn.q_proj" 3, "transformer.h.0.attn.c_attn" 0); None when the name has none."""

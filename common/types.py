@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -91,10 +93,24 @@ class ModelSpec:
 
     def candidate(self, name: str) -> ModuleShape:
         """The candidate called name; KeyError when the model has none of that name."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    @cached_property
+    def head_elements(self) -> int:
+        """Values in the heads (trained in full alongside any adapter)."""
+        return sum(math.prod(shape) for _, shape in self.heads)
+
+    @cached_property
+    def _by_name(self) -> dict[str, ModuleShape]:
+        # Worked out once per spec (a frozen dataclass keeps a cached_property in its __dict__): the planner
+        # looks shapes up per module, configuration and agent.
+        shapes: dict[str, ModuleShape] = {}
         for module in self.candidates:
-            if module.name == name:
-                return module
-        raise KeyError(name)
+            shapes.setdefault(module.name, module)
+        return shapes
 
 
 @dataclass(frozen=True)

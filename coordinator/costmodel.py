@@ -26,8 +26,9 @@ interpolated in the number of layers the backward runs through.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from common.adapters import backward_layers, last_layer_modules, layer_count, lora_parameter_count
 from common.types import DeviceProfile, ModelSpec, Quantization
@@ -76,13 +77,7 @@ def base_bytes(spec: ModelSpec, quantization: Quantization, element_bytes: int) 
 
 def head_parameters(spec: ModelSpec) -> int:
     """Parameters of the heads trained in full."""
-    total = 0
-    for _, shape in spec.heads:
-        count = 1
-        for dim in shape:
-            count *= dim
-        total += count
-    return total
+    return spec.head_elements
 
 
 def step_flops_per_token(spec: ModelSpec, lora_parameters: int, full_parameters: int = 0) -> float:
@@ -195,9 +190,9 @@ class Config:
         return self.rank_pattern or tuple((m, self.rank) for m in self.modules)
 
 
-@dataclass(frozen=True)
-class Cost:
-    """Predicted cost of one configuration on one agent."""
+class Cost(NamedTuple):
+    """Predicted cost of one configuration on one agent (a named tuple: the planner makes one per agent and
+    configuration, hundreds of thousands for a thousand agents, and a tuple is the cheapest immutable record)."""
 
     peak_memory_bytes: float
     step_seconds: float
@@ -234,19 +229,23 @@ def full_parameters(spec: ModelSpec, modules: tuple[str, ...]) -> int:
     return sum(spec.candidate(m).in_features * spec.candidate(m).out_features for m in modules)
 
 
-def predict(
-    profile: DeviceProfile,
-    spec: ModelSpec,
-    coefficients: Fit,
-    config: Config,
-    seq_len: int,
-    bandwidth_bytes_per_s: float,
-    time_scale: float = 1.0,
-    memory_scale: float = 1.0,
-) -> Cost:
-    """Memory and time of a configuration; the scales are the closed loop's corrections."""
-    tokens = config.batch_size * seq_len
-    element = compute_bytes(profile)
+@dataclass(frozen=True)
+class Static:
+    """The parts of a configuration's cost that depend on the model and the configuration only (and on the
+    width of the agent's compute dtype), not on the agent: worked out once per planning, not once per agent."""
+
+    lora: int  # LoRA parameters
+    weights: float  # frozen base, trained weights and their optimizer state, bytes
+    payload: int  # one direction, bytes
+    projection: float  # ferret: seconds to project and reconstruct
+    depth: int  # layers the backward pass runs through
+    extra_activation_per_token: float  # what the trained weights add to the saved activations (calibrated fits)
+    flops_per_token: float
+    time_factors: tuple[float, float]  # its precision's step-time factor on (cpu, cuda)
+
+
+def static_cost(spec: ModelSpec, config: Config, element: int) -> Static:
+    """A configuration's agent-independent cost figures for a compute dtype of `element` bytes."""
     if config.mode == "ferret":
         full = full_parameters(spec, config.modules)
         lora, trainable = 0, head_parameters(spec)
@@ -263,6 +262,8 @@ def predict(
         weights += 4 * largest  # one direction at a time
         payload = 4 * (max(config.directions, 2 * len(config.modules)) + trainable)
         projection = 2 * config.directions * (full / max(1, len(config.modules))) / GENERATION_VALUES_PER_S
+        # A weight trained in full keeps its input for its gradient, in the compute dtype.
+        extra = float(sum(spec.candidate(m).in_features * element for m in config.modules))
     else:
         full = 0
         lora = lora_parameters(spec, config)
@@ -270,25 +271,69 @@ def predict(
         weights = base_bytes(spec, config.quantization, element) + trainable * ADAM_BYTES_PER_PARAM
         payload = trainable * 4
         projection = 0.0
-    depth = backward_layers(spec, config.modules)
-    activation_per_token, seconds_per_token = coefficients.per_token(depth)
-    if coefficients.calibrated and config.mode == "lora":
-        activation_per_token += lora_activation_bytes_per_token(spec, config.module_ranks(), config.dropout, element)
-    elif coefficients.calibrated:
-        # A weight trained in full keeps its input for its gradient, in the compute dtype.
-        activation_per_token += sum(spec.candidate(m).in_features * element for m in config.modules)
-    memory = weights + activation_per_token * tokens + coefficients.overhead_bytes
-    calibrated = step_flops_per_token(spec, coefficients.calibration_lora_parameters)
-    # A spec without linear weights or calibration (hand-made, or an unknown layout) gives no ratio to scale by.
-    flop_ratio = step_flops_per_token(spec, lora, full) / calibrated if calibrated > 0 else 1.0
-    factor = TIME_FACTORS[device_kind(profile)][config.quantization]
-    step = (coefficients.step_seconds_fixed + seconds_per_token * tokens) * flop_ratio * factor
-    return Cost(
-        peak_memory_bytes=memory * memory_scale,
-        step_seconds=max(step * time_scale, MIN_STEP_SECONDS),
-        transfer_seconds=2 * payload / bandwidth_bytes_per_s + projection,
-        payload_bytes=payload,
+        extra = lora_activation_bytes_per_token(spec, config.module_ranks(), config.dropout, element)
+    return Static(
+        lora=lora,
+        weights=weights,
+        payload=payload,
+        projection=projection,
+        depth=backward_layers(spec, config.modules),
+        extra_activation_per_token=extra,
+        flops_per_token=step_flops_per_token(spec, lora, full),
+        time_factors=(TIME_FACTORS["cpu"][config.quantization], TIME_FACTORS["cuda"][config.quantization]),
     )
+
+
+def predict(
+    profile: DeviceProfile,
+    spec: ModelSpec,
+    coefficients: Fit,
+    config: Config,
+    seq_len: int,
+    bandwidth_bytes_per_s: float,
+    time_scale: float = 1.0,
+    memory_scale: float = 1.0,
+    static: Static | None = None,
+) -> Cost:
+    """Memory and time of a configuration; the scales are the closed loop's corrections. static: the
+    configuration's static_cost at this agent's compute width, when the caller keeps them."""
+    fixed = static or static_cost(spec, config, compute_bytes(profile))
+    return predict_many(
+        profile, spec, coefficients, [config], [fixed], seq_len, bandwidth_bytes_per_s, time_scale, memory_scale
+    )[0]
+
+
+def predict_many(
+    profile: DeviceProfile,
+    spec: ModelSpec,
+    coefficients: Fit,
+    configs: Sequence[Config],
+    statics: Sequence[Static],
+    seq_len: int,
+    bandwidth_bytes_per_s: float,
+    time_scale: float = 1.0,
+    memory_scale: float = 1.0,
+) -> list[Cost]:
+    """predict for many configurations of one agent (statics: theirs, at its compute width), with what
+    depends on the agent alone worked out once."""
+    calibrated = step_flops_per_token(spec, coefficients.calibration_lora_parameters)
+    kind = 1 if device_kind(profile) == "cuda" else 0
+    per_depth: dict[int, tuple[float, float]] = {}
+    costs: list[Cost] = []
+    for config, fixed in zip(configs, statics, strict=True):
+        tokens = config.batch_size * seq_len
+        if fixed.depth not in per_depth:
+            per_depth[fixed.depth] = coefficients.per_token(fixed.depth)
+        activation_per_token, seconds_per_token = per_depth[fixed.depth]
+        if coefficients.calibrated:
+            activation_per_token += fixed.extra_activation_per_token
+        memory = fixed.weights + activation_per_token * tokens + coefficients.overhead_bytes
+        # A spec without linear weights or calibration (hand-made, or an unknown layout) gives no ratio to scale by.
+        flop_ratio = fixed.flops_per_token / calibrated if calibrated > 0 else 1.0
+        step = (coefficients.step_seconds_fixed + seconds_per_token * tokens) * flop_ratio * fixed.time_factors[kind]
+        transfer = 2 * fixed.payload / bandwidth_bytes_per_s + fixed.projection
+        costs.append(Cost(memory * memory_scale, max(step * time_scale, MIN_STEP_SECONDS), transfer, fixed.payload))
+    return costs
 
 
 def _linear_bytes(spec: ModelSpec, quantization: Quantization, element_bytes: int) -> float:

@@ -11,11 +11,14 @@ trains for about T: faster agents process more samples (aggregation weighs them 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from common.adapters import head_modules
 from common.errors import ConfigError
@@ -275,6 +278,7 @@ def mask_subsets(
     return subsets
 
 
+@functools.lru_cache(maxsize=4096)  # asked per agent and choice while the round time is searched
 def capacity(config: costmodel.Config) -> int:
     """What a configuration trains: rank slots over its matrices (LoRA), or its matrices (trained in full)."""
     if config.mode != "lora":
@@ -308,12 +312,21 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     max_capacity = max(1, max(ranks) * len(modules)) if options.mode == "lora" else len(modules)
     feasible: dict[str, list[_Choice]] = {}
     excluded: dict[str, str] = {}
+    statics: dict[int, list[costmodel.Static]] = {}  # per compute width, per configuration: shared by all agents
     for agent_id in sorted(profiles):
         profile = profiles[agent_id]
         usable = _usable(profile, search)
         try:
             coefficients = costmodel.fit(profile, spec)
-            priced = [_Choice(c, _price(profile, spec, options, agent_id, c, coefficients)) for c in configs]
+            element = costmodel.compute_bytes(profile)
+            if element not in statics:
+                statics[element] = [costmodel.static_cost(spec, c, element) for c in configs]
+            time_scale, memory_scale = options.corrections.get(agent_id, (1.0, 1.0))
+            costs = costmodel.predict_many(
+                profile, spec, coefficients, configs, statics[element], options.max_seq_len,
+                search.bandwidth_bytes_per_s, time_scale, memory_scale,
+            )  # fmt: skip
+            priced = [_Choice(c, cost) for c, cost in zip(configs, costs, strict=True)]
         except (ArithmeticError, ValueError) as err:  # profiles are bounded at registration; this is the backstop
             excluded[agent_id] = f"its profile cannot be priced ({err})"
             continue
@@ -346,37 +359,31 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     total = sum(profiles[a].num_train_samples for a in feasible) or 1
     weights = {a: profiles[a].num_train_samples / total for a in feasible}
 
-    def instance(seconds: float) -> solver.Instance:
-        rows = []
-        for agent_id, choices in feasible.items():
-            rows.append(
-                [
-                    solver.Option(
-                        cost=W_UNDER
-                        * weights[agent_id]
-                        * under_training(ch.cost, ch.config.batch_size, target(agent_id, ch.config.batch_size), seconds)
-                        - W_CAPACITY * capacity(ch.config) / max_capacity
-                        - W_PRECISION * PRECISION[ch.config.quantization],
-                        upload_bytes=ch.cost.payload_bytes,
-                    )
-                    for ch in choices
-                ]
-            )
-        return solver.Instance(rows, search.max_round_upload_bytes)
+    # Every agent's options laid end to end, and what of their objective does not depend on the round time T:
+    # the bisection over T then prices all options at once.
+    agents = list(feasible)
+    sizes = [len(feasible[a]) for a in agents]
+    flat = [choice for a in agents for choice in feasible[a]]
+    step = np.array([ch.cost.step_seconds for ch in flat])
+    transfer = np.array([ch.cost.transfer_seconds for ch in flat])
+    batch = np.array([ch.config.batch_size for ch in flat], dtype=float)
+    wanted = np.array([target(a, ch.config.batch_size) for a in agents for ch in feasible[a]], dtype=float)
+    weight = np.repeat([weights[a] for a in agents], sizes)
+    richness = {
+        id(c): W_CAPACITY * capacity(c) / max_capacity + W_PRECISION * PRECISION[c.quantization] for c in configs
+    }
+    static = np.array([richness[id(choice.config)] for choice in flat])
+    uploads = np.array([ch.cost.payload_bytes for ch in flat], dtype=float)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
 
     def weighted_under(seconds: float) -> tuple[list[int], float]:
-        chosen, _ = solver.solve(instance(seconds))
-        u = sum(
-            weights[a]
-            * under_training(
-                feasible[a][c].cost,
-                feasible[a][c].config.batch_size,
-                target(a, feasible[a][c].config.batch_size),
-                seconds,
-            )
-            for a, c in zip(feasible, chosen, strict=True)
-        )
-        return chosen, u
+        # under_training, vectorised: u = max(0, 1 - min(steps within T x batch, target) / target)
+        steps = np.maximum(0.0, np.floor((seconds - transfer) / step))
+        under = np.maximum(0.0, 1.0 - np.minimum(steps * batch, wanted) / wanted)
+        costs = W_UNDER * weight * under - static
+        chosen = solver.solve_flat(costs, sizes, uploads, search.max_round_upload_bytes)
+        picked = starts + np.array(chosen, dtype=int)
+        return chosen, float(np.sum(weight[picked] * under[picked]))
 
     high = options.deadline_s
     chosen, u_high = weighted_under(high)
@@ -394,6 +401,7 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
         chosen, _ = weighted_under(seconds)
     plans: dict[str, TrainPlan] = {}
     predictions: dict[str, Prediction] = {}
+    keys = [(id(c), _richness(c)) for c in configs]
     for index, (agent_id, pick) in enumerate(zip(feasible, chosen, strict=True)):
         choice = feasible[agent_id][pick]
         if search.rank_allocation == "per-matrix" and options.mode == "lora":
@@ -427,7 +435,7 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
             samples=steps * config.batch_size,
             round_seconds=steps * cost.step_seconds + cost.transfer_seconds,
             under_training=u,
-            binding=_binding(choice, feasible[agent_id], configs, u),
+            binding=_binding(choice, feasible[agent_id], keys, u),
         )
     return PlanSet(plans=plans, predictions=predictions, excluded=excluded, round_seconds=seconds)
 
@@ -461,20 +469,22 @@ def _spread(
     return replace(config, modules=chosen, rank=max(r for _, r in pattern), rank_pattern=pattern)
 
 
-def _binding(choice: _Choice, fits: list[_Choice], configs: list[costmodel.Config], u: float) -> str:
+def _richness(config: costmodel.Config) -> tuple[int, float, int]:
+    """What a configuration gives: rank capacity, precision, batch (more of each is better)."""
+    return capacity(config), PRECISION[config.quantization], config.batch_size
+
+
+def _binding(choice: _Choice, fits: list[_Choice], keys: list[tuple[int, tuple[int, float, int]]], u: float) -> str:
     """What kept the agent from a better configuration (more rank capacity, precision or batch): "deadline"
     when its share does not fit the round or a better one fits memory but would not finish in T; "memory"
-    when every better one exceeds its memory; "none" when nothing better exists in the search space."""
+    when every better one exceeds its memory; "none" when nothing better exists in the search space.
+    keys: (id, _richness) of every configuration of the search."""
     if u > 0:
         return "deadline"
-
-    def key(c: costmodel.Config) -> tuple[int, float, int]:
-        return capacity(c), PRECISION[c.quantization], c.batch_size
-
-    mine = key(choice.config)
-    better = [c for c in configs if all(x >= y for x, y in zip(key(c), mine, strict=True)) and key(c) != mine]
-    fitting = {ch.config for ch in fits}
-    if any(c in fitting for c in better):
+    mine = _richness(choice.config)
+    better = [ident for ident, key in keys if all(x >= y for x, y in zip(key, mine, strict=True)) and key != mine]
+    fitting = {id(ch.config) for ch in fits}
+    if any(ident in fitting for ident in better):
         return "deadline"
     return "memory" if better else "none"
 
