@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from common import logs
 from common.base_id import KNOWN as KNOWN_BASES
@@ -19,10 +20,12 @@ if TYPE_CHECKING:
     from common.types import ModelSpec
     from coordinator.config import CoordinatorConfig
     from coordinator.modes import Mode
-    from coordinator.planner import PlanOptions, SearchSpace
+    from coordinator.orchestrator import Orchestrator
+    from coordinator.planner import Planner, PlanOptions, SearchSpace
     from coordinator.strategy import Strategy
 
 log = logging.getLogger("fedpipe.coordinator")
+C = TypeVar("C", bound="CoordinatorConfig")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,15 +41,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return certs_main(args[1:])
     if args[:1] == ["token"]:
         return token(args[1:])
+    if args[:1] == ["simulate"]:
+        from coordinator.simulate import main as simulate
+
+        return simulate(args[1:])
+    return launch(CoordinatorConfig, args, "fedpipe-coordinator", run)
+
+
+def launch(settings: type[C], args: Sequence[str], prog: str, body: Callable[[C], int]) -> int:
+    """Build the config (exit 2 naming what is wrong, before anything starts), set up logging, run body;
+    domain errors become exit codes 2 (config) and 1 (the rest)."""
     try:
-        config = build(CoordinatorConfig, args, "fedpipe-coordinator")
+        config = build(settings, args, prog)
         config.run.run_dir.mkdir(parents=True, exist_ok=True)
     except (ConfigError, OSError) as err:
-        print(f"fedpipe-coordinator: config error: {err}", file=sys.stderr)
+        print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
     logs.setup("coordinator", config.log_format)
     try:
-        return run(config)
+        return body(config)
     except ConfigError as err:
         log.error("config error: %s", err)
         return 2
@@ -57,15 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(config: CoordinatorConfig) -> int:
     """Wire registry, planner, strategy, evaluator, metrics and server; run the rounds; stop cleanly."""
-    from common.data import DataSource
     from common.metrics import serve
-    from common.modeling import configured_model
     from common.security import server_security
-    from coordinator.evaluation import HeldOutEvaluator
-    from coordinator.metrics import CoordinatorMetrics
-    from coordinator.orchestrator import Orchestrator, RunAborted
-    from coordinator.planner import PLANNERS
-    from coordinator.registry import Registry
+    from coordinator.orchestrator import RunAborted
     from coordinator.server import start_server
 
     # Credentials first: a bad certificate path must not leave a half-started coordinator behind.
@@ -73,46 +80,8 @@ def run(config: CoordinatorConfig) -> int:
     security = server_security(config.insecure, tls.cert, tls.key, tls.auth, tls.client_ca, tls.tokens)
     if config.insecure:
         log.warning("--insecure: plaintext gRPC and no agent authentication; use only on a trusted network")
-    labels = tuple(config.labels)
-    # The run's model spec is the coordinator's own, from its model section: agents must match it.
-    model = config.model
-    base_path, spec = configured_model(model.path, model.task, labels, model.include_mlp, model.candidates)
-    log.info(
-        "model %s: %s %s, fingerprint %s, %d LoRA candidates",
-        model.path,
-        spec.model_type,
-        spec.task,
-        spec.fingerprint,
-        len(spec.candidates),
-    )
-    options = plan_options(config)
-    mode = build_mode(config, spec, base_path)
-    evaluation = config.evaluation
-    evaluator = None
-    if evaluation.heldout:
-        source = DataSource(
-            evaluation.heldout,
-            evaluation.text_column,
-            evaluation.label_column,
-            labels,
-            spec.task,
-            evaluation.prompt_column,
-            evaluation.response_column,
-        )
-        evaluator = HeldOutEvaluator(base_path, source, evaluation.max_samples, mode)
-        evaluator.examples()  # fail now, not after the first round, if the file is wrong
-    metrics = CoordinatorMetrics()
-    orchestrator = Orchestrator(
-        config,
-        Registry(spec),
-        PLANNERS[config.planner],
-        options,
-        build_strategy(config),
-        metrics,
-        base_path,
-        evaluator,
-        mode,
-    )
+    orchestrator = assemble(config).orchestrator
+    metrics = orchestrator.metrics
     # gRPC binds first: its port is fixed (agents know it), the metrics port may be 0, and the OS
     # could hand an ephemeral metrics port the very number gRPC was about to take.
     serving = start_server(orchestrator.admission, config.server, metrics, security)
@@ -156,6 +125,68 @@ def run(config: CoordinatorConfig) -> int:
             summary["final_round"],
         )
     return 0
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """A run's parts before anything serves: the orchestrator and the model it was built around."""
+
+    orchestrator: Orchestrator
+    base_path: str
+    spec: ModelSpec
+
+
+def assemble(config: CoordinatorConfig, planner: Planner | None = None) -> Assembled:
+    """The orchestrator of a run (registry, planner, strategy, mode, held-out evaluator, metrics) from its config;
+    the config's planner unless one is given (a simulation times its calls)."""
+    from common.data import DataSource
+    from common.modeling import configured_model
+    from coordinator.evaluation import HeldOutEvaluator
+    from coordinator.metrics import CoordinatorMetrics
+    from coordinator.orchestrator import Orchestrator
+    from coordinator.planner import PLANNERS
+    from coordinator.registry import Registry
+
+    labels = tuple(config.labels)
+    # The run's model spec is the coordinator's own, from its model section: agents must match it.
+    model = config.model
+    base_path, spec = configured_model(model.path, model.task, labels, model.include_mlp, model.candidates)
+    log.info(
+        "model %s: %s %s, fingerprint %s, %d LoRA candidates",
+        model.path,
+        spec.model_type,
+        spec.task,
+        spec.fingerprint,
+        len(spec.candidates),
+    )
+    options = plan_options(config)
+    mode = build_mode(config, spec, base_path)
+    evaluation = config.evaluation
+    evaluator = None
+    if evaluation.heldout:
+        source = DataSource(
+            evaluation.heldout,
+            evaluation.text_column,
+            evaluation.label_column,
+            labels,
+            spec.task,
+            evaluation.prompt_column,
+            evaluation.response_column,
+        )
+        evaluator = HeldOutEvaluator(base_path, source, evaluation.max_samples, mode)
+        evaluator.examples()  # fail now, not after the first round, if the file is wrong
+    orchestrator = Orchestrator(
+        config,
+        Registry(spec),
+        planner or PLANNERS[config.planner],
+        options,
+        build_strategy(config),
+        CoordinatorMetrics(),
+        base_path,
+        evaluator,
+        mode,
+    )
+    return Assembled(orchestrator, base_path, spec)
 
 
 def build_strategy(config: CoordinatorConfig) -> Strategy:

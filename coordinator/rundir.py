@@ -224,6 +224,10 @@ class RunDir:
         """agents.json: what the planner saw (for `plan --explain`)."""
         write_json(self.run_dir / AGENTS_FILE, snapshot)
 
+    def write_simulation(self, record: Mapping[str, Any]) -> None:
+        """simulation.json: a simulated run's population, tasks, planning times and peak memory."""
+        write_json(self.run_dir / "simulation.json", record)
+
     def write_selection(self, after_round: int, record: Mapping[str, Any]) -> None:
         """selection/NNNN.json: a probe's scores per agent, the combined scores and the mask."""
         directory = self.run_dir / "selection"

@@ -1,0 +1,82 @@
+"""fedpipe-coordinator simulate: the real coordinator with virtual agents in one process. Through the console
+script with real training on the embedded model, and in process with noise work for two hundred agents,
+where every update must be counted exactly once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.errors import ConfigError
+from coordinator.simulate import Simulation, SimulationConfig
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(sys.executable).parent / "fedpipe-coordinator"
+
+
+def test_the_console_script_trains_virtual_agents_on_the_real_model(tmp_path: Path) -> None:
+    # Prepare: four virtual agents, skewed labels, one round of two steps each, validation on the agents
+    run_dir = tmp_path / "sim"
+    command = [
+        str(SCRIPT), "simulate", "--agents", "4", "--simulation.label-skew", "0.5", "--simulation.samples", "[20,40]",
+        "--run.rounds", "1", "--run.min-agents", "4", "--run.run-dir", str(run_dir), "--planner", "uniform",
+        "--training.max-steps", "2", "--training.batch-size", "4", "--training.max-seq-len", "32",
+        "--selection.mode", "all", "--metrics.port", "-1",
+    ]  # fmt: skip
+
+    # Execute
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+    # Assert: every agent trained and was aggregated once, and evaluated the globals on its validation split
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads((run_dir / "simulation.json").read_text())
+    assert figures["accepted_per_round"] == {"1": 4}
+    assert figures["aggregated_per_round"] == {"1": 4}
+    assert figures["tasks"]["train"] == 4 and figures["tasks"]["failed"] == 0
+    assert figures["tasks"]["evaluate"] == 8  # the round-0 and round-1 globals, on each agent
+    assert figures["planning"] and figures["planning"][0]["agents"] == 4
+    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["agents_eval"]["samples"] > 0 and len(rows[1]["agents"]) == 4
+    assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+    assert "simulated 4 agents" in done.stderr
+
+
+def test_two_hundred_agents_with_noise_work_count_every_update_once(tmp_path: Path) -> None:
+    # Prepare
+    config = SimulationConfig.model_validate(
+        {
+            "simulation": {"agents": 200, "work": "noise", "workers": 4, "seed": 3},
+            "run": {"rounds": 2, "min_agents": 200, "run_dir": tmp_path / "noise"},
+            "evaluation": {"agents": False, "initial": False},
+            "selection": {"mode": "all"},
+            "planning": {"ranks": [2, 4]},
+            "metrics": {"port": -1},
+        }
+    )
+
+    # Execute
+    result = Simulation(config).run()
+
+    # Assert
+    figures, summary = result["simulation"], result["summary"]
+    assert figures["accepted_per_round"] == {1: 200, 2: 200}
+    assert figures["aggregated_per_round"] == {1: 200, 2: 200}
+    assert figures["tasks"] == {"train": 400, "evaluate": 0, "probe": 0, "failed": 0}
+    for record in summary["rounds"]:
+        assert len(record["agents"]) == len(set(record["agents"])) == 200
+    assert [call["agents"] for call in figures["planning"]] == [200, 200, 200]  # round 0's plans, then 1 and 2
+
+
+def test_noise_work_with_agent_evaluation_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    config = SimulationConfig.model_validate(
+        {"simulation": {"agents": 2, "work": "noise"}, "run": {"run_dir": tmp_path / "x", "min_agents": 2}}
+    )
+    with pytest.raises(ConfigError, match=r"evaluation\.agents"):
+        Simulation(config)
+    assert not (tmp_path / "x" / "rounds.jsonl").exists()
