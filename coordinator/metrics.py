@@ -35,6 +35,12 @@ class CoordinatorMetrics:
             buckets=ROUND_BUCKETS,
             registry=r,
         )
+        self.heldout_duration = Histogram(
+            "fedpipe_heldout_evaluation_seconds",
+            "Wall time of a global's held-out evaluation (off the critical path with evaluation.overlap)",
+            buckets=ROUND_BUCKETS,
+            registry=r,
+        )
         self.aggregation_duration = Histogram(
             "fedpipe_aggregation_duration_seconds",
             "Time in the aggregation strategy",

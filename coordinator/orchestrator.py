@@ -693,6 +693,8 @@ class Orchestrator:
     def _record(self, result: RoundResult) -> None:
         """A round's figures into the results, the metrics, the log and rounds.jsonl."""
         spec = self.spec
+        if result.heldout is not None:
+            self.metrics.heldout_duration.observe(result.heldout_seconds)
         for source, evaluation in (("heldout", result.heldout), ("agents", result.agents_eval)):
             if evaluation is not None:
                 self._evaluation_metrics(source, evaluation)

@@ -115,6 +115,8 @@ def test_the_next_round_trains_while_the_last_global_is_scored(start: Callable[.
     assert rows[0]["heldout_seconds"] > 0 and rows[1]["opened_s"] > rows[0]["opened_s"]
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert summary["final_loss"] == 1 / 3 and summary["final_source"] == "heldout"
+    registry = coordinator.orchestrator.metrics.registry
+    assert registry.get_sample_value("fedpipe_heldout_evaluation_seconds_count") == 2
 
 
 def test_without_overlap_the_next_round_waits_for_the_score(start: Callable[..., Coordinator]) -> None:
