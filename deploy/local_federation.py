@@ -104,6 +104,9 @@ class Federation:
             spec.get("coordinator", {}), {"run": {"run_dir": str(run_dir)}, "server": {"port": free_port()}}
         )
         coordinator_cfg.setdefault("metrics", {}).setdefault("port", 0)
+        # Every process shares this host: a held-out evaluation overlapped with training takes the agents' CPU
+        # (bench/eval_overlap.py measured longer rounds so), so it waits for training unless the config says so.
+        coordinator_cfg.setdefault("evaluation", {}).setdefault("overlap", False)
         self.rounds = int(coordinator_cfg.get("run", {}).get("rounds", 5))
         self.address = f"127.0.0.1:{coordinator_cfg['server']['port']}"
         self.agent_ids = [f"agent-{i}" for i in range(1, self.count + 1)]
