@@ -146,6 +146,7 @@ def assemble(config: CoordinatorConfig, planner: Planner | None = None) -> Assem
     from coordinator.orchestrator import Orchestrator
     from coordinator.planner import PLANNERS
     from coordinator.registry import Registry
+    from coordinator.tracking import from_section
 
     labels = tuple(config.labels)
     # The run's model spec is the coordinator's own, from its model section: agents must match it.
@@ -185,6 +186,7 @@ def assemble(config: CoordinatorConfig, planner: Planner | None = None) -> Assem
         base_path,
         evaluator,
         mode,
+        from_section(config.tracking, config.run.run_dir),
     )
     return Assembled(orchestrator, base_path, spec)
 

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.data import EMBEDDED_LABEL_COLUMN, EMBEDDED_LABELS, EMBEDDED_TEXT_COLUMN
 from common.settings import Labels, ModelSection, Section
+from coordinator.tracking import TrackingSection
 
 
 class ServerSection(Section):
@@ -349,6 +350,7 @@ class CoordinatorConfig(BaseSettings):
     metrics: MetricsSection = MetricsSection()
     run: RunSection = RunSection()
     lora: LoraSection = LoraSection()
+    tracking: TrackingSection = TrackingSection()
     selection: SelectionSection = SelectionSection()
     planning: PlanningSection = PlanningSection()
     training: TrainingSection = TrainingSection()

@@ -47,6 +47,7 @@ from coordinator.sampling import draw, sample_size, sit_outs
 from coordinator.screening import Screening
 from coordinator.selection import combine, rescore, resolve_budget, select
 from coordinator.strategy import Strategy
+from coordinator.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Orchestrator:
         base_path: str,
         evaluator: Evaluator | None = None,
         mode: Mode | None = None,
+        tracking: Tracking | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -96,6 +98,7 @@ class Orchestrator:
         self.metrics = metrics
         self.base_path = base_path
         self.evaluator = evaluator
+        self.tracking = tracking or Tracking([])
         self.spec = registry.spec
         self.mode: Mode = mode or LoraMode(self.spec, options.alpha, base_path)
         self.state = RoundState()
@@ -150,6 +153,7 @@ class Orchestrator:
             self.rundir.save_state(global_, self._bookkeeping(), self.strategy.state_dict())
         self.state.set_global(global_)
         self.rundir.write_config(self.config.model_dump(mode="json"))
+        self.tracking.start(self.run_id, self.config.model_dump(mode="json"))
         if resumed is None and self.config.evaluation.initial:
             self._evaluate(0, plans, RoundResult(0, (), 0.0, 0))
         for round_ in range(global_.round + 1, cfg.rounds + 1):
@@ -320,6 +324,7 @@ class Orchestrator:
         self._keep_training_scores(round_, inbox, weights)
         report = _round_report(inbox, weights, planned.predictions, dict(self.state.downloaded))
         self.rundir.save_round(new_global, plans, report, self._bookkeeping(), self.strategy.state_dict())
+        self.tracking.agents(round_, report, plans)
         self.state.set_global(new_global)
         seconds = self.state.clock() - start
         self.metrics.round_duration.observe(seconds)
@@ -705,6 +710,7 @@ class Orchestrator:
                 log.warning("round %d, %s: %s", result.round, source, warning)
         self.rundir.append_round(result)
         self.results.append(result)
+        self.tracking.round(result)
 
     def _evaluation_metrics(self, source: str, evaluation: Evaluation) -> None:
         self.metrics.global_accuracy.labels(source).set(evaluation.accuracy)
@@ -735,6 +741,7 @@ class Orchestrator:
             "plans": {a: plan_record(p) for a, p in state.plans.items()},
         }
         final = self.rundir.finalize(state.global_, summary)
+        self.tracking.finish(summary, final)
         log.info("run complete: final adapter in %s", final)
         self.metrics.run_finished.set(1)
         with state.cond:

@@ -39,6 +39,7 @@ from coordinator.planner import uniform_plan
 from coordinator.registry import Registry
 from coordinator.server import start_server
 from coordinator.strategy import get_strategy
+from coordinator.tracking import Tracking
 
 LABELS = ("negative", "positive")
 HIDDEN = 32
@@ -186,6 +187,7 @@ def launch(
     spec: ModelSpec = SPEC,
     mode: Mode | None = None,
     evaluator: Evaluator | None = None,
+    tracking: Tracking | None = None,
     **sections: Any,
 ) -> Coordinator:
     """A serving coordinator with its run loop started; plaintext unless security and credentials are given.
@@ -205,6 +207,7 @@ def launch(
         BASE_PATH,
         evaluator=evaluator,
         mode=mode,
+        tracking=tracking,
     )
     serving = start_server(orchestrator.admission, config.server, metrics, security or ServerSecurity.insecure())
     address = f"127.0.0.1:{serving.port}"
@@ -272,6 +275,14 @@ class Assignment:
             peak_memory_bytes=2**20,
         )
         return Upload(meta, tensors)
+
+
+def train_round(coordinator: Coordinator, agents: Mapping[str, int]) -> None:
+    """Each agent (id -> samples) takes its TRAIN task, downloads the global and uploads a plausible update."""
+    for agent, samples in agents.items():
+        assignment = train_assignment(coordinator.stub, agent)
+        answer = upload(coordinator.stub, assignment.update(seed=len(agent), samples=samples).messages())
+        assert answer.accepted, answer.message
 
 
 def register(stub: pb_grpc.CoordinatorStub, agent_id: str, spec: ModelSpec = SPEC) -> pb.RegisterResponse:

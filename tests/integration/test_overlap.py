@@ -21,8 +21,7 @@ from rig import (
     get_task,
     launch,
     register,
-    train_assignment,
-    upload,
+    train_round,
 )
 
 from common.types import Evaluation, GlobalState, ModelSpec, TaskKind, TrainPlan
@@ -68,9 +67,7 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Coordinator]]:
 
 
 def train_one_round(coordinator: Coordinator) -> None:
-    for agent, samples in ((AGENT_A, SAMPLES_A), (AGENT_B, SAMPLES_B)):
-        assignment = train_assignment(coordinator.stub, agent)
-        assert upload(coordinator.stub, assignment.update(seed=len(agent), samples=samples).messages()).accepted
+    train_round(coordinator, {AGENT_A: SAMPLES_A, AGENT_B: SAMPLES_B})
 
 
 def records(coordinator: Coordinator) -> list[dict[str, Any]]:
