@@ -14,13 +14,10 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
-from common.data import CAUSAL_LM
 from common.errors import ConfigError, InvalidArgument
-from common.scores import combine as combine_confusions
-from common.scores import predicted_classes, single_class_warning
 from common.types import (
     DeviceProfile,
     Evaluation,
@@ -41,6 +38,7 @@ from coordinator.modes import Contribution, Mode
 from coordinator.modes.lora import LoraMode
 from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction, resolve_targets
 from coordinator.registry import AgentRecord, Registry
+from coordinator.reporting import Recorder, round_report, weighted_evaluation
 from coordinator.round_state import Admitted, Phase, RoundState
 from coordinator.rundir import RunDir, from_snapshot, plan_record, result_record, saved_state, snapshot
 from coordinator.sampling import draw, sample_size, sit_outs
@@ -54,24 +52,6 @@ log = logging.getLogger(__name__)
 
 class RunAborted(Exception):
     """The run cannot go on (too few agents); the message says why."""
-
-
-def weighted_evaluation(reports: Mapping[str, Evaluation], ratio: float = 0.0) -> Evaluation | None:
-    """Size-weighted mean of agents' evaluations, each size at most ratio x the median (0: as reported), with
-    their confusion matrices combined at the same weights; None when no agent reported any sample."""
-    weights = capped({a: float(r.samples) for a, r in reports.items()}, ratio)
-    total = sum(weights.values())
-    if total == 0:
-        return None
-    # Every agent's matrix or none: a combination of some would weigh classes by who happened to send one.
-    confusions = {a: r.confusion for a, r in reports.items() if r.samples > 0}
-    complete = all(confusions.values()) and len({len(c) for c in confusions.values()}) == 1
-    return Evaluation(
-        loss=sum(r.loss * weights[a] for a, r in reports.items()) / total,
-        accuracy=sum(r.accuracy * weights[a] for a, r in reports.items()) / total,
-        samples=sum(r.samples for r in reports.values()),
-        confusion=combine_confusions(confusions, weights) if complete else (),
-    )
 
 
 class Orchestrator:
@@ -109,12 +89,21 @@ class Orchestrator:
         self.mask_scores: dict[str, float] = {}  # combined importance of the candidates
         self.corrections: dict[str, tuple[float, float]] = {}  # agent -> (time, memory) scale from measurements
         self.training_scores: dict[str, ImportanceReport] = {}  # the last round's scores from training, per agent
-        self.results: list[RoundResult] = []
         self.rundir = RunDir(config.run.run_dir, self.spec, self.mode)
+        self.recorder = Recorder(metrics, self.rundir, self.tracking, self.spec, config.run.rounds)
         self.eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
         # A round whose held-out evaluation still runs (evaluation.overlap): its result, less the held-out figures.
         self.deferred: tuple[RoundResult, Future[tuple[Evaluation, float]]] | None = None
         self.started = 0.0  # the run's start on the round state's clock
+
+    @property
+    def results(self) -> list[RoundResult]:
+        """The rounds recorded so far, in order."""
+        return self.recorder.results
+
+    @results.setter
+    def results(self, results: list[RoundResult]) -> None:
+        self.recorder.results = results
 
     @property
     def run_id(self) -> str:
@@ -322,7 +311,7 @@ class Orchestrator:
         new_global, agg_metrics, agg_seconds = aggregated
         self._refit(inbox, planned.predictions)
         self._keep_training_scores(round_, inbox, weights)
-        report = _round_report(inbox, weights, planned.predictions, dict(self.state.downloaded))
+        report = round_report(inbox, weights, planned.predictions, dict(self.state.downloaded))
         self.rundir.save_round(new_global, plans, report, self._bookkeeping(), self.strategy.state_dict())
         self.tracking.agents(round_, report, plans)
         self.state.set_global(new_global)
@@ -669,11 +658,11 @@ class Orchestrator:
         result = replace(result, agents_eval=agents_eval)
         self._settle(wait=True)  # the previous round's, before this one's
         if pending is None:
-            self._record(result)
+            self.recorder.record(result)
         elif self.config.evaluation.overlap and round_ < self.config.run.rounds:
             self.deferred = (result, pending)
         else:
-            self._record(_with_heldout(result, pending.result()))
+            self.recorder.record(_with_heldout(result, pending.result()))
 
     def _heldout(self, global_: GlobalState, plan: TrainPlan) -> tuple[Evaluation, float]:
         assert self.evaluator is not None
@@ -693,35 +682,7 @@ class Orchestrator:
         if not (wait or pending.done()):
             return
         self.deferred = None
-        self._record(_with_heldout(result, pending.result()))
-
-    def _record(self, result: RoundResult) -> None:
-        """A round's figures into the results, the metrics, the log and rounds.jsonl."""
-        spec = self.spec
-        if result.heldout is not None:
-            self.metrics.heldout_duration.observe(result.heldout_seconds)
-        for source, evaluation in (("heldout", result.heldout), ("agents", result.agents_eval)):
-            if evaluation is not None:
-                self._evaluation_metrics(source, evaluation)
-        log.info("%s", round_line(result, self.config.run.rounds, spec.task == CAUSAL_LM, spec.labels))
-        for source, evaluation in (("held-out", result.heldout), ("agents' validation", result.agents_eval)):
-            warning = single_class_warning(evaluation.confusion, spec.labels) if evaluation is not None else None
-            if warning is not None:
-                log.warning("round %d, %s: %s", result.round, source, warning)
-        self.rundir.append_round(result)
-        self.results.append(result)
-        self.tracking.round(result)
-
-    def _evaluation_metrics(self, source: str, evaluation: Evaluation) -> None:
-        self.metrics.global_accuracy.labels(source).set(evaluation.accuracy)
-        self.metrics.global_loss.labels(source).set(evaluation.loss)
-        if not evaluation.confusion:
-            return
-        self.metrics.global_macro_f1.labels(source).set(evaluation.macro_f1 or 0.0)
-        self.metrics.global_predicted_classes.labels(source).set(len(predicted_classes(evaluation.confusion)))
-        for label, recall in zip(self.spec.labels, evaluation.class_recall, strict=False):
-            if recall is not None:
-                self.metrics.global_class_recall.labels(source, label).set(recall)
+        self.recorder.record(_with_heldout(result, pending.result()))
 
     def _finish(self) -> dict[str, Any]:
         state = self.state
@@ -757,61 +718,5 @@ class Orchestrator:
         return summary
 
 
-def _round_report(
-    inbox: Mapping[str, Admitted],
-    weights: Mapping[str, float],
-    predictions: Mapping[str, Prediction],
-    downloaded: Mapping[str, int],
-) -> dict[str, dict[str, Any]]:
-    """Per agent, what the planner predicted, what the agent measured, its weight and the bytes that travelled
-    (plans.json)."""
-    report: dict[str, dict[str, Any]] = {a: {"predicted": asdict(p)} for a, p in predictions.items()}
-    for agent, admitted in inbox.items():
-        meta = admitted.update.meta
-        report.setdefault(agent, {})["measured"] = {
-            "samples": meta.samples,
-            "steps": meta.steps,
-            "train_seconds": meta.train_seconds,
-            "step_seconds": meta.train_seconds / max(meta.steps, 1),
-            "train_loss": meta.train_loss,
-            "peak_memory_bytes": meta.peak_memory_bytes,
-            "projection_seconds": meta.projection_seconds,
-            "upload_bytes": sum(t.numel() * t.element_size() for t in admitted.update.tensors.values()),
-            "download_bytes": downloaded.get(agent, 0),
-            "change_norm": admitted.norm,
-            "tensor_change_norms": dict(admitted.tensor_norms),
-            "weight": weights.get(agent, 0.0),
-        }
-    return report
-
-
 def _with_heldout(result: RoundResult, heldout: tuple[Evaluation, float]) -> RoundResult:
     return replace(result, heldout=heldout[0], heldout_seconds=heldout[1])
-
-
-def class_figures(evaluation: Evaluation, labels: tuple[str, ...]) -> str:
-    """' macro-F1 0.xxx (recall a 0.xx, b 0.xx)' for an evaluation with a confusion matrix, else ''."""
-    if not evaluation.confusion or evaluation.macro_f1 is None:
-        return ""
-    recall = ", ".join(
-        f"{label} {value:.2f}"
-        for label, value in zip(labels, evaluation.class_recall, strict=False)
-        if value is not None
-    )
-    return f" macro-F1 {evaluation.macro_f1:.3f} (recall {recall})"
-
-
-def round_line(result: RoundResult, rounds: int, causal: bool = False, labels: tuple[str, ...] = ()) -> str:
-    """The one line per round an operator reads (with perplexity for a causal LM, macro-F1 and per-class
-    recall for a classifier)."""
-    parts = [f"round {result.round}/{rounds}", f"agents {len(result.agents)}", f"{result.seconds:.1f}s"]
-    if result.heldout is not None:
-        held = result.heldout
-        quality = f"perplexity {math.exp(min(held.loss, 50.0)):.2f}" if causal else f"loss {held.loss:.4f}"
-        parts.append(f"held-out accuracy {held.accuracy:.3f}{class_figures(held, labels)} {quality}")
-    if result.agents_eval is not None:
-        agents = result.agents_eval
-        parts.append(f"agents' validation accuracy {agents.accuracy:.3f}{class_figures(agents, labels)}")
-    if result.dropped:
-        parts.append(f"dropped {','.join(result.dropped)}")
-    return " | ".join(parts)

@@ -15,7 +15,7 @@ from common.scores import (
     single_class_warning,
 )
 from common.types import Evaluation, RoundResult
-from coordinator.orchestrator import round_line, weighted_evaluation
+from coordinator.reporting import round_line, weighted_evaluation
 from coordinator.rundir import result_from_record, result_record
 
 # 65 negative, 35 positive, everything predicted negative: accuracy 0.65 and nothing learned.
