@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -100,12 +99,14 @@ def test_profile_reports_caps_and_measures_flops_under_the_throttle() -> None:
     capped = profile(CPU, torch.float32, 10, 2, memory_cap_bytes=2**30, compute_share=0.5)
     assert capped.total_memory_bytes == 2**30 and capped.free_memory_bytes <= 2**30
     assert capped.memory_cap_bytes == 2**30 and capped.compute_share == 0.5
-    # Interleaved pairs and a median: other processes on the machine move both figures, not their ratio.
-    ratios = [capped.flops_per_s / profile(CPU, torch.float32, 10, 2).flops_per_s]
+    # Interleaved runs, and the best of each kind: other processes on a busy host only ever slow a run down, so
+    # the fastest free and the fastest capped run are the two least disturbed, and their ratio is the throttle's.
+    full = [profile(CPU, torch.float32, 10, 2).flops_per_s]
+    throttled = [capped.flops_per_s]
     for _ in range(2):
-        full = profile(CPU, torch.float32, 10, 2).flops_per_s
-        ratios.append(profile(CPU, torch.float32, 10, 2, compute_share=0.5).flops_per_s / full)
-    assert 0.3 <= statistics.median(ratios) <= 0.75, ratios
+        full.append(profile(CPU, torch.float32, 10, 2).flops_per_s)
+        throttled.append(profile(CPU, torch.float32, 10, 2, compute_share=0.5).flops_per_s)
+    assert 0.3 <= max(throttled) / max(full) <= 0.75, (full, throttled)
 
 
 @pytest.mark.gpu
