@@ -293,11 +293,10 @@ def predict(
     bandwidth_bytes_per_s: float,
     time_scale: float = 1.0,
     memory_scale: float = 1.0,
-    static: Static | None = None,
 ) -> Cost:
-    """Memory and time of a configuration; the scales are the closed loop's corrections. static: the
-    configuration's static_cost at this agent's compute width, when the caller keeps them."""
-    fixed = static or static_cost(spec, config, compute_bytes(profile))
+    """Memory and time of a configuration; the scales are the closed loop's corrections (many configurations of
+    one agent at once: predict_many)."""
+    fixed = static_cost(spec, config, compute_bytes(profile))
     return predict_many(
         profile, spec, coefficients, [config], [fixed], seq_len, bandwidth_bytes_per_s, time_scale, memory_scale
     )[0]
