@@ -42,14 +42,6 @@ def tensor_view(tensor: torch.Tensor) -> memoryview:
     return view
 
 
-def tensor_from_bytes(data: bytes | bytearray | memoryview, info: TensorInfo) -> torch.Tensor:
-    """Inverse of tensor_bytes, as a copy; the caller has checked len(data) == info.nbytes."""
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
-    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return flat.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     """Wire name of a torch dtype; InvalidArgument for dtypes FedPipe does not carry."""
     name = str(dtype).removeprefix("torch.")

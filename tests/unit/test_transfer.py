@@ -25,7 +25,6 @@ from common.transfer import (
     parse_upload_part,
     serialize_part,
     tensor_bytes,
-    tensor_from_bytes,
     tensor_infos,
 )
 from common.types import TensorInfo
@@ -41,6 +40,16 @@ def _raises(exc: type[InvalidArgument], field: str) -> pytest.RaisesExc[InvalidA
 # ---------------------------------------------------------------- tensors <-> bytes
 
 
+def received(data: bytes | bytearray, info: TensorInfo) -> torch.Tensor:
+    """What a receiver makes of these bytes as the one tensor of a payload (in chunks of 7 bytes)."""
+    header = pb.PayloadHeader(
+        tensors=[pb.TensorInfo(name=info.name, shape=list(info.shape), dtype=info.dtype)],
+        total_bytes=len(data),
+        sha256=hashlib.sha256(data).digest(),
+    )
+    return decode_payload(header, chunked(bytes(data), 7), BIG, BIG)[info.name]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_tensor_bytes_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
     # Prepare: special values included (bit patterns compared, so NaN counts too)
@@ -51,7 +60,7 @@ def test_tensor_bytes_round_trip_is_bit_exact(dtype: torch.dtype) -> None:
 
     # Execute
     data = tensor_bytes(tensor)
-    back = tensor_from_bytes(data, info)
+    back = received(data, info)
 
     # Assert
     assert len(data) == info.nbytes
@@ -84,7 +93,7 @@ def test_bfloat16_subnormals_survive() -> None:
     tensor = bits.view(torch.bfloat16)
 
     # Execute
-    back = tensor_from_bytes(tensor_bytes(tensor), TensorInfo("t", (2**9,), "bfloat16"))
+    back = received(tensor_bytes(tensor), TensorInfo("t", (2**9,), "bfloat16"))
 
     # Assert
     assert torch.equal(back.view(torch.int16), bits)
@@ -120,7 +129,7 @@ def test_tensor_round_trip_of_empty_and_scalar_shapes(shape: tuple[int, ...], nb
 
     # Execute
     data = tensor_bytes(tensor)
-    back = tensor_from_bytes(data, info)
+    back = received(data, info)
 
     # Assert
     assert len(data) == nbytes
@@ -135,12 +144,12 @@ def test_unsupported_dtype_is_invalid_argument(dtype: torch.dtype) -> None:
         tensor_bytes(torch.zeros(2, dtype=dtype))
 
 
-def test_tensor_from_bytes_is_writable_and_independent_of_the_input() -> None:
+def test_a_received_tensor_is_writable_and_independent_of_the_input() -> None:
     # Prepare
     data = bytearray(tensor_bytes(torch.tensor([1.0, 2.0])))
 
     # Execute
-    back = tensor_from_bytes(data, TensorInfo("t", (2,), "float32"))
+    back = received(data, TensorInfo("t", (2,), "float32"))
     back.add_(1.0)
 
     # Assert
