@@ -48,18 +48,25 @@ class GatedScorer:
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., Coordinator]]:
+def start(tmp_path: Path) -> Iterator[Callable[..., tuple[Coordinator, GatedScorer]]]:
     started: list[Coordinator] = []
 
-    def run(overlap: bool, scorer: GatedScorer) -> Coordinator:
+    def run(overlap: bool) -> tuple[Coordinator, GatedScorer]:
+        """A two-round run whose round 1 both agents trained, and whose scoring of it has begun (and blocks)."""
+        scorer = GatedScorer()
         run_dir = tmp_path / f"run-{len(started)}"
         section = RunSection(
             rounds=2, min_agents=2, round_deadline_s=30.0, registration_timeout_s=10.0, agent_timeout_s=30.0,
             run_dir=run_dir, finish_grace_s=0.0,
         )  # fmt: skip
         evaluation = EvaluationSection(agents=False, heldout=None, initial=False, overlap=overlap)
-        started.append(launch(run_dir, evaluator=scorer, run=section, evaluation=evaluation))
-        return started[-1]
+        coordinator = launch(run_dir, evaluator=scorer, run=section, evaluation=evaluation)
+        started.append(coordinator)
+        for agent in (AGENT_A, AGENT_B):
+            register(coordinator.stub, agent)
+        train_one_round(coordinator)
+        assert wait_until(lambda: scorer.rounds == [1])
+        return coordinator, scorer
 
     yield run
     for coordinator in started:
@@ -84,16 +91,13 @@ def wait_until(condition: Callable[[], bool]) -> bool:
     return False
 
 
-def test_the_next_round_trains_while_the_last_global_is_scored(start: Callable[..., Coordinator]) -> None:
+def test_the_next_round_trains_while_the_last_global_is_scored(
+    start: Callable[..., tuple[Coordinator, GatedScorer]],
+) -> None:
     # Prepare
-    scorer = GatedScorer()
-    coordinator = start(overlap=True, scorer=scorer)
-    for agent in (AGENT_A, AGENT_B):
-        register(coordinator.stub, agent)
-    train_one_round(coordinator)
+    coordinator, scorer = start(overlap=True)
 
     # Execute: round 2 opens although round 1's evaluation has not returned
-    assert wait_until(lambda: scorer.rounds == [1])
     task = get_task(coordinator.stub, AGENT_A)
     unrecorded = records(coordinator)
     scorer.release.set()
@@ -116,14 +120,11 @@ def test_the_next_round_trains_while_the_last_global_is_scored(start: Callable[.
     assert registry.get_sample_value("fedpipe_heldout_evaluation_seconds_count") == 2
 
 
-def test_without_overlap_the_next_round_waits_for_the_score(start: Callable[..., Coordinator]) -> None:
+def test_without_overlap_the_next_round_waits_for_the_score(
+    start: Callable[..., tuple[Coordinator, GatedScorer]],
+) -> None:
     # Prepare
-    scorer = GatedScorer()
-    coordinator = start(overlap=False, scorer=scorer)
-    for agent in (AGENT_A, AGENT_B):
-        register(coordinator.stub, agent)
-    train_one_round(coordinator)
-    assert wait_until(lambda: scorer.rounds == [1])
+    coordinator, scorer = start(overlap=False)
 
     # Execute
     waiting = get_task(coordinator.stub, AGENT_A, wait_s=1.0)
