@@ -141,8 +141,9 @@ class Orchestrator:
             plans = self.mode.finalize_plans(plans, global_)
             self.rundir.save_state(global_, self._bookkeeping(), self.strategy.state_dict())
         self.state.set_global(global_)
-        self.rundir.write_config(self.config.model_dump(mode="json"))
-        self.tracking.start(self.run_id, self.config.model_dump(mode="json"))
+        settings = self.config.model_dump(mode="json")
+        self.rundir.write_config(settings)
+        self.tracking.start(self.run_id, settings)
         if resumed is None and self.config.evaluation.initial:
             self._evaluate(0, plans, RoundResult(0, (), 0.0, 0))
         for round_ in range(global_.round + 1, cfg.rounds + 1):

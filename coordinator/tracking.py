@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -155,7 +156,7 @@ class MlflowTracker:
     def log(self, step: int, figures: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
-        stamp = _millis()
+        stamp = int(time.time() * 1000)
         metrics = [Metric(key, float(value), stamp, step) for key, value in figures.items()]
         for start in range(0, len(metrics), 1000):  # MLflow's batch limit
             self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
@@ -246,9 +247,3 @@ def from_section(section: TrackingSection, run_dir: Path) -> Tracking:
             "sqlalchemy, alembic, tensorboardX)"
         ) from None
     return Tracking(trackers, section.max_agent_series)
-
-
-def _millis() -> int:
-    import time
-
-    return int(time.time() * 1000)
