@@ -177,7 +177,7 @@ def measure_grpc(shape: Shape, repeats: int, workdir: Path) -> dict[str, Any]:
         base_path="bench",
     )
     serving = start_server(orchestrator.admission, server_section, metrics, ServerSecurity.insecure())
-    server, port = serving.server, serving.port
+    port = serving.port
     clients: list[CoordinatorClient] = []
     outcome: list[BaseException] = []
 
@@ -228,7 +228,7 @@ def measure_grpc(shape: Shape, repeats: int, workdir: Path) -> dict[str, Any]:
     finally:
         for client in clients:
             client.close()
-        server.stop(0).wait(5)
+        serving.stop(grace_s=0)
 
 
 def measure_serde(shape: Shape, repeats: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""gRPC plumbing for both sides: channel and server factories, the error -> status table, retries."""
+"""gRPC plumbing for both sides: channel factory and server options, the error -> status table, retries."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent import futures
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -29,6 +28,7 @@ _OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+SERVER_OPTIONS = tuple(_OPTIONS)  # the coordinator builds its (asyncio) server with these
 
 # One table from domain errors to status codes; the first matching class wins (subclasses first).
 STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
@@ -51,13 +51,6 @@ def status_for(error: Exception) -> grpc.StatusCode:
         if isinstance(error, cls):
             return code
     return grpc.StatusCode.INTERNAL
-
-
-def make_server(max_workers: int, interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = ()) -> grpc.Server:
-    """A gRPC server with FedPipe's message limits and keepalive settings."""
-    return grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=list(interceptors), options=_OPTIONS
-    )
 
 
 def make_channel(

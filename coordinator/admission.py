@@ -36,7 +36,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modes import Mode
 from coordinator.registry import Registry
-from coordinator.round_state import Admitted, Phase, RoundState
+from coordinator.round_state import POLL_S, Admitted, Phase, RoundState
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,6 @@ class Admission:
         self.metrics.agents_registered.set(count)
         if new:
             self.metrics.start_agent(agent_id)
-        if new and count == self.config.server.workers - 4:
-            # Each agent's long poll holds a server thread; past this, calls queue and rounds slow down.
-            log.warning("%d agents and server.workers %d: raise server.workers above the agent count", count, count + 4)
         self.metrics.agent_flops.labels(agent_id).set(profile.flops_per_s)
         self.metrics.agent_memory.labels(agent_id).set(profile.total_memory_bytes)
         self.metrics.agent_up.labels(agent_id).set(1)
@@ -130,22 +127,38 @@ class Admission:
 
     # ------------------------------------------------------------------ tasks and the global
 
-    def get_task(self, agent_id: str, wait_s: float, active: Callable[[], bool] = lambda: True) -> Task:
-        """The agent's next task, waiting up to wait_s (capped) while there is none and the caller is there."""
-        check_wait(wait_s)
-        self.registry.touch(agent_id)
+    def get_task(self, agent_id: str, wait_s: float) -> Task:
+        """The agent's next task, waiting up to wait_s (capped) while there is none (a blocking poll)."""
+        end = self.open_poll(agent_id, wait_s)
         state = self.state
-        end = state.clock() + min(wait_s, MAX_POLL_S)
         with state.cond:
             while True:
-                task = self._task_for(agent_id)
                 remaining = end - state.clock()
-                if task.kind is not TaskKind.WAIT or remaining <= 0 or not active():
-                    if task.kind is TaskKind.FINISHED:
-                        state.finished_seen.add(agent_id)
-                        state.notify()
+                task = self.next_task(agent_id, final=remaining <= 0)
+                if task is not None:
                     return task
-                state.cond.wait(min(remaining, 1.0))  # re-check that the caller is still there
+                state.cond.wait(min(remaining, POLL_S))
+
+    def open_poll(self, agent_id: str, wait_s: float) -> float:
+        """Start a task poll: checks wait_s and returns when (on the state's clock) it must be answered."""
+        check_wait(wait_s)
+        self.registry.touch(agent_id)
+        return self.state.clock() + min(wait_s, MAX_POLL_S)
+
+    def next_task(self, agent_id: str, final: bool) -> Task | None:
+        """The agent's task now; None while it has none to do and the poll is not final (then it waits).
+
+        Takes the state's lock; a caller that must not block can take it first (state.cond.acquire(False)).
+        """
+        state = self.state
+        with state.cond:
+            task = self._task_for(agent_id)
+            if task.kind is TaskKind.WAIT and not final:
+                return None
+            if task.kind is TaskKind.FINISHED:
+                state.finished_seen.add(agent_id)
+                state.notify()
+            return task
 
     def _task_for(self, agent_id: str) -> Task:
         state = self.state
@@ -154,7 +167,12 @@ class Admission:
         if state.phase is Phase.TRAINING and agent_id in state.sat_out:
             message = f"sitting out round {state.round}: {state.sat_out[agent_id]}"
             return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=message)
-        if state.phase is Phase.TRAINING and agent_id in state.plans and agent_id not in state.delivered():
+        if (
+            state.phase is Phase.TRAINING
+            and agent_id in state.plans
+            and agent_id not in state.inbox
+            and agent_id not in state.withdrawn  # (sat_out is answered above) not state.delivered(): O(1) per poll
+        ):
             assert state.global_ is not None
             return Task(TaskKind.TRAIN, round=state.round, global_round=state.global_.round, plan=state.plans[agent_id])
         if state.phase is Phase.EVALUATING and agent_id in state.eval_plans and agent_id not in state.eval_reports:

@@ -19,7 +19,10 @@ class ServerSection(Section):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     workers: int = Field(
-        64, ge=4, description="gRPC worker threads; every agent's task poll holds one, so keep it above the agents"
+        64,
+        ge=4,
+        description="threads that run uploads, downloads' encoding, registrations and reports (task polls "
+        "and heartbeats are coroutines of the asyncio server and hold none)",
     )
     max_upload_bytes: int = Field(256 * 2**20, ge=1024, description="largest update payload accepted")
     max_chunk_bytes: int = Field(

@@ -5,16 +5,19 @@ auth) and refused before its request is read when the caller has no credentials 
 health Check is open to anonymous callers, so probes work), already holds server.max_calls_per_agent calls
 or streams, or calls faster than server.calls_per_second_per_agent. Health Watch streams are limited over
 all callers. A call's slot is given back when the RPC ends, however it ends (a client that hangs up
-included), so one agent can never hold more than its share of the server's worker threads. Plaintext
+included), so one agent can never hold more than its share of the server's worker threads. The
+interceptor runs in the asyncio server and wraps plain handlers (run on the worker threads) and coroutine
+handlers alike. Plaintext
 (--insecure) has no identities: nothing is limited per caller there.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +83,19 @@ class CallLimits:
                 self.watches -= 1
 
 
-class CallGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
+class Refused(Exception):
+    """Raised on entry by a wrap_handler context: the call is aborted with this status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+Around = Callable[[Any], AbstractContextManager[Any]]  # given the call's context, yields the one passed inward
+
+
+class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Refuses a call before its handler runs (module docstring); counted in fedpipe_calls_refused_total."""
 
     def __init__(
@@ -95,62 +110,105 @@ class CallGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
         self.limits = CallLimits(section, clock)
 
     @contextmanager
-    def _admitted(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
-        """Refuse (context.abort raises) or take a slot that is given back when the RPC ends."""
+    def _admitted(self, method: str, context: Any) -> Iterator[Any]:
+        """Refuse (Refused) or take a slot that is given back when the RPC ends."""
         if self.security.mode == "insecure":
-            yield
+            yield context
             return
         caller = self.security.identity(context)
         if caller is None:
             if method != HEALTH_CHECK:
                 self.metrics.calls_refused.labels("unauthenticated").inc()
                 what = "client certificate" if self.security.mode == "mtls" else "bearer token"
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, f"no valid {what}")
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, f"no valid {what}")
             caller = ANONYMOUS
         watch = method == HEALTH_WATCH
         refusal = self.limits.acquire(caller, watch)
         if refusal is not None:
             reason, message = refusal
             self.metrics.calls_refused.labels(reason).inc()
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         released = threading.Event()
 
-        def release() -> None:
+        def release(*_: object) -> None:
             if not released.is_set():
                 released.set()
                 self.limits.release(caller, watch)
 
-        if not context.add_callback(release):
-            release()  # the RPC already ended
-        yield
+        # The slot goes back when the RPC ends (a client that hung up on a stream included), or when the
+        # behaviour returns, whichever is first; sync handlers' contexts take callbacks of no argument.
+        if hasattr(context, "add_done_callback"):
+            context.add_done_callback(release)
+        else:
+            context.add_callback(release)
+        try:
+            yield context
+        finally:
+            release()
 
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = continuation(details)
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = await continuation(details)
         if handler is None:
             return None
         method = str(details.method)
         return wrap_handler(handler, lambda context: self._admitted(method, context))
 
 
-def wrap_handler(handler: Any, around: Callable[[grpc.ServicerContext], AbstractContextManager[None]]) -> Any:
-    """An RPC method handler whose behaviour runs inside around(context): a unary call while it runs, a
-    response stream until its last message is handed to gRPC."""
+def wrap_handler(handler: Any, around: Around) -> Any:
+    """An RPC method handler whose behaviour (plain or asyncio, unary or streaming responses) runs inside
+    around(context): a unary call while it runs, a response stream until its last message is handed to
+    gRPC. around may raise Refused on entry, which aborts the call with its status."""
 
-    def unary(inner: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
-        def call(request: Any, context: grpc.ServicerContext) -> Any:
-            with around(context):
-                return inner(request, context)
+    def unary(inner: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        if inspect.iscoroutinefunction(inner):
+
+            async def acall(request: Any, context: Any) -> Any:
+                with ExitStack() as stack:
+                    try:
+                        inward = stack.enter_context(around(context))
+                    except Refused as refused:
+                        await context.abort(refused.code, refused.details)
+                    return await inner(request, inward)
+
+            return acall
+
+        def call(request: Any, context: Any) -> Any:
+            with ExitStack() as stack:
+                try:
+                    inward = stack.enter_context(around(context))
+                except Refused as refused:
+                    context.abort(refused.code, refused.details)
+                return inner(request, inward)
 
         return call
 
-    def streaming(
-        inner: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
-    ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
-        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            with around(context):
-                yield from inner(request, context)
+    def streaming(inner: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        if inspect.iscoroutinefunction(inner):  # an asyncio handler that writes its responses to the context
+            return unary(inner)
+        if inspect.isasyncgenfunction(inner):
 
-        return call
+            async def agenerate(request: Any, context: Any) -> AsyncIterator[Any]:
+                with ExitStack() as stack:
+                    try:
+                        inward = stack.enter_context(around(context))
+                    except Refused as refused:
+                        await context.abort(refused.code, refused.details)
+                    async for item in inner(request, inward):
+                        yield item
+
+            return agenerate
+
+        def generate(request: Any, context: Any) -> Iterator[Any]:
+            with ExitStack() as stack:
+                try:
+                    inward = stack.enter_context(around(context))
+                except Refused as refused:
+                    context.abort(refused.code, refused.details)
+                yield from inner(request, inward)
+
+        return generate
 
     if handler.unary_unary is not None:
         return handler._replace(unary_unary=unary(handler.unary_unary))

@@ -1,7 +1,8 @@
 """The open round's state, shared by the agent-call handlers (admission) and the round loop (orchestrator).
 
 One condition variable guards every field; handlers and the loop read and write under it and notify it
-when something changes. Deadlines are read from the injected clock, so tests can move time.
+when something changes (threads wait on it; coroutines are woken through its watchers). Deadlines are read
+from the injected clock, so tests can move time.
 """
 
 from __future__ import annotations
@@ -69,10 +70,14 @@ class RoundState:
     downloaded: dict[str, int] = field(default_factory=dict)  # agent -> bytes sent to it since the round opened
     # each download of (global round, plan, what the agent holds) as the transport encoded it, and its bytes
     downloads: dict[tuple[int, str, str], tuple[object, int]] = field(default_factory=dict)
+    # called on every notify, for waiters that are not threads (the asyncio transport's task polls)
+    watchers: list[Callable[[], None]] = field(default_factory=list)
 
     def notify(self) -> None:
         """Wake every waiter (call with cond held)."""
         self.cond.notify_all()
+        for watcher in self.watchers:
+            watcher()
 
     def open_training(self, round_: int, plans: Mapping[str, TrainPlan], allowed: Mapping[str, int]) -> None:
         """Start taking uploads for round_; the last round's digests stay one more round for late replays."""

@@ -1,9 +1,17 @@
-"""Builds the coordinator's gRPC server: servicer, health, reflection, RPC latency interceptor, bound port."""
+"""Builds the coordinator's gRPC server: servicer, health, reflection, RPC latency interceptor, bound port.
+
+The server is grpc's asyncio server on an event loop thread of its own. A task poll that waits is a
+coroutine, not a thread, so a thousand polling agents need no tuning; handlers that compute (uploads,
+downloads, registrations, reports) run on server.workers threads.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -11,12 +19,13 @@ from typing import Any, cast
 import grpc
 from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio names, visible to mypy
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Histogram
 
 from common import transfer
-from common.rpc import make_server
+from common.rpc import SERVER_OPTIONS
 from common.security import ServerSecurity
 from coordinator.admission import Admission
 from coordinator.config import ServerSection
@@ -24,30 +33,50 @@ from coordinator.guard import CallGuard, wrap_handler
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.servicer import CoordinatorServicer
 
+START_TIMEOUT_S = 30.0
+
+
+class _Recorded:
+    """A call's context that remembers the status it was aborted with (plain handlers' contexts cannot tell)."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self.aborted: grpc.StatusCode | None = None
+
+    def abort(self, code: grpc.StatusCode, details: str) -> Any:
+        self.aborted = code
+        return self._context.abort(code, details)  # raises (plain handler) or is awaited (coroutine handler)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
 
 @contextmanager
-def _observed(histogram: Histogram, method: str, context: grpc.ServicerContext) -> Iterator[None]:
-    """Time the enclosed call into histogram{method, code}, code from the context when it raised."""
+def _observed(histogram: Histogram, method: str, context: Any) -> Iterator[_Recorded]:
+    """Time the enclosed call into histogram{method, code}, code from its abort when it raised."""
     start = time.perf_counter()
+    recorded = _Recorded(context)
     code = "OK"
     try:
-        yield
+        yield recorded
     except Exception:
-        status = getattr(context, "code", lambda: None)()
-        code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+        code = recorded.aborted.name if recorded.aborted is not None else "UNKNOWN"
+        raise
+    except BaseException:  # a coroutine handler cancelled when its client hung up
+        code = "CANCELLED"
         raise
     finally:
         histogram.labels(method, code).observe(time.perf_counter() - start)
 
 
-class LatencyInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
+class LatencyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Observes fedpipe_rpc_duration_seconds{method, code} for every RPC of the server."""
 
     def __init__(self, metrics: CoordinatorMetrics) -> None:
         self.metrics = metrics
 
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = continuation(details)
+    async def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
         if handler is None:
             return None
         method = str(details.method).rsplit("/", 1)[-1]
@@ -60,16 +89,36 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 @dataclass
 class Serving:
-    """A started server, the port it bound and its health service."""
+    """A started server on its event loop thread, the port it bound and its health service."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
-    health: health.HealthServicer
+    health: health_aio.HealthServicer
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    servicer: CoordinatorServicer
+    pool: ThreadPoolExecutor
 
-    def stop(self, grace_s: float) -> None:
-        """Report NOT_SERVING to health checks, then stop taking calls."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace=grace_s).wait(grace_s + 5)
+    def stop(self, grace_s: float | None) -> None:
+        """Report NOT_SERVING to health checks, stop taking calls (in-flight ones get grace_s), end the loop."""
+        if not self.thread.is_alive():
+            return
+        grace = grace_s or 0.0
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop(grace_s), self.loop).result(grace + START_TIMEOUT_S)
+        finally:
+            self.servicer.close()
+            # Worker threads still in a handler may be waiting on the loop (for a stream's next message):
+            # they finish while it runs, or the interpreter's exit would wait on them forever.
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(START_TIMEOUT_S)
+            if not self.thread.is_alive():
+                self.loop.close()
+
+    async def _stop(self, grace_s: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
 
 
 def _payload_handlers(servicer: CoordinatorServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
@@ -91,30 +140,61 @@ def _payload_handlers(servicer: CoordinatorServicer) -> dict[str, grpc.RpcMethod
 def start_server(
     admission: Admission, section: ServerSection, metrics: CoordinatorMetrics, security: ServerSecurity
 ) -> Serving:
-    """Start serving (TLS unless security is insecure); section.port 0 picks a free port."""
+    """Start serving (TLS unless security is insecure); section.port 0 picks a free port.
+
+    OSError when the address cannot be bound; nothing is left running then.
+    """
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="grpc-asyncio", daemon=True)
+    thread.start()
+    pool = ThreadPoolExecutor(max_workers=section.workers, thread_name_prefix="grpc-worker")
+    servicer = CoordinatorServicer(admission, section, metrics, security, loop, pool)
+    started = asyncio.run_coroutine_threadsafe(_start(servicer, section, metrics, security, pool), loop)
+    try:
+        server, port, checker = started.result(START_TIMEOUT_S)
+    except BaseException:
+        servicer.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(START_TIMEOUT_S)
+        pool.shutdown(wait=False)
+        raise
+    return Serving(server, port, checker, loop, thread, servicer, pool)
+
+
+async def _start(
+    servicer: CoordinatorServicer,
+    section: ServerSection,
+    metrics: CoordinatorMetrics,
+    security: ServerSecurity,
+    pool: ThreadPoolExecutor,
+) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     # The latency interceptor is outermost, so refusals by the guard are timed and counted with their code.
-    server = make_server(
-        section.workers, interceptors=[LatencyInterceptor(metrics), CallGuard(security, section, metrics)]
+    server = grpc.aio.server(
+        migration_thread_pool=pool,
+        interceptors=[LatencyInterceptor(metrics), CallGuard(security, section, metrics)],
+        options=SERVER_OPTIONS,
     )
-    servicer = CoordinatorServicer(admission, section, metrics, security)
     payload = _payload_handlers(servicer)
     # Both lookups must find these two: generic handlers are asked in order (so this one goes first), and the
     # generated stubs' registered methods are looked up by name (so these entries replace the generated ones).
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, payload),))
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     cast(Any, server).add_registered_method_handlers(SERVICE, payload)  # grpc-stubs 1.53 predates it
-    checker = health.HealthServicer()
+    checker = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     address = f"{section.host}:{section.port}"
-    if security.credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, security.credentials)
+    try:
+        if security.credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, security.credentials)
+    except RuntimeError as err:  # grpc's asyncio server raises where the threaded one returned 0
+        raise OSError(f"server: cannot bind {address}: {err}") from None
     if port == 0:
         raise OSError(f"server: cannot bind {address}")
-    server.start()
+    await server.start()
     for name in ("", SERVICE):
-        checker.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Serving(server, port, checker)
+        await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, checker

@@ -1,14 +1,19 @@
 """gRPC edge of the coordinator: translate each request, call one domain function, translate back.
 
 Errors map through common.rpc's status table; unexpected ones become INTERNAL with a logged traceback.
+Heartbeat and GetTask are coroutines on the server's event loop (a waiting poll holds no thread); the
+other handlers run on the server's worker threads.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
@@ -20,14 +25,17 @@ from common import serde, transfer
 from common.errors import FedPipeError, InvalidArgument
 from common.rpc import status_for
 from common.security import ServerSecurity
+from common.types import Task
 from coordinator.admission import Admission
 from coordinator.bounds import check_agent_id
 from coordinator.config import ServerSection
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.round_state import POLL_S
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+A = TypeVar("A", bound=Callable[..., Awaitable[Any]])
 
 REJECT_REASONS = {  # bounded label values for fedpipe_updates_rejected_total
     grpc.StatusCode.INVALID_ARGUMENT: "invalid",
@@ -41,24 +49,67 @@ REJECT_REASONS = {  # bounded label values for fedpipe_updates_rejected_total
 }
 
 
+def _refusal(servicer: CoordinatorServicer, name: str, err: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a handler's exception is answered with, counted and logged."""
+    if not isinstance(err, FedPipeError):
+        log.error("%s failed", name, exc_info=err)
+        return grpc.StatusCode.INTERNAL, f"{name}: internal error (see coordinator log)"
+    code = status_for(err)
+    if name == "UploadUpdate":
+        servicer.metrics.updates_rejected.labels(REJECT_REASONS.get(code, "other")).inc()
+    log.warning("%s refused: %s %s", name, code.name, err)
+    return code, str(err)
+
+
 def mapped(method: F) -> F:
-    """Turn domain errors into gRPC statuses (the one table in common.rpc)."""
+    """Turn domain errors into gRPC statuses (the one table in common.rpc), for a handler on a worker thread."""
 
     @functools.wraps(method)
     def wrapper(self: CoordinatorServicer, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
-        except FedPipeError as err:
-            code = status_for(err)
-            if method.__name__ == "UploadUpdate":
-                self.metrics.updates_rejected.labels(REJECT_REASONS.get(code, "other")).inc()
-            log.warning("%s refused: %s %s", method.__name__, code.name, err)
-            context.abort(code, str(err))
-        except Exception:
-            log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: internal error (see coordinator log)")
+        except Exception as err:
+            context.abort(*_refusal(self, method.__name__, err))
 
     return wrapper  # type: ignore[return-value]
+
+
+def amapped(method: A) -> A:
+    """mapped, for a coroutine handler on the event loop."""
+
+    @functools.wraps(method)
+    async def wrapper(self: CoordinatorServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await method(self, request, context)
+        except Exception as err:
+            await context.abort(*_refusal(self, method.__name__, err))
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Wakeup:
+    """Wakes coroutines of one event loop when the round state changes, from whichever thread changed it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.event = asyncio.Event()  # replaced by a fresh one at each ring: a waiter holds the one it saw
+        self.pending = False  # a ring is queued on the loop; bursts of changes coalesce into it
+
+    def ring(self) -> None:
+        """Called under the state's lock by notify(): schedule the wake, never block."""
+        if not self.pending:
+            self.pending = True
+            self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self.pending = False
+        event, self.event = self.event, asyncio.Event()
+        event.set()
+
+    async def wait(self, event: asyncio.Event, timeout_s: float) -> None:
+        """Until event is set (a change since it was taken) or timeout_s passed."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), max(timeout_s, 0.0))
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -70,15 +121,29 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         limits: ServerSection,
         metrics: CoordinatorMetrics,
         security: ServerSecurity,
+        loop: asyncio.AbstractEventLoop,
+        pool: Executor,
     ) -> None:
         self.admission = admission
         self.limits = limits
         self.metrics = metrics
         self.security = security
+        self.loop = loop
+        self.pool = pool
+        self.wakeup = Wakeup(loop)
+        with admission.state.cond:
+            admission.state.watchers.append(self.wakeup.ring)
         for reason in {*REJECT_REASONS.values(), "other"}:
             metrics.updates_rejected.labels(reason)  # every reason at 0 from the start
 
-    def _authorize(self, context: grpc.ServicerContext, agent_id: str) -> None:
+    def close(self) -> None:
+        """Stop being woken by the round state (the server is gone)."""
+        state = self.admission.state
+        with state.cond:
+            if self.wakeup.ring in state.watchers:
+                state.watchers.remove(self.wakeup.ring)
+
+    def _authorize(self, context: Any, agent_id: str) -> None:
         """The id has an agent id's form, and the caller is that agent."""
         check_agent_id(agent_id)
         self.security.authorize(context, agent_id)
@@ -95,28 +160,67 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             run_id=info.run_id, heartbeat_interval_s=info.heartbeat_interval_s, chunk_bytes=info.chunk_bytes
         )
 
-    @mapped
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+    @amapped
+    async def Heartbeat(  # a coroutine on the event loop (the registry's lock is brief)
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HeartbeatResponse:
         self._authorize(context, request.agent_id)
         known, round_ = self.admission.heartbeat(request.agent_id, request.state)
         return pb.HeartbeatResponse(known=known, current_round=round_)
 
-    @mapped
-    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.GetTaskResponse:
+    @amapped
+    async def GetTask(  # a coroutine: a waiting poll holds no thread
+        self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetTaskResponse:
         self._authorize(context, request.agent_id)
-        return serde.task_to_pb(self.admission.get_task(request.agent_id, request.wait_s, context.is_active))
+        agent_id = request.agent_id
+        end = self.admission.open_poll(agent_id, request.wait_s)
+        clock = self.admission.state.clock
+        while True:
+            changed = self.wakeup.event  # taken before looking, so a change made meanwhile wakes the wait
+            remaining = end - clock()
+            task = await self._next_task(agent_id, final=remaining <= 0)
+            if task is not None:
+                return serde.task_to_pb(task)
+            # Re-looks at least every POLL_S, as the threaded poll does, so an injected clock is followed.
+            await self.wakeup.wait(changed, min(remaining, POLL_S))
 
-    @mapped
-    def DownloadGlobal(  # type: ignore[override]  # chunks go out serialized (server.py's payload handlers)
-        self, request: pb.DownloadGlobalRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.DownloadGlobalResponse | bytes]:
-        self._authorize(context, request.agent_id)
+    async def _next_task(self, agent_id: str, final: bool) -> Task | None:
+        # On the loop when the state's lock is free (the usual case: its holders are brief); on a worker
+        # thread when it is held, so the loop never blocks on it.
+        cond = self.admission.state.cond
+        if cond.acquire(blocking=False):
+            try:
+                return self.admission.next_task(agent_id, final)
+            finally:
+                cond.release()
+        return await self.loop.run_in_executor(self.pool, self.admission.next_task, agent_id, final)
+
+    async def DownloadGlobal(  # type: ignore[override]  # chunks go out serialized (server.py's payload handlers)
+        self, request: pb.DownloadGlobalRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.DownloadGlobalResponse | bytes]:
+        # An asyncio generator: a client that reads slowly, or never, holds no thread (gRPC awaits each write),
+        # while the encoding of the global (once per global and plan) runs on a worker thread.
         start = time.perf_counter()
-        header, chunks = self.admission.download(
-            request.agent_id, request.global_round, request.plan_id, self._encode_download, request.have_digest
-        )
-        seconds = self.metrics.download_seconds.labels(request.agent_id)
-        return _download_stream(header, chunks, lambda: seconds.inc(time.perf_counter() - start))
+        try:
+            self._authorize(context, request.agent_id)
+            header, chunks = await self.loop.run_in_executor(
+                self.pool,
+                functools.partial(
+                    self.admission.download,
+                    request.agent_id,
+                    request.global_round,
+                    request.plan_id,
+                    self._encode_download,
+                    request.have_digest,
+                ),
+            )
+        except Exception as err:
+            await context.abort(*_refusal(self, "DownloadGlobal", err))
+        yield pb.DownloadGlobalResponse(header=header)
+        for chunk in chunks:
+            yield chunk  # a serialized chunk message (transfer.serialize_part passes it through)
+        self.metrics.download_seconds.labels(request.agent_id).inc(time.perf_counter() - start)
 
     def _encode_download(self, tensors: dict[str, torch.Tensor]) -> tuple[pb.PayloadHeader, tuple[bytes, ...]]:
         # Cut into serialized chunk messages once: however many agents download this copy, none copies it again,
@@ -167,14 +271,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._authorize(context, request.agent_id)
         self.admission.report_importance(request.agent_id, serde.importance_from_pb(request))
         return pb.ReportImportanceResponse()
-
-
-def _download_stream(
-    header: pb.PayloadHeader, chunks: tuple[bytes, ...], done: Callable[[], None]
-) -> Iterator[pb.DownloadGlobalResponse | bytes]:
-    yield pb.DownloadGlobalResponse(header=header)
-    yield from chunks  # serialized chunk messages (transfer.serialize_part passes them through)
-    done()
 
 
 def _chunks(parts: Iterator[transfer.UploadPart]) -> Iterator[bytes | memoryview]:

@@ -37,7 +37,7 @@ from coordinator.modes import Mode
 from coordinator.orchestrator import Orchestrator
 from coordinator.planner import uniform_plan
 from coordinator.registry import Registry
-from coordinator.server import start_server
+from coordinator.server import Serving, start_server
 from coordinator.strategy import get_strategy
 from coordinator.tracking import Tracking
 
@@ -121,7 +121,7 @@ class Coordinator:
 
     config: CoordinatorConfig
     orchestrator: Orchestrator
-    server: grpc.Server
+    serving: Serving
     channel: grpc.Channel
     stub: pb_grpc.CoordinatorStub
     clock: Clock
@@ -145,7 +145,7 @@ class Coordinator:
             self.orchestrator.state.notify()
         self.runner.join(timeout=RPC_TIMEOUT_S)
         self.channel.close()
-        self.server.stop(grace=None).wait(RPC_TIMEOUT_S)
+        self.serving.stop(grace_s=None)
         if self.runner.is_alive():
             raise RuntimeError("the orchestrator's run thread did not stop")
 
@@ -214,7 +214,7 @@ def launch(
     channel = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
     runner = Runner(orchestrator)
     coordinator = Coordinator(
-        config, orchestrator, serving.server, channel, pb_grpc.CoordinatorStub(channel), clock, runner, address
+        config, orchestrator, serving, channel, pb_grpc.CoordinatorStub(channel), clock, runner, address
     )
     runner.start()
     return coordinator

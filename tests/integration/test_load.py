@@ -186,7 +186,8 @@ def test_200_agents_register_beat_and_upload_concurrently_each_update_counted_on
             run_dir=run_dir,
             finish_grace_s=5,
         ),
-        server=ServerSection(host="127.0.0.1", port=0, workers=N + 32, chunk_bytes=1024, max_chunk_bytes=4096),
+        # 32 worker threads for 200 agents: waiting polls hold none (the asyncio transport)
+        server=ServerSection(host="127.0.0.1", port=0, workers=32, chunk_bytes=1024, max_chunk_bytes=4096),
     )
     swarm = Swarm(coordinator.address)
     agents = [Agent(index, swarm) for index in range(N)]

@@ -89,7 +89,7 @@ def coordinator(run_dir: Path, run: RunSection, selection: SelectionSection, see
         config, Registry(SPEC), uniform_plan, options, get_strategy("rank-padding"), metrics, "base"
     )
     serving = start_server(orchestrator.admission, config.server, metrics, ServerSecurity.insecure())
-    server, port = serving.server, serving.port
+    port = serving.port
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     thread = threading.Thread(target=lambda: _run_quietly(orchestrator), daemon=True)
     thread.start()
@@ -100,7 +100,7 @@ def coordinator(run_dir: Path, run: RunSection, selection: SelectionSection, see
         orchestrator.stop()
         thread.join(timeout=10)
         channel.close()
-        server.stop(grace=None).wait(10)
+        serving.stop(grace_s=None)
         assert not thread.is_alive(), "the orchestrator's run thread did not stop"
 
 

@@ -1,0 +1,81 @@
+"""The asyncio transport: task polls that wait hold no worker thread, so heartbeats and registrations are
+answered at once however many polls are open, with the fewest worker threads the config allows."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+from fedpipe.v1 import fedpipe_pb2 as pb
+from rig import launch, register
+
+from common import serde
+from common.types import TaskKind
+from coordinator.config import RunSection, ServerSection
+
+POLLS = 40
+WAIT_S = 6.0
+
+
+def test_open_polls_hold_no_worker_thread(tmp_path: Path) -> None:
+    # Arrange: 4 worker threads (the least allowed) and 40 agents; the run never starts, so polls wait.
+    run = RunSection(rounds=1, min_agents=1000, registration_timeout_s=120, run_dir=tmp_path, finish_grace_s=0)
+    server = ServerSection(host="127.0.0.1", port=0, workers=4, max_calls_per_agent=2)
+    coordinator = launch(tmp_path, run=run, server=server)
+    try:
+        agents = [f"agent-{i:02d}" for i in range(POLLS)]
+        for agent in agents:
+            register(coordinator.stub, agent)
+        # Act: every agent holds a poll open, ten times the worker threads.
+        polls = [
+            coordinator.stub.GetTask.future(pb.GetTaskRequest(agent_id=agent, wait_s=WAIT_S), timeout=WAIT_S + 30)
+            for agent in agents
+        ]
+        time.sleep(0.5)  # the polls reach the server
+        start = time.monotonic()
+        beats = [
+            coordinator.stub.Heartbeat(pb.HeartbeatRequest(agent_id=agent, state="idle"), timeout=WAIT_S)
+            for agent in agents
+        ]
+        late = register(coordinator.stub, "agent-late")  # a handler on a worker thread, while the polls wait
+        answered_in = time.monotonic() - start
+        still_waiting = sum(not poll.done() for poll in polls)
+        tasks = [serde.task_from_pb(poll.result()) for poll in polls]
+    finally:
+        coordinator.stop()
+
+    # Assert: 40 heartbeats and a registration answered well before the polls' wait ran out, with every
+    # poll still open meanwhile; then each poll answered WAIT at its end.
+    assert all(beat.known for beat in beats)
+    assert late.run_id == coordinator.orchestrator.run_id
+    assert answered_in < WAIT_S / 2, f"heartbeats took {answered_in:.2f}s with {POLLS} polls open on 4 threads"
+    assert still_waiting == POLLS
+    assert [task.kind for task in tasks] == [TaskKind.WAIT] * POLLS
+
+
+def test_a_poll_its_client_gives_up_on_ends_on_the_server_at_once(tmp_path: Path) -> None:
+    # Arrange: a coordinator that never starts its run, so a poll waits its whole wait.
+    run = RunSection(rounds=1, min_agents=1000, registration_timeout_s=120, run_dir=tmp_path, finish_grace_s=0)
+    coordinator = launch(tmp_path, run=run)
+    try:
+        register(coordinator.stub, "agent-a")
+        # Act: a poll whose client gives up after 0.3 s of a 20 s wait, then a fresh one.
+        try:
+            coordinator.stub.GetTask(pb.GetTaskRequest(agent_id="agent-a", wait_s=20.0), timeout=0.3)
+            gave_up = False
+        except grpc.RpcError as err:
+            gave_up = err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        start = time.monotonic()
+        task = serde.task_from_pb(coordinator.stub.GetTask(pb.GetTaskRequest(agent_id="agent-a", wait_s=0.0)))
+        took = time.monotonic() - start
+        samples = coordinator.orchestrator.metrics.registry.get_sample_value(
+            "fedpipe_rpc_duration_seconds_count", {"method": "GetTask", "code": "CANCELLED"}
+        )
+    finally:
+        coordinator.stop()
+
+    # Assert: the abandoned poll ended on the server as cancelled (timed under its own code), not after 20 s.
+    assert gave_up
+    assert task.kind is TaskKind.WAIT and took < 2.0
+    assert samples == 1.0
