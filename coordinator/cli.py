@@ -72,7 +72,7 @@ def run(config: CoordinatorConfig) -> int:
     """Wire registry, planner, strategy, evaluator, metrics and server; run the rounds; stop cleanly."""
     from common.metrics import serve
     from common.security import server_security
-    from coordinator.orchestrator import RunAborted
+    from coordinator.round_state import RunAborted
     from coordinator.server import start_server
 
     # Credentials first: a bad certificate path must not leave a half-started coordinator behind.

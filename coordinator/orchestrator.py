@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
-import uuid
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -22,36 +20,29 @@ from common.types import (
     DeviceProfile,
     Evaluation,
     GlobalState,
-    ImportanceReport,
     ModelSpec,
-    ModuleShape,
-    ProbePlan,
     RoundResult,
     TrainPlan,
 )
 from coordinator.admission import Admission
-from coordinator.bounds import allowed_samples, capped, counted_profiles
+from coordinator.bounds import allowed_samples, counted_profiles
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
+from coordinator.masks import Masks
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modes import Contribution, Mode
 from coordinator.modes.lora import LoraMode
-from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction, resolve_targets
+from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction
 from coordinator.registry import AgentRecord, Registry
 from coordinator.reporting import Recorder, round_report, weighted_evaluation
-from coordinator.round_state import Admitted, Phase, RoundState
+from coordinator.round_state import Admitted, Phase, RoundState, RunAborted
 from coordinator.rundir import RunDir, from_snapshot, plan_record, result_record, saved_state, snapshot
 from coordinator.sampling import draw, sample_size, sit_outs
 from coordinator.screening import Screening
-from coordinator.selection import combine, rescore, resolve_budget, select
 from coordinator.strategy import Strategy
 from coordinator.tracking import Tracking
 
 log = logging.getLogger(__name__)
-
-
-class RunAborted(Exception):
-    """The run cannot go on (too few agents); the message says why."""
 
 
 class Orchestrator:
@@ -85,12 +76,12 @@ class Orchestrator:
         self.admission = Admission(self.state, registry, config, metrics, self.mode)
         self.screening = Screening(config.updates, self.mode, self.spec, metrics)
         self.dead: set[str] = set()  # agents marked dead (missed heartbeats), until they call again
-        self.mask: tuple[str, ...] | None = None  # selected modules; None = every candidate
-        self.mask_scores: dict[str, float] = {}  # combined importance of the candidates
         self.corrections: dict[str, tuple[float, float]] = {}  # agent -> (time, memory) scale from measurements
-        self.training_scores: dict[str, ImportanceReport] = {}  # the last round's scores from training, per agent
         self.rundir = RunDir(config.run.run_dir, self.spec, self.mode)
         self.recorder = Recorder(metrics, self.rundir, self.tracking, self.spec, config.run.rounds)
+        self.masks = Masks(
+            config, options, self.mode, metrics, self.rundir, self.state, self._wait_for, self._check_stop
+        )
         self.eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
         # A round whose held-out evaluation still runs (evaluation.overlap): its result, less the held-out figures.
         self.deferred: tuple[RoundResult, Future[tuple[Evaluation, float]]] | None = None
@@ -104,6 +95,11 @@ class Orchestrator:
     @results.setter
     def results(self, results: list[RoundResult]) -> None:
         self.recorder.results = results
+
+    @property
+    def mask(self) -> tuple[str, ...] | None:
+        """The selected matrices; None = every candidate."""
+        return self.masks.mask
 
     @property
     def run_id(self) -> str:
@@ -135,7 +131,7 @@ class Orchestrator:
             self.strategy.load_state_dict(strategy_state)
             self._resume(global_, meta)
         else:
-            self._select(0, alive, spec)
+            self.masks.choose(0, alive, spec)
             plans = self._plan(alive, spec, 0)[0].plans
             global_ = self.mode.initial(spec, plans, cfg.seed)
             plans = self.mode.finalize_plans(plans, global_)
@@ -157,7 +153,10 @@ class Orchestrator:
     def _bookkeeping(self) -> dict[str, Any]:
         """What a restarted coordinator needs besides the global adapter."""
         profiles = {a: r.profile for a, r in self.registry.all().items()}
-        return {"run_id": self.run_id, **snapshot(profiles, self.spec, self.mask, self.mask_scores, self.corrections)}
+        return {
+            "run_id": self.run_id,
+            **snapshot(profiles, self.spec, self.masks.mask, self.masks.scores, self.corrections),
+        }
 
     def _restore_registry(self) -> bool:
         """When the run directory holds state: the run's model and agents, so they carry on without
@@ -179,7 +178,7 @@ class Orchestrator:
     def _resume(self, global_: GlobalState, meta: Mapping[str, Any]) -> None:
         """Continue after the last complete round: its global, mask, cost corrections and results."""
         if "spec" in meta:
-            _, _, self.mask, self.mask_scores, self.corrections = from_snapshot(meta)
+            _, _, self.masks.mask, self.masks.scores, self.corrections = from_snapshot(meta)
         self.state.run_id = str(meta.get("run_id", self.run_id))
         self.results = self.rundir.results(global_.round)
         self.metrics.resumed_round.set(global_.round)
@@ -234,7 +233,7 @@ class Orchestrator:
         assert global_ is not None
         every = self.config.selection.reselect_every
         if every and round_ > 1 and (round_ - 1) % every == 0:
-            self._select(round_ - 1, alive, spec)
+            self.masks.choose(round_ - 1, alive, spec)
         planned, counted = self._plan(alive, spec, round_)
         plans = planned.plans
         self._check_payload_limit(plans, spec)
@@ -311,7 +310,7 @@ class Orchestrator:
             )  # fmt: skip
         new_global, agg_metrics, agg_seconds = aggregated
         self._refit(inbox, planned.predictions)
-        self._keep_training_scores(round_, inbox, weights)
+        self.masks.keep_training_scores(round_, inbox, weights)
         report = round_report(inbox, weights, planned.predictions, dict(self.state.downloaded))
         self.rundir.save_round(new_global, plans, report, self._bookkeeping(), self.strategy.state_dict())
         self.tracking.agents(round_, report, plans)
@@ -400,11 +399,11 @@ class Orchestrator:
     ) -> tuple[PlanSet, dict[str, DeviceProfile]]:
         """Plans for the alive agents over the current mask, and the profiles planned from (data sizes as
         counted: capped at updates.max_weight_ratio x the median); agents that fit nowhere are left out, loudly."""
-        options = replace(self.options, scores=self.mask_scores, corrections=dict(self.corrections))
+        options = replace(self.options, scores=self.masks.scores, corrections=dict(self.corrections))
         if self.mask is not None:
             options = replace(options, targets=self.mask)
         profiles = {a: r.profile for a, r in alive.items()}
-        self.rundir.write_agents(snapshot(profiles, spec, self.mask, self.mask_scores, self.corrections))
+        self.rundir.write_agents(snapshot(profiles, spec, self.masks.mask, self.masks.scores, self.corrections))
         run = self.config.run
         size = sample_size(len(profiles), run.sample_fraction, run.sample_count, run.min_agents)
         sampled = draw(profiles, size, run.seed, round_)
@@ -483,119 +482,6 @@ class Orchestrator:
                     time_scale,
                     memory_scale,
                 )
-
-    # ------------------------------------------------------------------ selection
-
-    def _keep_training_scores(self, round_: int, inbox: Mapping[str, Admitted], weights: Mapping[str, float]) -> None:
-        """The aggregated updates' importance scores (plans with track_importance), each agent's say its
-        capped aggregation weight, for the next re-selection."""
-        self.training_scores = {
-            agent: ImportanceReport(
-                f"training-r{round_}",
-                dict(x.update.meta.importance),
-                max(1, math.floor(weights[agent])),
-                x.update.meta.steps,
-                x.update.meta.train_seconds,
-            )
-            for agent, x in inbox.items()
-            if x.update.meta.importance and weights.get(agent, 0.0) > 0
-        }
-
-    def _select(self, after_round: int, alive: Mapping[str, AgentRecord], spec: ModelSpec) -> None:
-        """Set the mask: from the last round's training scores when selection.rescore is training and they
-        exist (re-selection), else by probing the candidates on the alive agents."""
-        sel = self.config.selection
-        if sel.mode == "all":
-            return
-        candidates = resolve_targets(spec, self.options.targets)
-        shapes = [spec.candidate(name) for name in candidates]
-        if sel.scores_training and self.training_scores and self.mask_scores:
-            trained = sorted({m for r in self.training_scores.values() for m in r.scores})
-            scores = rescore(self.mask_scores, combine(self.training_scores, trained))
-            log.info(
-                "re-selection after round %d from the training scores of %s (no probe)",
-                after_round,
-                ", ".join(sorted(self.training_scores)),
-            )
-            self._apply_selection(after_round, scores, shapes, self.training_scores, f"training-r{after_round}")
-            return
-        if sel.mode == "random":
-            generator = random.Random(self.options.seed * 7919 + after_round)
-            self._apply_selection(after_round, {name: generator.random() for name in candidates}, shapes, {}, "random")
-            return
-        probe = ProbePlan(
-            probe_id=f"p{after_round}-{uuid.uuid4().hex[:8]}",
-            candidates=candidates,
-            rank=sel.probe_rank,
-            steps=sel.probe_steps,
-            batch_size=sel.probe_batch_size,
-            learning_rate=sel.probe_learning_rate,
-            max_seq_len=self.options.max_seq_len,
-            quantization=self.options.quantization,
-            seed=self.options.seed * 7919 + after_round,
-            deadline_s=sel.probe_deadline_s,
-        )
-        self.state.open_probe(probe, alive)
-        log.info("probe %s: scoring %d candidates on %d agents", probe.probe_id, len(candidates), len(alive))
-        self._wait_for(
-            self.state.probe_agents, lambda: self.state.importance, self.state.clock() + sel.probe_deadline_s
-        )
-        self._check_stop()
-        reports = self.state.close_probe()
-        if not reports:
-            raise RunAborted(f"no agent reported importance scores within {sel.probe_deadline_s:.0f}s")
-        # An agent's say in the mask is its probe's samples, capped like an update's weight.
-        weights = capped({a: float(r.samples) for a, r in reports.items()}, self.config.updates.max_weight_ratio)
-        bounded = {a: replace(r, samples=max(1, math.floor(weights[a]))) for a, r in reports.items()}
-        self._apply_selection(after_round, combine(bounded, candidates), shapes, reports, probe.probe_id)
-
-    def _apply_selection(
-        self,
-        after_round: int,
-        scores: Mapping[str, float],
-        shapes: list[ModuleShape],
-        reports: Mapping[str, ImportanceReport],
-        source: str,
-    ) -> None:
-        """Choose the mask from combined scores under the budget; metrics, log and selection/NNNN.json."""
-        sel = self.config.selection
-        candidates = [m.name for m in shapes]
-        rank = self.mode.selection_rank(self.options.rank)
-        selection = select(scores, shapes, rank, resolve_budget(sel.budget, shapes, rank))
-        previous, self.mask = self.mask, selection.mask
-        self.mask_scores = dict(scores)
-        self.metrics.mask_size.set(len(selection.mask))
-        self.metrics.mask_parameters.set(selection.used)
-        self.metrics.selection_score.clear()
-        for name in selection.mask:
-            self.metrics.selection_score.labels(name).set(scores[name])
-        top = ", ".join(f"{name} {scores[name]:.3f}" for name in sorted(selection.mask, key=lambda n: -scores[n])[:3])
-        log.info(
-            "selection: %d of %d matrices, %d of %d trainable parameters; top: %s",
-            len(selection.mask),
-            len(candidates),
-            selection.used,
-            selection.budget,
-            top,
-        )
-        if previous is not None and previous != selection.mask:
-            log.info(
-                "selection: entering %s; leaving %s (their learned update stays in the global adapter)",
-                sorted(set(selection.mask) - set(previous)),
-                sorted(set(previous) - set(selection.mask)),
-            )
-        record = {
-            "probe": source,
-            "after_round": after_round,
-            "mask": list(selection.mask),
-            "budget": selection.budget,
-            "used": selection.used,
-            "combined": scores,
-            "agents": {
-                a: {"samples": r.samples, "seconds": r.seconds, "scores": dict(r.scores)} for a, r in reports.items()
-            },
-        }
-        self.rundir.write_selection(after_round, record)
 
     # ------------------------------------------------------------------ waits and liveness
 

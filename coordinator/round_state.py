@@ -19,6 +19,10 @@ from common.types import AdapterUpdate, Evaluation, GlobalState, ImportanceRepor
 POLL_S = 1.0  # how often waits re-check liveness
 
 
+class RunAborted(Exception):
+    """The run cannot go on (too few agents, no importance scores, a stop); the message says why."""
+
+
 class Phase(enum.Enum):
     """What the coordinator is doing; agent calls are answered from it."""
 

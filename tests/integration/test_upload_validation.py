@@ -56,7 +56,8 @@ from safetensors.torch import load_file
 from common import transfer
 from common.adapters import GlobalAdapter, to_peft_key
 from common.types import TaskKind
-from coordinator.orchestrator import Orchestrator, RunAborted
+from coordinator.orchestrator import Orchestrator
+from coordinator.round_state import RunAborted
 from coordinator.servicer import REJECT_REASONS
 
 pytestmark = pytest.mark.integration
