@@ -146,8 +146,8 @@ class Sampler(threading.Thread):
 
 def bench_examples(tokenizer: Any, count: int, seq_len: int) -> list[Any]:
     """`count` embedded instruction tweets whose tweet is repeated until prompt + answer reach seq_len tokens."""
+    from common.batching import prompt_ids, response_ids
     from common.data import SEQ_CLS, DataSource, embedded_split, instruct
-    from common.modeling import prompt_ids, response_ids
 
     pool, _ = embedded_split(DataSource("embedded", labels=LABELS, task=SEQ_CLS))
     out = []
@@ -170,11 +170,11 @@ def run_variant(variant: str, steps: int, batch_size: int, seq_len: int, threads
 
     torch.set_num_threads(threads)
     from common.adapters import head_modules
+    from common.batching import encode
     from common.data import CAUSAL_LM
     from common.modeling import (
         AdaptedModel,
         auto_class,
-        encode,
         load_base,
         load_tokenizer,
         model_spec,

@@ -59,7 +59,8 @@ class HeldOutEvaluator:
 
     def __call__(self, global_: GlobalState, template: TrainPlan, spec: ModelSpec) -> Evaluation:
         """Loss and accuracy of global_, on CPU in fp32."""
-        from common.modeling import evaluate, load_base, load_tokenizer
+        from common.batching import evaluate
+        from common.modeling import load_base, load_tokenizer
         from common.types import Quantization
 
         with self._lock:

@@ -10,8 +10,8 @@ from typing import Protocol
 
 import torch
 
+from common.batching import evaluate
 from common.errors import Rejected, UnknownAgent
-from common.modeling import evaluate
 from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, ProbePlan, Task, TaskKind, UpdateMeta
 from edge_agent.caps import Throttle, check_peak
 from edge_agent.data import LocalData

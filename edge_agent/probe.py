@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from common.adapters import HEAD_INIT_STD
+from common.batching import encode, task_loss
 from common.data import Example
 from common.errors import ConfigError
 from common.importance import SensitivityTracker, matrix_scores
-from common.modeling import HEAD_MODULES, PEFT_TASK, AdaptedModel, encode, task_loss
+from common.modeling import HEAD_MODULES, PEFT_TASK, AdaptedModel
 from edge_agent.caps import Throttle
 
 if TYPE_CHECKING:

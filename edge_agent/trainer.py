@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from common.adapters import PEFT_PREFIX
+from common.batching import encode
 from common.data import SEQ_CLS, Example
 from common.importance import SensitivityTracker, lora_scores
-from common.modeling import encode
 from common.types import TrainPlan
 from edge_agent.caps import Throttle
 from edge_agent.profiler import peak_memory_bytes, reset_peak_memory

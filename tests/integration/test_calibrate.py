@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from common.adapters import expected_tensors
+from common.batching import encode
 from common.data import DataSource, Example, embedded_split
-from common.modeling import encode, model_spec, resolve_model_path
+from common.modeling import model_spec, resolve_model_path
 from common.types import ModelSpec, Quantization
 from edge_agent.calibrate import calibrate, calibration_plan, long_examples
 from edge_agent.caps import Throttle, apply_memory_cap

@@ -122,8 +122,9 @@ def test_final_adapter_loads_in_peft_and_reproduces_the_reported_accuracy(federa
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
+    from common.batching import evaluate
     from common.data import DataSource, embedded_split
-    from common.modeling import evaluate, load_tokenizer, resolve_model_path
+    from common.modeling import load_tokenizer, resolve_model_path
 
     run_dir, _ = federation
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
+from common.batching import IGNORE, RESPONSES_CUT, encode_causal, evaluate_causal, fit, task_loss
 from common.data import CAUSAL_LM, Example, instruct
-from common.modeling import IGNORE, RESPONSES_CUT, encode_causal, evaluate_causal, fit, task_loss
 
 CPU = torch.device("cpu")
 
