@@ -8,6 +8,7 @@ downloads, registrations, reports) run on server.workers threads.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,9 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.servicer import CoordinatorServicer
 
 START_TIMEOUT_S = 30.0
+DRAIN_S = 10.0  # longest a stop waits for worker threads still in a handler
+
+log = logging.getLogger(__name__)
 
 
 class _Recorded:
@@ -43,9 +47,14 @@ class _Recorded:
         self._context = context
         self.aborted: grpc.StatusCode | None = None
 
-    def abort(self, code: grpc.StatusCode, details: str) -> Any:
+    def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> Any:
         self.aborted = code
-        return self._context.abort(code, details)  # raises (plain handler) or is awaited (coroutine handler)
+        # raises (plain handler) or is awaited (coroutine handler)
+        return self._context.abort(code, details, trailing_metadata)
+
+    def abort_with_status(self, status: Any) -> Any:
+        self.aborted = status.code
+        return self._context.abort_with_status(status)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -108,13 +117,8 @@ class Serving:
             asyncio.run_coroutine_threadsafe(self._stop(grace_s), self.loop).result(grace + START_TIMEOUT_S)
         finally:
             self.servicer.close()
-            # Worker threads still in a handler may be waiting on the loop (for a stream's next message):
-            # they finish while it runs, or the interpreter's exit would wait on them forever.
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(START_TIMEOUT_S)
-            if not self.thread.is_alive():
-                self.loop.close()
+            _drain(self.pool)
+            _end_loop(self.loop, self.thread)
 
     async def _stop(self, grace_s: float | None) -> None:
         await self.health.enter_graceful_shutdown()
@@ -154,11 +158,27 @@ def start_server(
         server, port, checker = started.result(START_TIMEOUT_S)
     except BaseException:
         servicer.close()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(START_TIMEOUT_S)
-        pool.shutdown(wait=False)
+        _drain(pool)
+        _end_loop(loop, thread)
         raise
     return Serving(server, port, checker, loop, thread, servicer, pool)
+
+
+def _drain(pool: ThreadPoolExecutor) -> None:
+    """Let worker threads still in a handler finish while the loop runs (one waiting for a stream's next
+    message needs it), for at most DRAIN_S; one still stuck then is logged, not waited for."""
+    drained = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True)
+    drained.start()
+    drained.join(DRAIN_S)
+    if drained.is_alive():
+        log.warning("server: worker threads still in a handler %.0fs after the server stopped", DRAIN_S)
+
+
+def _end_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(START_TIMEOUT_S)
+    if not thread.is_alive():
+        loop.close()
 
 
 async def _start(
@@ -186,15 +206,19 @@ async def _start(
     reflection.enable_server_reflection(names, server)
     address = f"{section.host}:{section.port}"
     try:
-        if security.credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, security.credentials)
-    except RuntimeError as err:  # grpc's asyncio server raises where the threaded one returned 0
-        raise OSError(f"server: cannot bind {address}: {err}") from None
-    if port == 0:
-        raise OSError(f"server: cannot bind {address}")
-    await server.start()
-    for name in ("", SERVICE):
-        await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+        try:
+            if security.credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, security.credentials)
+        except RuntimeError as err:  # grpc's asyncio server raises where the threaded one returned 0
+            raise OSError(f"server: cannot bind {address}: {err}") from None
+        if port == 0:
+            raise OSError(f"server: cannot bind {address}")
+        await server.start()
+        for name in ("", SERVICE):
+            await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+    except BaseException:
+        await server.stop(None)  # nothing half-started stays bound
+        raise
     return server, port, checker

@@ -3,16 +3,23 @@ answered at once however many polls are open, with the fewest worker threads the
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 import time
 from pathlib import Path
 
 import grpc
+import pytest
 from fedpipe.v1 import fedpipe_pb2 as pb
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rig import launch, register
 
 from common import serde
+from common.security import ServerSecurity
 from common.types import TaskKind
 from coordinator.config import RunSection, ServerSection
+from coordinator.server import start_server
 
 POLLS = 40
 WAIT_S = 6.0
@@ -79,3 +86,50 @@ def test_a_poll_its_client_gives_up_on_ends_on_the_server_at_once(tmp_path: Path
     assert gave_up
     assert task.kind is TaskKind.WAIT and took < 2.0
     assert samples == 1.0
+
+
+def test_health_check_of_an_unknown_service_is_not_found_and_timed_so(tmp_path: Path) -> None:
+    run = RunSection(rounds=1, min_agents=1000, registration_timeout_s=120, run_dir=tmp_path, finish_grace_s=0)
+    coordinator = launch(tmp_path, run=run)
+    try:
+        health = health_pb2_grpc.HealthStub(coordinator.channel)
+        known = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+        samples = coordinator.orchestrator.metrics.registry.get_sample_value(
+            "fedpipe_rpc_duration_seconds_count", {"method": "Check", "code": "NOT_FOUND"}
+        )
+    finally:
+        coordinator.stop()
+    assert known == health_pb2.HealthCheckResponse.SERVING
+    assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
+    assert samples == 1.0
+
+
+def test_a_start_that_cannot_bind_leaves_nothing_running(tmp_path: Path) -> None:
+    # Arrange: a port that is taken.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    section = ServerSection(host="127.0.0.1", port=taken.getsockname()[1], workers=4, max_calls_per_agent=2)
+    run = RunSection(rounds=1, min_agents=1000, registration_timeout_s=120, run_dir=tmp_path, finish_grace_s=0)
+    coordinator = launch(tmp_path, run=run)
+    admission, metrics = coordinator.orchestrator.admission, coordinator.orchestrator.metrics
+    try:
+        threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+        # Act: five starts on it.
+        errors = []
+        for _ in range(5):
+            with pytest.raises(OSError) as failed:
+                start_server(admission, section, metrics, ServerSecurity.insecure())
+            errors.append(str(failed.value))
+        after_threads, after_fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+        watchers = len(admission.state.watchers)
+    finally:
+        coordinator.stop()
+        taken.close()
+    # Assert: each says which address, and no thread, descriptor or round-state watcher is left behind.
+    assert all(f"127.0.0.1:{section.port}" in error for error in errors)
+    assert after_threads == threads
+    assert after_fds <= fds + 1  # (slack for one descriptor the runtime opens lazily)
+    assert watchers == 1  # the running server's own
