@@ -61,12 +61,14 @@ class InMemoryGateway:
         self.admission = admission
         self.agent_id = agent_id
         self.last_answer = time.monotonic()
+        self.run_id = ""
 
     def _answered(self) -> None:
         self.last_answer = time.monotonic()
 
     def register(self, profile: DeviceProfile, spec: ModelSpec, version: str) -> float:
         info = self.admission.register(self.agent_id, profile, spec)
+        self.run_id = info.run_id
         self._answered()
         return info.heartbeat_interval_s
 

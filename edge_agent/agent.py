@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from common.batching import evaluate
-from common.errors import Rejected, UnknownAgent
+from common.errors import Rejected, ServerUnavailable, Stopped, UnknownAgent
 from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, ProbePlan, Task, TaskKind, UpdateMeta
 from edge_agent.caps import Throttle, check_peak
 from edge_agent.data import LocalData
@@ -32,6 +32,7 @@ class Gateway(Protocol):
     """What the agent needs from the coordinator; edge_agent.client.CoordinatorClient provides it."""
 
     last_answer: float  # monotonic time of the coordinator's last answer
+    run_id: str  # the run the last registration joined
 
     def register(self, profile: DeviceProfile, spec: ModelSpec, version: str) -> float: ...
     def heartbeat(self, state: str) -> bool: ...
@@ -59,8 +60,10 @@ class Agent:
         throttle: Throttle | None = None,
         ready_s: float = 60.0,
         stop: threading.Event | None = None,
+        after_finish: str = "exit",
     ) -> None:
-        """stop: the event a stop request sets (shared with the client's retries); a new one by default."""
+        """stop: the event a stop request sets (shared with the client's retries); a new one by default.
+        after_finish: "exit" returns from run() when the run is finished, "next-run" joins the next one."""
         self.agent_id = agent_id
         self.gateway = gateway
         self.model = model
@@ -77,6 +80,7 @@ class Agent:
         self.last_notice = ""
         self.registered = False
         self.ready_s = ready_s
+        self.after_finish = after_finish
         self.last_step: float | None = None
         self.ferret = FerretWorker(model, gateway, metrics)  # the Ferret mode's state, used by its plans only
         metrics.info.info({"agent": agent_id, "version": VERSION, "device": profile.device})
@@ -106,7 +110,8 @@ class Agent:
         )
 
     def run(self) -> None:
-        """Register, then run tasks until FINISHED; re-registers when the coordinator forgot us."""
+        """Register, then run tasks until FINISHED (with after_finish next-run: until stopped, joining each
+        next run); re-registers when the coordinator forgot us."""
         self.register()
         beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         beat.start()
@@ -117,8 +122,11 @@ class Agent:
                     task = self.gateway.get_task(self.poll_wait_s)
                     what = f"{task.kind.name} task of round {task.round}"
                     if task.kind is TaskKind.FINISHED:
-                        log.info("the coordinator finished the run: %s", task.message or "done")
-                        return
+                        log.info("the coordinator finished run %s: %s", self.gateway.run_id, task.message or "done")
+                        if self.after_finish == "exit":
+                            return
+                        self._join_next_run(self.gateway.run_id)
+                        continue
                     if task.kind is TaskKind.WAIT:
                         if not task.message.startswith("phase ") and task.message != self.last_notice:
                             # why it waits (left out by the planner, an update refused): once per change
@@ -141,6 +149,23 @@ class Agent:
                     self.stop.wait(1.0)
         finally:
             self.stop.set()
+
+    def _join_next_run(self, finished: str) -> None:
+        """Register again every poll_wait_s, without a time limit, until a coordinator on the same address
+        answers for another run than finished (the same process's next run, or a new coordinator's)."""
+        log.info("waiting for the coordinator's next run (after_finish: next-run)")
+        self.state = "idle"
+        self.last_notice = ""
+        while not self.stop.wait(self.poll_wait_s):
+            try:
+                self.register()
+            except ServerUnavailable:
+                continue  # nobody answered within reconnect_s: keep waiting
+            except Stopped:
+                return
+            if self.gateway.run_id != finished:
+                log.info("joined run %s", self.gateway.run_id)
+                return
 
     def execute(self, task: Task) -> None:
         """Run one TRAIN, EVALUATE or PROBE task."""

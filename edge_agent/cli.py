@@ -140,6 +140,7 @@ def run(config: AgentConfig) -> int:
         throttle,
         config.ready_s,
         stopping,
+        config.after_finish,
     )
     agents.append(agent)
 

@@ -53,6 +53,7 @@ class CoordinatorClient:
         )
         self.chunk_bytes = transfer.DEFAULT_CHUNK_BYTES
         self.last_answer = float("-inf")  # monotonic time the coordinator last answered (readiness)
+        self.run_id = ""  # the run the last registration joined
         for method in RETRIED:
             metrics.rpc_retries.labels(method)  # at 0 from the start
 
@@ -85,6 +86,7 @@ class CoordinatorClient:
         response = self._call(lambda: self.stub.Register(request, timeout=30), "register", "Register")
         if response.chunk_bytes:
             self.chunk_bytes = int(response.chunk_bytes)
+        self.run_id = response.run_id
         return float(response.heartbeat_interval_s)
 
     def heartbeat(self, state: str) -> bool:

@@ -107,6 +107,11 @@ class AgentConfig(BaseSettings):
         900.0, gt=0, description="how long to keep retrying an unreachable coordinator before giving up"
     )
     ready_s: float = Field(60.0, gt=0, description="readiness: the coordinator answered within this many seconds")
+    after_finish: Literal["exit", "next-run"] = Field(
+        "exit",
+        description="exit: end when the run is finished; next-run: stay up and join the next run the coordinator "
+        "on the same address opens (a new coordinator process included), waiting for it without a time limit",
+    )
     tls: TlsSection = TlsSection()
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
