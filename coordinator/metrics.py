@@ -244,6 +244,12 @@ class CoordinatorMetrics:
             buckets=FAST_BUCKETS,
             registry=r,
         )
+        self.polls_open = Gauge("fedpipe_task_polls_open", "Task polls waiting on the server now", registry=r)
+        self.loop_lag = Gauge(
+            "fedpipe_event_loop_lag_seconds",
+            "How late the server's event loop ran a 1 s timer, the worst over the last 10 s",
+            registry=r,
+        )
 
     def start_agent(self, agent: str) -> None:
         """Create an agent's counters at 0, so rates and alerts see them before its first event."""

@@ -112,6 +112,18 @@ class Wakeup:
             await asyncio.wait_for(event.wait(), max(timeout_s, 0.0))
 
 
+async def _watch_lag(metrics: CoordinatorMetrics, period_s: float = 1.0, window: int = 10) -> None:
+    """fedpipe_event_loop_lag_seconds: how late a period_s sleep wakes, the worst of the last window sleeps.
+    A loop blocked by a handler (or starved of the GIL) shows here before heartbeats time out."""
+    loop = asyncio.get_running_loop()
+    recent: list[float] = []
+    while True:
+        due = loop.time() + period_s
+        await asyncio.sleep(period_s)
+        recent = [*recent[-(window - 1) :], max(0.0, loop.time() - due)]
+        metrics.loop_lag.set(max(recent))
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     """fedpipe.v1.Coordinator over the agent-call handlers; every call must come from the agent it names."""
 
@@ -133,6 +145,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.wakeup = Wakeup(loop)
         with admission.state.cond:
             admission.state.watchers.append(self.wakeup.ring)
+        self.lag_watch = asyncio.run_coroutine_threadsafe(_watch_lag(metrics), loop)
         for reason in {*REJECT_REASONS.values(), "other"}:
             metrics.updates_rejected.labels(reason)  # every reason at 0 from the start
 
@@ -142,6 +155,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         with state.cond:
             if self.wakeup.ring in state.watchers:
                 state.watchers.remove(self.wakeup.ring)
+        self.lag_watch.cancel()
 
     def _authorize(self, context: Any, agent_id: str) -> None:
         """The id has an agent id's form, and the caller is that agent."""
@@ -176,14 +190,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         agent_id = request.agent_id
         end = self.admission.open_poll(agent_id, request.wait_s)
         clock = self.admission.state.clock
-        while True:
-            changed = self.wakeup.event  # taken before looking, so a change made meanwhile wakes the wait
-            remaining = end - clock()
-            task = await self._next_task(agent_id, final=remaining <= 0)
-            if task is not None:
-                return serde.task_to_pb(task)
-            # Re-looks at least every POLL_S, as the threaded poll does, so an injected clock is followed.
-            await self.wakeup.wait(changed, min(remaining, POLL_S))
+        self.metrics.polls_open.inc()
+        try:
+            while True:
+                changed = self.wakeup.event  # taken before looking, so a change made meanwhile wakes the wait
+                remaining = end - clock()
+                task = await self._next_task(agent_id, final=remaining <= 0)
+                if task is not None:
+                    return serde.task_to_pb(task)
+                # Re-looks at least every POLL_S, as the threaded poll does, so an injected clock is followed.
+                await self.wakeup.wait(changed, min(remaining, POLL_S))
+        finally:
+            self.metrics.polls_open.dec()
 
     async def _next_task(self, agent_id: str, final: bool) -> Task | None:
         # On the loop when the state's lock is free (the usual case: its holders are brief); on a worker

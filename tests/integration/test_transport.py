@@ -13,6 +13,7 @@ import grpc
 import pytest
 from fedpipe.v1 import fedpipe_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 from rig import launch, register
 
 from common import serde
@@ -23,6 +24,17 @@ from coordinator.server import start_server
 
 POLLS = 40
 WAIT_S = 6.0
+
+
+def observed(registry: CollectorRegistry, method: str, code: str) -> float | None:
+    """Calls of method timed under code; the server times a call as its handler ends, which may be just
+    after the client has its answer, so this waits up to 5 s for the first."""
+    end = time.monotonic() + 5.0
+    while True:
+        count = registry.get_sample_value("fedpipe_rpc_duration_seconds_count", {"method": method, "code": code})
+        if count is not None or time.monotonic() > end:
+            return count
+        time.sleep(0.05)
 
 
 def test_open_polls_hold_no_worker_thread(tmp_path: Path) -> None:
@@ -48,7 +60,14 @@ def test_open_polls_hold_no_worker_thread(tmp_path: Path) -> None:
         late = register(coordinator.stub, "agent-late")  # a handler on a worker thread, while the polls wait
         answered_in = time.monotonic() - start
         still_waiting = sum(not poll.done() for poll in polls)
+        registry = coordinator.orchestrator.metrics.registry
+        open_during = registry.get_sample_value("fedpipe_task_polls_open")
+        lag = registry.get_sample_value("fedpipe_event_loop_lag_seconds")
         tasks = [serde.task_from_pb(poll.result()) for poll in polls]
+        end = time.monotonic() + 5.0  # each poll's count goes as its coroutine ends, just after its answer
+        while registry.get_sample_value("fedpipe_task_polls_open") and time.monotonic() < end:
+            time.sleep(0.05)
+        open_after = registry.get_sample_value("fedpipe_task_polls_open")
     finally:
         coordinator.stop()
 
@@ -58,6 +77,8 @@ def test_open_polls_hold_no_worker_thread(tmp_path: Path) -> None:
     assert late.run_id == coordinator.orchestrator.run_id
     assert answered_in < WAIT_S / 2, f"heartbeats took {answered_in:.2f}s with {POLLS} polls open on 4 threads"
     assert still_waiting == POLLS
+    assert open_during == POLLS and open_after == 0  # the operator's view of the same
+    assert lag is not None and 0.0 <= lag < WAIT_S  # the loop's timer ran (lag measured after its first second)
     assert [task.kind for task in tasks] == [TaskKind.WAIT] * POLLS
 
 
@@ -76,9 +97,7 @@ def test_a_poll_its_client_gives_up_on_ends_on_the_server_at_once(tmp_path: Path
         start = time.monotonic()
         task = serde.task_from_pb(coordinator.stub.GetTask(pb.GetTaskRequest(agent_id="agent-a", wait_s=0.0)))
         took = time.monotonic() - start
-        samples = coordinator.orchestrator.metrics.registry.get_sample_value(
-            "fedpipe_rpc_duration_seconds_count", {"method": "GetTask", "code": "CANCELLED"}
-        )
+        samples = observed(coordinator.orchestrator.metrics.registry, "GetTask", "CANCELLED")
     finally:
         coordinator.stop()
 
@@ -96,9 +115,7 @@ def test_health_check_of_an_unknown_service_is_not_found_and_timed_so(tmp_path: 
         known = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
         with pytest.raises(grpc.RpcError) as unknown:
             health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
-        samples = coordinator.orchestrator.metrics.registry.get_sample_value(
-            "fedpipe_rpc_duration_seconds_count", {"method": "Check", "code": "NOT_FOUND"}
-        )
+        samples = observed(coordinator.orchestrator.metrics.registry, "Check", "NOT_FOUND")
     finally:
         coordinator.stop()
     assert known == health_pb2.HealthCheckResponse.SERVING
