@@ -138,6 +138,51 @@ def tensor_infos(header: pb.PayloadHeader) -> list[TensorInfo]:
     return infos
 
 
+class PayloadReader:
+    """A chunked payload reassembled as it arrives and verified at the end; raises before allocating anything
+    oversize. Chunks may be added from any thread, one at a time."""
+
+    def __init__(self, header: pb.PayloadHeader, max_bytes: int, max_chunk_bytes: int) -> None:
+        self.infos = tensor_infos(header)
+        if header.total_bytes > max_bytes:
+            raise ResourceExhausted(f"payload of {header.total_bytes} bytes exceeds the limit of {max_bytes}")
+        self.header = header
+        self.max_chunk_bytes = max_chunk_bytes
+        # One buffer for the whole payload, filled in place: each chunk is copied once, and the tensors are views
+        # of it (a tensor that the wire leaves misaligned for its dtype gets a copy of its own).
+        self.buffer = torch.empty(header.total_bytes, dtype=torch.uint8)
+        self.view = self.buffer.numpy().data
+        self.digest = hashlib.sha256()
+        self.filled = 0
+
+    def add(self, chunk: bytes | memoryview) -> None:
+        """Copy one chunk in and hash it."""
+        size = len(chunk)
+        if size > self.max_chunk_bytes:
+            raise ResourceExhausted(f"chunk of {size} bytes exceeds the limit of {self.max_chunk_bytes}")
+        if self.filled + size > self.header.total_bytes:
+            raise IntegrityError("payload", f"more bytes than the declared {self.header.total_bytes}")
+        self.view[self.filled : self.filled + size] = chunk
+        self.digest.update(chunk)
+        self.filled += size
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The payload's tensors, once every byte is in and the checksum matches."""
+        if self.filled != self.header.total_bytes:
+            raise IntegrityError("payload", f"stream ended after {self.filled} of {self.header.total_bytes} bytes")
+        if self.digest.digest() != self.header.sha256:
+            raise IntegrityError("payload.sha256", "checksum does not match the bytes received")
+        tensors: dict[str, torch.Tensor] = {}
+        offset = 0
+        for info in self.infos:
+            part = self.buffer[offset : offset + info.nbytes]
+            if offset % DTYPE_SIZES[info.dtype]:
+                part = part.clone()
+            tensors[info.name] = part.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+            offset += info.nbytes
+        return tensors
+
+
 def decode_payload(
     header: pb.PayloadHeader,
     chunks: Iterable[bytes | memoryview],
@@ -145,37 +190,10 @@ def decode_payload(
     max_chunk_bytes: int,
 ) -> dict[str, torch.Tensor]:
     """Reassemble and verify a chunked payload; raises before allocating anything oversize."""
-    infos = tensor_infos(header)
-    if header.total_bytes > max_bytes:
-        raise ResourceExhausted(f"payload of {header.total_bytes} bytes exceeds the limit of {max_bytes}")
-    # One buffer for the whole payload, filled in place: each chunk is copied once, and the tensors are views of
-    # it (a tensor that the wire leaves misaligned for its dtype gets a copy of its own).
-    buffer = torch.empty(header.total_bytes, dtype=torch.uint8)
-    view = buffer.numpy().data
-    digest = hashlib.sha256()
-    filled = 0
+    reader = PayloadReader(header, max_bytes, max_chunk_bytes)
     for chunk in chunks:
-        size = len(chunk)
-        if size > max_chunk_bytes:
-            raise ResourceExhausted(f"chunk of {size} bytes exceeds the limit of {max_chunk_bytes}")
-        if filled + size > header.total_bytes:
-            raise IntegrityError("payload", f"more bytes than the declared {header.total_bytes}")
-        view[filled : filled + size] = chunk
-        digest.update(chunk)
-        filled += size
-    if filled != header.total_bytes:
-        raise IntegrityError("payload", f"stream ended after {filled} of {header.total_bytes} bytes")
-    if digest.digest() != header.sha256:
-        raise IntegrityError("payload.sha256", "checksum does not match the bytes received")
-    tensors: dict[str, torch.Tensor] = {}
-    offset = 0
-    for info in infos:
-        part = buffer[offset : offset + info.nbytes]
-        if offset % DTYPE_SIZES[info.dtype]:
-            part = part.clone()
-        tensors[info.name] = part.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
-        offset += info.nbytes
-    return tensors
+        reader.add(chunk)
+    return reader.tensors()
 
 
 # ---------------------------------------------------------------- chunk messages in protobuf's wire form

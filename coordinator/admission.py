@@ -54,6 +54,16 @@ class RegisterInfo:
 
 
 @dataclass(frozen=True)
+class OpenUpdate:
+    """An upload that passed its header's checks; its payload is read next."""
+
+    meta: UpdateMeta
+    sha256: bytes
+    plan: TrainPlan
+    global_: GlobalState
+
+
+@dataclass(frozen=True)
 class UploadAnswer:
     """The coordinator's answer to an upload."""
 
@@ -243,16 +253,18 @@ class Admission:
         sha256: bytes,
         read_payload: Callable[[], Mapping[str, torch.Tensor]],
     ) -> UploadAnswer:
-        """Check an upload completely and keep it for this round's aggregation.
+        """Check an upload completely and keep it for this round's aggregation: open_update, then
+        read_payload (which verifies sizes and checksum), then finish_update."""
+        opened = self.open_update(meta, infos, sha256)
+        if isinstance(opened, UploadAnswer):
+            return opened
+        return self.finish_update(opened, read_payload())
 
-        From the header alone, before the payload is read: identity, round, plan, the figures it claims
-        (samples within what the plan allows on the agent's counted data) and the exact tensors the plan
-        asks for. A replay (the same payload by checksum as the agent's accepted update of the open round or
-        the one before) is acknowledged without reading it. Then read_payload (which verifies sizes and
-        checksum), then the values (finite, within updates.max_abs_value), then the absolute norm bound. An
-        update refused for its values or norm is not retrained: its agent sits the round out and is told so.
-        The round may have closed meanwhile, so the commit checks again under the lock.
-        """
+    def open_update(self, meta: UpdateMeta, infos: list[TensorInfo], sha256: bytes) -> OpenUpdate | UploadAnswer:
+        """An upload's checks from its header alone, before its payload is read: identity, round, plan, the
+        figures it claims (samples within what the plan allows on the agent's counted data) and the exact
+        tensors the plan asks for. A replay (the same payload by checksum as the agent's accepted update of the
+        open round or the one before) is answered at once, and its payload need not be read."""
         self.registry.get(meta.agent_id)
         state = self.state
         with state.cond:
@@ -265,7 +277,15 @@ class Admission:
         assert global_ is not None
         self.mode.check_origin(meta, plan)
         self.mode.check_declared(infos, plan, self.spec)
-        tensors = read_payload()
+        return OpenUpdate(meta, sha256, plan, global_)
+
+    def finish_update(self, opened: OpenUpdate, tensors: Mapping[str, torch.Tensor]) -> UploadAnswer:
+        """The checks of an opened upload's verified payload, then its place in the inbox: the values (finite,
+        within updates.max_abs_value), then the absolute norm bound. An update refused for its values or norm
+        is not retrained: its agent sits the round out and is told so. The round may have closed meanwhile,
+        so the commit checks again under the lock."""
+        meta, sha256, plan, global_ = opened.meta, opened.sha256, opened.plan, opened.global_
+        state = self.state
         try:
             self.mode.check_values(tensors, self.config.updates.max_abs_value)
             tensors, norms, raw_norm = self._bound_norm(meta, tensors, global_, plan)

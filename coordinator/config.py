@@ -21,8 +21,8 @@ class ServerSection(Section):
     workers: int = Field(
         64,
         ge=4,
-        description="threads that run uploads, downloads' encoding, registrations and reports (task polls "
-        "and heartbeats are coroutines of the asyncio server and hold none)",
+        description="threads that compute uploads and downloads and run registrations and reports (task polls, "
+        "heartbeats and the streams' waits are coroutines of the asyncio server and hold none)",
     )
     max_upload_bytes: int = Field(256 * 2**20, ge=1024, description="largest update payload accepted")
     max_chunk_bytes: int = Field(

@@ -1,13 +1,15 @@
 """Builds the coordinator's gRPC server: servicer, health, reflection, RPC latency interceptor, bound port.
 
-The server is grpc's asyncio server on an event loop thread of its own. A task poll that waits is a
-coroutine, not a thread, so a thousand polling agents need no tuning; handlers that compute (uploads,
-downloads, registrations, reports) run on server.workers threads.
+The server is grpc's asyncio server on an event loop thread of its own. A task poll that waits, and an
+upload or download waiting on the network, is a coroutine, not a thread, so a thousand agents need no
+tuning; what computes (payload copies, hashes, screening, encoding) and the other handlers run on
+server.workers threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -174,7 +176,17 @@ def _drain(pool: ThreadPoolExecutor) -> None:
         log.warning("server: worker threads still in a handler %.0fs after the server stopped", DRAIN_S)
 
 
+async def _cancel_rest() -> None:
+    """Cancel what still runs on the loop (the lag watch, a handler grpc left behind) and let it unwind."""
+    rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+
+
 def _end_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    with contextlib.suppress(Exception):  # a loop that no longer runs has nothing left to cancel
+        asyncio.run_coroutine_threadsafe(_cancel_rest(), loop).result(DRAIN_S)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(START_TIMEOUT_S)
     if not thread.is_alive():

@@ -1,8 +1,9 @@
 """gRPC edge of the coordinator: translate each request, call one domain function, translate back.
 
 Errors map through common.rpc's status table; unexpected ones become INTERNAL with a logged traceback.
-Heartbeat and GetTask are coroutines on the server's event loop (a waiting poll holds no thread); the
-other handlers run on the server's worker threads.
+Heartbeat, GetTask, DownloadGlobal and UploadUpdate are coroutines on the server's event loop (a call that
+waits on the network or the round holds no thread; their computing runs on worker threads); the other
+handlers run on the server's worker threads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -26,7 +27,7 @@ from common.errors import FedPipeError, InvalidArgument
 from common.rpc import status_for
 from common.security import ServerSecurity
 from common.types import Task
-from coordinator.admission import Admission
+from coordinator.admission import Admission, UploadAnswer
 from coordinator.bounds import check_agent_id
 from coordinator.config import ServerSection
 from coordinator.metrics import CoordinatorMetrics
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 A = TypeVar("A", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
 
 REJECT_REASONS = {  # bounded label values for fedpipe_updates_rejected_total
     grpc.StatusCode.INVALID_ARGUMENT: "invalid",
@@ -246,32 +248,43 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         header, payload = transfer.encode_payload(tensors)
         return header, tuple(transfer.chunk_messages(payload, self.limits.chunk_bytes))
 
-    @mapped
-    def UploadUpdate(  # chunks arrive as views (server.py's payload handlers)
-        self, request_iterator: Iterator[transfer.UploadPart], context: grpc.ServicerContext
+    async def UploadUpdate(  # chunks arrive as views (server.py's payload handlers)
+        self, request_iterator: AsyncIterator[transfer.UploadPart], context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UploadUpdateResponse:
+        # A coroutine: while its chunks are on the way (a slow link, a trickling client) it holds no thread;
+        # the header's checks, each chunk's copy and hash, and the payload's screening run on worker threads.
         start = time.perf_counter()
-        first = next(request_iterator, None)
-        if not isinstance(first, pb.UploadUpdateRequest) or first.WhichOneof("part") != "header":
-            raise InvalidArgument("header", "an upload must start with its header")
-        meta = serde.update_meta_from_pb(first.header)
-        self._authorize(context, meta.agent_id)
-        infos = transfer.tensor_infos(first.header.payload)
-        digest = bytes(first.header.payload.sha256)
-        answer = self.admission.admit_update(
-            meta,
-            infos,
-            digest,
-            lambda: transfer.decode_payload(
-                first.header.payload,
-                _chunks(request_iterator),
-                self.limits.max_upload_bytes,
-                self.limits.max_chunk_bytes,
-            ),
-        )
+        try:
+            first = await anext(request_iterator, None)
+            if not isinstance(first, pb.UploadUpdateRequest) or first.WhichOneof("part") != "header":
+                raise InvalidArgument("header", "an upload must start with its header")
+            meta = serde.update_meta_from_pb(first.header)
+            self._authorize(context, meta.agent_id)
+            infos = transfer.tensor_infos(first.header.payload)
+            digest = bytes(first.header.payload.sha256)
+            opened = await self._on_worker(self.admission.open_update, meta, infos, digest)
+            if isinstance(opened, UploadAnswer):
+                answer = opened  # a replay: acknowledged unread
+            else:
+                reader = transfer.PayloadReader(
+                    first.header.payload, self.limits.max_upload_bytes, self.limits.max_chunk_bytes
+                )
+                index = 0
+                async for part in request_iterator:
+                    index += 1
+                    chunk = transfer.chunk_of(part)
+                    if chunk is None:
+                        raise InvalidArgument(f"message[{index}]", "only chunks may follow the header")
+                    await self._on_worker(reader.add, chunk)
+                answer = await self._on_worker(lambda: self.admission.finish_update(opened, reader.tensors()))
+        except Exception as err:
+            await context.abort(*_refusal(self, "UploadUpdate", err))
         if not answer.replay:
             self.metrics.upload_seconds.labels(meta.agent_id).inc(time.perf_counter() - start)
         return pb.UploadUpdateResponse(accepted=True, round=meta.round, message=answer.message)
+
+    async def _on_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.loop.run_in_executor(self.pool, functools.partial(fn, *args))
 
     @mapped
     def ReportEvaluation(
@@ -289,11 +302,3 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._authorize(context, request.agent_id)
         self.admission.report_importance(request.agent_id, serde.importance_from_pb(request))
         return pb.ReportImportanceResponse()
-
-
-def _chunks(parts: Iterator[transfer.UploadPart]) -> Iterator[bytes | memoryview]:
-    for index, part in enumerate(parts, start=1):
-        chunk = transfer.chunk_of(part)
-        if chunk is None:
-            raise InvalidArgument(f"message[{index}]", "only chunks may follow the header")
-        yield chunk

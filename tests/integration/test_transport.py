@@ -1,5 +1,5 @@
-"""The asyncio transport: task polls that wait hold no worker thread, so heartbeats and registrations are
-answered at once however many polls are open, with the fewest worker threads the config allows."""
+"""The asyncio transport: task polls and uploads that wait hold no worker thread, so heartbeats and
+registrations are answered at once however many are open, with the fewest worker threads the config allows."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -150,3 +151,37 @@ def test_a_start_that_cannot_bind_leaves_nothing_running(tmp_path: Path) -> None
     assert after_threads == threads
     assert after_fds <= fds + 1  # (slack for one descriptor the runtime opens lazily)
     assert watchers == 1  # the running server's own
+
+
+def test_uploads_waiting_on_their_bytes_hold_no_worker_thread(tmp_path: Path) -> None:
+    # Arrange: 4 worker threads, and 8 uploads whose clients send nothing yet (a stalled link).
+    run = RunSection(rounds=1, min_agents=1000, registration_timeout_s=120, run_dir=tmp_path, finish_grace_s=0)
+    server = ServerSection(host="127.0.0.1", port=0, workers=4, max_calls_per_agent=2)
+    coordinator = launch(tmp_path, run=run, server=server)
+    release = threading.Event()
+
+    def stalled() -> Iterator[pb.UploadUpdateRequest]:
+        release.wait(30)
+        yield from ()
+
+    try:
+        uploads = [coordinator.stub.UploadUpdate.future(stalled(), timeout=60) for _ in range(8)]
+        time.sleep(0.5)  # the streams are open on the server
+        # Act: a registration, which runs on a worker thread.
+        start = time.monotonic()
+        registered = register(coordinator.stub, "agent-new")
+        took = time.monotonic() - start
+        pending = sum(not upload.done() for upload in uploads)
+        release.set()
+        codes = []
+        for upload in uploads:
+            with pytest.raises(grpc.RpcError) as refused:
+                upload.result()
+            codes.append(refused.value.code())
+    finally:
+        release.set()
+        coordinator.stop()
+
+    # Assert: answered at once with the 8 uploads still open; each then refused for its missing header.
+    assert registered.run_id and took < 2.0 and pending == 8
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 8
