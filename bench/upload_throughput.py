@@ -10,10 +10,9 @@ update of `expected_tensors(plan, spec)`. The first agent of each size is a warm
 Measured paths (both exactly what a real agent and the real coordinator execute):
 
 * upload: `CoordinatorClient.upload` -> `transfer.encode_payload` (SHA-256) -> chunked client stream ->
-  `CoordinatorServicer.UploadUpdate` -> `Orchestrator.check_upload` -> `transfer.decode_payload`
-  (size checks, SHA-256 verification) -> `Orchestrator.accept_update` (`check_tensors`: shapes,
-  dtypes, finiteness) -> response.
-* download: `CoordinatorClient.download` -> `Orchestrator.global_for` (`broadcast_tensors`) ->
+  `CoordinatorServicer.UploadUpdate` -> `Admission.open_update` (header checks) -> `transfer.PayloadReader`
+  (size checks, SHA-256 verification) -> `Admission.finish_update` (values, norm bound) -> response.
+* download: `CoordinatorClient.download` -> `Admission.download` (the mode's download tensors) ->
   `transfer.encode_payload` -> server stream -> `transfer.decode_payload` on the client.
 
 Baselines, same process: `tcp` = the same number of bytes through one raw loopback TCP stream (sender and

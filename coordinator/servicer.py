@@ -214,7 +214,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 return self.admission.next_task(agent_id, final)
             finally:
                 cond.release()
-        return await self.loop.run_in_executor(self.pool, self.admission.next_task, agent_id, final)
+        return await self._on_worker(self.admission.next_task, agent_id, final)
 
     async def DownloadGlobal(  # type: ignore[override]  # chunks go out serialized (server.py's payload handlers)
         self, request: pb.DownloadGlobalRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -224,16 +224,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         start = time.perf_counter()
         try:
             self._authorize(context, request.agent_id)
-            header, chunks = await self.loop.run_in_executor(
-                self.pool,
-                functools.partial(
-                    self.admission.download,
-                    request.agent_id,
-                    request.global_round,
-                    request.plan_id,
-                    self._encode_download,
-                    request.have_digest,
-                ),
+            header, chunks = await self._on_worker(
+                self.admission.download,
+                request.agent_id,
+                request.global_round,
+                request.plan_id,
+                self._encode_download,
+                request.have_digest,
             )
         except Exception as err:
             await context.abort(*_refusal(self, "DownloadGlobal", err))
@@ -248,42 +245,41 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         header, payload = transfer.encode_payload(tensors)
         return header, tuple(transfer.chunk_messages(payload, self.limits.chunk_bytes))
 
+    @amapped
     async def UploadUpdate(  # chunks arrive as views (server.py's payload handlers)
         self, request_iterator: AsyncIterator[transfer.UploadPart], context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UploadUpdateResponse:
         # A coroutine: while its chunks are on the way (a slow link, a trickling client) it holds no thread;
         # the header's checks, each chunk's copy and hash, and the payload's screening run on worker threads.
         start = time.perf_counter()
-        try:
-            first = await anext(request_iterator, None)
-            if not isinstance(first, pb.UploadUpdateRequest) or first.WhichOneof("part") != "header":
-                raise InvalidArgument("header", "an upload must start with its header")
-            meta = serde.update_meta_from_pb(first.header)
-            self._authorize(context, meta.agent_id)
-            infos = transfer.tensor_infos(first.header.payload)
-            digest = bytes(first.header.payload.sha256)
-            opened = await self._on_worker(self.admission.open_update, meta, infos, digest)
-            if isinstance(opened, UploadAnswer):
-                answer = opened  # a replay: acknowledged unread
-            else:
-                reader = transfer.PayloadReader(
-                    first.header.payload, self.limits.max_upload_bytes, self.limits.max_chunk_bytes
-                )
-                index = 0
-                async for part in request_iterator:
-                    index += 1
-                    chunk = transfer.chunk_of(part)
-                    if chunk is None:
-                        raise InvalidArgument(f"message[{index}]", "only chunks may follow the header")
-                    await self._on_worker(reader.add, chunk)
-                answer = await self._on_worker(lambda: self.admission.finish_update(opened, reader.tensors()))
-        except Exception as err:
-            await context.abort(*_refusal(self, "UploadUpdate", err))
+        first = await anext(request_iterator, None)
+        if not isinstance(first, pb.UploadUpdateRequest) or first.WhichOneof("part") != "header":
+            raise InvalidArgument("header", "an upload must start with its header")
+        meta = serde.update_meta_from_pb(first.header)
+        self._authorize(context, meta.agent_id)
+        infos = transfer.tensor_infos(first.header.payload)
+        digest = bytes(first.header.payload.sha256)
+        opened = await self._on_worker(self.admission.open_update, meta, infos, digest)
+        if isinstance(opened, UploadAnswer):
+            answer = opened  # a replay: acknowledged unread
+        else:
+            reader = transfer.PayloadReader(
+                first.header.payload, self.limits.max_upload_bytes, self.limits.max_chunk_bytes
+            )
+            index = 0
+            async for part in request_iterator:
+                index += 1
+                chunk = transfer.chunk_of(part)
+                if chunk is None:
+                    raise InvalidArgument(f"message[{index}]", "only chunks may follow the header")
+                await self._on_worker(reader.add, chunk)
+            answer = await self._on_worker(lambda: self.admission.finish_update(opened, reader.tensors()))
         if not answer.replay:
             self.metrics.upload_seconds.labels(meta.agent_id).inc(time.perf_counter() - start)
         return pb.UploadUpdateResponse(accepted=True, round=meta.round, message=answer.message)
 
     async def _on_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on one of the server's worker threads, awaited from the loop."""
         return await self.loop.run_in_executor(self.pool, functools.partial(fn, *args))
 
     @mapped
