@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # deploy/ lives beside bench/, not in the installed package
 
-from deploy.local_federation import merge  # noqa: E402  (the launcher's deep merge, re-exported)
+from common.settings import merge  # noqa: E402
 
 __all__ = ["ROOT", "Variant", "kept_run", "machine", "merge", "run_federation", "write_result"]
 

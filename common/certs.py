@@ -146,14 +146,17 @@ def write_bundle(
     hosts: Sequence[str] = DEFAULT_HOSTS,
     days: int = 825,
     force: bool = False,
+    admins: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write (or extend) a deployment's certificates under `out`; return what was written, keyed "ca",
-    "coordinator" and "agent:<id>", each mapped to its .crt path.
+    "coordinator", "agent:<id>" and "admin:<name>", each mapped to its .crt path. An admin's certificate
+    names `admin:<name>` (a form no agent id takes), which a serving coordinator's admin API asks for.
 
     An existing CA is reused so agents can be added later; existing leaf certificates are kept unless `force`.
     """
     # Validate everything first: a bad id must not leave a half-written bundle behind.
     agent_ids = list(dict.fromkeys(check_agent_id(agent) for agent in agents))
+    admin_names = list(dict.fromkeys(check_agent_id(admin) for admin in admins))  # an admin name has an id's form
     _check_days(days)
     if not hosts:
         raise ConfigError("the coordinator certificate needs at least one host name or IP address")
@@ -191,12 +194,24 @@ def write_bundle(
         if reissue or not (crt.exists() and key.exists()):
             _write_pair(crt, key, issue(ca, agent_id, days=days))
             written[f"agent:{agent_id}"] = crt
+    if admin_names:
+        (out / "admins").mkdir(exist_ok=True)
+    for name in admin_names:
+        crt, key = admin_paths(out, name)
+        if reissue or not (crt.exists() and key.exists()):
+            _write_pair(crt, key, issue(ca, f"admin:{name}", days=days))
+            written[f"admin:{name}"] = crt
     return written
 
 
 def agent_paths(out: Path, agent_id: str) -> tuple[Path, Path]:
     """Where write_bundle puts an agent's certificate and key."""
     return out / "agents" / f"{agent_id}.crt", out / "agents" / f"{agent_id}.key"
+
+
+def admin_paths(out: Path, name: str) -> tuple[Path, Path]:
+    """Where write_bundle puts an admin's certificate and key."""
+    return out / "admins" / f"{name}.crt", out / "admins" / f"{name}.key"
 
 
 def certs_main(argv: Sequence[str]) -> int:
@@ -209,6 +224,9 @@ def certs_main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory to write to")
     parser.add_argument("--agent", action="append", default=[], metavar="ID", help="an agent id (repeatable)")
     parser.add_argument("--agents", action="append", default=[], metavar="A,B,C", help="comma-separated agent ids")
+    parser.add_argument(
+        "--admin", action="append", default=[], metavar="NAME", help="an admin of a serving coordinator (repeatable)"
+    )
     parser.add_argument(
         "--host",
         action="append",
@@ -230,7 +248,7 @@ def certs_main(argv: Sequence[str]) -> int:
     hosts: list[str] = args.host or list(DEFAULT_HOSTS)
     out: Path = args.out
     try:
-        written = write_bundle(out, agents, hosts=hosts, days=args.days, force=args.force)
+        written = write_bundle(out, agents, hosts=hosts, days=args.days, force=args.force, admins=args.admin)
     except (ConfigError, OSError) as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 2
@@ -247,6 +265,9 @@ def certs_main(argv: Sequence[str]) -> int:
     for agent_id in dict.fromkeys(agents):
         crt, key = agent_paths(out, agent_id)
         print(f"agent {agent_id}: --agent-id {agent_id} --tls.ca {out / 'ca.crt'} --tls.cert {crt} --tls.key {key}")
+    for name in dict.fromkeys(args.admin):
+        crt, key = admin_paths(out, name)
+        print(f"admin {name}: fedpipe-coordinator runs --ca {out / 'ca.crt'} --cert {crt} --key {key}")
     return 0
 
 

@@ -28,6 +28,10 @@ class UnknownAgent(FedPipeError):
     """The agent id is not registered (or the coordinator forgot it); register again."""
 
 
+class UnknownRun(FedPipeError):
+    """No run of a serving coordinator has that id."""
+
+
 class StaleRound(FedPipeError):
     """An upload or download names a round that is not the open one."""
 

@@ -60,13 +60,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def formatter(name: str, fmt: str = "text") -> logging.Formatter:
+    """The line format of a process's logs: '<time> <name> <level> message', or JSON lines."""
+    if fmt == "json":
+        return JsonFormatter(name)
+    return logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s", "%H:%M:%S")
+
+
 def setup(name: str, fmt: str = "text", level: int = logging.INFO) -> None:
     """Route logs to stderr as text ('<time> <name> <level> message') or JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter(name))
-    else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(formatter(name, fmt))
     handler.addFilter(EscapeControl())
     root = logging.getLogger()
     root.handlers[:] = [handler]

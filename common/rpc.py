@@ -37,6 +37,7 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.ModelMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.UnknownAgent, grpc.StatusCode.NOT_FOUND),
+    (errors.UnknownRun, grpc.StatusCode.NOT_FOUND),
     (errors.StaleRound, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.AlreadyUploaded, grpc.StatusCode.ALREADY_EXISTS),
     (errors.NotReady, grpc.StatusCode.UNAVAILABLE),

@@ -3,6 +3,8 @@
 mTLS (the default): an agent is the common name of its client certificate, signed by the run's CA.
 Token (the documented alternative): server-only TLS, and each call carries `authorization: Bearer T`;
 the coordinator keeps only sha256(T) per agent. --insecure: plaintext, nobody is checked.
+Admins (the admin API of a serving coordinator) are told apart from agents by a form no agent id can take:
+`admin:NAME`, the common name of an admin certificate (mTLS) or the identity of an admin token.
 """
 
 from __future__ import annotations
@@ -49,19 +51,23 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def load_tokens(path: Path | None) -> dict[str, str]:
-    """tls.tokens: a YAML/JSON map agent id -> sha256 hex of its token; returned as digest -> agent id."""
-    raw = yaml.safe_load(read_file(path, "tls.tokens"))
+def load_tokens(path: Path | None, field_name: str = "tls.tokens", prefix: str = "") -> dict[str, str]:
+    """A YAML/JSON map id -> sha256 hex of its token (tls.tokens: agents; admin.tokens: admins, whose ids
+    get `prefix`); returned as digest -> id."""
+    raw = yaml.safe_load(read_file(path, field_name))
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"tls.tokens: {path} must map agent ids to sha256 hex digests")
+        raise ConfigError(f"{field_name}: {path} must map ids to sha256 hex digests")
     by_digest: dict[str, str] = {}
-    for agent, digest in raw.items():
+    for who, digest in raw.items():
         if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise ConfigError(f"tls.tokens: the entry of {agent!r} is not a sha256 hex digest")
+            raise ConfigError(f"{field_name}: the entry of {who!r} is not a sha256 hex digest")
         if digest in by_digest:
-            raise ConfigError(f"tls.tokens: {agent!r} and {by_digest[digest]!r} share a token")
-        by_digest[digest] = str(agent)
+            raise ConfigError(f"{field_name}: {who!r} and {by_digest[digest]!r} share a token")
+        by_digest[digest] = f"{prefix}{who}"
     return by_digest
+
+
+ADMIN = "admin:"  # the prefix of every admin identity; agent ids cannot hold a colon
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,8 @@ class ServerSecurity:
 
     mode: Mode
     credentials: grpc.ServerCredentials | None = None
-    tokens: Mapping[str, str] = field(default_factory=dict)  # sha256 hex -> agent id
+    tokens: Mapping[str, str] = field(default_factory=dict)  # sha256 hex -> agent id, or admin:NAME
+    admin_names: frozenset[str] = frozenset()  # mtls: the admins allowed; empty = any the CA signed
 
     @classmethod
     def insecure(cls) -> ServerSecurity:
@@ -78,7 +85,7 @@ class ServerSecurity:
         return cls("insecure")
 
     def identity(self, context: grpc.ServicerContext) -> str | None:
-        """The authenticated agent behind a call, or None."""
+        """The authenticated agent (or admin:NAME) behind a call, or None."""
         if self.mode == "mtls":
             # grpc-stubs type the values as bytes; grpc gives a list of bytes per key
             names = cast(Sequence[bytes], context.auth_context().get("x509_common_name") or [])
@@ -91,6 +98,20 @@ class ServerSecurity:
                     matches = [a for d, a in self.tokens.items() if hmac.compare_digest(d, digest)]
                     return matches[0] if matches else None
         return None
+
+    def admin(self, context: grpc.ServicerContext) -> str:
+        """The admin behind a call (admin:NAME); Unauthenticated or PermissionDenied for anyone else."""
+        if self.mode == "insecure":
+            return f"{ADMIN}anonymous"  # --insecure checks nobody, admins included
+        who = self.identity(context)
+        if who is None:
+            what = "client certificate" if self.mode == "mtls" else "bearer token"
+            raise Unauthenticated(f"no valid {what}; the admin API needs an admin's")
+        if not who.startswith(ADMIN):
+            raise PermissionDenied(f"{who!r} is an agent; the admin API takes admins only")
+        if self.mode == "mtls" and self.admin_names and who[len(ADMIN) :] not in self.admin_names:
+            raise PermissionDenied(f"{who!r} is not one of admin.names")
+        return who
 
     def authorize(self, context: grpc.ServicerContext, agent_id: str) -> None:
         """Refuse a call whose caller is not the agent it names."""
@@ -111,16 +132,33 @@ def server_security(
     auth: Literal["mtls", "token"],
     client_ca: Path | None,
     tokens: Path | None,
+    admin_tokens: Path | None = None,
+    admin_names: Sequence[str] = (),
 ) -> ServerSecurity:
-    """Read and check the coordinator's TLS files; ConfigError names the field that is wrong."""
+    """Read and check the coordinator's TLS files; ConfigError names the field that is wrong.
+    admin_tokens (token auth) and admin_names (mtls) say who may use the admin API."""
     if insecure:
         return ServerSecurity.insecure()
     certificate = _pem(cert, "tls.cert", "CERTIFICATE")
     pair = [(_pem(key, "tls.key", "PRIVATE KEY"), certificate)]
     if auth == "mtls":
+        if admin_tokens is not None:
+            raise ConfigError("admin.tokens: token auth only; under mtls an admin presents an admin certificate")
         ca = _pem(client_ca, "tls.client_ca", "CERTIFICATE")
-        return ServerSecurity("mtls", grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=True))
-    return ServerSecurity("token", grpc.ssl_server_credentials(pair), load_tokens(tokens))
+        credentials = grpc.ssl_server_credentials(pair, root_certificates=ca, require_client_auth=True)
+        return ServerSecurity("mtls", credentials, admin_names=frozenset(admin_names))
+    if admin_names:
+        raise ConfigError("admin.names: mtls only; under token auth the admins are the names in admin.tokens")
+    by_digest = load_tokens(tokens)
+    if admin_tokens is not None:
+        admins = load_tokens(admin_tokens, "admin.tokens", ADMIN)
+        shared = set(admins) & set(by_digest)
+        if shared:
+            raise ConfigError(
+                f"admin.tokens: {admins[min(shared)]!r} shares a token with agent {by_digest[min(shared)]!r}"
+            )
+        by_digest = {**by_digest, **admins}
+    return ServerSecurity("token", grpc.ssl_server_credentials(pair), by_digest)
 
 
 def channel_credentials(

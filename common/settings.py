@@ -3,7 +3,8 @@ of increasing precedence, built once in cli.main() and validated with messages t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -38,6 +39,11 @@ class ModelSection(Section):
 
     path: str = Field(
         EMBEDDED, description="model directory, 'embedded' for MiniLM-L6, 'embedded-llm' for SmolLM2-135M-Instruct"
+    )
+    name: str = Field(
+        "",
+        description="the name this base goes by between the coordinator and agents that stay up across runs (a key "
+        "of the agents' `models`); default: path",
     )
     task: Literal["auto", "seq-cls", "causal-lm"] = Field(
         "auto", description="seq-cls or causal-lm; auto: causal-lm for embedded-llm and *ForCausalLM models"
@@ -131,6 +137,17 @@ def build(settings_cls: type[S], argv: Sequence[str], prog: str) -> S:
     except ValidationError as err:
         raise ConfigError(describe(err)) from None
     return built
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge of two config mappings; override wins, nested mappings merge key by key."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def dump(settings: BaseModel) -> dict[str, Any]:

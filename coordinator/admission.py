@@ -173,7 +173,7 @@ class Admission:
     def _task_for(self, agent_id: str) -> Task:
         state = self.state
         if state.phase is Phase.FINISHED:
-            return Task(TaskKind.FINISHED, round=state.round, message="the run is complete")
+            return Task(TaskKind.FINISHED, round=state.round, message=state.end_message)
         if state.phase is Phase.TRAINING and agent_id in state.sat_out:
             message = f"sitting out round {state.round}: {state.sat_out[agent_id]}"
             return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=message)

@@ -17,11 +17,14 @@ from common.errors import ConfigError, FedPipeError
 from common.settings import build
 
 if TYPE_CHECKING:
+    from common.security import ServerSecurity
     from common.types import ModelSpec
     from coordinator.config import CoordinatorConfig
+    from coordinator.metrics import CoordinatorMetrics
     from coordinator.modes import Mode
     from coordinator.orchestrator import Orchestrator
     from coordinator.planner import Planner, PlanOptions, SearchSpace
+    from coordinator.service import Service
     from coordinator.strategy import Strategy
 
 log = logging.getLogger("fedpipe.coordinator")
@@ -45,15 +48,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         from coordinator.simulate import main as simulate
 
         return simulate(args[1:])
+    if args[:1] == ["serve"]:
+        return launch(CoordinatorConfig, args[1:], "fedpipe-coordinator serve", serve, run_dir=False)
+    if args[:1] and args[0] in ADMIN_COMMANDS:
+        from coordinator.admin_client import main as admin
+
+        return admin(args)
     return launch(CoordinatorConfig, args, "fedpipe-coordinator", run)
 
 
-def launch(settings: type[C], args: Sequence[str], prog: str, body: Callable[[C], int]) -> int:
+ADMIN_COMMANDS = ("submit", "runs", "status", "cancel", "logs")
+
+
+def launch(settings: type[C], args: Sequence[str], prog: str, body: Callable[[C], int], run_dir: bool = True) -> int:
     """Build the config (exit 2 naming what is wrong, before anything starts), set up logging, run body;
-    domain errors become exit codes 2 (config) and 1 (the rest)."""
+    domain errors become exit codes 2 (config) and 1 (the rest). run_dir: make run.run_dir first."""
     try:
         config = build(settings, args, prog)
-        config.run.run_dir.mkdir(parents=True, exist_ok=True)
+        if run_dir:
+            config.run.run_dir.mkdir(parents=True, exist_ok=True)
     except (ConfigError, OSError) as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
@@ -68,63 +81,94 @@ def launch(settings: type[C], args: Sequence[str], prog: str, body: Callable[[C]
         return 1
 
 
-def run(config: CoordinatorConfig) -> int:
-    """Wire registry, planner, strategy, evaluator, metrics and server; run the rounds; stop cleanly."""
-    from common.metrics import serve
+def _security(config: CoordinatorConfig) -> ServerSecurity:
+    """Credentials first: a bad certificate path must not leave a half-started coordinator behind."""
     from common.security import server_security
-    from coordinator.round_state import RunAborted
-    from coordinator.server import start_server
 
-    # Credentials first: a bad certificate path must not leave a half-started coordinator behind.
     tls = config.tls
-    security = server_security(config.insecure, tls.cert, tls.key, tls.auth, tls.client_ca, tls.tokens)
-    if config.insecure:
-        log.warning("--insecure: plaintext gRPC and no agent authentication; use only on a trusted network")
-    orchestrator = assemble(config).orchestrator
-    metrics = orchestrator.metrics
-    # gRPC binds first: its port is fixed (agents know it), the metrics port may be 0, and the OS
-    # could hand an ephemeral metrics port the very number gRPC was about to take.
-    serving = start_server(orchestrator.admission, config.server, metrics, security)
-    if config.metrics.port >= 0:
-        try:
-            metrics_port = serve(metrics.registry, config.metrics.host, config.metrics.port)
-        except OSError:
-            serving.stop(grace_s=0)
-            raise
-        log.info("metrics on http://%s:%d/metrics", config.metrics.host, metrics_port)
-    log.info(
-        "serving fedpipe.v1.Coordinator on %s:%d (%s, run %s, dir %s)",
-        config.server.host,
-        serving.port,
-        "plaintext" if config.insecure else f"TLS, {tls.auth} auth",
-        orchestrator.run_id,
-        config.run.run_dir,
+    security = server_security(
+        config.insecure, tls.cert, tls.key, tls.auth, tls.client_ca, tls.tokens, config.admin.tokens, config.admin.names
     )
-    (config.run.run_dir / "coordinator.port").write_text(f"{serving.port}\n")
+    if config.insecure:
+        log.warning("--insecure: plaintext gRPC and no agent or admin authentication; use only on a trusted network")
+    return security
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        log.warning("signal %d: stopping the run", signum)
-        orchestrator.stop()
 
-    signal.signal(signal.SIGTERM, stop)
+def _serving_line(config: CoordinatorConfig, port: int, what: str) -> None:
+    tls = config.tls
+    secured = "plaintext" if config.insecure else f"TLS, {tls.auth} auth"
+    log.info(
+        "serving fedpipe.v1.Coordinator and fedpipe.v1.Admin on %s:%d (%s, %s)", config.server.host, port, secured, what
+    )
+
+
+def run(config: CoordinatorConfig) -> int:
+    """The one-shot coordinator: a service with one run (config's), which exits when the run ends."""
+    from coordinator.jobs import JobQueue
+    from coordinator.rundir import saved_state
+    from coordinator.service import Service
+
+    security = _security(config)
+    service = Service(config, security, JobQueue(None))
+    service.single = True
+    orchestrator = assemble(config, metrics=service.metrics).orchestrator
+    saved = saved_state(config.run.run_dir) or {}
+    job = service.queue.submit({}, run_id=str(saved.get("run_id") or orchestrator.run_id))
+    port = service.start(orchestrator)
+    _serving_line(config, port, f"run {job.run_id}, dir {config.run.run_dir}")
+    (config.run.run_dir / "coordinator.port").write_text(f"{port}\n")
+
+    _stop_on(service, "stopping the run", signal.SIGTERM)
     try:
-        summary = orchestrator.run()
-    except RunAborted as err:
-        log.error("run aborted: %s", err)
-        return 1
+        taken = service.queue.take(timeout_s=0)
+        assert taken is not None
+        ended = service.run_job(taken, config, orchestrator)
     finally:
-        serving.stop(grace_s=2)
-    accuracy = summary.get("final_accuracy")
+        service.close()
+    if ended.state != "completed":
+        log.error("run aborted: %s", ended.message or "stopped before the run completed")
+        return 1
+    accuracy = ended.final_accuracy
     if accuracy is not None:
-        f1 = summary.get("final_macro_f1")
+        final = service.summaries[ended.run_id]
+        f1 = final.get("final_macro_f1")
         log.info(
             "final accuracy: %.3f%s (%s, round %d)",
             accuracy,
             f", macro-F1 {f1:.3f}" if f1 is not None else "",
-            summary["final_source"],
-            summary["final_round"],
+            final["final_source"],
+            final["final_round"],
         )
     return 0
+
+
+def serve(config: CoordinatorConfig) -> int:
+    """`fedpipe-coordinator serve`: stay up, run submitted runs one after another (coordinator.service)."""
+    from coordinator.jobs import JobQueue
+    from coordinator.service import Service
+
+    security = _security(config)
+    queue = JobQueue(config.service.state_dir)  # a queue file that cannot be read stops us before binding
+    service = Service(config, security, queue)
+    port = service.start()
+    _serving_line(config, port, f"runs in {config.service.state_dir}")
+    (config.service.state_dir / "coordinator.port").write_text(f"{port}\n")
+
+    _stop_on(service, "stopping (a running run resumes at the next start)", signal.SIGTERM, signal.SIGINT)
+    try:
+        service.serve_forever()
+    finally:
+        service.close()
+    return 0
+
+
+def _stop_on(service: Service, what: str, *signals: signal.Signals) -> None:
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.warning("signal %d: %s", signum, what)
+        service.stop()
+
+    for signum in signals:
+        signal.signal(signum, stop)
 
 
 @dataclass(frozen=True)
@@ -136,9 +180,12 @@ class Assembled:
     spec: ModelSpec
 
 
-def assemble(config: CoordinatorConfig, planner: Planner | None = None) -> Assembled:
+def assemble(
+    config: CoordinatorConfig, planner: Planner | None = None, metrics: CoordinatorMetrics | None = None
+) -> Assembled:
     """The orchestrator of a run (registry, planner, strategy, mode, held-out evaluator, metrics) from its config;
-    the config's planner unless one is given (a simulation times its calls)."""
+    the config's planner unless one is given (a simulation times its calls); new metrics unless given (a
+    serving coordinator's runs share one registry)."""
     from common.data import DataSource
     from common.modeling import configured_model
     from coordinator.evaluation import HeldOutEvaluator
@@ -182,7 +229,7 @@ def assemble(config: CoordinatorConfig, planner: Planner | None = None) -> Assem
         planner or PLANNERS[config.planner],
         options,
         build_strategy(config),
-        CoordinatorMetrics(),
+        metrics or CoordinatorMetrics(),
         base_path,
         evaluator,
         mode,

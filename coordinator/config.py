@@ -64,6 +64,31 @@ class TlsSection(Section):
     )
 
 
+class AdminSection(Section):
+    """Who may use the admin API (submit, runs, status, cancel, logs); it shares the agents' port."""
+
+    names: list[str] = Field(
+        [],
+        description="mtls: the admins allowed (an admin certificate names admin:NAME, made with `fedpipe-coordinator "
+        "certs --admin NAME`); empty = any admin certificate the CA signed",
+    )
+    tokens: Path | None = Field(
+        None, description="token auth: YAML/JSON map of admin name to the sha256 hex digest of its token"
+    )
+
+
+class ServiceSection(Section):
+    """fedpipe-coordinator serve: a coordinator that stays up and runs submitted runs one after another."""
+
+    state_dir: Path = Field(
+        Path("runs/service"), description="the run queue (queue.json) and each run's directory (runs/<id>)"
+    )
+
+
+# What a submitted run may not set: the serving coordinator's own, shared by every run.
+SERVICE_KEYS = ("server", "tls", "metrics", "admin", "service", "insecure", "log_format")
+
+
 class UpdatesSection(Section):
     """Bounds on what one agent's update may do to the global adapter (robust aggregation)."""
 
@@ -123,6 +148,11 @@ class RunSection(Section):
     agent_timeout_s: float = Field(30.0, gt=0, description="an agent silent this long counts as dead")
     run_dir: Path = Field(Path("runs/latest"), description="where rounds, plans and the final adapter go")
     seed: int = Field(0, description="seed of the round-0 adapter and of every plan")
+    dataset: str = Field(
+        "",
+        description="the data set agents train on, by a name of their `datasets` (their paths stay theirs); '' = "
+        "each agent's own `data`",
+    )
     finish_grace_s: float = Field(15.0, ge=0, description="how long to keep serving FINISHED to agents")
     quorum: int = Field(0, ge=0, description="updates needed to aggregate a round; 0 = min_agents")
     quorum_fraction: float = Field(
@@ -344,6 +374,8 @@ class CoordinatorConfig(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     insecure: bool = Field(False, description="serve plaintext gRPC without authentication (tests, trusted hosts)")
     tls: TlsSection = TlsSection()
+    admin: AdminSection = AdminSection()
+    service: ServiceSection = ServiceSection()
     model: ModelSection = ModelSection()
     updates: UpdatesSection = UpdatesSection()
     aggregation: AggregationSection = AggregationSection()

@@ -251,6 +251,24 @@ class CoordinatorMetrics:
             registry=r,
         )
 
+        self.run_info = Gauge(
+            "fedpipe_run",
+            "1 for the run being served; one series, the current (or last) run's",
+            ["run_id"],
+            registry=r,
+        )
+        self.runs = Gauge("fedpipe_runs", "Runs of a serving coordinator by state", ["state"], registry=r)
+
+    def begin_run(self, run_id: str) -> None:
+        """A serving coordinator's next run: its id on fedpipe_run, and the per-run figures of the run before
+        cleared, so no series outlives its run and each is the current run's."""
+        self.run_info.clear()
+        self.run_info.labels(run_id).set(1)
+        for gauge in (self.run_finished, self.current_round, self.resumed_round, self.mask_size, self.mask_parameters):
+            gauge.set(0)
+        for labelled in (self.selection_score, self.global_class_recall):
+            labelled.clear()
+
     def start_agent(self, agent: str) -> None:
         """Create an agent's counters at 0, so rates and alerts see them before its first event."""
         for counter in (

@@ -54,6 +54,7 @@ class RoundState:
     cond: threading.Condition = field(default_factory=threading.Condition)
     stopping: threading.Event = field(default_factory=threading.Event)
     phase: Phase = Phase.REGISTERING
+    end_message: str = "the run is complete"  # what agents hear with FINISHED (a cancelled run says so)
     round: int = 0
     global_: GlobalState | None = None
     plans: dict[str, TrainPlan] = field(default_factory=dict)  # the open training round's plans

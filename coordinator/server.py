@@ -96,6 +96,7 @@ class LatencyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 @dataclass
@@ -144,9 +145,14 @@ def _payload_handlers(servicer: CoordinatorServicer) -> dict[str, grpc.RpcMethod
 
 
 def start_server(
-    admission: Admission, section: ServerSection, metrics: CoordinatorMetrics, security: ServerSecurity
+    admission: Admission | None,
+    section: ServerSection,
+    metrics: CoordinatorMetrics,
+    security: ServerSecurity,
+    admin: pb_grpc.AdminServicer | None = None,
 ) -> Serving:
-    """Start serving (TLS unless security is insecure); section.port 0 picks a free port.
+    """Start serving (TLS unless security is insecure); section.port 0 picks a free port. admission: the run
+    agents' calls go to (None: none yet, see CoordinatorServicer.attach); admin: the admin API, if any.
 
     OSError when the address cannot be bound; nothing is left running then.
     """
@@ -155,7 +161,7 @@ def start_server(
     thread.start()
     pool = ThreadPoolExecutor(max_workers=section.workers, thread_name_prefix="grpc-worker")
     servicer = CoordinatorServicer(admission, section, metrics, security, loop, pool)
-    started = asyncio.run_coroutine_threadsafe(_start(servicer, section, metrics, security, pool), loop)
+    started = asyncio.run_coroutine_threadsafe(_start(servicer, section, metrics, security, pool, admin), loop)
     try:
         server, port, checker = started.result(START_TIMEOUT_S)
     except BaseException:
@@ -199,6 +205,7 @@ async def _start(
     metrics: CoordinatorMetrics,
     security: ServerSecurity,
     pool: ThreadPoolExecutor,
+    admin: pb_grpc.AdminServicer | None,
 ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     # The latency interceptor is outermost, so refusals by the guard are timed and counted with their code.
     server = grpc.aio.server(
@@ -212,9 +219,13 @@ async def _start(
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, payload),))
     pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
     cast(Any, server).add_registered_method_handlers(SERVICE, payload)  # grpc-stubs 1.53 predates it
+    names: tuple[str, ...] = (SERVICE,)
+    if admin is not None:
+        pb_grpc.add_AdminServicer_to_server(admin, server)
+        names += (ADMIN_SERVICE,)
     checker = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    names += (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     address = f"{section.host}:{section.port}"
     try:

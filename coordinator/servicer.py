@@ -23,7 +23,7 @@ from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 
 from common import serde, transfer
-from common.errors import FedPipeError, InvalidArgument
+from common.errors import FedPipeError, InvalidArgument, UnknownAgent
 from common.rpc import status_for
 from common.security import ServerSecurity
 from common.types import Task
@@ -51,7 +51,7 @@ REJECT_REASONS = {  # bounded label values for fedpipe_updates_rejected_total
 }
 
 
-def _refusal(servicer: CoordinatorServicer, name: str, err: Exception) -> tuple[grpc.StatusCode, str]:
+def _refusal(servicer: Any, name: str, err: Exception) -> tuple[grpc.StatusCode, str]:
     """The status a handler's exception is answered with, counted and logged."""
     if not isinstance(err, FedPipeError):
         log.error("%s failed", name, exc_info=err)
@@ -67,7 +67,7 @@ def mapped(method: F) -> F:
     """Turn domain errors into gRPC statuses (the one table in common.rpc), for a handler on a worker thread."""
 
     @functools.wraps(method)
-    def wrapper(self: CoordinatorServicer, request: Any, context: grpc.ServicerContext) -> Any:
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return method(self, request, context)
         except Exception as err:
@@ -80,7 +80,7 @@ def amapped(method: A) -> A:
     """mapped, for a coroutine handler on the event loop."""
 
     @functools.wraps(method)
-    async def wrapper(self: CoordinatorServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await method(self, request, context)
         except Exception as err:
@@ -131,32 +131,55 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def __init__(
         self,
-        admission: Admission,
+        admission: Admission | None,
         limits: ServerSection,
         metrics: CoordinatorMetrics,
         security: ServerSecurity,
         loop: asyncio.AbstractEventLoop,
         pool: Executor,
     ) -> None:
-        self.admission = admission
+        """admission: the run the calls go to; None until a serving coordinator starts its first run."""
+        self.current: Admission | None = None
         self.limits = limits
         self.metrics = metrics
         self.security = security
         self.loop = loop
         self.pool = pool
         self.wakeup = Wakeup(loop)
-        with admission.state.cond:
-            admission.state.watchers.append(self.wakeup.ring)
+        if admission is not None:
+            self.attach(admission)
         self.lag_watch = asyncio.run_coroutine_threadsafe(_watch_lag(metrics), loop)
         for reason in {*REJECT_REASONS.values(), "other"}:
             metrics.updates_rejected.labels(reason)  # every reason at 0 from the start
 
-    def close(self) -> None:
-        """Stop being woken by the round state (the server is gone)."""
-        state = self.admission.state
+    @property
+    def admission(self) -> Admission:
+        """The run agents' calls go to now."""
+        current = self.current
+        if current is None:  # an agent of a run before a restart: registering again tells it to wait
+            raise UnknownAgent("no run is active on this coordinator; register again to wait for one")
+        return current
+
+    def attach(self, admission: Admission) -> None:
+        """Send agents' calls to this run from now on (a serving coordinator's next run); waiting polls look
+        again. The run before stays reachable through calls already under way."""
+        self._detach()
+        with admission.state.cond:
+            admission.state.watchers.append(self.wakeup.ring)
+        self.current = admission
+        self.wakeup.ring()
+
+    def _detach(self) -> None:
+        if self.current is None:
+            return
+        state = self.current.state
         with state.cond:
             if self.wakeup.ring in state.watchers:
                 state.watchers.remove(self.wakeup.ring)
+
+    def close(self) -> None:
+        """Stop being woken by the round state (the server is gone)."""
+        self._detach()
         self.lag_watch.cancel()
 
     def _authorize(self, context: Any, agent_id: str) -> None:
@@ -169,6 +192,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if not request.HasField("profile") or not request.HasField("model"):
             raise InvalidArgument("profile" if not request.HasField("profile") else "model", "missing")
         self._authorize(context, request.agent_id)
+        if self.current is None:  # serving, no run yet: an empty run id tells the agent to wait for one
+            return pb.RegisterResponse(run_id="", heartbeat_interval_s=5.0, chunk_bytes=self.limits.chunk_bytes)
         info = self.admission.register(
             request.agent_id, serde.profile_from_pb(request.profile), serde.spec_from_pb(request.model)
         )
@@ -181,6 +206,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.HeartbeatResponse:
         self._authorize(context, request.agent_id)
+        if self.current is None:
+            return pb.HeartbeatResponse(known=False, current_round=0)
         known, round_ = self.admission.heartbeat(request.agent_id, request.state)
         return pb.HeartbeatResponse(known=known, current_round=round_)
 
@@ -190,14 +217,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     ) -> pb.GetTaskResponse:
         self._authorize(context, request.agent_id)
         agent_id = request.agent_id
-        end = self.admission.open_poll(agent_id, request.wait_s)
-        clock = self.admission.state.clock
+        admission = self.admission  # the run this poll asked; a switch to the next one wakes it
+        end = admission.open_poll(agent_id, request.wait_s)
+        clock = admission.state.clock
         self.metrics.polls_open.inc()
         try:
             while True:
                 changed = self.wakeup.event  # taken before looking, so a change made meanwhile wakes the wait
                 remaining = end - clock()
-                task = await self._next_task(agent_id, final=remaining <= 0)
+                task = await self._next_task(admission, agent_id, final=remaining <= 0)
                 if task is not None:
                     return serde.task_to_pb(task)
                 # Re-looks at least every POLL_S, as the threaded poll does, so an injected clock is followed.
@@ -205,16 +233,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         finally:
             self.metrics.polls_open.dec()
 
-    async def _next_task(self, agent_id: str, final: bool) -> Task | None:
+    async def _next_task(self, admission: Admission, agent_id: str, final: bool) -> Task | None:
         # On the loop when the state's lock is free (the usual case: its holders are brief); on a worker
         # thread when it is held, so the loop never blocks on it.
-        cond = self.admission.state.cond
+        cond = admission.state.cond
         if cond.acquire(blocking=False):
             try:
-                return self.admission.next_task(agent_id, final)
+                return admission.next_task(agent_id, final)
             finally:
                 cond.release()
-        return await self._on_worker(self.admission.next_task, agent_id, final)
+        return await self._on_worker(admission.next_task, agent_id, final)
 
     async def DownloadGlobal(  # type: ignore[override]  # chunks go out serialized (server.py's payload handlers)
         self, request: pb.DownloadGlobalRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -259,7 +287,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._authorize(context, meta.agent_id)
         infos = transfer.tensor_infos(first.header.payload)
         digest = bytes(first.header.payload.sha256)
-        opened = await self._on_worker(self.admission.open_update, meta, infos, digest)
+        admission = self.admission  # opened and finished in one run, whatever starts meanwhile
+        opened = await self._on_worker(admission.open_update, meta, infos, digest)
         if isinstance(opened, UploadAnswer):
             answer = opened  # a replay: acknowledged unread
         else:
@@ -273,7 +302,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 if chunk is None:
                     raise InvalidArgument(f"message[{index}]", "only chunks may follow the header")
                 await self._on_worker(reader.add, chunk)
-            answer = await self._on_worker(lambda: self.admission.finish_update(opened, reader.tensors()))
+            answer = await self._on_worker(lambda: admission.finish_update(opened, reader.tensors()))
         if not answer.replay:
             self.metrics.upload_seconds.labels(meta.agent_id).inc(time.perf_counter() - start)
         return pb.UploadUpdateResponse(accepted=True, round=meta.round, message=answer.message)
@@ -290,6 +319,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         evaluation = serde.evaluation_from_pb(request)
         self.admission.report_evaluation(request.agent_id, request.global_round, evaluation)
         return pb.ReportEvaluationResponse()
+
+    @mapped
+    def DescribeRun(self, request: pb.DescribeRunRequest, context: grpc.ServicerContext) -> pb.DescribeRunResponse:
+        self._authorize(context, request.agent_id)
+        current = self.current
+        if current is None:
+            return pb.DescribeRunResponse(run_id="")
+        model = current.config.model
+        return pb.DescribeRunResponse(
+            run_id=current.state.run_id,
+            model=model.name or model.path,
+            task=current.registry.spec.task,
+            include_mlp=model.include_mlp,
+            candidates=model.candidates or [],
+            dataset=current.config.run.dataset,
+        )
 
     @mapped
     def ReportImportance(

@@ -66,6 +66,10 @@ class InMemoryGateway:
     def _answered(self) -> None:
         self.last_answer = time.monotonic()
 
+    def describe_run(self) -> None:
+        """Virtual agents share the simulation's one base and data: nothing to describe."""
+        return None
+
     def register(self, profile: DeviceProfile, spec: ModelSpec, version: str) -> float:
         info = self.admission.register(self.agent_id, profile, spec)
         self.run_id = info.run_id

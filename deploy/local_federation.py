@@ -10,7 +10,6 @@ launcher makes a CA and certificates under <run_dir>/certs and every process spe
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -27,19 +26,9 @@ import yaml
 
 from common.certs import agent_paths, write_bundle
 from common.scores import single_class_warning
+from common.settings import merge
 
 START_TIMEOUT_S = 120.0
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge of two config mappings; override wins."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def script(name: str) -> str:

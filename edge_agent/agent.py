@@ -20,6 +20,7 @@ from edge_agent.metrics import AgentMetrics
 from edge_agent.model import LocalModel
 from edge_agent.profiler import memory_in_use_bytes
 from edge_agent.trainer import train_local
+from edge_agent.workspace import CannotJoin, RunDescription, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class Gateway(Protocol):
     last_answer: float  # monotonic time of the coordinator's last answer
     run_id: str  # the run the last registration joined
 
+    def describe_run(self) -> RunDescription | None: ...
     def register(self, profile: DeviceProfile, spec: ModelSpec, version: str) -> float: ...
     def heartbeat(self, state: str) -> bool: ...
     def get_task(self, wait_s: float) -> Task: ...
@@ -61,9 +63,11 @@ class Agent:
         ready_s: float = 60.0,
         stop: threading.Event | None = None,
         after_finish: str = "exit",
+        workspace: Workspace | None = None,
     ) -> None:
         """stop: the event a stop request sets (shared with the client's retries); a new one by default.
-        after_finish: "exit" returns from run() when the run is finished, "next-run" joins the next one."""
+        after_finish: "exit" returns from run() when the run is finished, "next-run" joins the next one.
+        workspace: where the base and data set each run names come from; None = model and data, always."""
         self.agent_id = agent_id
         self.gateway = gateway
         self.model = model
@@ -81,6 +85,10 @@ class Agent:
         self.registered = False
         self.ready_s = ready_s
         self.after_finish = after_finish
+        self.workspace = workspace
+        self.run_loaded = ""  # the run the model and data were chosen for
+        self.refused_run = ""  # the last run this agent could not take part in (logged once)
+        self.waiting = False  # between runs (after_finish next-run), registering every poll_wait_s
         self.last_step: float | None = None
         self.ferret = FerretWorker(model, gateway, metrics)  # the Ferret mode's state, used by its plans only
         metrics.info.info({"agent": agent_id, "version": VERSION, "device": profile.device})
@@ -96,12 +104,18 @@ class Agent:
         return True, f"ready ({self.state})"
 
     def register(self) -> None:
-        """Announce this agent; retried inside the gateway while the coordinator is unreachable."""
+        """Announce this agent, with the base and data set the run names (CannotJoin when it has none by
+        those names); retried inside the gateway while the coordinator is unreachable."""
         self.registered = False
         self.metrics.ready.set(0)
+        if self.workspace is not None:
+            self._load_for_run()
+        before = self.gateway.run_id
         self.heartbeat_s = self.gateway.register(self.profile, self.spec, VERSION) or self.heartbeat_s
         self.registered = True
         self.metrics.ready.set(1)
+        if self.gateway.run_id == before and self.waiting:
+            return  # registered again while waiting for the next run: said once already
         log.info(
             "registered with the coordinator (%d train / %d validation samples, %.2f GFLOP/s)",
             self.profile.num_train_samples,
@@ -109,10 +123,40 @@ class Agent:
             self.profile.flops_per_s / 1e9,
         )
 
+    def _load_for_run(self) -> None:
+        assert self.workspace is not None
+        run = self.gateway.describe_run()
+        if run is None or not run.run_id or run.run_id == self.run_loaded:
+            return  # an older coordinator, no run yet, or what this run needs is loaded
+        loaded = self.workspace.for_run(run)
+        if loaded.model is not self.model or loaded.data is not self.data:
+            log.info("run %s: model %s, data set %s", run.run_id, loaded.model_name, loaded.dataset or "(data)")
+        self.model, self.data, self.profile, self.spec = loaded.model, loaded.data, loaded.profile, loaded.spec
+        if self.run_loaded:  # a new run starts from its own round-0 weights, not the run before's
+            if self.model.full is not None:  # the Ferret mode trained the base itself: load it afresh
+                self.model.release()
+            self.ferret = FerretWorker(self.model, self.gateway, self.metrics)
+        self.run_loaded = run.run_id
+
+    def _try_register(self) -> str | None:
+        """Register; None when a run was joined, else the run id to wait past ("" when there is no run yet)."""
+        try:
+            self.register()
+        except CannotJoin as err:
+            if err.run_id != self.refused_run:
+                log.error("%s; waiting for the next run", err)
+                self.refused_run = err.run_id
+            return err.run_id
+        return None if self.gateway.run_id else ""
+
     def run(self) -> None:
         """Register, then run tasks until FINISHED (with after_finish next-run: until stopped, joining each
         next run); re-registers when the coordinator forgot us."""
-        self.register()
+        skip = self._try_register()
+        if skip is not None:  # no run yet (a serving coordinator), or one this agent cannot take part in
+            self._join_next_run(skip)
+            if self.stop.is_set():
+                return
         beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         beat.start()
         try:
@@ -138,7 +182,9 @@ class Agent:
                     self.execute(task)
                 except UnknownAgent:
                     log.warning("the coordinator does not know this agent; registering again")
-                    self.register()
+                    skip = self._try_register()
+                    if skip is not None:
+                        self._join_next_run(skip)
                 except Rejected as err:
                     if err.status in FATAL:
                         raise
@@ -152,18 +198,28 @@ class Agent:
 
     def _join_next_run(self, finished: str) -> None:
         """Register again every poll_wait_s, without a time limit, until a coordinator on the same address
-        answers for another run than finished (the same process's next run, or a new coordinator's)."""
-        log.info("waiting for the coordinator's next run (after_finish: next-run)")
+        answers for another run than finished (the same process's next run, or a new coordinator's) that this
+        agent can take part in."""
+        log.info("waiting for the coordinator's %s run", "next" if finished else "first")
         self.state = "idle"
         self.last_notice = ""
+        self.waiting = True
+        try:
+            self._wait_past(finished)
+        finally:
+            self.waiting = False
+
+    def _wait_past(self, finished: str) -> None:
         while not self.stop.wait(self.poll_wait_s):
             try:
-                self.register()
+                skip = self._try_register()
             except ServerUnavailable:
                 continue  # nobody answered within reconnect_s: keep waiting
             except Stopped:
                 return
-            if self.gateway.run_id != finished:
+            if skip:
+                finished = skip  # a run this agent cannot join: wait past it
+            elif skip is None and self.gateway.run_id != finished:
                 log.info("joined run %s", self.gateway.run_id)
                 return
 
@@ -297,10 +353,13 @@ class Agent:
 
     def _heartbeats(self) -> None:
         failing = False
+        unknown = False
         while not self.stop.wait(self.heartbeat_s):
             try:
-                if not self.gateway.heartbeat(self.state):
+                known = self.gateway.heartbeat(self.state)
+                if not known and not unknown and not self.waiting:  # once per change; expected between runs
                     log.warning("heartbeat: the coordinator does not know this agent")
+                unknown = not known
                 if failing:
                     log.info("heartbeats answered again")
                 failing = False

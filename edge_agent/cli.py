@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import sys
@@ -51,16 +50,14 @@ def run(config: AgentConfig) -> int:
     import torch
 
     from common.metrics import serve
-    from common.modeling import compute_dtype, configured_model, pick_device
+    from common.modeling import compute_dtype, pick_device
     from common.rpc import RetryPolicy
     from edge_agent.agent import Agent
-    from edge_agent.calibrate import calibrate
-    from edge_agent.caps import Throttle, apply_memory_cap, check_peak
+    from edge_agent.caps import Throttle, apply_memory_cap
     from edge_agent.client import CoordinatorClient
-    from edge_agent.data import load_local
     from edge_agent.metrics import AgentMetrics
-    from edge_agent.model import LocalModel
     from edge_agent.profiler import profile
+    from edge_agent.workspace import Workspace
 
     credentials = agent_credentials(config)  # wrong TLS files fail here, before minutes of loading
     if config.threads:
@@ -69,12 +66,7 @@ def run(config: AgentConfig) -> int:
     memory_cap = config.memory_limit_bytes()
     apply_memory_cap(device, memory_cap)
     throttle = Throttle(config.compute_share)
-    labels = tuple(config.data.labels)
-    model_cfg = config.model
-    path, spec = configured_model(model_cfg.path, model_cfg.task, labels, model_cfg.include_mlp, model_cfg.candidates)
-    task = spec.task
-    data = load_local(config.data, task)
-    measured = profile(device, compute_dtype(device), len(data.train), len(data.val), memory_cap, config.compute_share)
+    measured = profile(device, compute_dtype(device), 0, 0, memory_cap, config.compute_share)  # samples: per data set
     log.info(
         "device %s (%s): %.1f GiB, %.2f GFLOP/s %s, %d threads%s",
         measured.device,
@@ -95,29 +87,8 @@ def run(config: AgentConfig) -> int:
         # Up before the model loads and calibrates (minutes on a slow host), so probes see a live process.
         port = serve(metrics.registry, config.metrics.host, config.metrics.port, ready)
         log.info("metrics on http://%s:%d/metrics, readiness on /readyz", config.metrics.host, port)
-    model = LocalModel(path, labels, device, task)
-    if config.calibration.enabled:
-        section = config.calibration
-        points = calibrate(
-            model,
-            data.train,
-            spec,
-            (section.batch_sizes[0], section.batch_sizes[1]),
-            section.seq_len,
-            section.rank,
-            section.steps,
-            throttle,
-        )
-        for point in points:
-            log.info(
-                "calibration: batch %d x %d tokens: %.2f s/step, peak %.0f MiB",
-                point.batch_size,
-                point.seq_len,
-                point.step_seconds,
-                point.peak_memory_bytes / 2**20,
-            )
-            check_peak(point.peak_memory_bytes, memory_cap, f"calibration at batch {point.batch_size}")
-        measured = dataclasses.replace(measured, calibration=points)
+    workspace = Workspace(config, device, measured, throttle)
+    loaded = workspace.default()
     stopping = threading.Event()  # SIGTERM: the agent loop and the client's retries both end on it
     client = CoordinatorClient(
         config.coordinator,
@@ -130,10 +101,10 @@ def run(config: AgentConfig) -> int:
     agent = Agent(
         config.agent_id,
         client,
-        model,
-        data,
-        measured,
-        spec,
+        loaded.model,
+        loaded.data,
+        loaded.profile,
+        loaded.spec,
         metrics,
         config.poll_wait_s,
         config.progress,
@@ -141,6 +112,7 @@ def run(config: AgentConfig) -> int:
         config.ready_s,
         stopping,
         config.after_finish,
+        workspace,
     )
     agents.append(agent)
 

@@ -16,10 +16,19 @@ from common.errors import Rejected, ServerUnavailable, UnknownAgent
 from common.rpc import RetryPolicy, make_channel
 from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, Task, UpdateMeta
 from edge_agent.metrics import AgentMetrics
+from edge_agent.workspace import RunDescription
 
 T = TypeVar("T")
 
-RETRIED = ("Register", "GetTask", "DownloadGlobal", "UploadUpdate", "ReportEvaluation", "ReportImportance")
+RETRIED = (
+    "DescribeRun",
+    "Register",
+    "GetTask",
+    "DownloadGlobal",
+    "UploadUpdate",
+    "ReportEvaluation",
+    "ReportImportance",
+)
 MAX_DOWNLOAD_BYTES = 1 << 31  # the global adapter of a 70B model at rank 64 all-linear is far below this
 
 
@@ -74,6 +83,24 @@ class CoordinatorClient:
     def _retrying(self, method: str) -> Callable[[], None]:
         """A callback that counts one retry of method."""
         return lambda: self.metrics.rpc_retries.labels(method).inc()
+
+    def describe_run(self) -> RunDescription | None:
+        """What the coordinator's current run trains; None from a coordinator that cannot say (an older one)."""
+        request = pb.DescribeRunRequest(agent_id=self.agent_id)
+        try:
+            response = self._call(lambda: self.stub.DescribeRun(request, timeout=30), "describe run", "DescribeRun")
+        except Rejected as err:
+            if err.status == "UNIMPLEMENTED":
+                return None
+            raise
+        return RunDescription(
+            response.run_id,
+            response.model,
+            response.task,
+            response.include_mlp,
+            tuple(response.candidates),
+            response.dataset,
+        )
 
     def register(self, profile: DeviceProfile, spec: ModelSpec, version: str) -> float:
         """Register; returns the heartbeat interval the coordinator asks for."""

@@ -115,6 +115,16 @@ class AgentConfig(BaseSettings):
     tls: TlsSection = TlsSection()
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
+    models: dict[str, str] = Field(
+        {},
+        description="other bases a run may name, name -> model directory (or an embedded name); loaded when a run "
+        "asks for one, and kept between runs",
+    )
+    datasets: dict[str, DataSection] = Field(
+        {},
+        description="named data sets a run may name (run.dataset on the coordinator); the coordinator learns the "
+        "name, never the path",
+    )
     metrics: MetricsSection = MetricsSection()
     calibration: CalibrationSection = CalibrationSection()
 

@@ -38,6 +38,11 @@ class LocalModel:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def release(self) -> None:
+        """Free the loaded base's weights (another base trains now); the tokenizer stays, the weights reload on
+        the next plan."""
+        self._free()
+
     def full_at(self, quantization: Quantization, blocks: tuple[str, ...]) -> tuple[Any, bool]:
         """The base at this quantization with `blocks` in float32 (trained in full), and whether it was just
         loaded (so it holds the checkpoint's weights, not the run's)."""

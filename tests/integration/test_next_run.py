@@ -66,7 +66,11 @@ def test_an_agent_with_after_finish_next_run_joins_the_next_coordinators_run(tmp
         fed.coordinator_yaml.write_text(yaml.safe_dump(config))
         second = fed.start_coordinator()
         wait_until("the second run to end", lambda: second.poll() is not None, fed)
-        wait_until("the agent to wait again", lambda: fed.log("agent-1").count("next run (after_finish") == 2, fed)
+        wait_until(
+            "the agent to wait again",
+            lambda: fed.log("agent-1").count("waiting for the coordinator's next run") == 2,
+            fed,
+        )
         alive = agent.poll() is None
         agent.send_signal(signal.SIGTERM)
         stopped = time.monotonic()

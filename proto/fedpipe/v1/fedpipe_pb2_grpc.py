@@ -70,6 +70,11 @@ class CoordinatorStub:
                 request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.ReportImportanceRequest.SerializeToString,
                 response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.ReportImportanceResponse.FromString,
                 _registered_method=True)
+        self.DescribeRun = channel.unary_unary(
+                '/fedpipe.v1.Coordinator/DescribeRun',
+                request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.DescribeRunRequest.SerializeToString,
+                response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.DescribeRunResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -125,6 +130,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DescribeRun(self, request, context):
+        """What the current run trains, by names the agent resolves itself: asked before registering, so an agent
+        that stays up across runs loads the base and the data set each run names.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +175,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportImportance,
                     request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.ReportImportanceRequest.FromString,
                     response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.ReportImportanceResponse.SerializeToString,
+            ),
+            'DescribeRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeRun,
+                    request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.DescribeRunRequest.FromString,
+                    response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.DescribeRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +372,288 @@ class Coordinator:
             '/fedpipe.v1.Coordinator/ReportImportance',
             fedpipe_dot_v1_dot_fedpipe__pb2.ReportImportanceRequest.SerializeToString,
             fedpipe_dot_v1_dot_fedpipe__pb2.ReportImportanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpipe.v1.Coordinator/DescribeRun',
+            fedpipe_dot_v1_dot_fedpipe__pb2.DescribeRunRequest.SerializeToString,
+            fedpipe_dot_v1_dot_fedpipe__pb2.DescribeRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminStub:
+    """Operators talk to a serving coordinator through this service, on the same port as agents; each call
+    must come from an admin (an admin certificate signed by the CA, or an admin token), never from an agent.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SubmitRun = channel.unary_unary(
+                '/fedpipe.v1.Admin/SubmitRun',
+                request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.SubmitRunRequest.SerializeToString,
+                response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.RunStatus.FromString,
+                _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/fedpipe.v1.Admin/ListRuns',
+                request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
+        self.GetRun = channel.unary_unary(
+                '/fedpipe.v1.Admin/GetRun',
+                request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.RunStatus.FromString,
+                _registered_method=True)
+        self.CancelRun = channel.unary_unary(
+                '/fedpipe.v1.Admin/CancelRun',
+                request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.CancelRunRequest.SerializeToString,
+                response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.RunStatus.FromString,
+                _registered_method=True)
+        self.StreamLogs = channel.unary_stream(
+                '/fedpipe.v1.Admin/StreamLogs',
+                request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.StreamLogsRequest.SerializeToString,
+                response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.LogLines.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Operators talk to a serving coordinator through this service, on the same port as agents; each call
+    must come from an admin (an admin certificate signed by the CA, or an admin token), never from an agent.
+    """
+
+    def SubmitRun(self, request, context):
+        """Queue a run; the answer is its status (state "queued").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRuns(self, request, context):
+        """Every run the coordinator knows, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRun(self, request, context):
+        """One run's status; run_id may be a unique prefix of the id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelRun(self, request, context):
+        """Drop a queued run, or stop a running one at its next wait.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamLogs(self, request, context):
+        """A run's coordinator log, from its start (or its last `tail` lines), following it while it runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SubmitRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitRun,
+                    request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.SubmitRunRequest.FromString,
+                    response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.RunStatus.SerializeToString,
+            ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.ListRunsRequest.FromString,
+                    response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'GetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRun,
+                    request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.GetRunRequest.FromString,
+                    response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.RunStatus.SerializeToString,
+            ),
+            'CancelRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelRun,
+                    request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.CancelRunRequest.FromString,
+                    response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.RunStatus.SerializeToString,
+            ),
+            'StreamLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamLogs,
+                    request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.StreamLogsRequest.FromString,
+                    response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.LogLines.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fedpipe.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fedpipe.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Operators talk to a serving coordinator through this service, on the same port as agents; each call
+    must come from an admin (an admin certificate signed by the CA, or an admin token), never from an agent.
+    """
+
+    @staticmethod
+    def SubmitRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpipe.v1.Admin/SubmitRun',
+            fedpipe_dot_v1_dot_fedpipe__pb2.SubmitRunRequest.SerializeToString,
+            fedpipe_dot_v1_dot_fedpipe__pb2.RunStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpipe.v1.Admin/ListRuns',
+            fedpipe_dot_v1_dot_fedpipe__pb2.ListRunsRequest.SerializeToString,
+            fedpipe_dot_v1_dot_fedpipe__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpipe.v1.Admin/GetRun',
+            fedpipe_dot_v1_dot_fedpipe__pb2.GetRunRequest.SerializeToString,
+            fedpipe_dot_v1_dot_fedpipe__pb2.RunStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpipe.v1.Admin/CancelRun',
+            fedpipe_dot_v1_dot_fedpipe__pb2.CancelRunRequest.SerializeToString,
+            fedpipe_dot_v1_dot_fedpipe__pb2.RunStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedpipe.v1.Admin/StreamLogs',
+            fedpipe_dot_v1_dot_fedpipe__pb2.StreamLogsRequest.SerializeToString,
+            fedpipe_dot_v1_dot_fedpipe__pb2.LogLines.FromString,
             options,
             channel_credentials,
             insecure,

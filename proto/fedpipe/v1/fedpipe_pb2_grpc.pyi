@@ -47,6 +47,10 @@ class CoordinatorStub:
     """Loss and accuracy of a global adapter on the agent's own validation split."""
     ReportImportance: _grpc.UnaryUnaryMultiCallable[_fedpipe_pb2.ReportImportanceRequest, _fedpipe_pb2.ReportImportanceResponse]
     """Importance score per candidate weight matrix from a probe on the agent's data."""
+    DescribeRun: _grpc.UnaryUnaryMultiCallable[_fedpipe_pb2.DescribeRunRequest, _fedpipe_pb2.DescribeRunResponse]
+    """What the current run trains, by names the agent resolves itself: asked before registering, so an agent
+    that stays up across runs loads the base and the data set each run names.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -67,6 +71,10 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Loss and accuracy of a global adapter on the agent's own validation split."""
     ReportImportance: _aio.UnaryUnaryMultiCallable[_fedpipe_pb2.ReportImportanceRequest, _fedpipe_pb2.ReportImportanceResponse]  # type: ignore[assignment]
     """Importance score per candidate weight matrix from a probe on the agent's data."""
+    DescribeRun: _aio.UnaryUnaryMultiCallable[_fedpipe_pb2.DescribeRunRequest, _fedpipe_pb2.DescribeRunResponse]  # type: ignore[assignment]
+    """What the current run trains, by names the agent resolves itself: asked before registering, so an agent
+    that stays up across runs loads the base and the data set each run names.
+    """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     """Agents talk to the coordinator only through this service."""
@@ -127,4 +135,99 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_fedpipe_pb2.ReportImportanceResponse, _abc.Awaitable[_fedpipe_pb2.ReportImportanceResponse]]:
         """Importance score per candidate weight matrix from a probe on the agent's data."""
 
+    @_abc_1.abstractmethod
+    def DescribeRun(
+        self,
+        request: _fedpipe_pb2.DescribeRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedpipe_pb2.DescribeRunResponse, _abc.Awaitable[_fedpipe_pb2.DescribeRunResponse]]:
+        """What the current run trains, by names the agent resolves itself: asked before registering, so an agent
+        that stays up across runs loads the base and the data set each run names.
+        """
+
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class AdminStub:
+    """Operators talk to a serving coordinator through this service, on the same port as agents; each call
+    must come from an admin (an admin certificate signed by the CA, or an admin token), never from an agent.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AdminAsyncStub: ...
+    SubmitRun: _grpc.UnaryUnaryMultiCallable[_fedpipe_pb2.SubmitRunRequest, _fedpipe_pb2.RunStatus]
+    """Queue a run; the answer is its status (state "queued")."""
+    ListRuns: _grpc.UnaryUnaryMultiCallable[_fedpipe_pb2.ListRunsRequest, _fedpipe_pb2.ListRunsResponse]
+    """Every run the coordinator knows, oldest first."""
+    GetRun: _grpc.UnaryUnaryMultiCallable[_fedpipe_pb2.GetRunRequest, _fedpipe_pb2.RunStatus]
+    """One run's status; run_id may be a unique prefix of the id."""
+    CancelRun: _grpc.UnaryUnaryMultiCallable[_fedpipe_pb2.CancelRunRequest, _fedpipe_pb2.RunStatus]
+    """Drop a queued run, or stop a running one at its next wait."""
+    StreamLogs: _grpc.UnaryStreamMultiCallable[_fedpipe_pb2.StreamLogsRequest, _fedpipe_pb2.LogLines]
+    """A run's coordinator log, from its start (or its last `tail` lines), following it while it runs."""
+
+@_typing.type_check_only
+class AdminAsyncStub(AdminStub):
+    """Operators talk to a serving coordinator through this service, on the same port as agents; each call
+    must come from an admin (an admin certificate signed by the CA, or an admin token), never from an agent.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    SubmitRun: _aio.UnaryUnaryMultiCallable[_fedpipe_pb2.SubmitRunRequest, _fedpipe_pb2.RunStatus]  # type: ignore[assignment]
+    """Queue a run; the answer is its status (state "queued")."""
+    ListRuns: _aio.UnaryUnaryMultiCallable[_fedpipe_pb2.ListRunsRequest, _fedpipe_pb2.ListRunsResponse]  # type: ignore[assignment]
+    """Every run the coordinator knows, oldest first."""
+    GetRun: _aio.UnaryUnaryMultiCallable[_fedpipe_pb2.GetRunRequest, _fedpipe_pb2.RunStatus]  # type: ignore[assignment]
+    """One run's status; run_id may be a unique prefix of the id."""
+    CancelRun: _aio.UnaryUnaryMultiCallable[_fedpipe_pb2.CancelRunRequest, _fedpipe_pb2.RunStatus]  # type: ignore[assignment]
+    """Drop a queued run, or stop a running one at its next wait."""
+    StreamLogs: _aio.UnaryStreamMultiCallable[_fedpipe_pb2.StreamLogsRequest, _fedpipe_pb2.LogLines]  # type: ignore[assignment]
+    """A run's coordinator log, from its start (or its last `tail` lines), following it while it runs."""
+
+class AdminServicer(metaclass=_abc_1.ABCMeta):
+    """Operators talk to a serving coordinator through this service, on the same port as agents; each call
+    must come from an admin (an admin certificate signed by the CA, or an admin token), never from an agent.
+    """
+
+    @_abc_1.abstractmethod
+    def SubmitRun(
+        self,
+        request: _fedpipe_pb2.SubmitRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedpipe_pb2.RunStatus, _abc.Awaitable[_fedpipe_pb2.RunStatus]]:
+        """Queue a run; the answer is its status (state "queued")."""
+
+    @_abc_1.abstractmethod
+    def ListRuns(
+        self,
+        request: _fedpipe_pb2.ListRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedpipe_pb2.ListRunsResponse, _abc.Awaitable[_fedpipe_pb2.ListRunsResponse]]:
+        """Every run the coordinator knows, oldest first."""
+
+    @_abc_1.abstractmethod
+    def GetRun(
+        self,
+        request: _fedpipe_pb2.GetRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedpipe_pb2.RunStatus, _abc.Awaitable[_fedpipe_pb2.RunStatus]]:
+        """One run's status; run_id may be a unique prefix of the id."""
+
+    @_abc_1.abstractmethod
+    def CancelRun(
+        self,
+        request: _fedpipe_pb2.CancelRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedpipe_pb2.RunStatus, _abc.Awaitable[_fedpipe_pb2.RunStatus]]:
+        """Drop a queued run, or stop a running one at its next wait."""
+
+    @_abc_1.abstractmethod
+    def StreamLogs(
+        self,
+        request: _fedpipe_pb2.StreamLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_fedpipe_pb2.LogLines], _abc.AsyncIterator[_fedpipe_pb2.LogLines]]:
+        """A run's coordinator log, from its start (or its last `tail` lines), following it while it runs."""
+
+def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
