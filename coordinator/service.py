@@ -53,6 +53,21 @@ def run_config(defaults: CoordinatorConfig, submitted: Mapping[str, Any], run_di
         raise ConfigError(describe(err)) from None
 
 
+def _check_paths(config: CoordinatorConfig) -> None:
+    """What a run reads on this host exists (its base's config, its held-out file), so a typo is refused at
+    submission rather than found when the run's turn comes, hours later."""
+    from common.modeling import configured_model
+
+    model = config.model
+    try:
+        configured_model(model.path, model.task, config.labels, model.include_mlp, model.candidates)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.path: {model.path}: {err}") from None
+    heldout = config.evaluation.heldout
+    if heldout and heldout != "embedded" and not Path(heldout).is_file():
+        raise ConfigError(f"evaluation.heldout: {heldout} does not exist on the coordinator's host")
+
+
 @contextmanager
 def run_log(path: Path, fmt: str) -> Iterator[None]:
     """Every log line of the process while a run runs also goes to the run's coordinator.log."""
@@ -164,7 +179,7 @@ class Service:
         if not isinstance(settings, dict):
             raise InvalidArgument("config_yaml", "must hold a mapping at the top level")
         try:
-            run_config(self.config, settings, self.queue.run_dir("check"))
+            _check_paths(run_config(self.config, settings, self.queue.run_dir("check")))
         except ConfigError as err:
             raise InvalidArgument("config_yaml", str(err)) from None
         job = self.queue.submit(settings, name)

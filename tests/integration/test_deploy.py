@@ -433,7 +433,8 @@ def test_kustomization_applies_the_manifests_but_not_the_placeholder_secrets() -
 
 
 def test_kubernetes_coordinator_owns_its_run_directory_alone() -> None:
-    """One replica, Recreate, the run directory on a PersistentVolumeClaim, probes that need no client certificate."""
+    """A serving coordinator: one replica, Recreate, its state directory (queue and runs) on a PersistentVolumeClaim,
+    probes that need no client certificate."""
     # Prepare
     deployment = k8s_object("Deployment", "fedpipe-coordinator")
     pod = deployment["spec"]["template"]["spec"]
@@ -450,7 +451,8 @@ def test_kubernetes_coordinator_owns_its_run_directory_alone() -> None:
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
     assert k8s_object("PersistentVolumeClaim", claims[next(iter(claims))])
-    assert under(config["run"]["run_dir"], run_mount) or config["run"]["run_dir"] == run_mount
+    assert container["args"][0] == "serve" and "run_dir" not in config["run"]
+    assert under(config["service"]["state_dir"], run_mount)
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert "grpc" not in container["readinessProbe"] and "grpc" not in container["livenessProbe"]
 
@@ -1038,16 +1040,21 @@ def test_compose_configs_build_and_match_the_certificates(monkeypatch: pytest.Mo
     configs: dict[str, BaseSettings] = {}
     for name, service in services.items():
         image = service.get("image", "").split(":")[0]
-        if image not in IMAGES or name == "certs":
+        if image not in IMAGES or name in ("certs", "submit"):
             continue
         env = {**image_stage(image)[1], **{key: str(value) for key, value in service["environment"].items()}}
         settings = CoordinatorConfig if image == "fedpipe/coordinator" else AgentConfig
-        configs[name] = build_with(monkeypatch, settings, env, service.get("command", []))
+        argv = list(service.get("command", []))
+        argv = argv[1:] if argv[:1] == ["serve"] else argv  # the subcommand; the rest is the config it builds
+        configs[name] = build_with(monkeypatch, settings, env, argv)
 
     # Assert
     coordinator = configs.pop("coordinator")
     assert isinstance(coordinator, CoordinatorConfig)
-    assert not coordinator.insecure and coordinator.run.run_dir == Path("/var/lib/fedpipe/run")
+    assert services["coordinator"]["command"] == ["serve"]
+    assert not coordinator.insecure and coordinator.service.state_dir == Path("/var/lib/fedpipe/run")
+    submit = services["submit"]["command"][0]
+    assert "/pki/admins/compose.crt" in submit and local(Path("/pki/admins/compose.crt")).is_file()
     assert all(local(path).is_file() for path in (coordinator.tls.cert, coordinator.tls.key, coordinator.tls.client_ca))
     assert set(configs) == {"agent-1", "agent-2"}
     for name, agent in configs.items():
@@ -1079,6 +1086,7 @@ def test_kubernetes_configs_build_for_every_pod(monkeypatch: pytest.MonkeyPatch,
     container = deployment["containers"][0]
     files = mounted_config(tmp_path / "coordinator", deployment, container)
     argv = [str(files.get(arg, arg)) for arg in container["args"]]
+    argv = argv[1:] if argv[:1] == ["serve"] else argv  # the subcommand; the rest is the config it builds
     coordinator = build_with(
         monkeypatch, CoordinatorConfig, {**image_stage(container["image"])[1], **container_env(container, "x")}, argv
     )

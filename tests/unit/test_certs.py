@@ -416,3 +416,18 @@ def test_mtls_client_checks_the_server_san(tmp_path: Path) -> None:
     error = cast(grpc.Call, caught.value)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "hostname" in (error.details() or "").lower()
+
+
+def test_an_admin_certificate_names_admin_and_is_added_under_the_same_ca(tmp_path: Path) -> None:
+    write_bundle(tmp_path, ["site-a"])
+    ca_before = (tmp_path / "ca.crt").read_bytes()
+
+    written = write_bundle(tmp_path, [], admins=["ops"])
+
+    crt = tmp_path / "admins" / "ops.crt"
+    assert written == {"admin:ops": crt}
+    assert common_name(crt.read_bytes()) == "admin:ops"
+    assert (tmp_path / "ca.crt").read_bytes() == ca_before
+    assert stat.S_IMODE((tmp_path / "admins" / "ops.key").stat().st_mode) == 0o600
+    with pytest.raises(ConfigError):
+        write_bundle(tmp_path, [], admins=["bad name"])
