@@ -40,6 +40,14 @@ class SimulationSection(Section):
         "seeded noise, no model at all (a load test of the coordinator, nothing is learned)",
     )
     noise_scale: float = Field(0.01, gt=0, description="noise work: standard deviation of the change")
+    executor: Literal["threads", "ray"] = Field(
+        "threads",
+        description="threads: `workers` threads of this process train; ray: Ray tasks do (fedpipe[ray]), at most "
+        "`workers` at once",
+    )
+    ray_address: str = Field(
+        "", description="executor ray: '' starts a local Ray with `workers` CPUs; 'auto' or ray://HOST:PORT joins one"
+    )
 
     @model_validator(mode="after")
     def _ranges(self) -> SimulationSection:

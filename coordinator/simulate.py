@@ -19,7 +19,7 @@ import time
 import zlib
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
@@ -40,6 +40,9 @@ from coordinator.admission import Admission
 from coordinator.config import CoordinatorConfig
 from coordinator.planner import Planner, PlanOptions, PlanSet
 from coordinator.population import SimulationSection, VirtualAgent, draw_population
+
+if TYPE_CHECKING:
+    from coordinator.ray_work import RayExecutor
 
 log = logging.getLogger("fedpipe.simulate")
 
@@ -135,6 +138,8 @@ class Simulation:
             raise ConfigError("simulate: noise work has no model to evaluate with; set evaluation.agents false")
         if section.work == "noise" and config.selection.mode != "all":
             raise ConfigError("simulate: noise work has no model to probe with; set selection.mode all")
+        if section.work == "noise" and section.executor == "ray":
+            raise ConfigError("simulate: noise work trains nothing to send to Ray; use simulation.executor threads")
         if config.run.min_agents > section.agents:
             raise ConfigError(f"run.min_agents {config.run.min_agents} exceeds simulation.agents {section.agents}")
         from coordinator.cli import assemble
@@ -152,6 +157,11 @@ class Simulation:
         self.counts = {"train": 0, "evaluate": 0, "probe": 0, "failed": 0}
         self.uploads: dict[int, list[str]] = {}  # round -> agents whose update was accepted
         self.lock = threading.Lock()
+        self.ray: RayExecutor | None = None
+        if section.executor == "ray":
+            from coordinator.ray_work import RayExecutor
+
+            self.ray = RayExecutor(section.ray_address, section.workers)
 
     def _pool(self) -> list[Any]:
         from common.data import DataSource, embedded_split
@@ -178,8 +188,13 @@ class Simulation:
             self.gateways[agent.agent_id].register(agent.profile, self.spec, "simulated")
         log.info("%d virtual agents registered (%s work, %d workers)", len(self.agents), self.section.work,
                  self.section.workers)  # fmt: skip
-        with ThreadPoolExecutor(self.section.workers, thread_name_prefix="virtual-agent") as pool:
-            self._dispatch(pool, runner)
+        try:
+            # With Ray, each pool thread waits on one Ray task: `workers` bounds the tasks in flight.
+            with ThreadPoolExecutor(self.section.workers, thread_name_prefix="virtual-agent") as pool:
+                self._dispatch(pool, runner)
+        finally:
+            if self.ray is not None:
+                self.ray.close()
         if "error" in outcome:
             raise outcome["error"]
         summary: dict[str, Any] = outcome["summary"]
@@ -187,6 +202,7 @@ class Simulation:
             "agents": len(self.agents),
             "work": self.section.work,
             "workers": self.section.workers,
+            "executor": self.section.executor,
             "wall_seconds": time.perf_counter() - start,
             "tasks": dict(self.counts),
             "accepted_per_round": {r: len(a) for r, a in sorted(self.uploads.items())},
@@ -235,6 +251,8 @@ class Simulation:
         try:
             if self.section.work == "noise":
                 self._noise(agent, task)
+            elif self.ray is not None:
+                self._train_on_ray(agent, task)
             else:
                 self._train(agent, task)
             with self.lock:
@@ -268,6 +286,23 @@ class Simulation:
             self.spec, self.local.metrics, progress="off",
         )  # fmt: skip
         worker.execute(task)
+        if task.kind is TaskKind.TRAIN:
+            self._accepted(task, agent.agent_id)
+
+    def _train_on_ray(self, agent: VirtualAgent, task: Task) -> None:
+        """The task on a Ray worker: the global goes with it, what its agent sent comes back and is replayed."""
+        assert self.ray is not None
+        gateway = self.gateways[agent.agent_id]
+        downloads = {}
+        if task.plan is not None and task.kind in (TaskKind.TRAIN, TaskKind.EVALUATE):
+            key = (task.global_round, task.plan.plan_id)
+            downloads[key] = gateway.download(*key)
+        recorded = self.ray.run(
+            self.base_path, self.spec, agent.agent_id, agent.profile, agent.train, agent.val, task, downloads,
+            self.orchestrator.run_id,
+        )  # fmt: skip
+        for name, args in recorded.calls:
+            getattr(gateway, name)(*args)
         if task.kind is TaskKind.TRAIN:
             self._accepted(task, agent.agent_id)
 

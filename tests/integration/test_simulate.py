@@ -80,3 +80,34 @@ def test_noise_work_with_agent_evaluation_is_refused_before_anything_starts(tmp_
     with pytest.raises(ConfigError, match=r"evaluation\.agents"):
         Simulation(config)
     assert not (tmp_path / "x" / "rounds.jsonl").exists()
+
+
+def test_virtual_agents_train_as_tasks_on_a_local_ray(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    # Prepare: four virtual agents trained by Ray tasks (a local Ray of two CPUs, started and stopped by the
+    # run), one round of two steps; the agents' evaluations come back from Ray too.
+    config = SimulationConfig.model_validate(
+        {
+            "simulation": {"agents": 4, "executor": "ray", "workers": 2, "samples": [20, 40], "seed": 1},
+            "run": {"rounds": 1, "min_agents": 4, "run_dir": tmp_path / "ray"},
+            "planner": "uniform",
+            "training": {"max_steps": 2, "batch_size": 4, "max_seq_len": 32},
+            "selection": {"mode": "all"},
+            "metrics": {"port": -1},
+        }
+    )
+
+    # Execute
+    result = Simulation(config).run()
+
+    # Assert: every update came from a Ray worker, was admitted and aggregated once; the evaluations too
+    import ray
+
+    figures, summary = result["simulation"], result["summary"]
+    assert figures["executor"] == "ray" and not ray.is_initialized()
+    assert figures["accepted_per_round"] == {1: 4} and figures["aggregated_per_round"] == {1: 4}
+    assert figures["tasks"] == {"train": 4, "evaluate": 8, "probe": 0, "failed": 0}
+    last = summary["rounds"][-1]
+    assert len(last["agents"]) == len(set(last["agents"])) == 4
+    assert last["agents_eval"]["samples"] > 0
+    assert (tmp_path / "ray" / "final" / "adapter_model.safetensors").is_file()
