@@ -63,6 +63,8 @@ def load_tokens(path: Path | None, field_name: str = "tls.tokens", prefix: str =
             raise ConfigError(f"{field_name}: the entry of {who!r} is not a sha256 hex digest")
         if digest in by_digest:
             raise ConfigError(f"{field_name}: {who!r} and {by_digest[digest]!r} share a token")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", str(who)):  # no colon: admin:NAME stays admins'
+            raise ConfigError(f"{field_name}: {who!r} is not an id (1-63 letters, digits, '.', '_' or '-')")
         by_digest[digest] = f"{prefix}{who}"
     return by_digest
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -92,10 +93,8 @@ class AdminServicer(pb_grpc.AdminServicer):
         first = True
         while True:
             lines: list[str] = []
-            if path.exists():
-                with path.open("rb") as log_file:
-                    log_file.seek(offset)
-                    data = log_file.read()
+            data = await asyncio.to_thread(_read_from, path, offset)  # file reads off the event loop
+            if data:
                 whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for its end
                 offset += len(whole)
                 lines = whole.decode("utf-8", errors="replace").splitlines()
@@ -108,3 +107,13 @@ class AdminServicer(pb_grpc.AdminServicer):
             if not request.follow or (job.ended and not lines):
                 return
             await asyncio.sleep(FOLLOW_S)
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    """What the file holds after offset; nothing while it does not exist."""
+    try:
+        with path.open("rb") as log_file:
+            log_file.seek(offset)
+            return log_file.read()
+    except FileNotFoundError:
+        return b""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,7 @@ def run(config: CoordinatorConfig) -> int:
     orchestrator = assemble(config, metrics=service.metrics).orchestrator
     saved = saved_state(config.run.run_dir) or {}
     job = service.queue.submit({}, run_id=str(saved.get("run_id") or orchestrator.run_id))
+    orchestrator.state.run_id = job.run_id  # a resumed run's id from the first registration on
     port = service.start(orchestrator)
     _serving_line(config, port, f"run {job.run_id}, dir {config.run.run_dir}")
     (config.run.run_dir / "coordinator.port").write_text(f"{port}\n")
@@ -130,7 +132,7 @@ def run(config: CoordinatorConfig) -> int:
         return 1
     accuracy = ended.final_accuracy
     if accuracy is not None:
-        final = service.summaries[ended.run_id]
+        final = service.summary
         f1 = final.get("final_macro_f1")
         log.info(
             "final accuracy: %.3f%s (%s, round %d)",
@@ -165,7 +167,8 @@ def serve(config: CoordinatorConfig) -> int:
 def _stop_on(service: Service, what: str, *signals: signal.Signals) -> None:
     def stop(signum: int, frame: FrameType | None) -> None:
         log.warning("signal %d: %s", signum, what)
-        service.stop()
+        # On a thread: the handler interrupts the main thread, which may hold a lock stop() takes.
+        threading.Thread(target=service.stop, name="stop", daemon=True).start()
 
     for signum in signals:
         signal.signal(signum, stop)

@@ -85,8 +85,9 @@ class ServiceSection(Section):
     )
 
 
-# What a submitted run may not set: the serving coordinator's own, shared by every run.
-SERVICE_KEYS = ("server", "tls", "metrics", "admin", "service", "insecure", "log_format")
+# What a submitted run may not set: the serving coordinator's own, shared by every run (tracking too: its
+# paths and servers are the host's, which a submission must not choose).
+SERVICE_KEYS = ("server", "tls", "metrics", "admin", "service", "insecure", "log_format", "tracking")
 
 
 class UpdatesSection(Section):

@@ -260,13 +260,20 @@ class CoordinatorMetrics:
         self.runs = Gauge("fedpipe_runs", "Runs of a serving coordinator by state", ["state"], registry=r)
 
     def begin_run(self, run_id: str) -> None:
-        """A serving coordinator's next run: its id on fedpipe_run, and the per-run figures of the run before
-        cleared, so no series outlives its run and each is the current run's."""
+        """A serving coordinator's next run: its id on fedpipe_run, and the run-wide figures of the run before
+        cleared. Per-agent series stay (bounded by the fleet, and the same agents usually serve the next run)."""
         self.run_info.clear()
         self.run_info.labels(run_id).set(1)
         for gauge in (self.run_finished, self.current_round, self.resumed_round, self.mask_size, self.mask_parameters):
             gauge.set(0)
-        for labelled in (self.selection_score, self.global_class_recall):
+        for labelled in (
+            self.selection_score,
+            self.global_class_recall,
+            self.global_accuracy,
+            self.global_loss,
+            self.global_macro_f1,
+            self.global_predicted_classes,
+        ):
             labelled.clear()
 
     def start_agent(self, agent: str) -> None:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedpipe.coordinator")
 RUN_LOG = "coordinator.log"
+MAX_STARTS = 5  # a run resumed this often without ending is failed (a crash loop would hold the queue)
 
 
 def run_config(defaults: CoordinatorConfig, submitted: Mapping[str, Any], run_dir: Path) -> CoordinatorConfig:
@@ -42,8 +43,10 @@ def run_config(defaults: CoordinatorConfig, submitted: Mapping[str, Any], run_di
     owned = [key for key in SERVICE_KEYS if key in submitted]
     if owned:
         raise ConfigError(f"{owned[0]}: the serving coordinator sets it for every run; a submitted run may not")
-    run = submitted.get("run")
-    if isinstance(run, Mapping) and "run_dir" in run:
+    run = submitted.get("run", {})
+    if not isinstance(run, Mapping):
+        raise ConfigError(f"run: must be a mapping (got {run!r})")
+    if "run_dir" in run:
         raise ConfigError("run.run_dir: the serving coordinator gives each run its own (service.state_dir/runs/<id>)")
     merged = merge(defaults.model_dump(mode="json"), submitted)
     merged["run"]["run_dir"] = str(run_dir)
@@ -106,7 +109,7 @@ class Service:
         self.active: tuple[str, Orchestrator] | None = None
         self.stopping = threading.Event()
         self.single = False  # one-shot: nothing may be submitted
-        self.summaries: dict[str, dict[str, Any]] = {}  # each run's summary, once completed here
+        self.summary: dict[str, Any] = {}  # the last completed run's summary (the one-shot's final line)
 
     # ------------------------------------------------------------------ serving
 
@@ -141,7 +144,8 @@ class Service:
 
     def stop(self) -> None:
         """A signal: end the running run at its next wait (it stays `running` on disk and resumes on the next
-        start) and take no other."""
+        start) and take no other. Call it from a thread, not a signal handler: it takes locks the main thread
+        may hold."""
         self.stopping.set()
         self.queue.close()
         with self.lock:
@@ -156,6 +160,10 @@ class Service:
             job = self.queue.take()
             if job is None:
                 break
+            if job.starts > MAX_STARTS:  # it took the coordinator down each time: let the queue behind it go on
+                log.error("run %s: started %d times without ending; failing it", job.run_id, job.starts - 1)
+                self._end(job, "failed", f"started {job.starts - 1} times without ending (the coordinator stopped)")
+                continue
             try:  # checked at submission; the service's own config may have changed since
                 config = run_config(self.config, job.settings, self.queue.run_dir(job.run_id))
             except ConfigError as err:
@@ -264,7 +272,10 @@ class Service:
             finally:
                 with self.lock:
                     self.active = None
-            self.summaries[job.run_id] = summary
+                if self.serving is not None and not self.single:
+                    # Between runs agents hear "no run" (and wait) rather than re-join the run that ended.
+                    self.serving.servicer.detach()
+            self.summary = summary
             accuracy = summary.get("final_accuracy")
             outcome = f"{summary['final_round']} rounds" + (
                 f", final accuracy {accuracy:.3f}" if accuracy is not None else ""
@@ -292,9 +303,10 @@ class Service:
     @staticmethod
     def _end_for_agents(orchestrator: Orchestrator | None, message: str) -> None:
         """Agents polling a run that ended without finishing hear FINISHED with why (and, with after_finish
-        next-run, wait for the next run)."""
+        next-run, wait for the next run); its trackers are closed."""
         if orchestrator is None:
             return
+        orchestrator.tracking.abort("KILLED" if "cancelled" in message else "FAILED")
         state = orchestrator.state
         with state.cond:
             state.phase = Phase.FINISHED

@@ -169,6 +169,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.current = admission
         self.wakeup.ring()
 
+    def detach(self) -> None:
+        """No run from now on: registrations are answered "no run yet", and waiting polls look again."""
+        self._detach()
+        self.current = None
+        self.wakeup.ring()
+
     def _detach(self) -> None:
         if self.current is None:
             return

@@ -51,6 +51,7 @@ class Tracker(Protocol):
     def start(self, run_id: str, config: Mapping[str, Any]) -> None: ...
     def log(self, step: int, figures: Mapping[str, float]) -> None: ...
     def finish(self, summary: Mapping[str, Any], final_dir: Path | None) -> None: ...
+    def abort(self, status: str) -> None: ...
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -169,6 +170,11 @@ class MlflowTracker:
             self.client.log_artifacts(self.run_id, str(final_dir), "adapter")
         self.client.set_terminated(self.run_id)
 
+    def abort(self, status: str) -> None:
+        """The run ended without finishing (FAILED, KILLED)."""
+        if getattr(self, "run_id", None):
+            self.client.set_terminated(self.run_id, status=status)
+
 
 class TensorBoardTracker:
     """TensorBoard event files: a scalar per figure and round, the configuration as text."""
@@ -191,6 +197,10 @@ class TensorBoardTracker:
 
     def finish(self, summary: Mapping[str, Any], final_dir: Path | None) -> None:
         self.writer.close()
+
+    def abort(self, status: str) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 class Tracking:
@@ -229,6 +239,10 @@ class Tracking:
 
     def finish(self, summary: Mapping[str, Any], final_dir: Path | None) -> None:
         self._each("finish", lambda t: t.finish(summary, final_dir))
+
+    def abort(self, status: str) -> None:
+        """A serving coordinator's run that failed or was cancelled: close what each tracker holds open."""
+        self._each("abort", lambda t: t.abort(status))
 
 
 def from_section(section: TrackingSection, run_dir: Path) -> Tracking:

@@ -89,6 +89,7 @@ class Agent:
         self.run_loaded = ""  # the run the model and data were chosen for
         self.refused_run = ""  # the last run this agent could not take part in (logged once)
         self.waiting = False  # between runs (after_finish next-run), registering every poll_wait_s
+        self.described = ""  # the run the current registration is for, as DescribeRun named it
         self.last_step: float | None = None
         self.ferret = FerretWorker(model, gateway, metrics)  # the Ferret mode's state, used by its plans only
         metrics.info.info({"agent": agent_id, "version": VERSION, "device": profile.device})
@@ -126,28 +127,50 @@ class Agent:
     def _load_for_run(self) -> None:
         assert self.workspace is not None
         run = self.gateway.describe_run()
-        if run is None or not run.run_id or run.run_id == self.run_loaded:
-            return  # an older coordinator, no run yet, or what this run needs is loaded
-        loaded = self.workspace.for_run(run)
+        if run is None or not run.run_id:
+            return  # an older coordinator, or no run yet
+        self.described = run.run_id
+        if run.run_id == self.run_loaded:
+            return  # what this run needs is loaded
+        if run.run_id == self.refused_run:
+            raise CannotJoin(run.run_id, f"run {run.run_id}: refused before")  # not loaded again
+        try:
+            loaded = self.workspace.for_run(run)
+        except CannotJoin:
+            raise
+        except Exception as err:  # a base that does not load here (files, memory): this run goes on without us
+            raise CannotJoin(run.run_id, f"run {run.run_id}: loading its model failed: {err}") from err
         if loaded.model is not self.model or loaded.data is not self.data:
             log.info("run %s: model %s, data set %s", run.run_id, loaded.model_name, loaded.dataset or "(data)")
+        if self.run_loaded:
+            # A new run starts from its own round-0 weights: nothing trained in the run before (the Ferret
+            # mode's base, a LoRA model's head) may carry over.
+            self.model.release()
         self.model, self.data, self.profile, self.spec = loaded.model, loaded.data, loaded.profile, loaded.spec
-        if self.run_loaded:  # a new run starts from its own round-0 weights, not the run before's
-            if self.model.full is not None:  # the Ferret mode trained the base itself: load it afresh
-                self.model.release()
-            self.ferret = FerretWorker(self.model, self.gateway, self.metrics)
+        self.ferret = FerretWorker(self.model, self.gateway, self.metrics)
         self.run_loaded = run.run_id
 
     def _try_register(self) -> str | None:
         """Register; None when a run was joined, else the run id to wait past ("" when there is no run yet)."""
+        self.described = ""
         try:
             self.register()
         except CannotJoin as err:
-            if err.run_id != self.refused_run:
-                log.error("%s; waiting for the next run", err)
-                self.refused_run = err.run_id
-            return err.run_id
+            return self._refused(err.run_id, str(err))
+        except Rejected as err:
+            # A serving coordinator's run that refuses what this agent has (another base or labels): with
+            # after_finish next-run the agent waits for the next run instead of ending.
+            if err.status != "FAILED_PRECONDITION" or self.after_finish != "next-run" or not self.described:
+                raise
+            self.run_loaded = ""  # what was loaded is not this run's
+            return self._refused(self.described, f"run {self.described} refused this agent: {err}")
         return None if self.gateway.run_id else ""
+
+    def _refused(self, run_id: str, why: str) -> str:
+        if run_id != self.refused_run:
+            log.error("%s; waiting for the next run", why)
+            self.refused_run = run_id
+        return run_id
 
     def run(self) -> None:
         """Register, then run tasks until FINISHED (with after_finish next-run: until stopped, joining each

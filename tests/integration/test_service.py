@@ -100,17 +100,19 @@ def test_a_serving_coordinator_runs_submitted_runs_in_turn_and_resumes_after_a_r
     state = tmp_path / "service"
     tiny = tmp_path / "tiny-bert"
     tiny_bert(tiny)
-    overrides: dict[str, Any] = {}
-    for i in (1, 2):
-        tickets(tmp_path / f"tickets-{i}.csv", i)
-        data = {
-            "path": str(tmp_path / f"tickets-{i}.csv"),
-            "text_column": "text",
-            "label_column": "label",
-            "labels": ["no", "yes"],
-            "val_fraction": 0.2,
-        }
-        overrides[f"agent-{i}"] = {"models": {"tiny": str(tiny)}, "datasets": {"tickets": data}}
+    # agent-1 has a data set named `tickets`; agent-2 has none, so it waits past run B.
+    tickets(tmp_path / "tickets-1.csv", 1)
+    data = {
+        "path": str(tmp_path / "tickets-1.csv"),
+        "text_column": "text",
+        "label_column": "label",
+        "labels": ["no", "yes"],
+        "val_fraction": 0.2,
+    }
+    overrides: dict[str, Any] = {
+        "agent-1": {"models": {"tiny": str(tiny)}, "datasets": {"tickets": data}},
+        "agent-2": {"models": {"tiny": str(tiny)}},
+    }
     spec["agents"]["overrides"] = overrides  # type: ignore[index]
     with Federation(spec, run_dir) as fed:
         write_bundle(run_dir / "certs", [], admins=["ops"])
@@ -140,7 +142,7 @@ def test_a_serving_coordinator_runs_submitted_runs_in_turn_and_resumes_after_a_r
         tiny_run: dict[str, Any] = {"model": {"path": str(tiny), "name": "tiny"}, "labels": ["no", "yes"]}
         settings: dict[str, dict[str, Any]] = {
             "A": {"run": {"rounds": 1}},
-            "B": {**tiny_run, "run": {"rounds": 3, "dataset": "tickets"}, "training": b_training},
+            "B": {**tiny_run, "run": {"rounds": 4, "dataset": "tickets", "min_agents": 1}, "training": b_training},
             "C": {"run": {"rounds": 1}},
             "D": {"run": {"rounds": 1, "seed": 4}},
         }
@@ -153,11 +155,6 @@ def test_a_serving_coordinator_runs_submitted_runs_in_turn_and_resumes_after_a_r
             runs[name] = re.search(r"run (\S+) queued", submitted.stdout).group(1)  # type: ignore[union-attr]
             if name == "C":
                 cancelled = admin(fed, "cancel", runs["C"])
-        bad = tmp_path / "bad.yaml"
-        bad.write_text(yaml.safe_dump({"server": {"port": 1}, "run": {"rounds": 1}}))
-        refused_bad = admin(fed, "submit", str(bad))
-        crt, key = agent_paths(run_dir / "certs", "agent-1")
-        as_agent = admin(fed, "runs", who=(crt, key))
 
         # Execute: A runs and completes; B starts; the coordinator is stopped (SIGTERM) after B's first round
         # and started again.
@@ -168,6 +165,11 @@ def test_a_serving_coordinator_runs_submitted_runs_in_turn_and_resumes_after_a_r
         assert first.wait(timeout=60) == 0
         interrupted = queue(state)["B"]["state"]
         second = start()
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({"server": {"port": 1}, "run": {"rounds": 1}}))
+        refused_bad = admin(fed, "submit", str(bad))
+        crt, key = agent_paths(run_dir / "certs", "agent-1")
+        as_agent = admin(fed, "runs", who=(crt, key))
         wait_until("run D to complete", lambda: queue(state).get("D", {}).get("state") == "completed", fed)
         listing = admin(fed, "runs")
         status = admin(fed, "status", runs["B"][:4])
@@ -192,19 +194,28 @@ def test_a_serving_coordinator_runs_submitted_runs_in_turn_and_resumes_after_a_r
     }
     assert interrupted == "running" and final["B"]["starts"] == 2
     b_log = (state / "runs" / runs["B"] / "coordinator.log").read_text()
-    assert f"resuming run {runs['B']} after round 1" in b_log and f"run {runs['B']} completed: 3 rounds" in b_log
-    assert len(rounds_b.read_text().splitlines()) == 3
+    assert (
+        re.search(rf"resuming run {runs['B']} after round [123] ", b_log)
+        and f"run {runs['B']} completed: 4 rounds" in b_log
+    )
+    assert len(rounds_b.read_text().splitlines()) == 4
     assert (state / "runs" / runs["A"] / "final").is_dir() and not (state / "runs" / runs["C"]).exists()
-    for agent_id in fed.agent_ids:
-        log = fed.log(agent_id)
-        joined = re.findall(r"joined run (\S+)", log)
-        assert joined[:2] == [runs["A"], runs["B"]] and joined[-1] == runs["D"], log[-2000:]
-        # Each base loaded once: the tiny one when B asked for it, the embedded one at start and kept for D.
-        assert log.count("model tiny: bert seq-cls") == 1 and log.count("model embedded: bert seq-cls") == 1
-        assert f"run {runs['B']}: model tiny, data set tickets" in log
-        assert f"run {runs['D']}: model embedded, data set (data)" in log
+    first_log, second_log = fed.log("agent-1"), fed.log("agent-2")
+    joined = {a: re.findall(r"joined run (\S+)", fed.log(a)) for a in fed.agent_ids}
+    assert joined["agent-1"][:2] == [runs["A"], runs["B"]] and joined["agent-1"][-1] == runs["D"], first_log[-2000:]
+    assert joined["agent-2"][0] == runs["A"] and runs["B"] not in joined["agent-2"], second_log[-2000:]
+    assert joined["agent-2"][-1] == runs["D"]
+    # agent-1 loaded each base once: the tiny one when B asked for it, the embedded one at start, kept for D.
+    assert first_log.count("model tiny: bert seq-cls") == 1 and first_log.count("model embedded: bert seq-cls") == 1
+    assert f"run {runs['B']}: model tiny, data set tickets" in first_log
+    assert f"run {runs['D']}: model embedded, data set (data)" in first_log
+    # agent-2 said once why it sat B out, loaded nothing for it, and took part in D.
+    assert second_log.count(f"run {runs['B']} asks for data set 'tickets'; `datasets` holds none") == 1
+    assert "model tiny:" not in second_log
     b_rounds = [json.loads(line) for line in rounds_b.read_text().splitlines()]
-    assert all(sorted(r["agents"]) == ["agent-1", "agent-2"] for r in b_rounds)
+    assert all(r["agents"] == ["agent-1"] for r in b_rounds)
+    d_rounds = [json.loads(line) for line in (state / "runs" / runs["D"] / "rounds.jsonl").read_text().splitlines()]
+    assert sorted(d_rounds[-1]["agents"]) == ["agent-1", "agent-2"]
     b_config = json.loads((state / "runs" / runs["B"] / "config.json").read_text())
     assert b_config["labels"] == ["no", "yes"] and b_config["run"]["dataset"] == "tickets"
     assert all(agents_alive)

@@ -103,6 +103,9 @@ class Recorder:
     def finish(self, summary: Mapping[str, Any], final_dir: Path | None) -> None:
         pass
 
+    def abort(self, status: str) -> None:
+        pass
+
 
 class Broken(Recorder):
     def log(self, step: int, figures: Mapping[str, float]) -> None:
