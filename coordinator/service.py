@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
@@ -253,21 +253,16 @@ class Service:
                 summary = orchestrator.run()
             except RunAborted as err:
                 return self._aborted(job, orchestrator, str(err))
-            except FedPipeError as err:
+            except Exception as err:  # the service outlives a run's failure, a bug included (logged with its trace)
+                internal = not isinstance(err, FedPipeError)
                 if not self.single:  # the one-shot's caller logs it
-                    log.error("run %s failed: %s", job.run_id, err)
-                self._end_for_agents(orchestrator, f"the run failed: {err}")
-                ended = self._end(job, "failed", str(err))
+                    log.error("run %s failed: %s", job.run_id, err, exc_info=err if internal else None)
+                why = "see the coordinator log" if internal else str(err)
+                self._end_for_agents(orchestrator, f"the run failed: {why}", "FAILED")
+                message = f"internal error: {type(err).__name__}: {err}" if internal else str(err)
+                ended = self._end(job, "failed", message)
                 if self.single:
                     raise  # the one-shot coordinator exits with the error's code
-                return ended
-            except Exception as err:  # the service outlives a run's bug; the run fails with it logged
-                if not self.single:
-                    log.exception("run %s failed", job.run_id)
-                self._end_for_agents(orchestrator, "the run failed (see the coordinator log)")
-                ended = self._end(job, "failed", f"internal error: {type(err).__name__}: {err}")
-                if self.single:
-                    raise
                 return ended
             finally:
                 with self.lock:
@@ -286,13 +281,13 @@ class Service:
     def _aborted(self, job: Job, orchestrator: Orchestrator | None, why: str) -> Job:
         if self.queue.get(job.run_id).cancel_requested:
             log.warning("run %s cancelled", job.run_id)
-            self._end_for_agents(orchestrator, "the run was cancelled by an admin")
+            self._end_for_agents(orchestrator, "the run was cancelled by an admin", "KILLED")
             return self._end(job, "cancelled", "cancelled by an admin")
         if self.stopping.is_set():
             log.warning("run %s interrupted (%s); the coordinator's next start resumes it", job.run_id, why)
             return self.queue.get(job.run_id)  # still running on disk
         log.error("run %s aborted: %s", job.run_id, why)
-        self._end_for_agents(orchestrator, f"the run was aborted: {why}")
+        self._end_for_agents(orchestrator, f"the run was aborted: {why}", "FAILED")
         return self._end(job, "failed", why)
 
     def _end(self, job: Job, state: State, message: str, accuracy: float | None = None) -> Job:
@@ -301,12 +296,12 @@ class Service:
         return ended
 
     @staticmethod
-    def _end_for_agents(orchestrator: Orchestrator | None, message: str) -> None:
+    def _end_for_agents(orchestrator: Orchestrator | None, message: str, status: str) -> None:
         """Agents polling a run that ended without finishing hear FINISHED with why (and, with after_finish
-        next-run, wait for the next run); its trackers are closed."""
+        next-run, wait for the next run); its trackers are closed with status (FAILED, KILLED)."""
         if orchestrator is None:
             return
-        orchestrator.tracking.abort("KILLED" if "cancelled" in message else "FAILED")
+        orchestrator.tracking.abort(status)
         state = orchestrator.state
         with state.cond:
             state.phase = Phase.FINISHED
@@ -315,5 +310,5 @@ class Service:
 
     def _count(self) -> None:
         jobs = self.queue.all()
-        for state in ("queued", "running", "completed", "failed", "cancelled"):
+        for state in get_args(State):
             self.metrics.runs.labels(state).set(sum(1 for j in jobs if j.state == state))

@@ -113,17 +113,16 @@ class Workspace:
         labels = tuple(data_section.labels)
         key = (section.path, section.task, section.include_mlp, tuple(section.candidates or ()), labels)
         base = self.bases.get(key)
-        data_key = (dataset, key[0] + ":" + section.task)
-        data = self.datasets.get(data_key)
         if base is None:
             path, spec = configured_model(section.path, section.task, labels, section.include_mlp, section.candidates)
-            data = data or load_local(data_section, spec.task)
             log.info("model %s: %s %s, fingerprint %s", name, spec.model_type, spec.task, spec.fingerprint)
-            model = LocalModel(path, labels, self.device, spec.task)
-            base = _Base(model, spec, self._calibrate(model, spec, data))
-            self.bases[key] = base
-        data = data or load_local(data_section, base.spec.task)
+            base = _Base(LocalModel(path, labels, self.device, spec.task), spec, ())
+        data_key = (dataset, base.spec.task)  # a data set reads differently for a classifier and a causal LM
+        data = self.datasets.get(data_key) or load_local(data_section, base.spec.task)
         self.datasets[data_key] = data
+        if key not in self.bases:  # calibrated once, on the first data set it trains on
+            base.calibration = self._calibrate(base.model, base.spec, data)
+            self.bases[key] = base
         if self.active is not None and self.active.model is not base.model:
             self.active.model.release()  # the run before's base gives its memory to this one
         profile = dataclasses.replace(
