@@ -296,3 +296,4 @@ class RoundResult:
     truncated_energy_share: float | None = None  # SVD-ordered strategies: share of the update the global rank dropped
     opened_s: float = 0.0  # when the round opened, in seconds since this coordinator started the run
     heldout_seconds: float = 0.0  # how long the held-out evaluation of its global took (overlapped or not)
+    epsilon: float | None = None  # privacy.dp: the run's epsilon once this round's global was published

@@ -12,6 +12,8 @@ from common.data import EMBEDDED_LABEL_COLUMN, EMBEDDED_LABELS, EMBEDDED_TEXT_CO
 from common.settings import Labels, ModelSection, Section
 from coordinator.tracking import TrackingSection
 
+LINEAR_STRATEGIES = ("slot-average", "fedavg")  # those whose result is a mean of the changes, per coordinate
+
 
 class ServerSection(Section):
     """The gRPC endpoint agents connect to."""
@@ -353,6 +355,36 @@ class AggregationSection(Section):
     server_tau: float = Field(1e-3, gt=0, le=1, description="fedadam, fedyogi: adaptivity (v starts at tau^2)")
 
 
+class DpSection(Section):
+    """Client-level differential privacy (DP-FedAvg): each update clipped, Gaussian noise on the round's sum."""
+
+    enabled: bool = Field(False, description="clip every update and add noise; the run reports its epsilon")
+    clip_norm: float = Field(
+        1.0,
+        gt=0,
+        description="C: bound on the L2 norm of an update's change (the folded factors and heads it trains)",
+    )
+    noise_multiplier: float = Field(
+        0.0,
+        ge=0,
+        description="z: the noise on the round's sum has standard deviation z x clip_norm; 0 = derive it from "
+        "target_epsilon before the first round",
+    )
+    target_epsilon: float = Field(
+        0.0,
+        ge=0,
+        description="the budget: with noise_multiplier 0 the noise is derived to meet it over run.rounds; "
+        "either way the run stops before a round that would spend more; 0 = no budget",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee")
+
+
+class PrivacySection(Section):
+    """What the run's published globals reveal about any one agent's data."""
+
+    dp: DpSection = DpSection()
+
+
 class CoordinatorConfig(BaseSettings):
     """Everything fedpipe-coordinator reads at start-up."""
 
@@ -391,6 +423,27 @@ class CoordinatorConfig(BaseSettings):
     planning: PlanningSection = PlanningSection()
     training: TrainingSection = TrainingSection()
     evaluation: EvaluationSection = EvaluationSection()
+    privacy: PrivacySection = PrivacySection()
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> CoordinatorConfig:
+        dp = self.privacy.dp
+        if not dp.enabled:
+            return self
+        if dp.noise_multiplier == 0 and dp.target_epsilon == 0:
+            raise ValueError("privacy.dp: set noise_multiplier, or target_epsilon to derive it from")
+        if self.training.mode != "lora":
+            raise ValueError(
+                f"privacy.dp needs training.mode lora: the {self.training.mode} mode's linear aggregation is not "
+                "built yet"
+            )
+        if self.strategy not in LINEAR_STRATEGIES:
+            # The noise is calibrated to one agent's pull on a sum; an SVD-ordered or robust aggregate is no sum.
+            raise ValueError(
+                f"privacy.dp needs a strategy that sums the updates ({' or '.join(LINEAR_STRATEGIES)}), not "
+                f"{self.strategy}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _server_optimizer_fits(self) -> CoordinatorConfig:

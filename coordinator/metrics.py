@@ -63,6 +63,20 @@ class CoordinatorMetrics:
             "Share of the last round's update energy that truncation to the global rank dropped",
             registry=r,
         )
+        self.dp_epsilon = Gauge(
+            "fedpipe_dp_epsilon",
+            "privacy.dp: epsilon (at the configured delta) the published globals carry",
+            registry=r,
+        )
+        self.dp_noise_multiplier = Gauge(
+            "fedpipe_dp_noise_multiplier", "privacy.dp: noise standard deviation on the sum / clip_norm", registry=r
+        )
+        self.dp_updates_clipped = Counter(
+            "fedpipe_dp_updates_clipped",
+            "privacy.dp: updates scaled down to privacy.dp.clip_norm",
+            ["agent"],
+            registry=r,
+        )
         self.agents_registered = Gauge("fedpipe_agents_registered", "Agents known to the registry", registry=r)
         self.agents_alive = Gauge("fedpipe_agents_alive", "Agents with a recent heartbeat", registry=r)
         self.agent_up = Gauge(

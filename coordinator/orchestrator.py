@@ -27,6 +27,7 @@ from common.types import (
 from coordinator.admission import Admission
 from coordinator.bounds import allowed_samples, counted_profiles
 from coordinator.config import CoordinatorConfig
+from coordinator.dp import DpAggregation
 from coordinator.evaluation import Evaluator
 from coordinator.masks import Masks
 from coordinator.metrics import CoordinatorMetrics
@@ -43,6 +44,10 @@ from coordinator.strategy import Strategy
 from coordinator.tracking import Tracking
 
 log = logging.getLogger(__name__)
+
+
+class BudgetSpent(Exception):
+    """The next round would spend more privacy than privacy.dp.target_epsilon allows: the run ends early."""
 
 
 class Orchestrator:
@@ -74,7 +79,11 @@ class Orchestrator:
         self.mode: Mode = mode or LoraMode(self.spec, options.alpha, base_path)
         self.state = RoundState()
         self.admission = Admission(self.state, registry, config, metrics, self.mode)
-        self.screening = Screening(config.updates, self.mode, self.spec, metrics)
+        dp = config.privacy.dp
+        self.dp = DpAggregation(dp, config.run.rounds, metrics) if dp.enabled else None
+        # Under privacy.dp the clip bounds every agent's pull, and the relative bounds would make one agent's
+        # inclusion depend on the others' updates, which the noise is not calibrated for.
+        self.screening = Screening(config.updates, self.mode, self.spec, metrics, relative=self.dp is None)
         self.dead: set[str] = set()  # agents marked dead (missed heartbeats), until they call again
         self.corrections: dict[str, tuple[float, float]] = {}  # agent -> (time, memory) scale from measurements
         self.rundir = RunDir(config.run.run_dir, self.spec, self.mode)
@@ -86,6 +95,8 @@ class Orchestrator:
         # A round whose held-out evaluation still runs (evaluation.overlap): its result, less the held-out figures.
         self.deferred: tuple[RoundResult, Future[tuple[Evaluation, float]]] | None = None
         self.started = 0.0  # the run's start on the round state's clock
+        self.stopped: str | None = None  # why the run ended before run.rounds (the privacy budget), if it did
+        self.sampling_rate = 1.0  # the current round's: drawn agents / alive agents
 
     @property
     def results(self) -> list[RoundResult]:
@@ -130,11 +141,16 @@ class Orchestrator:
             global_, strategy_state, meta = resumed
             self.strategy.load_state_dict(strategy_state)
             self._resume(global_, meta)
+            if self.dp is not None:
+                self.dp.prepare(self._sampling_rate(len(alive)))  # the checkpoint's noise multiplier stays
         else:
             self.masks.choose(0, alive, spec)
             plans = self._plan(alive, spec, 0)[0].plans
             global_ = self.mode.initial(spec, plans, cfg.seed)
             plans = self.mode.finalize_plans(plans, global_)
+            if self.dp is not None:
+                self.dp.prepare(self._sampling_rate(len(alive)))
+                self.rundir.metadata = self.dp.metadata()
             self.rundir.save_state(global_, self._bookkeeping(), self.strategy.state_dict())
         self.state.set_global(global_)
         settings = self.config.model_dump(mode="json")
@@ -143,7 +159,12 @@ class Orchestrator:
         if resumed is None and self.config.evaluation.initial:
             self._evaluate(0, plans, RoundResult(0, (), 0.0, 0))
         for round_ in range(global_.round + 1, cfg.rounds + 1):
-            failed = self._train_round(round_)
+            try:
+                failed = self._train_round(round_)
+            except BudgetSpent as spent:
+                log.warning("round %d not started: %s; the run ends here", round_, spent)
+                self.stopped = str(spent)
+                break
             if failed is not None:
                 self._settle(wait=True)  # results stay in round order
                 self.results.append(failed)
@@ -156,6 +177,7 @@ class Orchestrator:
         return {
             "run_id": self.run_id,
             **snapshot(profiles, self.spec, self.masks.mask, self.masks.scores, self.corrections),
+            **({"privacy": self.dp.state()} if self.dp is not None else {}),
         }
 
     def _restore_registry(self) -> bool:
@@ -180,6 +202,9 @@ class Orchestrator:
         if "spec" in meta:
             _, _, self.masks.mask, self.masks.scores, self.corrections = from_snapshot(meta)
         self.state.run_id = str(meta.get("run_id", self.run_id))
+        if self.dp is not None:
+            self.dp.load_state(meta.get("privacy", {}))
+            self.rundir.metadata = self.dp.metadata()
         self.results = self.rundir.results(global_.round)
         self.metrics.resumed_round.set(global_.round)
         if self.mask is not None:
@@ -231,6 +256,11 @@ class Orchestrator:
         spec = self.spec
         global_ = self.state.global_
         assert global_ is not None
+        self.sampling_rate = self._sampling_rate(len(alive))
+        if self.dp is not None:
+            spent = self.dp.over_budget(self.sampling_rate)
+            if spent is not None:
+                raise BudgetSpent(spent)
         every = self.config.selection.reselect_every
         if every and round_ > 1 and (round_ - 1) % every == 0:
             self.masks.choose(round_ - 1, alive, spec)
@@ -309,6 +339,10 @@ class Orchestrator:
                 failure=aggregated, opened_s=opened,
             )  # fmt: skip
         new_global, agg_metrics, agg_seconds = aggregated
+        epsilon = None
+        if self.dp is not None:
+            epsilon = self.dp.published(self.sampling_rate)
+            self.rundir.metadata = self.dp.metadata()
         self._refit(inbox, planned.predictions)
         self.masks.keep_training_scores(round_, inbox, weights)
         report = round_report(inbox, weights, planned.predictions, dict(self.state.downloaded))
@@ -349,7 +383,7 @@ class Orchestrator:
         )
         result = RoundResult(
             round_, tuple(sorted(inbox)), seconds, samples, train_loss=train_loss, dropped=dropped, refused=refused,
-            aggregation_seconds=agg_seconds, truncated_energy_share=truncated, opened_s=opened,
+            aggregation_seconds=agg_seconds, truncated_energy_share=truncated, opened_s=opened, epsilon=epsilon,
         )  # fmt: skip
         self._evaluate(round_, plans, result)
         return None
@@ -373,7 +407,11 @@ class Orchestrator:
         # moments it moved either: they go back to where this round found them.
         kept = self.strategy.state_dict()
         try:
-            new_global, metrics = self.mode.aggregate(global_, contributions, self.strategy, round_)
+            if self.dp is not None:
+                new_global, metrics = self.dp.aggregate(self.mode, global_, contributions, plans, self.strategy, round_)
+                metrics["updates"] = float(len(contributions))
+            else:
+                new_global, metrics = self.mode.aggregate(global_, contributions, self.strategy, round_)
             self.mode.check_global(new_global, self.config.updates.max_abs_value)
         except (InvalidArgument, ArithmeticError) as err:
             self.strategy.load_state_dict(kept)
@@ -440,6 +478,11 @@ class Orchestrator:
         if planned.round_seconds:
             log.info("round %d: planned %.1fs of training per agent", round_, planned.round_seconds)
         return planned, counted
+
+    def _sampling_rate(self, alive: int) -> float:
+        """Each alive agent's chance to be drawn this round (coordinator.sampling)."""
+        run = self.config.run
+        return sample_size(alive, run.sample_fraction, run.sample_count, run.min_agents) / max(alive, 1)
 
     def _check_payload_limit(self, plans: Mapping[str, TrainPlan], spec: ModelSpec) -> None:
         """Abort before a round whose planned updates could never be accepted."""
@@ -587,6 +630,8 @@ class Orchestrator:
             else None,
             "final_source": "heldout" if self.results and self.results[-1].heldout else "agents",
             "plans": {a: plan_record(p) for a, p in state.plans.items()},
+            **({"privacy": self.dp.summary()} if self.dp is not None else {}),
+            **({"stopped": self.stopped} if self.stopped is not None else {}),
         }
         final = self.rundir.finalize(state.global_, summary)
         self.tracking.finish(summary, final)

@@ -9,6 +9,7 @@ round, which overstates it by orders of magnitude), at integer orders, where its
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,12 +45,20 @@ def epsilon(
 ) -> float:
     """The (epsilon, delta) guarantee's epsilon after `rounds` rounds of the subsampled Gaussian; 0 before any."""
     _check(noise_multiplier, sampling_rate, rounds, delta)
-    if rounds == 0:
+    return epsilon_of([(sampling_rate, noise_multiplier)] * rounds, delta, orders)
+
+
+def epsilon_of(events: Sequence[tuple[float, float]], delta: float, orders: Sequence[float] = ORDERS) -> float:
+    """Epsilon at delta after one subsampled Gaussian per event, (sampling rate, noise multiplier) each."""
+    for sampling_rate, noise_multiplier in events:
+        _check(noise_multiplier, sampling_rate, 1, delta)
+    if not events:
+        _check(1.0, 1.0, 0, delta)
         return 0.0
     dp = _accounting()
     accountant = dp.rdp.RdpAccountant(list(orders))
-    event = dp.PoissonSampledDpEvent(sampling_rate, dp.GaussianDpEvent(noise_multiplier))
-    accountant.compose(event, rounds)
+    for (sampling_rate, noise_multiplier), count in sorted(Counter(events).items()):
+        accountant.compose(dp.PoissonSampledDpEvent(sampling_rate, dp.GaussianDpEvent(noise_multiplier)), count)
     return float(accountant.get_epsilon(delta))
 
 

@@ -134,6 +134,8 @@ def round_line(result: RoundResult, rounds: int, causal: bool = False, labels: t
     if result.agents_eval is not None:
         agents = result.agents_eval
         parts.append(f"agents' validation accuracy {agents.accuracy:.3f}{class_figures(agents, labels)}")
+    if result.epsilon is not None:
+        parts.append(f"privacy epsilon {result.epsilon:.3g}")
     if result.dropped:
         parts.append(f"dropped {','.join(result.dropped)}")
     return " | ".join(parts)

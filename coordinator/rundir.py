@@ -113,6 +113,7 @@ class RunDir:
         self.run_dir = run_dir
         self.spec = spec
         self.mode = mode
+        self.metadata: dict[str, str] = {}  # written into every artefact's safetensors (the privacy guarantee)
         (run_dir / "rounds").mkdir(parents=True, exist_ok=True)
         (run_dir / "state").mkdir(parents=True, exist_ok=True)
 
@@ -130,7 +131,7 @@ class RunDir:
     ) -> Path:
         """Persist a round: the mode's artefact and plans for people and tools, the global for resume."""
         directory = self.round_dir(global_.round)
-        self.mode.write_artifact(directory, global_)
+        self.mode.write_artifact(directory, global_, self.metadata)
         write_json(
             directory / "plans.json",
             {agent: {"plan": plan_record(plan), **dict(report.get(agent, {}))} for agent, plan in plans.items()},
@@ -210,7 +211,7 @@ class RunDir:
     def finalize(self, global_: GlobalState, summary: Mapping[str, Any]) -> Path:
         """final/ holds the last global's artefact; summary.json the run's figures."""
         final = self.run_dir / "final"
-        self.mode.write_artifact(final, global_)
+        self.mode.write_artifact(final, global_, self.metadata)
         write_json(self.run_dir / "summary.json", summary)
         return final
 
@@ -302,6 +303,7 @@ def result_from_record(record: Mapping[str, Any]) -> RoundResult:
         truncated_energy_share=record.get("truncated_energy_share"),
         opened_s=record.get("opened_s", 0.0),
         heldout_seconds=record.get("heldout_seconds", 0.0),
+        epsilon=record.get("epsilon"),
     )
 
 

@@ -33,8 +33,11 @@ class Screened:
 class Screening:
     """The round-close checks of one run's updates section."""
 
-    def __init__(self, updates: UpdatesSection, mode: Mode, spec: ModelSpec, metrics: CoordinatorMetrics) -> None:
+    def __init__(
+        self, updates: UpdatesSection, mode: Mode, spec: ModelSpec, metrics: CoordinatorMetrics, relative: bool = True
+    ) -> None:
         self.updates = updates
+        self.relative = relative  # False: no relative bounds (privacy.dp clips every update instead)
         self.mode = mode
         self.spec = spec
         self.metrics = metrics
@@ -47,7 +50,7 @@ class Screening:
         tensor's median change, is left out (reject) or scaled down to the bounds (clip)."""
         updates = self.updates
         total_bound = relative_bound({a: x.norm for a, x in inbox.items()}, updates.norm_multiple)
-        if total_bound is None:
+        if total_bound is None or not self.relative:
             return Screened(dict(inbox), {})
         sizes = {name: t.numel() for x in inbox.values() for name, t in x.update.tensors.items()}
         bounds = tensor_bounds(

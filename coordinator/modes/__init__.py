@@ -95,6 +95,29 @@ class Mode(Protocol):
         the finite range."""
         ...
 
+    def linear_layout(self, global_: GlobalState, plans: Mapping[str, TrainPlan]) -> dict[str, torch.Tensor]:
+        """The layout the round's changes are summed in: per named tensor, how many plans cover each
+        coordinate (coordinator.strategy.linear)."""
+        ...
+
+    def linear_terms(
+        self, global_: GlobalState, contribution: Contribution, layout: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """One upload as its change to the global in the layout (float64, zero where its plan trains nothing)."""
+        ...
+
+    def apply_linear(
+        self,
+        global_: GlobalState,
+        sums: Mapping[str, torch.Tensor],
+        layout: Mapping[str, torch.Tensor],
+        strategy: Strategy,
+        round_: int,
+    ) -> tuple[GlobalState, dict[str, float]]:
+        """The new global (numbered round_): the old plus sums / counts, stepped by the strategy's server
+        optimizer if it has one; figures for the log."""
+        ...
+
     def check_global(self, global_: GlobalState, bound: float) -> None:
         """A global about to be published: every value finite and within bound (InvalidArgument otherwise)."""
         ...
@@ -111,8 +134,9 @@ class Mode(Protocol):
         """sha256 of the global's tensors (and round)."""
         ...
 
-    def write_artifact(self, directory: Path, global_: GlobalState) -> None:
-        """What a round leaves for people and tools (LoRA: a peft adapter directory), written atomically."""
+    def write_artifact(self, directory: Path, global_: GlobalState, metadata: Mapping[str, str] | None = None) -> None:
+        """What a round leaves for people and tools (LoRA: a peft adapter directory), written atomically, with
+        `metadata` (the privacy guarantee) in its safetensors metadata."""
         ...
 
     def trainable_parameters(self, plan: TrainPlan, spec: ModelSpec) -> int:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.adapters import check_values, init_heads, scale_change
-from common.errors import InvalidArgument, StaleRound
+from common.errors import ConfigError, InvalidArgument, StaleRound
 from common.ferret import MIN_DIRECTIONS, reconstruct, weights_digest
 from common.types import GlobalState, ModelSpec, TensorInfo, TrainPlan, UpdateMeta
 from coordinator.modes import Contribution
@@ -40,6 +40,9 @@ COEF = "::coef"  # suffix of a block's coefficient tensor on the wire
 DELTA = "::delta"  # suffix of a block's whole change (directions 0: exact, the FedAvg reference)
 WEIGHTS_FILE = "weights.safetensors"
 ARTEFACT_FILE = "fedpipe_ferret.json"
+
+
+NO_LINEAR = "privacy.dp: the ferret mode has no linear aggregation yet; use training.mode lora"
 
 
 @dataclass(frozen=True)
@@ -273,6 +276,31 @@ class FerretMode:
         }
         return new, metrics
 
+    # The linear path (privacy.dp) needs a layout fixed by the plans alone; a Ferret upload's coefficient count
+    # per block follows the agent's own update norms. Config validation refuses the combination before a run
+    # starts, so these are reached only by a caller that skipped it.
+
+    def linear_layout(self, global_: GlobalState, plans: Mapping[str, TrainPlan]) -> dict[str, torch.Tensor]:
+        """Not built for the Ferret mode (ConfigError)."""
+        raise ConfigError(NO_LINEAR)
+
+    def linear_terms(
+        self, global_: GlobalState, contribution: Contribution, layout: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Not built for the Ferret mode (ConfigError)."""
+        raise ConfigError(NO_LINEAR)
+
+    def apply_linear(
+        self,
+        global_: GlobalState,
+        sums: Mapping[str, torch.Tensor],
+        layout: Mapping[str, torch.Tensor],
+        strategy: Strategy,
+        round_: int,
+    ) -> tuple[GlobalState, dict[str, float]]:
+        """Not built for the Ferret mode (ConfigError)."""
+        raise ConfigError(NO_LINEAR)
+
     def check_global(self, global_: GlobalState, bound: float) -> None:
         """Every block and head finite and within bound."""
         current = _ferret(global_)
@@ -325,14 +353,18 @@ class FerretMode:
         current = _ferret(global_)
         return weights_digest({**current.blocks, **current.heads})
 
-    def write_artifact(self, directory: Path, global_: GlobalState) -> None:
-        """weights.safetensors (the trained blocks as <module>.weight, and the heads) and fedpipe_ferret.json;
-        `fedpipe-export` turns them into a full model."""
+    def write_artifact(self, directory: Path, global_: GlobalState, metadata: Mapping[str, str] | None = None) -> None:
+        """weights.safetensors (the trained blocks as <module>.weight, and the heads; `metadata` among its
+        metadata) and fedpipe_ferret.json; `fedpipe-export` turns them into a full model."""
         current = _ferret(global_)
         tensors = {f"{n}.weight": t.contiguous() for n, t in current.blocks.items()}
         tensors.update({n: t.contiguous() for n, t in current.heads.items()})
         with atomic_dir(directory) as tmp:
-            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "fedpipe_round": str(current.round)})
+            save_file(
+                tensors,
+                str(tmp / WEIGHTS_FILE),
+                metadata={**(metadata or {}), "format": "pt", "fedpipe_round": str(current.round)},
+            )
             write_json(
                 tmp / ARTEFACT_FILE,
                 {"mode": "ferret", "round": current.round, "base_model": self.base_path, "task": self.spec.task,

@@ -35,22 +35,31 @@ from common.errors import InvalidArgument
 from common.types import GlobalState, ModelSpec, TensorInfo, TrainPlan, UpdateMeta
 from coordinator.modes import Contribution
 from coordinator.rundir import atomic_dir
+from coordinator.strategy import linear
+from coordinator.strategy.weighted import delta_norm
 
 if TYPE_CHECKING:
     from coordinator.strategy import Strategy
 
 
 def write_adapter(
-    directory: Path, global_: GlobalAdapter, alpha: float, base_path: str, modules_to_save: tuple[str, ...], task: str
+    directory: Path,
+    global_: GlobalAdapter,
+    alpha: float,
+    base_path: str,
+    modules_to_save: tuple[str, ...],
+    task: str,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """A peft adapter directory (adapter_config.json + adapter_model.safetensors), written atomically."""
+    """A peft adapter directory (adapter_config.json + adapter_model.safetensors, `metadata` among the
+    safetensors metadata), written atomically."""
     from common.modeling import write_adapter_config
 
     with atomic_dir(directory) as tmp:
         save_file(
             global_to_peft(global_, alpha),
             str(tmp / "adapter_model.safetensors"),
-            metadata={"format": "pt", "fedpipe_round": str(global_.round)},
+            metadata={**(metadata or {}), "format": "pt", "fedpipe_round": str(global_.round)},
         )
         write_adapter_config(tmp, base_path, global_.ranks(), alpha, modules_to_save, task)
 
@@ -152,6 +161,37 @@ class LoraMode:
         new_global, metrics = strategy(_lora(global_), folded)
         return replace(new_global, round=round_), metrics
 
+    def linear_layout(self, global_: GlobalState, plans: Mapping[str, TrainPlan]) -> dict[str, torch.Tensor]:
+        """Folded A and B padded to the round's largest rank per module, and the heads, with their plan counts."""
+        return linear.layout(_lora(global_), plans, self.spec)
+
+    def linear_terms(
+        self, global_: GlobalState, contribution: Contribution, layout: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The upload folded (alpha / r into B) and laid out as its change to the global."""
+        update = fold_update(contribution.agent_id, 1.0, contribution.tensors, contribution.plan)
+        return linear.terms(_lora(global_), update, dict(layout))
+
+    def apply_linear(
+        self,
+        global_: GlobalState,
+        sums: Mapping[str, torch.Tensor],
+        layout: Mapping[str, torch.Tensor],
+        strategy: Strategy,
+        round_: int,
+    ) -> tuple[GlobalState, dict[str, float]]:
+        """The global plus the mean change, then the strategy's server step (none: the mean itself)."""
+        current = _lora(global_)
+        target = linear.apply_mean(current, sums, dict(layout))
+        new, stepped = strategy.step(current, target, linear.trained(dict(layout)))
+        metrics = {
+            "modules": float(len(linear.trained(dict(layout)))),
+            "max_rank": float(max((pair.rank for pair in new.lora.values()), default=0)),
+            "delta_norm": delta_norm(current, new),
+            **stepped,
+        }
+        return replace(new, round=round_), metrics
+
     def check_global(self, global_: GlobalState, bound: float) -> None:
         """A global about to be published: every value finite and within bound."""
         lora = _lora(global_)
@@ -187,9 +227,10 @@ class LoraMode:
         """sha256 over the round and every tensor."""
         return global_digest(_lora(global_))
 
-    def write_artifact(self, directory: Path, global_: GlobalState) -> None:
-        """The global as a peft adapter directory at each module's global rank."""
-        write_adapter(directory, _lora(global_), self.alpha, self.base_path, self.modules_to_save, self.spec.task)
+    def write_artifact(self, directory: Path, global_: GlobalState, metadata: Mapping[str, str] | None = None) -> None:
+        """The global as a peft adapter directory at each module's global rank (`metadata` in its safetensors)."""
+        lora = _lora(global_)
+        write_adapter(directory, lora, self.alpha, self.base_path, self.modules_to_save, self.spec.task, metadata)
 
     def trainable_parameters(self, plan: TrainPlan, spec: ModelSpec) -> int:
         """LoRA parameters of the plan's ranks."""

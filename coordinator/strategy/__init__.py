@@ -46,6 +46,13 @@ class Strategy:
     ) -> tuple[GlobalAdapter, dict[str, float]]:
         return self.aggregate(global_, updates)
 
+    def step(
+        self, global_: GlobalAdapter, target: GlobalAdapter, ranks: Mapping[str, int]
+    ) -> tuple[GlobalAdapter, dict[str, float]]:
+        """The new global from an averaged target computed elsewhere (the linear path of privacy.dp): the target
+        itself (a server optimizer steps towards it, truncating to `ranks`)."""
+        return target, {}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors the strategy keeps across rounds (none here)."""
         return {}
@@ -68,8 +75,14 @@ class ServerOptimized(Strategy):
         self, global_: GlobalAdapter, updates: Sequence[FoldedUpdate]
     ) -> tuple[GlobalAdapter, dict[str, float]]:
         target, metrics = self.aggregate(global_, updates)
-        new, stepped = optimize(self.settings, self.moments, global_, target, trained_ranks(updates))
+        new, stepped = self.step(global_, target, trained_ranks(updates))
         return new, {**metrics, **stepped}
+
+    def step(
+        self, global_: GlobalAdapter, target: GlobalAdapter, ranks: Mapping[str, int]
+    ) -> tuple[GlobalAdapter, dict[str, float]]:
+        """The optimizer's step from the global towards the target (moments updated in place)."""
+        return optimize(self.settings, self.moments, global_, target, ranks)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The moments, by m::<key> and v::<key>."""
