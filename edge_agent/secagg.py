@@ -1,0 +1,109 @@
+"""An agent's side of one secure-aggregation round (common.secagg): keys, shares, the masked vector, unmasking.
+
+The agent's secrets (two X25519 keys and the self-mask seed) never leave it whole: its neighbours hold Shamir
+shares, sealed so that only the addressee opens them. What it uploads is its encoded vector plus its self-mask
+plus or minus one pairwise mask per neighbour that shared with it: uniform mod 2^62 to anyone without the seeds.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Collection, Mapping
+
+import torch
+
+from common.errors import InvalidArgument
+from common.secagg import (
+    Params,
+    add,
+    agree,
+    expand,
+    new_key,
+    open_sealed,
+    pair_sign,
+    private_bytes,
+    public_bytes,
+    seal,
+    split,
+    subtract,
+)
+
+
+class SecAggClient:
+    """One agent in one round; call advertise, share, receive, masked and unmask in that order."""
+
+    def __init__(self, agent_id: str, params: Params) -> None:
+        if agent_id not in params.participants:
+            raise InvalidArgument("secure_aggregation", f"{agent_id} is not a participant of round {params.tag}")
+        self.agent_id = agent_id
+        self.params = params
+        self.neighbours = params.graph()[agent_id]
+        self.share_key = new_key()  # c: keys the sealed shares
+        self.mask_key = new_key()  # s: keys the pairwise masks; Shamir-shared
+        self.self_seed = secrets.token_bytes(32)  # b: the self-mask; Shamir-shared
+        self.peers: dict[str, tuple[bytes, bytes]] = {}
+        self.held: dict[str, tuple[int, int]] = {}  # sender -> (self-mask share, mask-key share) it gave us
+
+    def advertise(self) -> tuple[bytes, bytes]:
+        """The two public keys: (share key, mask key)."""
+        return public_bytes(self.share_key), public_bytes(self.mask_key)
+
+    def share(self, peers: Mapping[str, tuple[bytes, bytes]]) -> dict[str, bytes]:
+        """Sealed shares of the self-mask seed and the mask key, one per neighbour that advertised keys."""
+        strangers = sorted(set(peers) - set(self.neighbours))
+        if strangers:
+            raise InvalidArgument("keys", f"{strangers[:3]} are not {self.agent_id}'s neighbours")
+        if len(peers) < self.params.threshold:
+            raise InvalidArgument(
+                "keys", f"{len(peers)} neighbours advertised keys, {self.params.threshold} needed to share with"
+            )
+        self.peers = dict(peers)
+        params = self.params
+        xs = [params.index(j) for j in sorted(peers)]
+        seed_shares = split(self.self_seed, params.threshold, xs)
+        key_shares = split(private_bytes(self.mask_key), params.threshold, xs)
+        sealed: dict[str, bytes] = {}
+        for j in sorted(peers):
+            key = agree(self.share_key, peers[j][0], params.tag, "share", f"keys[{j}]")
+            x = params.index(j)
+            sealed[j] = seal(key, params.tag, self.agent_id, j, seed_shares[x], key_shares[x])
+        return sealed
+
+    def receive(self, sealed: Mapping[str, bytes]) -> None:
+        """Open the shares neighbours sealed for us (InvalidArgument for one that does not open)."""
+        strangers = sorted(set(sealed) - set(self.peers))
+        if strangers:
+            raise InvalidArgument("shares", f"shares from {strangers[:3]}, who are not neighbours with keys")
+        for sender in sorted(sealed):
+            key = agree(self.share_key, self.peers[sender][0], self.params.tag, "share", f"keys[{sender}]")
+            self.held[sender] = open_sealed(key, self.params.tag, sender, self.agent_id, sealed[sender])
+
+    def masked(self, encoded: torch.Tensor) -> torch.Tensor:
+        """The encoded vector plus the self-mask and the pairwise masks with every neighbour that shared."""
+        params = self.params
+        if encoded.shape != (params.length,) or encoded.dtype != torch.int64:
+            raise ValueError(
+                f"an encoded vector is int64 of length {params.length}, not {encoded.dtype} {encoded.shape}"
+            )
+        total = add(encoded, expand(self.self_seed, params.length))
+        for j in sorted(self.held):
+            seed = agree(self.mask_key, self.peers[j][1], params.tag, "mask", f"keys[{j}]")
+            mask = expand(seed, params.length)
+            total = add(total, mask) if pair_sign(params, self.agent_id, j) > 0 else subtract(total, mask)
+        return total
+
+    def unmask(self, survivors: Collection[str], dropped: Collection[str]) -> dict[str, tuple[str, int]]:
+        """Per neighbour that shared with us: its self-mask share if it survived, its mask-key share if it
+        dropped; never both for one neighbour, and nothing while fewer than threshold agents survive."""
+        alive, gone = set(survivors), set(dropped)
+        if alive & gone:
+            raise InvalidArgument("unmask", f"{sorted(alive & gone)[:3]} named both surviving and dropped")
+        if len(alive) < self.params.threshold:
+            raise InvalidArgument("unmask", f"{len(alive)} survivors, under the threshold {self.params.threshold}")
+        revealed: dict[str, tuple[str, int]] = {}
+        for j, (seed_share, key_share) in sorted(self.held.items()):
+            if j in alive:
+                revealed[j] = ("seed", seed_share)
+            elif j in gone:
+                revealed[j] = ("key", key_share)
+        return revealed
