@@ -257,6 +257,22 @@ def with_modules(global_: GlobalAdapter, ranks: Mapping[str, int], spec: ModelSp
     return GlobalAdapter(round=global_.round, lora=lora, heads=global_.heads)
 
 
+def extended_pair(global_: GlobalAdapter, module: str, rank: int, spec: ModelSpec) -> LoraPair:
+    """The global's folded pair for module with slots past its rank (or all, for a module it lacks) as peft
+    starts them, A random and B = 0, drawn from a seed of the global round and module: what every agent
+    training the module at up to `rank` is sent (broadcast_tensors), before truncation."""
+    shape = spec.candidate(module)
+    pair = global_.lora.get(module)
+    generator = slot_generator(global_.round, module)
+    if pair is None:
+        return fresh_pair(shape.in_features, shape.out_features, rank, generator)
+    if rank <= pair.rank:
+        return pair
+    # Draw the full rank and keep the tail, so an agent at rank 8 and one at 16 share slots 5..8.
+    fresh = fresh_pair(shape.in_features, shape.out_features, rank, generator)
+    return LoraPair(a=torch.cat([pair.a, fresh.a[pair.rank :]]), b=torch.cat([pair.b, fresh.b[:, pair.rank :]], dim=1))
+
+
 def broadcast_tensors(global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The global adapter as one agent must load it: truncated to its ranks, unfolded with its alpha.
 
@@ -267,18 +283,7 @@ def broadcast_tensors(global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec) 
     tensors: dict[str, torch.Tensor] = {}
     for module in plan.target_modules:
         rank = plan.rank_pattern[module]
-        shape = spec.candidate(module)
-        pair = global_.lora.get(module)
-        generator = slot_generator(global_.round, module)
-        if pair is None:
-            pair = fresh_pair(shape.in_features, shape.out_features, rank, generator)
-        elif rank > pair.rank:
-            # Draw the full rank and keep the tail, so an agent at rank 8 and one at 16 share slots 5..8.
-            fresh = fresh_pair(shape.in_features, shape.out_features, rank, generator)
-            pair = LoraPair(
-                a=torch.cat([pair.a, fresh.a[pair.rank :]]), b=torch.cat([pair.b, fresh.b[:, pair.rank :]], dim=1)
-            )
-        a, b = unfold(truncate_rank(pair, rank), plan.alpha_of(module))
+        a, b = unfold(truncate_rank(extended_pair(global_, module, rank, spec), rank), plan.alpha_of(module))
         a_name, b_name = lora_names(module)
         tensors[a_name] = a.contiguous()
         tensors[b_name] = b.contiguous()

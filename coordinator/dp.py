@@ -16,7 +16,6 @@ from the run seed: a seed anyone can read would let them subtract it.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from common.errors import ConfigError
+from common.linear import clip
 from coordinator import privacy
 
 if TYPE_CHECKING:
@@ -200,15 +200,3 @@ class DpAggregation:
             "fedpipe_dp_clip_norm": f"{self.section.clip_norm:g}",
             "fedpipe_dp_rounds": str(len(self.ledger.events)),
         }
-
-
-def norm(terms: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm over every tensor of an update's terms, in float64."""
-    return math.sqrt(sum(float(value.double().pow(2).sum()) for value in terms.values()))
-
-
-def clip(terms: Mapping[str, torch.Tensor], bound: float) -> tuple[dict[str, torch.Tensor], float]:
-    """The terms scaled to L2 norm at most bound, and their norm before."""
-    total = norm(terms)
-    factor = bound / total if total > bound else 1.0
-    return {name: value * factor for name, value in terms.items()}, total

@@ -13,10 +13,12 @@ from collections.abc import Collection, Mapping
 import torch
 
 from common.errors import InvalidArgument
+from common.linear import clip, flatten
 from common.secagg import (
     Params,
     add,
     agree,
+    encode,
     expand,
     new_key,
     open_sealed,
@@ -27,6 +29,26 @@ from common.secagg import (
     split,
     subtract,
 )
+
+
+def secure_input(
+    terms: Mapping[str, torch.Tensor],
+    params: Params,
+    clip_norm: float = 0.0,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """An agent's change as it enters the masked sum: clipped to clip_norm (0: not clipped), plus its share of
+    DP-FedAvg's noise (N(0, noise_std^2) per coordinate: the coordinator's z C / sqrt(n) split across the n
+    agents), flattened in the layout's name order and encoded to fixed point."""
+    if clip_norm > 0:
+        terms, _ = clip(terms, clip_norm)
+    vector = flatten(terms)
+    if vector.numel() != params.length:
+        raise ValueError(f"a change of {vector.numel()} values for a round of {params.length}")
+    if noise_std > 0:
+        vector = vector + noise_std * torch.randn(vector.shape, generator=generator, dtype=torch.float64)
+    return encode(vector, params.fraction_bits, len(params.participants))
 
 
 class SecAggClient:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
+from common import linear
 from common.adapters import (
     GlobalAdapter,
     LoraPair,
@@ -35,7 +36,6 @@ from common.errors import InvalidArgument
 from common.types import GlobalState, ModelSpec, TensorInfo, TrainPlan, UpdateMeta
 from coordinator.modes import Contribution
 from coordinator.rundir import atomic_dir
-from coordinator.strategy import linear
 from coordinator.strategy.weighted import delta_norm
 
 if TYPE_CHECKING:
@@ -168,9 +168,10 @@ class LoraMode:
     def linear_terms(
         self, global_: GlobalState, contribution: Contribution, layout: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """The upload folded (alpha / r into B) and laid out as its change to the global."""
-        update = fold_update(contribution.agent_id, 1.0, contribution.tensors, contribution.plan)
-        return linear.terms(_lora(global_), update, dict(layout))
+        """The upload's change to what it was sent, folded (alpha / r into B) and laid out."""
+        plan = contribution.plan
+        sent = broadcast_tensors(_lora(global_), plan, self.spec)
+        return linear.terms(contribution.tensors, sent, plan, {name: tuple(c.shape) for name, c in layout.items()})
 
     def apply_linear(
         self,
@@ -182,7 +183,7 @@ class LoraMode:
     ) -> tuple[GlobalState, dict[str, float]]:
         """The global plus the mean change, then the strategy's server step (none: the mean itself)."""
         current = _lora(global_)
-        target = linear.apply_mean(current, sums, dict(layout))
+        target = linear.apply_mean(current, sums, dict(layout), self.spec)
         new, stepped = strategy.step(current, target, linear.trained(dict(layout)))
         metrics = {
             "modules": float(len(linear.trained(dict(layout)))),

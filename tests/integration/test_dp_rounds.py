@@ -13,8 +13,8 @@ from rig import AGENT_A, AGENT_B, Coordinator, launch, register, train_assignmen
 from safetensors import safe_open
 
 from common.adapters import GlobalAdapter
+from common.linear import clip
 from coordinator.config import DpSection, PrivacySection, RunSection
-from coordinator.dp import clip
 from coordinator.modes import Contribution
 from coordinator.privacy import ORDERS
 from coordinator.strategy import get_strategy

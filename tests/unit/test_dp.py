@@ -15,9 +15,10 @@ from pydantic import ValidationError
 
 from common.adapters import GlobalAdapter, LoraPair, expected_tensors, fold_update
 from common.errors import ConfigError
+from common.linear import clip, norm
 from common.types import ModelSpec, ModuleShape, Quantization, TrainPlan
 from coordinator.config import CoordinatorConfig, DpSection
-from coordinator.dp import DpAggregation, Ledger, add_noise, clip, norm
+from coordinator.dp import DpAggregation, Ledger, add_noise
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modes import Contribution
 from coordinator.modes.lora import LoraMode

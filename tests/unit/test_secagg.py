@@ -10,7 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_dp import PLANS, SPEC, global_adapter, upload
 
+from common import linear
+from common.adapters import broadcast_tensors
 from common.errors import InvalidArgument
 from common.secagg import (
     MASK,
@@ -24,7 +27,7 @@ from common.secagg import (
     split,
 )
 from coordinator.secagg import RoundSkipped, SecAggServer
-from edge_agent.secagg import SecAggClient
+from edge_agent.secagg import SecAggClient, secure_input
 
 LENGTH = 4096
 BITS = 24
@@ -47,14 +50,14 @@ def vectors(p: Params, seed: int = 0) -> dict[str, torch.Tensor]:
     return {agent: torch.randn(LENGTH, generator=generator, dtype=torch.float64) for agent in p.participants}
 
 
-def secure_round(
+def masked_round(
     p: Params,
-    values: dict[str, torch.Tensor],
+    inputs: dict[str, torch.Tensor],
     drop_before_masking: Collection[str] = (),
     drop_before_unmasking: Collection[str] = (),
 ) -> tuple[SecAggServer, torch.Tensor]:
-    """Every step of one round; the dropped agents stop after sharing or after masking. Returns the server and
-    the decoded sum."""
+    """Every step of one round over encoded inputs; the dropped agents stop after sharing or after masking.
+    Returns the server and the unmasked sum (mod 2^62)."""
     server = SecAggServer(p)
     clients = {agent: SecAggClient(agent, p) for agent in p.participants}
     for agent, client in clients.items():
@@ -64,12 +67,24 @@ def secure_round(
     for agent, client in clients.items():
         client.receive(server.shares_for(agent))
         if agent not in drop_before_masking:
-            server.masked(agent, client.masked(encode(values[agent], BITS, len(p.participants))))
+            server.masked(agent, client.masked(inputs[agent]))
     alive, dropped = server.close_masking()
     for agent in alive:
         if agent not in drop_before_unmasking:
             server.unmask(agent, clients[agent].unmask(alive, dropped))
-    return server, decode(server.result(), BITS)
+    return server, server.result()
+
+
+def secure_round(
+    p: Params,
+    values: dict[str, torch.Tensor],
+    drop_before_masking: Collection[str] = (),
+    drop_before_unmasking: Collection[str] = (),
+) -> tuple[SecAggServer, torch.Tensor]:
+    """masked_round over float vectors; the decoded sum."""
+    inputs = {agent: encode(values[agent], BITS, len(p.participants)) for agent in p.participants}
+    server, total = masked_round(p, inputs, drop_before_masking, drop_before_unmasking)
+    return server, decode(total, BITS)
 
 
 def plain_sum(values: dict[str, torch.Tensor], agents: Collection[str]) -> torch.Tensor:
@@ -217,3 +232,44 @@ def test_a_value_that_could_wrap_the_sum_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="would wrap"):
         encode(torch.tensor([limit * 1.01]), BITS, 100)
     assert math.isfinite(float(decode(encode(torch.tensor([limit * 0.99]), BITS, 100), BITS)[0]))
+
+
+def test_a_secure_round_of_lora_updates_gives_the_linear_mean() -> None:
+    # Prepare: three agents' LoRA uploads at unequal ranks, laid out by each agent from its own download
+    global_ = global_adapter(4)
+    layout = linear.layout(global_, PLANS, SPEC)
+    shapes = {name: tuple(count.shape) for name, count in layout.items()}
+    length = sum(count.numel() for count in layout.values())
+    p = Params("run/7", tuple(sorted(PLANS)), neighbours=2, threshold=2, fraction_bits=BITS, length=length)
+    changes = {
+        agent: linear.terms(upload(plan, i), broadcast_tensors(global_, plan, SPEC), plan, shapes)
+        for i, (agent, plan) in enumerate(sorted(PLANS.items()))
+    }
+
+    # Execute: the masked round, then the coordinator's unflatten and mean
+    _, total = masked_round(p, {agent: secure_input(changes[agent], p) for agent in p.participants})
+    sums = linear.unflatten(decode(total, BITS), shapes)
+    secure = linear.apply_mean(global_, sums, layout, SPEC)
+
+    # Assert: the plain linear mean, to fixed point
+    plain_sums = {name: torch.stack([c[name] for c in changes.values()]).sum(dim=0) for name in layout}
+    plain = linear.apply_mean(global_, plain_sums, layout, SPEC)
+    for module in plain.lora:
+        torch.testing.assert_close(secure.lora[module].a, plain.lora[module].a, atol=1e-6, rtol=0)
+        torch.testing.assert_close(secure.lora[module].b, plain.lora[module].b, atol=1e-6, rtol=0)
+    for name in plain.heads:
+        torch.testing.assert_close(secure.heads[name], plain.heads[name], atol=1e-6, rtol=0)
+
+
+def test_secure_input_clips_and_adds_the_agents_share_of_the_noise() -> None:
+    p = Params("run/8", ("a", "b"), neighbours=1, threshold=1, fraction_bits=BITS, length=200_000)
+    terms = {"w": torch.full((200_000,), 0.01, dtype=torch.float64)}  # norm ~4.47
+    vector = decode(
+        secure_input(terms, p, clip_norm=1.0, noise_std=0.3, generator=torch.Generator().manual_seed(2)), BITS
+    )
+    clipped_value = 1.0 / math.sqrt(200_000)
+    noise = vector - clipped_value
+    assert abs(float(noise.mean())) < 4 * 0.3 / math.sqrt(200_000)
+    assert abs(float(noise.std()) - 0.3) < 4 * 0.3 / math.sqrt(400_000)
+    with pytest.raises(ValueError, match="a change of 200000 values for a round of 5"):
+        secure_input(terms, Params("run/8", ("a", "b"), 1, 1, BITS, 5))
