@@ -55,13 +55,19 @@ def coverage(global_: GlobalAdapter, plan: TrainPlan, ranks: Mapping[str, int], 
     return covered
 
 
-def layout(global_: GlobalAdapter, plans: Mapping[str, TrainPlan], spec: ModelSpec) -> Layout:
-    """Per coordinate, the number of the round's plans that train it: the mean's denominators."""
+def layout(
+    global_: GlobalAdapter, plans: Mapping[str, TrainPlan], spec: ModelSpec, counted: Iterable[str] | None = None
+) -> Layout:
+    """Per coordinate, the number of the round's plans that train it (of the `counted` agents' plans only, when
+    given): the mean's denominators. The shapes come from every plan."""
     ranks = layout_ranks(global_, plans.values())
-    counts: Layout = {}
-    for _, plan in sorted(plans.items()):
+    counts: Layout = {
+        name: torch.zeros_like(c) for name, c in coverage(global_, next(iter(plans.values())), ranks, spec).items()
+    }
+    chosen = set(plans) if counted is None else set(counted)
+    for _, plan in sorted((a, p) for a, p in plans.items() if a in chosen):
         for name, covered in coverage(global_, plan, ranks, spec).items():
-            counts[name] = counts[name] + covered if name in counts else covered
+            counts[name] += covered
     return counts
 
 

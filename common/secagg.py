@@ -35,6 +35,8 @@ MASK = MODULUS - 1
 PRIME = (1 << 521) - 1  # a Mersenne prime above any 32-byte secret
 SHARE_BYTES = 66  # a field element, big-endian
 SECRET_BYTES = 32
+SEALED_BYTES = 12 + 2 * SHARE_BYTES + 16  # nonce, two shares, AES-GCM tag
+MASKED = "secagg::masked"  # the one tensor of a masked upload: int64 of the layout's length
 
 
 # ---------------------------------------------------------------- the round's parameters and graph
@@ -234,3 +236,13 @@ def open_sealed(key: bytes, tag: str, sender: str, receiver: str, sealed: bytes)
     if len(plain) != 2 * SHARE_BYTES:
         raise InvalidArgument(f"shares[{sender}]", f"a share holds {2 * SHARE_BYTES} bytes, not {len(plain)}")
     return int.from_bytes(plain[:SHARE_BYTES], "big"), int.from_bytes(plain[SHARE_BYTES:], "big")
+
+
+def byte_chi_square(vector: torch.Tensor) -> float:
+    """Pearson's statistic of the low 7 bytes of each int64 value against uniform bytes (255 degrees of
+    freedom: about 255 +- 23 for a uniform vector mod 2^62, far more for an unmasked one)."""
+    raw = bytearray(vector.contiguous().numpy().tobytes())
+    data = torch.frombuffer(raw, dtype=torch.uint8).view(-1, 8)[:, :7].flatten()
+    counts = torch.bincount(data.long(), minlength=256).double()
+    expected = data.numel() / 256
+    return float(((counts - expected) ** 2 / expected).sum())

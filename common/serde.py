@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from fedpipe.v1 import fedpipe_pb2 as pb
 
 from common.errors import InvalidArgument
+from common.secagg import SHARE_BYTES
 from common.types import (
+    SECAGG_KINDS,
     CalibrationPoint,
     DeviceProfile,
     Evaluation,
@@ -16,6 +19,8 @@ from common.types import (
     ModuleShape,
     ProbePlan,
     Quantization,
+    SecAggStep,
+    SecureSpec,
     Task,
     TaskKind,
     TrainPlan,
@@ -34,6 +39,9 @@ _KIND_TO_PB = {
     TaskKind.EVALUATE: pb.TASK_KIND_EVALUATE,
     TaskKind.FINISHED: pb.TASK_KIND_FINISHED,
     TaskKind.PROBE: pb.TASK_KIND_PROBE,
+    TaskKind.SECAGG_SHARE: pb.TASK_KIND_SECAGG_SHARE,
+    TaskKind.SECAGG_MASK: pb.TASK_KIND_SECAGG_MASK,
+    TaskKind.SECAGG_UNMASK: pb.TASK_KIND_SECAGG_UNMASK,
 }
 _KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
 
@@ -177,6 +185,59 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
         held_modules=list(plan.held_modules),
         proximal_mu=plan.proximal_mu,
         track_importance=plan.track_importance,
+        secure=secure_to_pb(plan.secure) if plan.secure is not None else None,
+    )
+
+
+def secure_to_pb(secure: SecureSpec) -> pb.SecureSpec:
+    """SecureSpec -> proto."""
+    return pb.SecureSpec(
+        tag=secure.tag,
+        layout=[pb.TensorShape(name=n, shape=list(shape)) for n, shape in sorted(secure.layout.items())],
+        fraction_bits=secure.fraction_bits,
+        clip_norm=secure.clip_norm,
+    )
+
+
+def secure_from_pb(message: pb.SecureSpec) -> SecureSpec:
+    """proto -> SecureSpec; InvalidArgument for a layout or scale an agent cannot use."""
+    if not 8 <= message.fraction_bits <= 40:
+        raise InvalidArgument("plan.secure.fraction_bits", f"{message.fraction_bits} is not in [8, 40]")
+    if not 0.0 <= message.clip_norm < 1e12:
+        raise InvalidArgument("plan.secure.clip_norm", f"{message.clip_norm} is not in [0, 1e12)")
+    layout = {item.name: tuple(int(d) for d in item.shape) for item in message.layout}
+    if len(layout) != len(message.layout) or not layout:
+        raise InvalidArgument("plan.secure.layout", "empty, or a tensor named twice")
+    return SecureSpec(tag=message.tag, layout=layout, fraction_bits=message.fraction_bits, clip_norm=message.clip_norm)
+
+
+def secagg_to_pb(step: SecAggStep) -> pb.SecAggStep:
+    """SecAggStep -> proto."""
+    return pb.SecAggStep(
+        participants=list(step.participants),
+        neighbours=step.neighbours,
+        threshold=step.threshold,
+        keys={a: pb.PeerKeys(share_key=s, mask_key=m) for a, (s, m) in step.keys.items()},
+        sealed=dict(step.sealed),
+        noise_std=step.noise_std,
+        survivors=list(step.survivors),
+        dropped=list(step.dropped),
+    )
+
+
+def secagg_from_pb(message: pb.SecAggStep) -> SecAggStep:
+    """proto -> SecAggStep."""
+    if not math.isfinite(message.noise_std) or message.noise_std < 0:
+        raise InvalidArgument("secagg.noise_std", f"{message.noise_std} is not a finite value >= 0")
+    return SecAggStep(
+        participants=tuple(message.participants),
+        neighbours=message.neighbours,
+        threshold=message.threshold,
+        keys={a: (k.share_key, k.mask_key) for a, k in message.keys.items()},
+        sealed=dict(message.sealed),
+        noise_std=message.noise_std,
+        survivors=tuple(message.survivors),
+        dropped=tuple(message.dropped),
     )
 
 
@@ -226,6 +287,7 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
         held_modules=tuple(message.held_modules),
         proximal_mu=message.proximal_mu,
         track_importance=message.track_importance,
+        secure=secure_from_pb(message.secure) if message.HasField("secure") else None,
     )
 
 
@@ -278,6 +340,7 @@ def task_to_pb(task: Task) -> pb.GetTaskResponse:
         probe=probe_to_pb(task.probe) if task.probe is not None else None,
         retry_after_s=task.retry_after_s,
         message=task.message,
+        secagg=secagg_to_pb(task.secagg) if task.secagg is not None else None,
     )
 
 
@@ -291,6 +354,8 @@ def task_from_pb(message: pb.GetTaskResponse) -> Task:
         raise InvalidArgument("task.plan", f"a {kind.value} task needs a plan")
     if kind is TaskKind.PROBE and not message.HasField("probe"):
         raise InvalidArgument("task.probe", "a probe task needs a probe plan")
+    if kind in SECAGG_KINDS and not message.HasField("secagg"):
+        raise InvalidArgument("task.secagg", f"a {kind.value} task needs its step")
     return Task(
         kind=kind,
         round=message.round,
@@ -299,6 +364,7 @@ def task_from_pb(message: pb.GetTaskResponse) -> Task:
         probe=probe_from_pb(message.probe) if kind is TaskKind.PROBE else None,
         retry_after_s=message.retry_after_s,
         message=message.message,
+        secagg=secagg_from_pb(message.secagg) if kind in SECAGG_KINDS else None,
     )
 
 
@@ -405,3 +471,26 @@ def importance_from_pb(message: pb.ReportImportanceRequest) -> ImportanceReport:
         steps=message.steps,
         seconds=message.seconds,
     )
+
+
+def revealed_to_pb(agent_id: str, round_: int, revealed: Mapping[str, tuple[str, int]]) -> pb.UnmaskRequest:
+    """An agent's unmasking shares -> proto."""
+    shares = [
+        pb.RevealedShare(owner=owner, kind=kind, share=share.to_bytes(SHARE_BYTES, "big"))
+        for owner, (kind, share) in sorted(revealed.items())
+    ]
+    return pb.UnmaskRequest(agent_id=agent_id, round=round_, shares=shares)
+
+
+def revealed_from_pb(message: pb.UnmaskRequest) -> dict[str, tuple[str, int]]:
+    """proto -> owner -> (kind, share); InvalidArgument for a repeated owner, a kind or a share out of form."""
+    revealed: dict[str, tuple[str, int]] = {}
+    for item in message.shares:
+        if item.owner in revealed:
+            raise InvalidArgument("shares", f"{item.owner}'s share sent twice")
+        if item.kind not in ("seed", "key"):
+            raise InvalidArgument("shares.kind", f"{item.kind!r} is not 'seed' or 'key'")
+        if len(item.share) != SHARE_BYTES:
+            raise InvalidArgument("shares.share", f"a share is {SHARE_BYTES} bytes, not {len(item.share)}")
+        revealed[item.owner] = (item.kind, int.from_bytes(item.share, "big"))
+    return revealed

@@ -34,6 +34,12 @@ class TaskKind(enum.Enum):
     EVALUATE = "evaluate"
     FINISHED = "finished"
     PROBE = "probe"
+    SECAGG_SHARE = "secagg-share"  # secure aggregation: seal shares of your secrets for these neighbours
+    SECAGG_MASK = "secagg-mask"  # open the shares sealed for you, upload your masked change
+    SECAGG_UNMASK = "secagg-unmask"  # reveal the shares that remove the survivors' masks
+
+
+SECAGG_KINDS = (TaskKind.SECAGG_SHARE, TaskKind.SECAGG_MASK, TaskKind.SECAGG_UNMASK)
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,30 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class SecureSpec:
+    """A secure round as a TrainPlan states it: the agent uploads its change masked, never in the clear."""
+
+    tag: str  # names the round in every key and share (run id and round)
+    layout: Mapping[str, tuple[int, ...]]  # the linear layout's tensors (common.linear), summed in name order
+    fraction_bits: int  # fixed-point scale 2^f of the masked vector
+    clip_norm: float  # the agent clips its change to this L2 norm first; 0 = no clip
+
+
+@dataclass(frozen=True)
+class SecAggStep:
+    """What one secure-aggregation task carries (the fields its kind needs; the others stay empty)."""
+
+    participants: tuple[str, ...] = ()  # SHARE: every agent whose keys are in, sorted
+    neighbours: int = 0  # SHARE: k of the round's graph
+    threshold: int = 0  # SHARE: t, shares needed to rebuild a secret
+    keys: Mapping[str, tuple[bytes, bytes]] = field(default_factory=dict)  # SHARE: neighbour -> (share, mask) key
+    sealed: Mapping[str, bytes] = field(default_factory=dict)  # MASK: sender -> the share it sealed for you
+    noise_std: float = 0.0  # MASK: your share of the DP noise, per coordinate
+    survivors: tuple[str, ...] = ()  # UNMASK: agents whose masked vector is in
+    dropped: tuple[str, ...] = ()  # UNMASK: agents that shared but sent no masked vector
+
+
+@dataclass(frozen=True)
 class TrainPlan:
     """Everything an agent needs to run one round; agents execute it and never re-plan."""
 
@@ -141,6 +171,7 @@ class TrainPlan:
     held_modules: tuple[str, ...] = ()  # ferret: every block the global holds (kept in full precision)
     proximal_mu: float = 0.0  # FedProx: weight of (mu / 2) ||w - w_start||^2 added to the local loss
     track_importance: bool = False  # score the trained matrices while training (UpdateMeta.importance)
+    secure: SecureSpec | None = None  # secure aggregation: mask the change and take part in the key steps
 
     def alpha_of(self, module: str) -> float:
         """peft's lora_alpha for one module: lora_alpha x its rank / the plan's largest rank, so every module's
@@ -197,6 +228,7 @@ class Task:
     probe: ProbePlan | None = None
     retry_after_s: float = 1.0
     message: str = ""
+    secagg: SecAggStep | None = None  # SECAGG_* tasks
 
 
 @dataclass(frozen=True)
@@ -216,11 +248,12 @@ class TensorInfo:
         return count * DTYPE_SIZES[self.dtype]
 
 
-DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPE_SIZES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}  # int64: masked vectors
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
 }
 
 

@@ -18,6 +18,7 @@ import torch
 
 from common.data import CAUSAL_LM
 from common.errors import AlreadyUploaded, InvalidArgument, NotReady, StaleRound, UnknownAgent
+from common.secagg import load_public
 from common.types import (
     AdapterUpdate,
     DeviceProfile,
@@ -37,6 +38,10 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.modes import Mode
 from coordinator.registry import Registry
 from coordinator.round_state import POLL_S, Admitted, Phase, RoundState
+from coordinator.secagg import SecAggServer
+from coordinator.secure_round import SecureRound, masked_tensor
+
+SECAGG_TASKS = {"share": TaskKind.SECAGG_SHARE, "mask": TaskKind.SECAGG_MASK, "unmask": TaskKind.SECAGG_UNMASK}
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +182,14 @@ class Admission:
         if state.phase is Phase.TRAINING and agent_id in state.sat_out:
             message = f"sitting out round {state.round}: {state.sat_out[agent_id]}"
             return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=message)
+        secure = state.secure if state.phase is Phase.TRAINING else None
+        if secure is not None and agent_id in secure.keys:
+            due = secure.task_for(agent_id)
+            if due is not None:
+                kind, step = due
+                return Task(SECAGG_TASKS[kind], round=state.round, secagg=step, retry_after_s=0.0)
+            message = f"secure round {state.round}: step {secure.step}"
+            return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=message)
         if (
             state.phase is Phase.TRAINING
             and agent_id in state.plans
@@ -274,9 +287,13 @@ class Admission:
                 return UploadAnswer(f"replay of the update already accepted for round {meta.round}; ignored", True)
             plan = self._open_plan(meta)
             global_ = state.global_
+            secure = state.secure
+            if secure is not None:
+                secure.check_masked(meta.agent_id, infos)
         assert global_ is not None
-        self.mode.check_origin(meta, plan)
-        self.mode.check_declared(infos, plan, self.spec)
+        if secure is None:
+            self.mode.check_origin(meta, plan)
+            self.mode.check_declared(infos, plan, self.spec)
         return OpenUpdate(meta, sha256, plan, global_)
 
     def finish_update(self, opened: OpenUpdate, tensors: Mapping[str, torch.Tensor]) -> UploadAnswer:
@@ -286,6 +303,8 @@ class Admission:
         so the commit checks again under the lock."""
         meta, sha256, plan, global_ = opened.meta, opened.sha256, opened.plan, opened.global_
         state = self.state
+        if state.secure is not None:
+            return self._finish_masked(opened, tensors)
         try:
             self.mode.check_values(tensors, self.config.updates.max_abs_value)
             tensors, norms, raw_norm = self._bound_norm(meta, tensors, global_, plan)
@@ -311,6 +330,78 @@ class Admission:
             planned,
         )
         return UploadAnswer(f"accepted for round {meta.round} ({count}/{planned})")
+
+    def _finish_masked(self, opened: OpenUpdate, tensors: Mapping[str, torch.Tensor]) -> UploadAnswer:
+        """A secure round's masked upload: it joins the masked sum; its values say nothing and are not read."""
+        meta, state = opened.meta, self.state
+        with state.cond:
+            self._open_plan(meta)
+            secure = state.secure
+            if secure is None or secure.server is None:
+                raise StaleRound(f"secure round {meta.round} is over")
+            secure.server.masked(meta.agent_id, masked_tensor(tensors))
+            update = AdapterUpdate(meta=meta, tensors={})
+            state.inbox[meta.agent_id] = Admitted(update, opened.sha256, 0.0, 0.0, {})
+            state.digests[(meta.agent_id, meta.round)] = opened.sha256
+            count, due = len(state.inbox), len(secure.server.sealed)
+            state.notify()
+        self._accepted_metrics(update)
+        self.metrics.upload_bytes.labels(meta.agent_id).inc(sum(t.numel() * t.element_size() for t in tensors.values()))
+        log.info("round %d: masked update from %s accepted [%d/%d]", meta.round, meta.agent_id, count, due)
+        return UploadAnswer(f"masked update accepted for round {meta.round} ({count}/{due})")
+
+    # ------------------------------------------------------------------ secure aggregation's key steps
+
+    def _secure(self, agent_id: str, round_: int) -> SecureRound:
+        """The open secure round (call with cond held); StaleRound when round_ is not one."""
+        state = self.state
+        if state.phase is not Phase.TRAINING or state.round != round_ or state.secure is None:
+            raise StaleRound(f"no secure round {round_} is open")
+        if agent_id not in state.plans:
+            raise StaleRound(f"agent {agent_id} has no plan in round {state.round}")
+        return state.secure
+
+    def advertise_keys(self, agent_id: str, round_: int, plan_id: str, keys: tuple[bytes, bytes]) -> None:
+        """An agent that trained its plan: its two public keys (once; the training wait counts it done)."""
+        self.registry.touch(agent_id)
+        state = self.state
+        with state.cond:
+            secure = self._secure(agent_id, round_)
+            if state.plans[agent_id].plan_id != plan_id:
+                raise InvalidArgument("plan_id", f"{plan_id!r} is not this round's plan for {agent_id}")
+            if secure.step != "keys":
+                raise StaleRound(f"secure round {round_} took its keys already (step {secure.step})")
+            if agent_id in secure.keys:
+                if secure.keys[agent_id] == keys:
+                    return
+                raise AlreadyUploaded(f"agent {agent_id} already advertised other keys for round {round_}")
+            for name, key in zip(("keys.share_key", "keys.mask_key"), keys, strict=True):
+                load_public(key, name)
+            secure.keys[agent_id] = keys
+            count = len(secure.keys)
+            state.notify()
+        log.info("round %d: %s trained and advertised its keys [%d/%d]", round_, agent_id, count, len(state.plans))
+
+    def _relay(self, agent_id: str, round_: int, step: str) -> SecAggServer:
+        """The open secure round's relay when it is at `step` (call with cond held); StaleRound otherwise."""
+        secure = self._secure(agent_id, round_)
+        if secure.step != step or secure.server is None:
+            raise StaleRound(f"secure round {round_} is at step {secure.step}, not {step}")
+        return secure.server
+
+    def share_keys(self, agent_id: str, round_: int, sealed: Mapping[str, bytes]) -> None:
+        """An agent's sealed shares, one per neighbour whose keys it was sent."""
+        self.registry.touch(agent_id)
+        with self.state.cond:
+            self._relay(agent_id, round_, "shares").share(agent_id, sealed)
+            self.state.notify()
+
+    def unmask(self, agent_id: str, round_: int, revealed: Mapping[str, tuple[str, int]]) -> None:
+        """A survivor's unmasking shares."""
+        self.registry.touch(agent_id)
+        with self.state.cond:
+            self._relay(agent_id, round_, "unmask").unmask(agent_id, revealed)
+            self.state.notify()
 
     def _open_plan(self, meta: UpdateMeta) -> TrainPlan:
         """The agent's plan of the open round; refuses what does not belong to it (call with cond held)."""

@@ -379,10 +379,40 @@ class DpSection(Section):
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee")
 
 
+class SecureAggregationSection(Section):
+    """SecAgg+ (Bell et al. 2020): the coordinator learns only the sum of a round's changes."""
+
+    enabled: bool = Field(False, description="agents upload their change masked; the coordinator unmasks the sum")
+    neighbours: int = Field(
+        0, ge=0, description="k: agents each one masks with and shares its secrets among; 0 = about 3 log2 n"
+    )
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        description="t: shares needed to rebuild a secret; a fraction of k (t = floor(fraction x k) + 1, at most "
+        "k) or, from 1 up, a count",
+    )
+    fraction_bits: int = Field(24, ge=8, le=40, description="fixed point: values are sent as round(x 2^f) mod 2^62")
+    clip_norm: float = Field(
+        0.0,
+        ge=0,
+        description="agents clip their change to this L2 norm before masking (privacy.dp.clip_norm when DP is on); "
+        "0 = no clip: then nothing bounds one agent's share of the sum",
+    )
+    step_deadline_s: float = Field(60.0, gt=0, description="seconds each key, share, masking and unmask step waits")
+
+    def threshold_for(self, neighbours: int) -> int:
+        """t for a graph of degree k."""
+        if self.threshold < 1:
+            return min(neighbours, int(self.threshold * neighbours) + 1)
+        return min(neighbours, int(self.threshold))
+
+
 class PrivacySection(Section):
     """What the run's published globals reveal about any one agent's data."""
 
     dp: DpSection = DpSection()
+    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
 
 
 class CoordinatorConfig(BaseSettings):
@@ -427,22 +457,26 @@ class CoordinatorConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _privacy_fits(self) -> CoordinatorConfig:
-        dp = self.privacy.dp
-        if not dp.enabled:
-            return self
-        if dp.noise_multiplier == 0 and dp.target_epsilon == 0:
+        dp, secure = self.privacy.dp, self.privacy.secure_aggregation
+        if dp.enabled and dp.noise_multiplier == 0 and dp.target_epsilon == 0:
             raise ValueError("privacy.dp: set noise_multiplier, or target_epsilon to derive it from")
-        if self.training.mode != "lora":
-            raise ValueError(
-                f"privacy.dp needs training.mode lora: the {self.training.mode} mode's linear aggregation is not "
-                "built yet"
-            )
-        if self.strategy not in LINEAR_STRATEGIES:
-            # The noise is calibrated to one agent's pull on a sum; an SVD-ordered or robust aggregate is no sum.
-            raise ValueError(
-                f"privacy.dp needs a strategy that sums the updates ({' or '.join(LINEAR_STRATEGIES)}), not "
-                f"{self.strategy}"
-            )
+        for name, on in (("privacy.dp", dp.enabled), ("privacy.secure_aggregation", secure.enabled)):
+            if not on:
+                continue
+            if self.training.mode != "lora":
+                raise ValueError(
+                    f"{name} needs training.mode lora: the {self.training.mode} mode's linear aggregation is not "
+                    "built yet"
+                )
+            if self.strategy not in LINEAR_STRATEGIES:
+                # DP's noise is calibrated to one agent's pull on a sum, and secure aggregation yields only the
+                # sum; an SVD-ordered or robust aggregate is no sum.
+                raise ValueError(
+                    f"{name} needs a strategy that sums the updates ({' or '.join(LINEAR_STRATEGIES)}), not "
+                    f"{self.strategy}"
+                )
+        if secure.enabled and self.run.min_agents < 2:
+            raise ValueError("privacy.secure_aggregation needs run.min_agents of 2 or more: one agent's sum is its own")
         return self
 
     @model_validator(mode="after")

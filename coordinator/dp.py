@@ -16,6 +16,7 @@ from the run seed: a seed anyone can read would let them subtract it.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class DpAggregation:
         self.metrics = metrics
         self.generator = generator or system_generator()
         self.noise_multiplier = section.noise_multiplier
+        self.round_noise = section.noise_multiplier  # the noise multiplier the last aggregated round had
         self.ledger = Ledger(section.delta, [])
 
     # ------------------------------------------------------------------ the budget
@@ -99,6 +101,7 @@ class DpAggregation:
                 self.rounds,
                 sampling_rate,
             )
+        self.round_noise = self.noise_multiplier
         self.metrics.dp_noise_multiplier.set(self.noise_multiplier)
         self.metrics.dp_epsilon.set(self.ledger.epsilon())
         log.info(
@@ -124,7 +127,7 @@ class DpAggregation:
 
     def published(self, sampling_rate: float) -> float:
         """Record a published round; epsilon after it."""
-        self.ledger.events.append((sampling_rate, self.noise_multiplier))
+        self.ledger.events.append((sampling_rate, self.round_noise))
         epsilon = self.ledger.epsilon()
         self.metrics.dp_epsilon.set(epsilon)
         return epsilon
@@ -159,9 +162,30 @@ class DpAggregation:
         if sums is None:
             sums = {name: torch.zeros_like(count) for name, count in layout.items()}
         std = self.noise_multiplier * bound
+        self.round_noise = self.noise_multiplier
         noisy = add_noise(sums, layout, std, self.generator)
         new_global, metrics = mode.apply_linear(global_, noisy, layout, strategy, round_)
         return new_global, {**metrics, "dp_clipped": float(clipped), "dp_noise_std": std}
+
+    def agent_noise(self, sharers: int) -> float:
+        """Under secure aggregation the agents add the noise: each its share, z C / sqrt(n) per coordinate, so
+        that n of them add z C."""
+        return self.noise_multiplier * self.section.clip_norm / math.sqrt(max(sharers, 1))
+
+    def secure_round(self, sharers: int, survivors: int) -> float:
+        """A secure round's noise as added: survivors of the sharers' shares, z sqrt(m / n) (what the ledger
+        records for it); returns that multiplier."""
+        self.round_noise = self.noise_multiplier * math.sqrt(survivors / max(sharers, 1))
+        if survivors < sharers:
+            log.warning(
+                "privacy.dp: %d of the %d agents that shared sent no masked update, so the round's noise is z %.4g, "
+                "not %.4g; the ledger counts what was added",
+                sharers - survivors,
+                sharers,
+                self.round_noise,
+                self.noise_multiplier,
+            )
+        return self.round_noise
 
     # ------------------------------------------------------------------ checkpoints and reports
 
@@ -175,7 +199,7 @@ class DpAggregation:
             raise ConfigError(
                 "privacy.dp: the run directory holds a run without differential privacy; use another run.run_dir"
             )
-        self.noise_multiplier = float(state["noise_multiplier"])
+        self.noise_multiplier = self.round_noise = float(state["noise_multiplier"])
         self.ledger.events = [(float(q), float(z)) for q, z in state["events"]]
 
     def summary(self) -> dict[str, Any]:

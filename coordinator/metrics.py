@@ -24,7 +24,7 @@ class CoordinatorMetrics:
         self.rounds_failed = Counter(
             "fedpipe_rounds_failed", "Rounds closed without aggregation", ["reason"], registry=r
         )
-        for reason in ("no_quorum", "non_finite"):
+        for reason in ("no_quorum", "non_finite", "secure_aggregation"):
             self.rounds_failed.labels(reason)
         self.current_round = Gauge("fedpipe_current_round", "Round in progress (0 before the first)", registry=r)
         self.run_rounds = Gauge("fedpipe_run_rounds", "Rounds the run is configured for", registry=r)

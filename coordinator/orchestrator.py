@@ -22,6 +22,7 @@ from common.types import (
     GlobalState,
     ModelSpec,
     RoundResult,
+    SecureSpec,
     TrainPlan,
 )
 from coordinator.admission import Admission
@@ -40,6 +41,7 @@ from coordinator.round_state import Admitted, Phase, RoundState, RunAborted
 from coordinator.rundir import RunDir, from_snapshot, plan_record, result_record, saved_state, snapshot
 from coordinator.sampling import draw, sample_size, sit_outs
 from coordinator.screening import Screening
+from coordinator.secure_round import SecureOutcome, SecureRound, SecureSteps
 from coordinator.strategy import Strategy
 from coordinator.tracking import Tracking
 
@@ -83,7 +85,11 @@ class Orchestrator:
         self.dp = DpAggregation(dp, config.run.rounds, metrics) if dp.enabled else None
         # Under privacy.dp the clip bounds every agent's pull, and the relative bounds would make one agent's
         # inclusion depend on the others' updates, which the noise is not calibrated for.
-        self.screening = Screening(config.updates, self.mode, self.spec, metrics, relative=self.dp is None)
+        secure = config.privacy.secure_aggregation
+        self.secure = SecureSteps(secure, self.state.cond, self._wait_for, self.state.clock) if secure.enabled else None
+        self.screening = Screening(
+            config.updates, self.mode, self.spec, metrics, relative=self.dp is None and self.secure is None
+        )
         self.dead: set[str] = set()  # agents marked dead (missed heartbeats), until they call again
         self.corrections: dict[str, tuple[float, float]] = {}  # agent -> (time, memory) scale from measurements
         self.rundir = RunDir(config.run.run_dir, self.spec, self.mode)
@@ -270,11 +276,15 @@ class Orchestrator:
         # Matrices entering the mask start in the global adapter (A random, B = 0), alike for every agent.
         global_ = self.mode.extend(global_, plans, spec)
         plans = self.mode.finalize_plans(plans, global_)
+        secure = self._secure_round(round_, global_, plans) if self.secure is not None else None
+        if secure is not None:
+            plans = {agent: replace(plan, secure=secure.spec) for agent, plan in plans.items()}
         self.state.set_global(global_)
         self._plan_metrics(planned, spec)
         start = self.state.clock()
         opened = start - self.started
-        self.state.open_training(round_, plans, {a: allowed_samples(p, counted[a]) for a, p in plans.items()})
+        allowed = {a: allowed_samples(p, counted[a]) for a, p in plans.items()}
+        self.state.open_training(round_, plans, allowed, secure)
         self.metrics.current_round.set(round_)
         self.metrics.round_started.set_to_current_time()
         log.info("round %d/%d: training on %d agents: %s", round_, cfg.rounds, len(plans), ", ".join(sorted(plans)))
@@ -284,7 +294,7 @@ class Orchestrator:
         while True:
             self._check_stop()
             with self.state.cond:
-                count = len(self.state.inbox)
+                count = self.state.trained()
                 pending = set(plans) - self.state.delivered()
             live = pending & set(self.registry.alive(cfg.agent_timeout_s))
             if count >= quorum or cfg.on_no_quorum != "extend" or extensions >= cfg.max_extensions or not live:
@@ -302,8 +312,20 @@ class Orchestrator:
                 ", ".join(sorted(live)),
             )
             self._wait_for(plans, self.state.delivered, self.state.clock() + cfg.round_deadline_s)
+        outcome: SecureOutcome | str | None = None
+        if secure is not None:
+            assert self.secure is not None
+            noise = self.dp.agent_noise if self.dp is not None else (lambda n: 0.0)
+            outcome = self.secure.run(secure, self.state.notify, quorum, noise)
         inbox = self.state.close_training()
         dropped = tuple(sorted(set(plans) - set(inbox)))
+        if isinstance(outcome, str):
+            self.metrics.rounds_failed.labels("secure_aggregation").inc()
+            log.error("round %d: secure aggregation failed, round skipped, global unchanged: %s", round_, outcome)
+            return RoundResult(
+                round_, tuple(sorted(inbox)), self.state.clock() - start, 0, dropped=dropped, failure=outcome,
+                opened_s=opened,
+            )  # fmt: skip
         for agent in dropped:
             self.metrics.stragglers.labels(agent).inc()
         if dropped:
@@ -330,7 +352,10 @@ class Orchestrator:
                 failure=failure, opened_s=opened,
             )  # fmt: skip
         weights = self.screening.weights(round_, inbox, self.state.allowed)
-        aggregated = self._aggregate(global_, inbox, weights, plans, round_)
+        if isinstance(outcome, SecureOutcome):
+            aggregated = self._aggregate_secure(global_, outcome, plans, round_)
+        else:
+            aggregated = self._aggregate(global_, inbox, weights, plans, round_)
         if isinstance(aggregated, str):
             self.metrics.rounds_failed.labels("non_finite").inc()
             log.error("round %d: aggregate refused, the round-%d global stays: %s", round_, global_.round, aggregated)
@@ -419,6 +444,41 @@ class Orchestrator:
         seconds = time.perf_counter() - start
         self.metrics.aggregation_duration.observe(seconds)
         return new_global, metrics, seconds
+
+    def _aggregate_secure(
+        self, global_: GlobalState, outcome: SecureOutcome, plans: Mapping[str, TrainPlan], round_: int
+    ) -> tuple[GlobalState, dict[str, float], float] | str:
+        """A secure round's new global from the unmasked sum. The denominators count every planned agent under
+        privacy.dp (a missing one is a zero change), else the agents in the sum."""
+        start = time.perf_counter()
+        layout = self.mode.linear_layout(global_, plans, None if self.dp is not None else outcome.survivors)
+        kept = self.strategy.state_dict()
+        try:
+            new_global, metrics = self.mode.apply_linear(global_, outcome.sums, layout, self.strategy, round_)
+            self.mode.check_global(new_global, self.config.updates.max_abs_value)
+        except (InvalidArgument, ArithmeticError) as err:
+            self.strategy.load_state_dict(kept)
+            return str(err)
+        metrics["updates"] = float(len(outcome.survivors))
+        if self.dp is not None:
+            z = self.dp.secure_round(outcome.sharers, len(outcome.survivors))
+            metrics["dp_noise_std"] = z * self.config.privacy.dp.clip_norm
+        seconds = time.perf_counter() - start
+        self.metrics.aggregation_duration.observe(seconds)
+        return new_global, metrics, seconds
+
+    def _secure_round(self, round_: int, global_: GlobalState, plans: Mapping[str, TrainPlan]) -> SecureRound:
+        """The secure round's state: its tag, the layout the agents lay their changes out in, the clip."""
+        privacy = self.config.privacy
+        layout = self.mode.linear_layout(global_, plans)
+        clip = privacy.dp.clip_norm if privacy.dp.enabled else privacy.secure_aggregation.clip_norm
+        spec = SecureSpec(
+            tag=f"{self.run_id}/{round_}",
+            layout={name: tuple(count.shape) for name, count in layout.items()},
+            fraction_bits=privacy.secure_aggregation.fraction_bits,
+            clip_norm=clip,
+        )
+        return SecureRound(spec)
 
     def _plan_metrics(self, planned: PlanSet, spec: ModelSpec) -> None:
         for agent, prediction in planned.predictions.items():

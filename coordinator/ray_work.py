@@ -64,6 +64,17 @@ class RecordingGateway:
     def report_importance(self, report: ImportanceReport) -> None:
         self.recorded.calls.append(("report_importance", (report,)))
 
+    # Secure aggregation keeps per-agent secrets between tasks, which a Ray task does not: simulate refuses the
+    # combination, and these only record.
+    def advertise_keys(self, round_: int, plan_id: str, keys: tuple[bytes, bytes]) -> None:
+        self.recorded.calls.append(("advertise_keys", (round_, plan_id, keys)))
+
+    def share_keys(self, round_: int, sealed: Mapping[str, bytes]) -> None:
+        self.recorded.calls.append(("share_keys", (round_, dict(sealed))))
+
+    def unmask(self, round_: int, revealed: Mapping[str, tuple[str, int]]) -> None:
+        self.recorded.calls.append(("unmask", (round_, dict(revealed))))
+
 
 _MODELS: dict[tuple[str, str], Any] = {}  # in each Ray worker process: base path, task -> LocalModel
 

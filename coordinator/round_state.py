@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from common.types import AdapterUpdate, Evaluation, GlobalState, ImportanceReport, ProbePlan, TrainPlan
+from coordinator.secure_round import SecureRound
 
 POLL_S = 1.0  # how often waits re-check liveness
 
@@ -75,6 +76,7 @@ class RoundState:
     downloaded: dict[str, int] = field(default_factory=dict)  # agent -> bytes sent to it since the round opened
     # each download of (global round, plan, what the agent holds) as the transport encoded it, and its bytes
     downloads: dict[tuple[int, str, str], tuple[object, int]] = field(default_factory=dict)
+    secure: SecureRound | None = None  # the open round's secure aggregation (privacy.secure_aggregation)
     # called on every notify, for waiters that are not threads (the asyncio transport's task polls)
     watchers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -84,23 +86,37 @@ class RoundState:
         for watcher in self.watchers:
             watcher()
 
-    def open_training(self, round_: int, plans: Mapping[str, TrainPlan], allowed: Mapping[str, int]) -> None:
-        """Start taking uploads for round_; the last round's digests stay one more round for late replays."""
+    def open_training(
+        self,
+        round_: int,
+        plans: Mapping[str, TrainPlan],
+        allowed: Mapping[str, int],
+        secure: SecureRound | None = None,
+    ) -> None:
+        """Start taking uploads for round_ (or, for a secure round, keys and then the secure steps); the last
+        round's digests stay one more round for late replays."""
         with self.cond:
             self.phase, self.round, self.plans, self.inbox = Phase.TRAINING, round_, dict(plans), {}
+            self.secure = secure
             self.allowed = dict(allowed)
             self.digests = {k: v for k, v in self.digests.items() if k[1] == round_ - 1}
             self.withdrawn, self.sat_out, self.notices, self.downloaded = set(), {}, {}, {}
             self.notify()
 
     def delivered(self) -> set[str]:
-        """Planned agents the round no longer waits for: uploaded, withdrawn or sitting out."""
-        return set(self.inbox) | self.withdrawn | set(self.sat_out)
+        """Planned agents the training wait no longer waits for: uploaded (a secure round: advertised keys),
+        withdrawn or sitting out."""
+        done = set(self.secure.keys) if self.secure is not None else set(self.inbox)
+        return done | self.withdrawn | set(self.sat_out)
+
+    def trained(self) -> int:
+        """How many planned agents finished training: uploads, or a secure round's advertised keys."""
+        return len(self.secure.keys) if self.secure is not None else len(self.inbox)
 
     def close_training(self) -> dict[str, Admitted]:
         """Stop taking uploads; the round's accepted updates."""
         with self.cond:
-            self.phase = Phase.AGGREGATING
+            self.phase, self.secure = Phase.AGGREGATING, None
             return dict(self.inbox)
 
     def open_probe(self, probe: ProbePlan, agents: Collection[str]) -> None:

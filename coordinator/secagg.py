@@ -17,6 +17,8 @@ import torch
 from common.errors import InvalidArgument
 from common.secagg import (
     MODULUS,
+    PRIME,
+    SEALED_BYTES,
     Params,
     add,
     agree,
@@ -70,6 +72,8 @@ class SecAggServer:
         if sender not in self.keys:
             raise InvalidArgument("shares", f"{sender} shares without having advertised keys")
         if sender in self.sealed:
+            if self.sealed[sender] == dict(sealed):
+                return  # a resend after a lost answer
             raise InvalidArgument("shares", f"{sender} already sent its shares for round {self.params.tag}")
         expected = set(self.keys_for(sender))
         if set(sealed) != expected:
@@ -77,6 +81,9 @@ class SecAggServer:
                 "shares",
                 f"{sender} sent shares for {sorted(sealed)[:4]}, expected its neighbours {sorted(expected)[:4]}",
             )
+        wrong = sorted(j for j, value in sealed.items() if len(value) != SEALED_BYTES)
+        if wrong:
+            raise InvalidArgument("shares", f"{sender}'s shares for {wrong[:3]} are not {SEALED_BYTES} bytes")
         self.sealed[sender] = dict(sealed)
 
     def shares_for(self, receiver: str) -> dict[str, bytes]:
@@ -122,9 +129,13 @@ class SecAggServer:
         if agent not in self.vectors:
             raise InvalidArgument("unmask", f"{agent} sent no masked vector, so it takes no part in unmasking")
         if agent in self.revealed:
+            if self.revealed[agent] == dict(revealed):
+                return  # a resend after a lost answer
             raise InvalidArgument("unmask", f"{agent} already sent its unmasking shares for round {self.params.tag}")
         held = {s for s, by in self.sealed.items() if agent in by}
-        for j, (kind, _) in revealed.items():
+        for j, (kind, share) in revealed.items():
+            if not 0 <= share < PRIME:
+                raise InvalidArgument("unmask", f"{agent}'s share of {j} is no field element")
             if j not in held:
                 raise InvalidArgument("unmask", f"{agent} reveals a share of {j}, which never shared with it")
             wanted = "seed" if j in alive else "key"

@@ -327,6 +327,27 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.ReportEvaluationResponse()
 
     @mapped
+    def AdvertiseKeys(
+        self, request: pb.AdvertiseKeysRequest, context: grpc.ServicerContext
+    ) -> pb.AdvertiseKeysResponse:
+        self._authorize(context, request.agent_id)
+        keys = (request.keys.share_key, request.keys.mask_key)
+        self.admission.advertise_keys(request.agent_id, request.round, request.plan_id, keys)
+        return pb.AdvertiseKeysResponse()
+
+    @mapped
+    def ShareKeys(self, request: pb.ShareKeysRequest, context: grpc.ServicerContext) -> pb.ShareKeysResponse:
+        self._authorize(context, request.agent_id)
+        self.admission.share_keys(request.agent_id, request.round, dict(request.sealed))
+        return pb.ShareKeysResponse()
+
+    @mapped
+    def Unmask(self, request: pb.UnmaskRequest, context: grpc.ServicerContext) -> pb.UnmaskResponse:
+        self._authorize(context, request.agent_id)
+        self.admission.unmask(request.agent_id, request.round, serde.revealed_from_pb(request))
+        return pb.UnmaskResponse()
+
+    @mapped
     def DescribeRun(self, request: pb.DescribeRunRequest, context: grpc.ServicerContext) -> pb.DescribeRunResponse:
         self._authorize(context, request.agent_id)
         current = self.current

@@ -28,6 +28,7 @@ from common import transfer
 from common.errors import ConfigError, FedPipeError
 from common.settings import dump
 from common.types import (
+    SECAGG_KINDS,
     DeviceProfile,
     Evaluation,
     ImportanceReport,
@@ -110,6 +111,18 @@ class InMemoryGateway:
         self.admission.report_importance(self.agent_id, report)
         self._answered()
 
+    def advertise_keys(self, round_: int, plan_id: str, keys: tuple[bytes, bytes]) -> None:
+        self.admission.advertise_keys(self.agent_id, round_, plan_id, keys)
+        self._answered()
+
+    def share_keys(self, round_: int, sealed: Mapping[str, bytes]) -> None:
+        self.admission.share_keys(self.agent_id, round_, sealed)
+        self._answered()
+
+    def unmask(self, round_: int, revealed: Mapping[str, tuple[str, int]]) -> None:
+        self.admission.unmask(self.agent_id, round_, revealed)
+        self._answered()
+
 
 class TimedPlanner:
     """A planner whose calls are timed (the simulation reports planning time per round)."""
@@ -140,6 +153,11 @@ class Simulation:
             raise ConfigError("simulate: noise work has no model to probe with; set selection.mode all")
         if section.work == "noise" and section.executor == "ray":
             raise ConfigError("simulate: noise work trains nothing to send to Ray; use simulation.executor threads")
+        if config.privacy.secure_aggregation.enabled and section.executor == "ray":
+            raise ConfigError(
+                "simulate: secure aggregation keeps each agent's secrets between its tasks, which Ray tasks do not; "
+                "use simulation.executor threads"
+            )
         if config.run.min_agents > section.agents:
             raise ConfigError(f"run.min_agents {config.run.min_agents} exceeds simulation.agents {section.agents}")
         from coordinator.cli import assemble
@@ -153,8 +171,11 @@ class Simulation:
         self.base_path, self.spec = assembled.base_path, assembled.spec
         self.agents = draw_population(section, self._pool(), len(self.spec.labels))
         self.gateways = {a.agent_id: InMemoryGateway(self.orchestrator.admission, a.agent_id) for a in self.agents}
+        from edge_agent.secagg import SecureWork  # the agent's own code, as every virtual agent's work is
+
+        self.secure_work = {a.agent_id: SecureWork(a.agent_id) for a in self.agents}  # secure rounds' secrets
         self.local = threading.local()  # each worker's base model (train work)
-        self.counts = {"train": 0, "evaluate": 0, "probe": 0, "failed": 0}
+        self.counts = {"train": 0, "evaluate": 0, "probe": 0, "failed": 0}  # secure steps join when they run
         self.uploads: dict[int, list[str]] = {}  # round -> agents whose update was accepted
         self.lock = threading.Lock()
         self.ray: RayExecutor | None = None
@@ -256,7 +277,7 @@ class Simulation:
             else:
                 self._train(agent, task)
             with self.lock:
-                self.counts[kind] += 1
+                self.counts[kind] = self.counts.get(kind, 0) + 1
         except FedPipeError as err:  # refused (a closed round, a stale plan): the work is lost, the agent is not
             log.warning("%s: %s task of round %d refused: %s", agent.agent_id, kind, task.round, err)
             with self.lock:
@@ -283,7 +304,7 @@ class Simulation:
             self.local.metrics = AgentMetrics()
         worker = Agent(
             agent.agent_id, self.gateways[agent.agent_id], model, LocalData(agent.train, agent.val), agent.profile,
-            self.spec, self.local.metrics, progress="off",
+            self.spec, self.local.metrics, progress="off", secure_work=self.secure_work[agent.agent_id],
         )  # fmt: skip
         worker.execute(task)
         if task.kind is TaskKind.TRAIN:
@@ -307,6 +328,9 @@ class Simulation:
             self._accepted(task, agent.agent_id)
 
     def _noise(self, agent: VirtualAgent, task: Task) -> None:
+        if task.kind in SECAGG_KINDS:
+            self.secure_work[agent.agent_id].step(self.gateways[agent.agent_id], task)
+            return
         if task.kind is not TaskKind.TRAIN or task.plan is None:
             raise ConfigError(f"noise work cannot run a {task.kind.value} task")
         gateway = self.gateways[agent.agent_id]
@@ -319,7 +343,10 @@ class Simulation:
         samples = min(count * plan.local_epochs, plan.steps_for(count) * plan.batch_size)
         samples = min(samples, self.orchestrator.state.allowed.get(agent.agent_id, samples))
         meta = UpdateMeta(agent.agent_id, task.round, task.plan.plan_id, samples, 0, 0.0, 0.0, 0)
-        gateway.upload(meta, tensors)
+        if plan.secure is not None:
+            self.secure_work[agent.agent_id].trained(gateway, plan, meta, sent, tensors)
+        else:
+            gateway.upload(meta, tensors)
         self._accepted(task, agent.agent_id)
 
 

@@ -12,13 +12,24 @@ import torch
 
 from common.batching import evaluate
 from common.errors import Rejected, ServerUnavailable, Stopped, UnknownAgent
-from common.types import DeviceProfile, Evaluation, ImportanceReport, ModelSpec, ProbePlan, Task, TaskKind, UpdateMeta
+from common.types import (
+    SECAGG_KINDS,
+    DeviceProfile,
+    Evaluation,
+    ImportanceReport,
+    ModelSpec,
+    ProbePlan,
+    Task,
+    TaskKind,
+    UpdateMeta,
+)
 from edge_agent.caps import Throttle, check_peak
 from edge_agent.data import LocalData
 from edge_agent.ferret import FerretWorker
 from edge_agent.metrics import AgentMetrics
 from edge_agent.model import LocalModel
 from edge_agent.profiler import memory_in_use_bytes
+from edge_agent.secagg import SecureWork
 from edge_agent.trainer import train_local
 from edge_agent.workspace import CannotJoin, RunDescription, Workspace
 
@@ -43,6 +54,9 @@ class Gateway(Protocol):
     def upload(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor]) -> str: ...
     def report_evaluation(self, global_round: int, evaluation: Evaluation) -> None: ...
     def report_importance(self, report: ImportanceReport) -> None: ...
+    def advertise_keys(self, round_: int, plan_id: str, keys: tuple[bytes, bytes]) -> None: ...
+    def share_keys(self, round_: int, sealed: Mapping[str, bytes]) -> None: ...
+    def unmask(self, round_: int, revealed: Mapping[str, tuple[str, int]]) -> None: ...
 
 
 class Agent:
@@ -64,10 +78,12 @@ class Agent:
         stop: threading.Event | None = None,
         after_finish: str = "exit",
         workspace: Workspace | None = None,
+        secure_work: SecureWork | None = None,
     ) -> None:
         """stop: the event a stop request sets (shared with the client's retries); a new one by default.
         after_finish: "exit" returns from run() when the run is finished, "next-run" joins the next one.
-        workspace: where the base and data set each run names come from; None = model and data, always."""
+        workspace: where the base and data set each run names come from; None = model and data, always.
+        secure_work: what secure rounds keep between tasks (a simulation keeps one per virtual agent)."""
         self.agent_id = agent_id
         self.gateway = gateway
         self.model = model
@@ -92,6 +108,7 @@ class Agent:
         self.described = ""  # the run the current registration is for, as DescribeRun named it
         self.last_step: float | None = None
         self.ferret = FerretWorker(model, gateway, metrics)  # the Ferret mode's state, used by its plans only
+        self.secure_work = secure_work or SecureWork(agent_id)
         metrics.info.info({"agent": agent_id, "version": VERSION, "device": profile.device})
         metrics.device_memory.set_function(lambda: memory_in_use_bytes(model.device))  # read at each scrape
 
@@ -247,7 +264,12 @@ class Agent:
                 return
 
     def execute(self, task: Task) -> None:
-        """Run one TRAIN, EVALUATE or PROBE task."""
+        """Run one TRAIN, EVALUATE, PROBE or secure-aggregation task."""
+        if task.kind in SECAGG_KINDS:
+            self.state = "securing"
+            self.secure_work.step(self.gateway, task)
+            self.state = "idle"
+            return
         if task.kind is TaskKind.PROBE:
             assert task.probe is not None
             self.probe(task.probe)
@@ -257,11 +279,13 @@ class Agent:
         received = time.monotonic()
         self.state = "loading"
         ferret = plan.mode == "ferret"
+        sent: dict[str, torch.Tensor] = {}
         if ferret:
             model = self.ferret.sync(task.global_round, plan)
         else:
             adapted = self.model.prepare(plan)
-            adapted.load(self.gateway.download(task.global_round, plan.plan_id))
+            sent = self.gateway.download(task.global_round, plan.plan_id)
+            adapted.load(sent)
             model = adapted.model
         if task.kind is TaskKind.EVALUATE:
             self.state = "evaluating"
@@ -321,7 +345,11 @@ class Agent:
             importance=trained.importance,
         )
         self.state = "uploading"
-        message = self.gateway.upload(meta, tensors)
+        if plan.secure is not None:  # the change goes up masked, in the SECAGG_* tasks that follow
+            self.secure_work.trained(self.gateway, plan, meta, sent, tensors)
+            message = "keys advertised for secure aggregation"
+        else:
+            message = self.gateway.upload(meta, tensors)
         self.metrics.rounds.inc()
         self.metrics.loss.set(trained.mean_loss)
         self.metrics.train_seconds.set(trained.seconds)

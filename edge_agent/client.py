@@ -28,6 +28,9 @@ RETRIED = (
     "UploadUpdate",
     "ReportEvaluation",
     "ReportImportance",
+    "AdvertiseKeys",  # the three secure-aggregation steps take an identical resend
+    "ShareKeys",
+    "Unmask",
 )
 MAX_DOWNLOAD_BYTES = 1 << 31  # the global adapter of a 70B model at rank 64 all-linear is far below this
 
@@ -184,6 +187,23 @@ class CoordinatorClient:
         """Send the probe's score per candidate matrix."""
         request = serde.importance_to_pb(self.agent_id, report)
         self._call(lambda: self.stub.ReportImportance(request, timeout=30), "report importance", "ReportImportance")
+
+    def advertise_keys(self, round_: int, plan_id: str, keys: tuple[bytes, bytes]) -> None:
+        """Secure aggregation: the agent's two public keys for the round, after training."""
+        request = pb.AdvertiseKeysRequest(
+            agent_id=self.agent_id, round=round_, plan_id=plan_id, keys=pb.PeerKeys(share_key=keys[0], mask_key=keys[1])
+        )
+        self._call(lambda: self.stub.AdvertiseKeys(request, timeout=30), "advertise keys", "AdvertiseKeys")
+
+    def share_keys(self, round_: int, sealed: Mapping[str, bytes]) -> None:
+        """Secure aggregation: the sealed shares, one per neighbour."""
+        request = pb.ShareKeysRequest(agent_id=self.agent_id, round=round_, sealed=dict(sealed))
+        self._call(lambda: self.stub.ShareKeys(request, timeout=30), "share keys", "ShareKeys")
+
+    def unmask(self, round_: int, revealed: Mapping[str, tuple[str, int]]) -> None:
+        """Secure aggregation: the shares that unmask the sum."""
+        request = serde.revealed_to_pb(self.agent_id, round_, revealed)
+        self._call(lambda: self.stub.Unmask(request, timeout=30), "unmask", "Unmask")
 
 
 def _translate(fn: Callable[[], T]) -> T:

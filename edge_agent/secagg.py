@@ -7,14 +7,20 @@ plus or minus one pairwise mask per neighbour that shared with it: uniform mod 2
 
 from __future__ import annotations
 
+import logging
+import math
 import secrets
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
+from common import linear
 from common.errors import InvalidArgument
 from common.linear import clip, flatten
 from common.secagg import (
+    MASKED,
     Params,
     add,
     agree,
@@ -29,6 +35,9 @@ from common.secagg import (
     split,
     subtract,
 )
+from common.types import Task, TaskKind, TrainPlan, UpdateMeta
+
+log = logging.getLogger(__name__)
 
 
 def secure_input(
@@ -52,19 +61,34 @@ def secure_input(
 
 
 class SecAggClient:
-    """One agent in one round; call advertise, share, receive, masked and unmask in that order."""
+    """One agent in one round: advertise (before the participants are known), then join, share, receive,
+    masked and unmask, in that order."""
 
-    def __init__(self, agent_id: str, params: Params) -> None:
-        if agent_id not in params.participants:
-            raise InvalidArgument("secure_aggregation", f"{agent_id} is not a participant of round {params.tag}")
+    def __init__(self, agent_id: str, params: Params | None = None) -> None:
         self.agent_id = agent_id
-        self.params = params
-        self.neighbours = params.graph()[agent_id]
+        self.joined: Params | None = None
+        self.neighbours: tuple[str, ...] = ()
         self.share_key = new_key()  # c: keys the sealed shares
         self.mask_key = new_key()  # s: keys the pairwise masks; Shamir-shared
         self.self_seed = secrets.token_bytes(32)  # b: the self-mask; Shamir-shared
         self.peers: dict[str, tuple[bytes, bytes]] = {}
         self.held: dict[str, tuple[int, int]] = {}  # sender -> (self-mask share, mask-key share) it gave us
+        if params is not None:
+            self.join(params)
+
+    def join(self, params: Params) -> None:
+        """The round's participants are known: take this agent's place in its graph."""
+        if self.agent_id not in params.participants:
+            raise InvalidArgument("secagg.participants", f"{self.agent_id} is not a participant of round {params.tag}")
+        self.joined = params
+        self.neighbours = params.graph()[self.agent_id]
+
+    @property
+    def params(self) -> Params:
+        """The round's parameters (ValueError before join)."""
+        if self.joined is None:
+            raise ValueError(f"{self.agent_id} has not joined a secure round")
+        return self.joined
 
     def advertise(self) -> tuple[bytes, bytes]:
         """The two public keys: (share key, mask key)."""
@@ -129,3 +153,73 @@ class SecAggClient:
             elif j in gone:
                 revealed[j] = ("key", key_share)
         return revealed
+
+
+@dataclass
+class _Pending:
+    """A trained round waiting for its secure steps."""
+
+    round: int
+    plan: TrainPlan
+    terms: dict[str, torch.Tensor]
+    meta: UpdateMeta
+    client: SecAggClient
+
+
+class SecureGateway(Protocol):
+    """The gateway calls secure aggregation makes (edge_agent.agent.Gateway has them)."""
+
+    def upload(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor]) -> str: ...
+    def advertise_keys(self, round_: int, plan_id: str, keys: tuple[bytes, bytes]) -> None: ...
+    def share_keys(self, round_: int, sealed: Mapping[str, bytes]) -> None: ...
+    def unmask(self, round_: int, revealed: Mapping[str, tuple[str, int]]) -> None: ...
+
+
+class SecureWork:
+    """An agent's secure rounds: what it keeps between its TRAIN task and the SECAGG_* tasks that follow."""
+
+    def __init__(self, agent_id: str) -> None:
+        self.agent_id = agent_id
+        self.pending: _Pending | None = None
+
+    def trained(
+        self,
+        gateway: SecureGateway,
+        plan: TrainPlan,
+        meta: UpdateMeta,
+        sent: Mapping[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
+    ) -> None:
+        """After training: lay the change out, draw this round's keys and advertise them (nothing uploads yet)."""
+        secure = plan.secure
+        assert secure is not None
+        terms = linear.terms(tensors, sent, plan, secure.layout)
+        client = SecAggClient(self.agent_id)
+        self.pending = _Pending(meta.round, plan, terms, meta, client)
+        gateway.advertise_keys(meta.round, plan.plan_id, client.advertise())
+        log.info("round %d: trained; keys advertised for secure aggregation", meta.round)
+
+    def step(self, gateway: SecureGateway, task: Task) -> None:
+        """One SECAGG_* task of the pending round."""
+        pending, step = self.pending, task.secagg
+        if pending is None or pending.round != task.round or step is None:
+            raise InvalidArgument("secagg", f"no secure round {task.round} is pending on {self.agent_id}")
+        secure = pending.plan.secure
+        assert secure is not None
+        client = pending.client
+        if task.kind is TaskKind.SECAGG_SHARE:
+            length = sum(math.prod(shape) for shape in secure.layout.values())
+            client.join(
+                Params(secure.tag, step.participants, step.neighbours, step.threshold, secure.fraction_bits, length)
+            )
+            gateway.share_keys(task.round, client.share(step.keys))
+        elif task.kind is TaskKind.SECAGG_MASK:
+            client.receive(step.sealed)
+            encoded = secure_input(pending.terms, client.params, secure.clip_norm, step.noise_std)
+            message = gateway.upload(pending.meta, {MASKED: client.masked(encoded)})
+            log.info("round %d: masked update sent (%d values): %s", task.round, encoded.numel(), message)
+        elif task.kind is TaskKind.SECAGG_UNMASK:
+            gateway.unmask(task.round, client.unmask(step.survivors, step.dropped))
+            self.pending = None
+        else:
+            raise InvalidArgument("task.kind", f"{task.kind.value} is no secure-aggregation step")

@@ -5,7 +5,7 @@ tests which mode it is (ARCHITECTURE.md, 16).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -95,9 +95,11 @@ class Mode(Protocol):
         the finite range."""
         ...
 
-    def linear_layout(self, global_: GlobalState, plans: Mapping[str, TrainPlan]) -> dict[str, torch.Tensor]:
-        """The layout the round's changes are summed in: per named tensor, how many plans cover each
-        coordinate (coordinator.strategy.linear)."""
+    def linear_layout(
+        self, global_: GlobalState, plans: Mapping[str, TrainPlan], counted: Collection[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The layout the round's changes are summed in: per named tensor, how many plans (of the `counted`
+        agents, when given) cover each coordinate (common.linear)."""
         ...
 
     def linear_terms(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -280,7 +280,9 @@ class FerretMode:
     # per block follows the agent's own update norms. Config validation refuses the combination before a run
     # starts, so these are reached only by a caller that skipped it.
 
-    def linear_layout(self, global_: GlobalState, plans: Mapping[str, TrainPlan]) -> dict[str, torch.Tensor]:
+    def linear_layout(
+        self, global_: GlobalState, plans: Mapping[str, TrainPlan], counted: Collection[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Not built for the Ferret mode (ConfigError)."""
         raise ConfigError(NO_LINEAR)
 

@@ -7,7 +7,7 @@ strategy, and writes each round's global as a peft adapter directory.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,9 +161,11 @@ class LoraMode:
         new_global, metrics = strategy(_lora(global_), folded)
         return replace(new_global, round=round_), metrics
 
-    def linear_layout(self, global_: GlobalState, plans: Mapping[str, TrainPlan]) -> dict[str, torch.Tensor]:
+    def linear_layout(
+        self, global_: GlobalState, plans: Mapping[str, TrainPlan], counted: Collection[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Folded A and B padded to the round's largest rank per module, and the heads, with their plan counts."""
-        return linear.layout(_lora(global_), plans, self.spec)
+        return linear.layout(_lora(global_), plans, self.spec, counted)
 
     def linear_terms(
         self, global_: GlobalState, contribution: Contribution, layout: Mapping[str, torch.Tensor]

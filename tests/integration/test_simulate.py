@@ -73,6 +73,33 @@ def test_two_hundred_agents_with_noise_work_count_every_update_once(tmp_path: Pa
     assert [call["agents"] for call in figures["planning"]] == [200, 200, 200]  # round 0's plans, then 1 and 2
 
 
+def test_twenty_agents_aggregate_securely_with_the_threads_executor_and_never_on_ray(tmp_path: Path) -> None:
+    # Prepare
+    settings = {
+        "simulation": {"agents": 20, "work": "noise", "workers": 2, "seed": 4},
+        "run": {"rounds": 2, "min_agents": 20, "run_dir": tmp_path / "secure"},
+        "evaluation": {"agents": False, "initial": False},
+        "selection": {"mode": "all"},
+        "strategy": "slot-average",
+        "privacy": {"secure_aggregation": {"enabled": True, "clip_norm": 10.0}},
+        "metrics": {"port": -1},
+    }
+
+    # Execute
+    result = Simulation(SimulationConfig.model_validate(settings)).run()
+
+    # Assert: every agent took each secure step once per round, and every round aggregated all 20
+    figures = result["simulation"]
+    assert figures["tasks"] == {
+        "train": 40, "evaluate": 0, "probe": 0, "failed": 0, "secagg-share": 40, "secagg-mask": 40,
+        "secagg-unmask": 40,
+    }  # fmt: skip
+    assert [len(r["agents"]) for r in result["summary"]["rounds"]] == [20, 20]
+    settings["simulation"] = {**settings["simulation"], "executor": "ray", "work": "train"}  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match="Ray tasks do not"):
+        Simulation(SimulationConfig.model_validate(settings))
+
+
 def test_noise_work_with_agent_evaluation_is_refused_before_anything_starts(tmp_path: Path) -> None:
     config = SimulationConfig.model_validate(
         {"simulation": {"agents": 2, "work": "noise"}, "run": {"run_dir": tmp_path / "x", "min_agents": 2}}

@@ -19,6 +19,7 @@ from common.secagg import (
     MASK,
     MODULUS,
     Params,
+    byte_chi_square,
     combine,
     decode,
     default_neighbours,
@@ -128,15 +129,6 @@ def test_too_few_unmasking_shares_skips_the_round_naming_the_secret() -> None:
         secure_round(p, vectors(p), drop_before_unmasking={"agent-00", "agent-01", "agent-02"})
 
 
-def byte_chi_square(vector: torch.Tensor) -> float:
-    """Pearson's statistic of the low 7 bytes of each value against uniform bytes (255 degrees of freedom)."""
-    raw = bytearray(vector.numpy().tobytes())
-    data = torch.frombuffer(raw, dtype=torch.uint8).view(-1, 8)[:, :7].flatten()
-    counts = torch.bincount(data.long(), minlength=256).double()
-    expected = data.numel() / 256
-    return float(((counts - expected) ** 2 / expected).sum())
-
-
 def test_what_the_coordinator_holds_of_one_agent_is_uniform_and_an_unmasked_vector_is_not() -> None:
     # Prepare
     p = params(5, 4, 3)
@@ -188,8 +180,9 @@ def test_the_relay_refuses_repeats_strangers_and_out_of_turn_messages() -> None:
         server.masked("agent-00", torch.zeros(LENGTH, dtype=torch.int64))
     shares = clients["agent-00"].share(server.keys_for("agent-00"))
     server.share("agent-00", shares)
+    server.share("agent-00", shares)  # the same resent (a lost answer) is taken
     with pytest.raises(InvalidArgument, match="already sent its shares"):
-        server.share("agent-00", shares)  # a replay
+        server.share("agent-00", clients["agent-00"].share(server.keys_for("agent-00")))  # different ones are not
     with pytest.raises(InvalidArgument, match="values outside"):
         server.masked("agent-00", torch.full((LENGTH,), MODULUS, dtype=torch.int64))
     with pytest.raises(InvalidArgument, match="still taking masked vectors"):

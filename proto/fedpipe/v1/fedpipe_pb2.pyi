@@ -61,6 +61,12 @@ class _TaskKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskKind.Val
     """the run is over; the agent may exit"""
     TASK_KIND_PROBE: _TaskKind.ValueType  # 5
     """score candidate matrices on local data, report"""
+    TASK_KIND_SECAGG_SHARE: _TaskKind.ValueType  # 6
+    """secure aggregation: seal shares of your secrets for your neighbours"""
+    TASK_KIND_SECAGG_MASK: _TaskKind.ValueType  # 7
+    """open the shares sealed for you, upload your masked change"""
+    TASK_KIND_SECAGG_UNMASK: _TaskKind.ValueType  # 8
+    """reveal the shares that unmask the sum"""
 
 class TaskKind(_TaskKind, metaclass=_TaskKindEnumTypeWrapper): ...
 
@@ -75,6 +81,12 @@ TASK_KIND_FINISHED: TaskKind.ValueType  # 4
 """the run is over; the agent may exit"""
 TASK_KIND_PROBE: TaskKind.ValueType  # 5
 """score candidate matrices on local data, report"""
+TASK_KIND_SECAGG_SHARE: TaskKind.ValueType  # 6
+"""secure aggregation: seal shares of your secrets for your neighbours"""
+TASK_KIND_SECAGG_MASK: TaskKind.ValueType  # 7
+"""open the shares sealed for you, upload your masked change"""
+TASK_KIND_SECAGG_UNMASK: TaskKind.ValueType  # 8
+"""reveal the shares that unmask the sum"""
 Global___TaskKind: _TypeAlias = TaskKind  # noqa: Y015
 
 @_typing.final
@@ -341,6 +353,7 @@ class TrainPlan(_message.Message):
     HELD_MODULES_FIELD_NUMBER: _builtins.int
     PROXIMAL_MU_FIELD_NUMBER: _builtins.int
     TRACK_IMPORTANCE_FIELD_NUMBER: _builtins.int
+    SECURE_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     lora_alpha: _builtins.float
     lora_dropout: _builtins.float
@@ -387,6 +400,10 @@ class TrainPlan(_message.Message):
     def held_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """ferret: every block the global holds (kept in full precision)"""
 
+    @_builtins.property
+    def secure(self) -> Global___SecureSpec:
+        """secure aggregation: upload the change masked, after the key steps"""
+
     def __init__(
         self,
         *,
@@ -414,14 +431,176 @@ class TrainPlan(_message.Message):
         held_modules: _abc.Iterable[_builtins.str] | None = ...,
         proximal_mu: _builtins.float = ...,
         track_importance: _builtins.bool = ...,
+        secure: Global___SecureSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["secure", b"secure"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "batch_size", b"batch_size", "deadline_s", b"deadline_s", "directions", b"directions", "global_digest", b"global_digest", "held_modules", b"held_modules", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "mode", b"mode", "modules_to_save", b"modules_to_save", "optimizer", b"optimizer", "plan_id", b"plan_id", "proximal_mu", b"proximal_mu", "quantization", b"quantization", "rank_pattern", b"rank_pattern", "seed", b"seed", "shared_seed", b"shared_seed", "target_modules", b"target_modules", "track_importance", b"track_importance", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "batch_size", b"batch_size", "deadline_s", b"deadline_s", "directions", b"directions", "global_digest", b"global_digest", "held_modules", b"held_modules", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "mode", b"mode", "modules_to_save", b"modules_to_save", "optimizer", b"optimizer", "plan_id", b"plan_id", "proximal_mu", b"proximal_mu", "quantization", b"quantization", "rank_pattern", b"rank_pattern", "secure", b"secure", "seed", b"seed", "shared_seed", b"shared_seed", "target_modules", b"target_modules", "track_importance", b"track_importance", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainPlan: _TypeAlias = TrainPlan  # noqa: Y015
+
+@_typing.final
+class SecureSpec(_message.Message):
+    """A secure round as a plan states it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAG_FIELD_NUMBER: _builtins.int
+    LAYOUT_FIELD_NUMBER: _builtins.int
+    FRACTION_BITS_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    tag: _builtins.str
+    """names the round in every key and share"""
+    fraction_bits: _builtins.int
+    """fixed point 2^f of the masked vector"""
+    clip_norm: _builtins.float
+    """clip the change to this L2 norm first; 0 = no clip"""
+    @_builtins.property
+    def layout(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorShape]:
+        """the linear layout's tensors, summed in name order"""
+
+    def __init__(
+        self,
+        *,
+        tag: _builtins.str = ...,
+        layout: _abc.Iterable[Global___TensorShape] | None = ...,
+        fraction_bits: _builtins.int = ...,
+        clip_norm: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_norm", b"clip_norm", "fraction_bits", b"fraction_bits", "layout", b"layout", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecureSpec: _TypeAlias = SecureSpec  # noqa: Y015
+
+@_typing.final
+class PeerKeys(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARE_KEY_FIELD_NUMBER: _builtins.int
+    MASK_KEY_FIELD_NUMBER: _builtins.int
+    share_key: _builtins.bytes
+    """X25519 public key that seals shares"""
+    mask_key: _builtins.bytes
+    """X25519 public key of the pairwise masks"""
+    def __init__(
+        self,
+        *,
+        share_key: _builtins.bytes = ...,
+        mask_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mask_key", b"mask_key", "share_key", b"share_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerKeys: _TypeAlias = PeerKeys  # noqa: Y015
+
+@_typing.final
+class SecAggStep(_message.Message):
+    """What a SECAGG_* task carries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class KeysEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___PeerKeys: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___PeerKeys | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class SealedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PARTICIPANTS_FIELD_NUMBER: _builtins.int
+    NEIGHBOURS_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
+    NOISE_STD_FIELD_NUMBER: _builtins.int
+    SURVIVORS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    neighbours: _builtins.int
+    """SHARE: k"""
+    threshold: _builtins.int
+    """SHARE: t"""
+    noise_std: _builtins.float
+    """MASK: this agent's share of the DP noise, per coordinate"""
+    @_builtins.property
+    def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """SHARE: every agent whose keys are in, sorted"""
+
+    @_builtins.property
+    def keys(self) -> _containers.MessageMap[_builtins.str, Global___PeerKeys]:
+        """SHARE: the neighbours' keys"""
+
+    @_builtins.property
+    def sealed(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]:
+        """MASK: sender -> the share it sealed for this agent"""
+
+    @_builtins.property
+    def survivors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """UNMASK"""
+
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """UNMASK"""
+
+    def __init__(
+        self,
+        *,
+        participants: _abc.Iterable[_builtins.str] | None = ...,
+        neighbours: _builtins.int = ...,
+        threshold: _builtins.int = ...,
+        keys: _abc.Mapping[_builtins.str, Global___PeerKeys] | None = ...,
+        sealed: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
+        noise_std: _builtins.float = ...,
+        survivors: _abc.Iterable[_builtins.str] | None = ...,
+        dropped: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "keys", b"keys", "neighbours", b"neighbours", "noise_std", b"noise_std", "participants", b"participants", "sealed", b"sealed", "survivors", b"survivors", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggStep: _TypeAlias = SecAggStep  # noqa: Y015
 
 @_typing.final
 class ProbePlan(_message.Message):
@@ -611,6 +790,7 @@ class GetTaskResponse(_message.Message):
     RETRY_AFTER_S_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     PROBE_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     kind: Global___TaskKind.ValueType
     round: _builtins.int
     """for TRAIN: the round being trained; for EVALUATE: the global's round"""
@@ -624,6 +804,10 @@ class GetTaskResponse(_message.Message):
     def probe(self) -> Global___ProbePlan:
         """for PROBE"""
 
+    @_builtins.property
+    def secagg(self) -> Global___SecAggStep:
+        """for SECAGG_*"""
+
     def __init__(
         self,
         *,
@@ -634,10 +818,11 @@ class GetTaskResponse(_message.Message):
         retry_after_s: _builtins.float = ...,
         message: _builtins.str = ...,
         probe: Global___ProbePlan | None = ...,
+        secagg: Global___SecAggStep | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "probe", b"probe"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "probe", b"probe", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["global_round", b"global_round", "kind", b"kind", "message", b"message", "plan", b"plan", "probe", b"probe", "retry_after_s", b"retry_after_s", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["global_round", b"global_round", "kind", b"kind", "message", b"message", "plan", b"plan", "probe", b"probe", "retry_after_s", b"retry_after_s", "round", b"round", "secagg", b"secagg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1286,3 +1471,179 @@ class DescribeRunResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeRunResponse: _TypeAlias = DescribeRunResponse  # noqa: Y015
+
+@_typing.final
+class AdvertiseKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    PLAN_ID_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    round: _builtins.int
+    plan_id: _builtins.str
+    @_builtins.property
+    def keys(self) -> Global___PeerKeys: ...
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        plan_id: _builtins.str = ...,
+        keys: Global___PeerKeys | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "keys", b"keys", "plan_id", b"plan_id", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdvertiseKeysRequest: _TypeAlias = AdvertiseKeysRequest  # noqa: Y015
+
+@_typing.final
+class AdvertiseKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdvertiseKeysResponse: _TypeAlias = AdvertiseKeysResponse  # noqa: Y015
+
+@_typing.final
+class ShareKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SealedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    SEALED_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    round: _builtins.int
+    @_builtins.property
+    def sealed(self) -> _containers.ScalarMap[_builtins.str, _builtins.bytes]:
+        """receiver -> nonce + AES-GCM of the two shares"""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        sealed: _abc.Mapping[_builtins.str, _builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "round", b"round", "sealed", b"sealed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareKeysRequest: _TypeAlias = ShareKeysRequest  # noqa: Y015
+
+@_typing.final
+class ShareKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareKeysResponse: _TypeAlias = ShareKeysResponse  # noqa: Y015
+
+@_typing.final
+class RevealedShare(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """whose secret"""
+    kind: _builtins.str
+    """"seed" (a survivor's self-mask) or "key" (a dropped agent's mask key)"""
+    share: _builtins.bytes
+    """the field element, big-endian"""
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        share: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "owner", b"owner", "share", b"share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevealedShare: _TypeAlias = RevealedShare  # noqa: Y015
+
+@_typing.final
+class UnmaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    round: _builtins.int
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevealedShare]: ...
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        shares: _abc.Iterable[Global___RevealedShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "round", b"round", "shares", b"shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnmaskRequest: _TypeAlias = UnmaskRequest  # noqa: Y015
+
+@_typing.final
+class UnmaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnmaskResponse: _TypeAlias = UnmaskResponse  # noqa: Y015

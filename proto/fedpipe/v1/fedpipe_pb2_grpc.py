@@ -75,6 +75,21 @@ class CoordinatorStub:
                 request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.DescribeRunRequest.SerializeToString,
                 response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.DescribeRunResponse.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/fedpipe.v1.Coordinator/AdvertiseKeys',
+                request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.AdvertiseKeysResponse.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/fedpipe.v1.Coordinator/ShareKeys',
+                request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.ShareKeysResponse.FromString,
+                _registered_method=True)
+        self.Unmask = channel.unary_unary(
+                '/fedpipe.v1.Coordinator/Unmask',
+                request_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.UnmaskRequest.SerializeToString,
+                response_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.UnmaskResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -138,6 +153,28 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation, after training: the agent's two X25519 public keys for the round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Secure aggregation: shares of the agent's secrets, sealed for each neighbour (the masked change then goes
+        up as an UploadUpdate of one int64 tensor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmask(self, request, context):
+        """Secure aggregation: the shares that remove the survivors' masks from the sum.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +217,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.DescribeRun,
                     request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.DescribeRunRequest.FromString,
                     response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.DescribeRunResponse.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.AdvertiseKeysResponse.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.ShareKeysRequest.FromString,
+                    response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.ShareKeysResponse.SerializeToString,
+            ),
+            'Unmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmask,
+                    request_deserializer=fedpipe_dot_v1_dot_fedpipe__pb2.UnmaskRequest.FromString,
+                    response_serializer=fedpipe_dot_v1_dot_fedpipe__pb2.UnmaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +451,87 @@ class Coordinator:
             '/fedpipe.v1.Coordinator/DescribeRun',
             fedpipe_dot_v1_dot_fedpipe__pb2.DescribeRunRequest.SerializeToString,
             fedpipe_dot_v1_dot_fedpipe__pb2.DescribeRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpipe.v1.Coordinator/AdvertiseKeys',
+            fedpipe_dot_v1_dot_fedpipe__pb2.AdvertiseKeysRequest.SerializeToString,
+            fedpipe_dot_v1_dot_fedpipe__pb2.AdvertiseKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpipe.v1.Coordinator/ShareKeys',
+            fedpipe_dot_v1_dot_fedpipe__pb2.ShareKeysRequest.SerializeToString,
+            fedpipe_dot_v1_dot_fedpipe__pb2.ShareKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpipe.v1.Coordinator/Unmask',
+            fedpipe_dot_v1_dot_fedpipe__pb2.UnmaskRequest.SerializeToString,
+            fedpipe_dot_v1_dot_fedpipe__pb2.UnmaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,14 @@ class CoordinatorStub:
     """What the current run trains, by names the agent resolves itself: asked before registering, so an agent
     that stays up across runs loads the base and the data set each run names.
     """
+    AdvertiseKeys: _grpc.UnaryUnaryMultiCallable[_fedpipe_pb2.AdvertiseKeysRequest, _fedpipe_pb2.AdvertiseKeysResponse]
+    """Secure aggregation, after training: the agent's two X25519 public keys for the round."""
+    ShareKeys: _grpc.UnaryUnaryMultiCallable[_fedpipe_pb2.ShareKeysRequest, _fedpipe_pb2.ShareKeysResponse]
+    """Secure aggregation: shares of the agent's secrets, sealed for each neighbour (the masked change then goes
+    up as an UploadUpdate of one int64 tensor).
+    """
+    Unmask: _grpc.UnaryUnaryMultiCallable[_fedpipe_pb2.UnmaskRequest, _fedpipe_pb2.UnmaskResponse]
+    """Secure aggregation: the shares that remove the survivors' masks from the sum."""
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -75,6 +83,14 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """What the current run trains, by names the agent resolves itself: asked before registering, so an agent
     that stays up across runs loads the base and the data set each run names.
     """
+    AdvertiseKeys: _aio.UnaryUnaryMultiCallable[_fedpipe_pb2.AdvertiseKeysRequest, _fedpipe_pb2.AdvertiseKeysResponse]  # type: ignore[assignment]
+    """Secure aggregation, after training: the agent's two X25519 public keys for the round."""
+    ShareKeys: _aio.UnaryUnaryMultiCallable[_fedpipe_pb2.ShareKeysRequest, _fedpipe_pb2.ShareKeysResponse]  # type: ignore[assignment]
+    """Secure aggregation: shares of the agent's secrets, sealed for each neighbour (the masked change then goes
+    up as an UploadUpdate of one int64 tensor).
+    """
+    Unmask: _aio.UnaryUnaryMultiCallable[_fedpipe_pb2.UnmaskRequest, _fedpipe_pb2.UnmaskResponse]  # type: ignore[assignment]
+    """Secure aggregation: the shares that remove the survivors' masks from the sum."""
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     """Agents talk to the coordinator only through this service."""
@@ -144,6 +160,32 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         """What the current run trains, by names the agent resolves itself: asked before registering, so an agent
         that stays up across runs loads the base and the data set each run names.
         """
+
+    @_abc_1.abstractmethod
+    def AdvertiseKeys(
+        self,
+        request: _fedpipe_pb2.AdvertiseKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedpipe_pb2.AdvertiseKeysResponse, _abc.Awaitable[_fedpipe_pb2.AdvertiseKeysResponse]]:
+        """Secure aggregation, after training: the agent's two X25519 public keys for the round."""
+
+    @_abc_1.abstractmethod
+    def ShareKeys(
+        self,
+        request: _fedpipe_pb2.ShareKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedpipe_pb2.ShareKeysResponse, _abc.Awaitable[_fedpipe_pb2.ShareKeysResponse]]:
+        """Secure aggregation: shares of the agent's secrets, sealed for each neighbour (the masked change then goes
+        up as an UploadUpdate of one int64 tensor).
+        """
+
+    @_abc_1.abstractmethod
+    def Unmask(
+        self,
+        request: _fedpipe_pb2.UnmaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fedpipe_pb2.UnmaskResponse, _abc.Awaitable[_fedpipe_pb2.UnmaskResponse]]:
+        """Secure aggregation: the shares that remove the survivors' masks from the sum."""
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,0 +1,163 @@
+"""A secure round's steps on the coordinator (privacy.secure_aggregation): what the round state holds while
+one runs, and the waits that drive it after training.
+
+Agents train as usual, then advertise their keys instead of uploading (the training wait counts those). With
+the keys in, the participants are fixed and the steps follow, each waiting up to step_deadline_s: shares
+(SECAGG_SHARE), masked uploads (SECAGG_MASK, an UploadUpdate of one int64 tensor), unmasking (SECAGG_UNMASK).
+The outcome is the sum of the survivors' encoded changes, decoded and laid out, or the reason the round fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from common import linear
+from common.errors import InvalidArgument, StaleRound
+from common.secagg import MASKED, Params, decode, default_neighbours
+from common.types import SecAggStep, SecureSpec, TensorInfo
+from coordinator.config import SecureAggregationSection
+from coordinator.secagg import RoundSkipped, SecAggServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SecureRound:
+    """One secure round's state, in the round state (guarded by its lock)."""
+
+    spec: SecureSpec
+    step: str = "keys"  # keys -> shares -> masking -> unmask -> done
+    keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # advertised while training
+    server: SecAggServer | None = None
+    noise_std: float = 0.0  # each agent's share of the DP noise, per coordinate
+
+    @property
+    def length(self) -> int:
+        """Coordinates of the masked vector."""
+        return sum(math.prod(shape) for shape in self.spec.layout.values())
+
+    def task_for(self, agent: str) -> tuple[str, SecAggStep] | None:
+        """The SECAGG_* step an agent has to do now, if any: (kind, step)."""
+        server = self.server
+        if server is None:
+            return None
+        params = server.params
+        if self.step == "shares" and agent in params.participants and agent not in server.sealed:
+            step = SecAggStep(
+                participants=params.participants,
+                neighbours=params.neighbours,
+                threshold=params.threshold,
+                keys=server.keys_for(agent),
+            )
+            return "share", step
+        if self.step == "masking" and agent in server.sealed and agent not in server.vectors:
+            return "mask", SecAggStep(sealed=server.shares_for(agent), noise_std=self.noise_std)
+        if self.step == "unmask" and server.closed is not None:
+            alive, dropped = server.closed
+            if agent in alive and agent not in server.revealed:
+                return "unmask", SecAggStep(survivors=tuple(alive), dropped=tuple(dropped))
+        return None
+
+    def check_masked(self, agent: str, infos: list[TensorInfo]) -> None:
+        """A masked upload's header: in the masking step, from an agent that shared, exactly one int64 tensor."""
+        if self.step != "masking" or self.server is None or agent not in self.server.sealed:
+            raise StaleRound(f"{agent} has no masked upload due in secure round {self.spec.tag} ({self.step})")
+        expected = [TensorInfo(MASKED, (self.length,), "int64")]
+        if list(infos) != expected:
+            got = [(i.name, i.shape, i.dtype) for i in infos][:2]
+            raise InvalidArgument(
+                "payload.tensors", f"a masked upload is one int64 {MASKED} of ({self.length},), not {got}"
+            )
+
+
+@dataclass(frozen=True)
+class SecureOutcome:
+    """What the secure steps produced: the sum (laid out), whose it is, and how many shared."""
+
+    sums: dict[str, torch.Tensor]
+    survivors: tuple[str, ...]
+    sharers: int
+
+
+class SecureSteps:
+    """The waits of the secure steps; `wait(expected, received, deadline)` is the orchestrator's."""
+
+    def __init__(
+        self,
+        section: SecureAggregationSection,
+        cond: threading.Condition,
+        wait: Callable[[Collection[str], Callable[[], Collection[str]], float], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.section = section
+        self.cond = cond
+        self.wait = wait
+        self.clock = clock
+
+    def run(
+        self, secure: SecureRound, notify: Callable[[], None], quorum: int, noise: Callable[[int], float]
+    ) -> SecureOutcome | str:
+        """Shares, masking and unmasking after the keys are in; the outcome, or why the round fails.
+        noise(n): each agent's share of the DP noise when n agents share (0 without DP)."""
+        section = self.section
+        with self.cond:
+            participants = tuple(sorted(secure.keys))
+        if len(participants) < max(quorum, 2):
+            return f"{len(participants)} agents advertised keys, {max(quorum, 2)} needed"
+        k = min(section.neighbours or default_neighbours(len(participants)), len(participants) - 1)
+        params = Params(
+            secure.spec.tag, participants, k, section.threshold_for(k), secure.spec.fraction_bits, secure.length
+        )
+        server = SecAggServer(params)
+        with self.cond:
+            for agent in participants:
+                server.advertise(agent, *secure.keys[agent])
+            secure.server, secure.step = server, "shares"
+            notify()
+        log.info(
+            "secure round %s: %d participants, %d neighbours each, threshold %d", params.tag, len(participants), k,
+            params.threshold,
+        )  # fmt: skip
+        self.wait(participants, lambda: server.sealed, self.clock() + section.step_deadline_s)
+        with self.cond:
+            sharers = sorted(server.sealed)
+            secure.noise_std = noise(len(sharers))
+            secure.step = "masking"
+            notify()
+        if len(sharers) < max(quorum, params.threshold):
+            return f"{len(sharers)} agents sent their shares, {max(quorum, params.threshold)} needed"
+        self.wait(sharers, lambda: server.vectors, self.clock() + section.step_deadline_s)
+        with self.cond:
+            try:
+                alive, dropped = server.close_masking()
+            except RoundSkipped as err:
+                return str(err)
+            secure.step = "unmask"
+            notify()
+        if len(alive) < quorum:
+            return f"{len(alive)} masked updates arrived, {quorum} needed (quorum)"
+        if dropped:
+            log.warning("secure round %s: %s shared but sent no masked update", params.tag, ", ".join(dropped))
+        self.wait(alive, lambda: server.revealed, self.clock() + section.step_deadline_s)
+        with self.cond:
+            secure.step = "done"
+            missing = sorted(set(alive) - set(server.revealed))
+            try:
+                total = server.result()
+            except RoundSkipped as err:
+                return str(err)
+        if missing:
+            log.warning("secure round %s: unmasked without %s's shares", params.tag, ", ".join(missing))
+        sums = linear.unflatten(decode(total, params.fraction_bits), secure.spec.layout)
+        return SecureOutcome(sums, tuple(alive), len(sharers))
+
+
+def masked_tensor(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The masked vector of a masked upload."""
+    return tensors[MASKED]
