@@ -84,11 +84,14 @@ class DpAggregation:
         self.noise_multiplier = section.noise_multiplier
         self.round_noise = section.noise_multiplier  # the noise multiplier the last aggregated round had
         self.ledger = Ledger(section.delta, [])
+        self.prepared = False  # prepare() ran in this process
 
     # ------------------------------------------------------------------ the budget
 
     def prepare(self, sampling_rate: float) -> None:
-        """Before the first round: derive the noise multiplier from privacy.dp.target_epsilon when none is set."""
+        """Before the first round this process trains: derive the noise multiplier from privacy.dp.target_epsilon
+        when none is set, for run.rounds rounds at this sampling rate (a resumed run keeps the one it had)."""
+        self.prepared = True
         section = self.section
         if self.noise_multiplier == 0:
             self.noise_multiplier = privacy.noise_for(section.target_epsilon, sampling_rate, self.rounds, section.delta)

@@ -147,16 +147,11 @@ class Orchestrator:
             global_, strategy_state, meta = resumed
             self.strategy.load_state_dict(strategy_state)
             self._resume(global_, meta)
-            if self.dp is not None:
-                self.dp.prepare(self._sampling_rate(len(alive)))  # the checkpoint's noise multiplier stays
         else:
             self.masks.choose(0, alive, spec)
             plans = self._plan(alive, spec, 0)[0].plans
             global_ = self.mode.initial(spec, plans, cfg.seed)
             plans = self.mode.finalize_plans(plans, global_)
-            if self.dp is not None:
-                self.dp.prepare(self._sampling_rate(len(alive)))
-                self.rundir.metadata = self.dp.metadata()
             self.rundir.save_state(global_, self._bookkeeping(), self.strategy.state_dict())
         self.state.set_global(global_)
         settings = self.config.model_dump(mode="json")
@@ -264,6 +259,11 @@ class Orchestrator:
         assert global_ is not None
         self.sampling_rate = self._sampling_rate(len(alive))
         if self.dp is not None:
+            if not self.dp.prepared:
+                # At the first round this process trains, not at start-up: registration ends at run.min_agents,
+                # and a noise multiplier derived from that many agents' sampling rate would be far too large.
+                self.dp.prepare(self.sampling_rate)
+                self.rundir.metadata = self.dp.metadata()
             spent = self.dp.over_budget(self.sampling_rate)
             if spent is not None:
                 raise BudgetSpent(spent)

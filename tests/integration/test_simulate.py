@@ -100,6 +100,28 @@ def test_twenty_agents_aggregate_securely_with_the_threads_executor_and_never_on
         Simulation(SimulationConfig.model_validate(settings))
 
 
+def test_a_derived_noise_multiplier_spends_the_budget_at_the_first_rounds_sampling_rate(tmp_path: Path) -> None:
+    # Prepare: registration ends at 5 of 30 agents; the noise must fit round 1's rate (5 of 30), not 5 of 5
+    config = SimulationConfig.model_validate(
+        {
+            "simulation": {"agents": 30, "work": "noise", "workers": 2, "seed": 5},
+            "run": {"rounds": 3, "min_agents": 5, "sample_count": 5, "run_dir": tmp_path / "dp"},
+            "evaluation": {"agents": False, "initial": False},
+            "selection": {"mode": "all"},
+            "strategy": "fedavg",
+            "privacy": {"dp": {"enabled": True, "target_epsilon": 1.0}},
+            "metrics": {"port": -1},
+        }
+    )
+
+    # Execute
+    privacy = Simulation(config).run()["summary"]["privacy"]
+
+    # Assert
+    assert privacy["sampling_rates"] == [pytest.approx(5 / 30)]
+    assert 0.97 <= privacy["epsilon"] <= 1.0 and privacy["rounds"] == 3
+
+
 def test_noise_work_with_agent_evaluation_is_refused_before_anything_starts(tmp_path: Path) -> None:
     config = SimulationConfig.model_validate(
         {"simulation": {"agents": 2, "work": "noise"}, "run": {"run_dir": tmp_path / "x", "min_agents": 2}}
