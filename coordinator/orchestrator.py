@@ -15,24 +15,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from common.errors import ConfigError, InvalidArgument
+from common.errors import ConfigError
 from common.types import (
     DeviceProfile,
     Evaluation,
     GlobalState,
     ModelSpec,
     RoundResult,
-    SecureSpec,
     TrainPlan,
 )
 from coordinator.admission import Admission
+from coordinator.aggregation import Aggregation
 from coordinator.bounds import allowed_samples, counted_profiles
 from coordinator.config import CoordinatorConfig
 from coordinator.dp import DpAggregation
 from coordinator.evaluation import Evaluator
 from coordinator.masks import Masks
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.modes import Contribution, Mode
+from coordinator.modes import Mode
 from coordinator.modes.lora import LoraMode
 from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction
 from coordinator.registry import AgentRecord, Registry
@@ -87,6 +87,7 @@ class Orchestrator:
         # inclusion depend on the others' updates, which the noise is not calibrated for.
         secure = config.privacy.secure_aggregation
         self.secure = SecureSteps(secure, self.state.cond, self._wait_for, self.state.clock) if secure.enabled else None
+        self.aggregation = Aggregation(config, self.mode, strategy, metrics, self.dp)
         self.screening = Screening(
             config.updates, self.mode, self.spec, metrics, relative=self.dp is None and self.secure is None
         )
@@ -276,7 +277,11 @@ class Orchestrator:
         # Matrices entering the mask start in the global adapter (A random, B = 0), alike for every agent.
         global_ = self.mode.extend(global_, plans, spec)
         plans = self.mode.finalize_plans(plans, global_)
-        secure = self._secure_round(round_, global_, plans) if self.secure is not None else None
+        secure = None
+        if self.secure is not None:
+            secure = SecureRound.open(
+                f"{self.run_id}/{round_}", self.mode.linear_layout(global_, plans), self.config.privacy
+            )
         if secure is not None:
             plans = {agent: replace(plan, secure=secure.spec) for agent, plan in plans.items()}
         self.state.set_global(global_)
@@ -353,9 +358,9 @@ class Orchestrator:
             )  # fmt: skip
         weights = self.screening.weights(round_, inbox, self.state.allowed)
         if isinstance(outcome, SecureOutcome):
-            aggregated = self._aggregate_secure(global_, outcome, plans, round_)
+            aggregated = self.aggregation.secure_sum(global_, outcome, plans, round_)
         else:
-            aggregated = self._aggregate(global_, inbox, weights, plans, round_)
+            aggregated = self.aggregation.updates(global_, inbox, weights, plans, round_)
         if isinstance(aggregated, str):
             self.metrics.rounds_failed.labels("non_finite").inc()
             log.error("round %d: aggregate refused, the round-%d global stays: %s", round_, global_.round, aggregated)
@@ -412,73 +417,6 @@ class Orchestrator:
         )  # fmt: skip
         self._evaluate(round_, plans, result)
         return None
-
-    def _aggregate(
-        self,
-        global_: GlobalState,
-        inbox: Mapping[str, Admitted],
-        weights: Mapping[str, float],
-        plans: Mapping[str, TrainPlan],
-        round_: int,
-    ) -> tuple[GlobalState, dict[str, float], float] | str:
-        """The round's new global from its accepted updates and their weights; the reason as a string when the
-        result would leave the finite range or updates.max_abs_value (then nothing is published)."""
-        start = time.perf_counter()
-        contributions = [
-            Contribution(agent, weights[agent], admitted.update.tensors, plans[agent])
-            for agent, admitted in sorted(inbox.items())
-        ]
-        # A refused aggregate publishes nothing, so a stateful strategy (server momentum) must not keep the
-        # moments it moved either: they go back to where this round found them.
-        kept = self.strategy.state_dict()
-        try:
-            if self.dp is not None:
-                new_global, metrics = self.dp.aggregate(self.mode, global_, contributions, plans, self.strategy, round_)
-                metrics["updates"] = float(len(contributions))
-            else:
-                new_global, metrics = self.mode.aggregate(global_, contributions, self.strategy, round_)
-            self.mode.check_global(new_global, self.config.updates.max_abs_value)
-        except (InvalidArgument, ArithmeticError) as err:
-            self.strategy.load_state_dict(kept)
-            return str(err)
-        seconds = time.perf_counter() - start
-        self.metrics.aggregation_duration.observe(seconds)
-        return new_global, metrics, seconds
-
-    def _aggregate_secure(
-        self, global_: GlobalState, outcome: SecureOutcome, plans: Mapping[str, TrainPlan], round_: int
-    ) -> tuple[GlobalState, dict[str, float], float] | str:
-        """A secure round's new global from the unmasked sum. The denominators count every planned agent under
-        privacy.dp (a missing one is a zero change), else the agents in the sum."""
-        start = time.perf_counter()
-        layout = self.mode.linear_layout(global_, plans, None if self.dp is not None else outcome.survivors)
-        kept = self.strategy.state_dict()
-        try:
-            new_global, metrics = self.mode.apply_linear(global_, outcome.sums, layout, self.strategy, round_)
-            self.mode.check_global(new_global, self.config.updates.max_abs_value)
-        except (InvalidArgument, ArithmeticError) as err:
-            self.strategy.load_state_dict(kept)
-            return str(err)
-        metrics["updates"] = float(len(outcome.survivors))
-        if self.dp is not None:
-            z = self.dp.secure_round(outcome.sharers, len(outcome.survivors))
-            metrics["dp_noise_std"] = z * self.config.privacy.dp.clip_norm
-        seconds = time.perf_counter() - start
-        self.metrics.aggregation_duration.observe(seconds)
-        return new_global, metrics, seconds
-
-    def _secure_round(self, round_: int, global_: GlobalState, plans: Mapping[str, TrainPlan]) -> SecureRound:
-        """The secure round's state: its tag, the layout the agents lay their changes out in, the clip."""
-        privacy = self.config.privacy
-        layout = self.mode.linear_layout(global_, plans)
-        clip = privacy.dp.clip_norm if privacy.dp.enabled else privacy.secure_aggregation.clip_norm
-        spec = SecureSpec(
-            tag=f"{self.run_id}/{round_}",
-            layout={name: tuple(count.shape) for name, count in layout.items()},
-            fraction_bits=privacy.secure_aggregation.fraction_bits,
-            clip_norm=clip,
-        )
-        return SecureRound(spec)
 
     def _plan_metrics(self, planned: PlanSet, spec: ModelSpec) -> None:
         for agent, prediction in planned.predictions.items():

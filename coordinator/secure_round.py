@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from common import linear
 from common.errors import InvalidArgument, StaleRound
 from common.secagg import MASKED, Params, decode, default_neighbours
 from common.types import SecAggStep, SecureSpec, TensorInfo
-from coordinator.config import SecureAggregationSection
+from coordinator.config import PrivacySection, SecureAggregationSection
 from coordinator.secagg import RoundSkipped, SecAggServer
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,19 @@ class SecureRound:
     keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # advertised while training
     server: SecAggServer | None = None
     noise_std: float = 0.0  # each agent's share of the DP noise, per coordinate
+
+    @classmethod
+    def open(cls, tag: str, layout: Mapping[str, torch.Tensor], privacy: PrivacySection) -> SecureRound:
+        """A secure round named tag over this linear layout; agents clip to privacy.dp.clip_norm under DP, else
+        to secure_aggregation.clip_norm."""
+        secure = privacy.secure_aggregation
+        spec = SecureSpec(
+            tag=tag,
+            layout={name: tuple(count.shape) for name, count in layout.items()},
+            fraction_bits=secure.fraction_bits,
+            clip_norm=privacy.dp.clip_norm if privacy.dp.enabled else secure.clip_norm,
+        )
+        return cls(spec)
 
     @property
     def length(self) -> int:
@@ -124,7 +138,9 @@ class SecureSteps:
             "secure round %s: %d participants, %d neighbours each, threshold %d", params.tag, len(participants), k,
             params.threshold,
         )  # fmt: skip
+        began = time.perf_counter()
         self.wait(participants, lambda: server.sealed, self.clock() + section.step_deadline_s)
+        shared = time.perf_counter()
         with self.cond:
             sharers = sorted(server.sealed)
             secure.noise_std = noise(len(sharers))
@@ -133,6 +149,7 @@ class SecureSteps:
         if len(sharers) < max(quorum, params.threshold):
             return f"{len(sharers)} agents sent their shares, {max(quorum, params.threshold)} needed"
         self.wait(sharers, lambda: server.vectors, self.clock() + section.step_deadline_s)
+        masked = time.perf_counter()
         with self.cond:
             try:
                 alive, dropped = server.close_masking()
@@ -145,16 +162,23 @@ class SecureSteps:
         if dropped:
             log.warning("secure round %s: %s shared but sent no masked update", params.tag, ", ".join(dropped))
         self.wait(alive, lambda: server.revealed, self.clock() + section.step_deadline_s)
+        revealed = time.perf_counter()
         with self.cond:
-            secure.step = "done"
+            secure.step = "done"  # no handler touches the relay from here, so the unmasking needs no lock
             missing = sorted(set(alive) - set(server.revealed))
-            try:
-                total = server.result()
-            except RoundSkipped as err:
-                return str(err)
+        try:
+            total = server.result()
+        except RoundSkipped as err:
+            return str(err)
         if missing:
             log.warning("secure round %s: unmasked without %s's shares", params.tag, ", ".join(missing))
         sums = linear.unflatten(decode(total, params.fraction_bits), secure.spec.layout)
+        log.info(
+            "secure round %s: the sum of %d masked updates (%d values) unmasked; shares %.2fs, masked uploads %.2fs, "
+            "unmask shares %.2fs, unmasking %.2fs",
+            params.tag, len(alive), params.length, shared - began, masked - shared, revealed - masked,
+            time.perf_counter() - revealed,
+        )  # fmt: skip
         return SecureOutcome(sums, tuple(alive), len(sharers))
 
 
