@@ -77,6 +77,23 @@ class CoordinatorMetrics:
             ["agent"],
             registry=r,
         )
+        self.secagg_participants = Gauge(
+            "fedpipe_secagg_participants",
+            "Secure aggregation: agents whose keys opened the last secure round",
+            registry=r,
+        )
+        self.secagg_step_seconds = Gauge(
+            "fedpipe_secagg_step_seconds",
+            "Secure aggregation: seconds each step of the last secure round took",
+            ["stage"],
+            registry=r,
+        )
+        self.secagg_missed = Counter(
+            "fedpipe_secagg_missed",
+            "Secure aggregation: steps an agent did not complete by its deadline",
+            ["agent", "stage"],
+            registry=r,
+        )
         self.agents_registered = Gauge("fedpipe_agents_registered", "Agents known to the registry", registry=r)
         self.agents_alive = Gauge("fedpipe_agents_alive", "Agents with a recent heartbeat", registry=r)
         self.agent_up = Gauge(

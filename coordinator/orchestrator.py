@@ -86,7 +86,9 @@ class Orchestrator:
         # Under privacy.dp the clip bounds every agent's pull, and the relative bounds would make one agent's
         # inclusion depend on the others' updates, which the noise is not calibrated for.
         secure = config.privacy.secure_aggregation
-        self.secure = SecureSteps(secure, self.state.cond, self._wait_for, self.state.clock) if secure.enabled else None
+        self.secure = (
+            SecureSteps(secure, metrics, self.state.cond, self._wait_for, self.state.clock) if secure.enabled else None
+        )
         self.aggregation = Aggregation(config, self.mode, strategy, metrics, self.dp)
         self.screening = Screening(
             config.updates, self.mode, self.spec, metrics, relative=self.dp is None and self.secure is None

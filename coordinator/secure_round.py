@@ -23,6 +23,7 @@ from common.errors import InvalidArgument, StaleRound
 from common.secagg import MASKED, Params, decode, default_neighbours
 from common.types import SecAggStep, SecureSpec, TensorInfo
 from coordinator.config import PrivacySection, SecureAggregationSection
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.secagg import RoundSkipped, SecAggServer
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,13 @@ class SecureSteps:
     def __init__(
         self,
         section: SecureAggregationSection,
+        metrics: CoordinatorMetrics,
         cond: threading.Condition,
         wait: Callable[[Collection[str], Callable[[], Collection[str]], float], None],
         clock: Callable[[], float],
     ) -> None:
         self.section = section
+        self.metrics = metrics
         self.cond = cond
         self.wait = wait
         self.clock = clock
@@ -138,6 +141,7 @@ class SecureSteps:
             "secure round %s: %d participants, %d neighbours each, threshold %d", params.tag, len(participants), k,
             params.threshold,
         )  # fmt: skip
+        self.metrics.secagg_participants.set(len(participants))
         began = time.perf_counter()
         self.wait(participants, lambda: server.sealed, self.clock() + section.step_deadline_s)
         shared = time.perf_counter()
@@ -146,33 +150,33 @@ class SecureSteps:
             secure.noise_std = noise(len(sharers))
             secure.step = "masking"
             notify()
+        self._missed("shares", participants, sharers, shared - began)
         if len(sharers) < max(quorum, params.threshold):
             return f"{len(sharers)} agents sent their shares, {max(quorum, params.threshold)} needed"
         self.wait(sharers, lambda: server.vectors, self.clock() + section.step_deadline_s)
         masked = time.perf_counter()
         with self.cond:
+            self._missed("masking", sharers, list(server.vectors), masked - shared)
             try:
-                alive, dropped = server.close_masking()
+                alive, _ = server.close_masking()
             except RoundSkipped as err:
                 return str(err)
             secure.step = "unmask"
             notify()
         if len(alive) < quorum:
             return f"{len(alive)} masked updates arrived, {quorum} needed (quorum)"
-        if dropped:
-            log.warning("secure round %s: %s shared but sent no masked update", params.tag, ", ".join(dropped))
         self.wait(alive, lambda: server.revealed, self.clock() + section.step_deadline_s)
         revealed = time.perf_counter()
         with self.cond:
             secure.step = "done"  # no handler touches the relay from here, so the unmasking needs no lock
             missing = sorted(set(alive) - set(server.revealed))
+        self._missed("unmask", alive, set(alive) - set(missing), revealed - masked)
         try:
             total = server.result()
         except RoundSkipped as err:
             return str(err)
-        if missing:
-            log.warning("secure round %s: unmasked without %s's shares", params.tag, ", ".join(missing))
         sums = linear.unflatten(decode(total, params.fraction_bits), secure.spec.layout)
+        self.metrics.secagg_step_seconds.labels("unmasking").set(time.perf_counter() - revealed)
         log.info(
             "secure round %s: the sum of %d masked updates (%d values) unmasked; shares %.2fs, masked uploads %.2fs, "
             "unmask shares %.2fs, unmasking %.2fs",
@@ -180,6 +184,13 @@ class SecureSteps:
             time.perf_counter() - revealed,
         )  # fmt: skip
         return SecureOutcome(sums, tuple(alive), len(sharers))
+
+    def _missed(self, step: str, expected: Collection[str], done: Collection[str], seconds: float) -> None:
+        """A step's time, and each agent that did not complete it."""
+        self.metrics.secagg_step_seconds.labels(step).set(seconds)
+        for agent in sorted(set(expected) - set(done)):
+            self.metrics.secagg_missed.labels(agent, step).inc()
+            log.warning("secure step %s: %s did not complete it by the deadline", step, agent)
 
 
 def masked_tensor(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -166,6 +166,10 @@ def test_the_coordinator_holds_only_uniform_masked_vectors_and_unmasks_the_plain
     assert summary["rounds"][0]["failure"] is None and sorted(summary["rounds"][0]["agents"]) == list(AGENTS)
     registry = coordinator.orchestrator.metrics.registry
     assert registry.get_sample_value("fedpipe_rounds_completed_total") == 1
+    assert registry.get_sample_value("fedpipe_secagg_participants") == 4
+    assert registry.get_sample_value("fedpipe_secagg_missed_total", {"agent": "agent-c", "stage": "unmask"}) == 1
+    assert registry.get_sample_value("fedpipe_secagg_missed_total", {"agent": "agent-a", "stage": "unmask"}) is None
+    assert (registry.get_sample_value("fedpipe_secagg_step_seconds", {"stage": "unmask"}) or 0.0) >= 3.0  # for c
 
 
 def test_fewer_survivors_than_the_threshold_skip_the_round(tmp_path: Path) -> None:
@@ -187,6 +191,8 @@ def test_fewer_survivors_than_the_threshold_skip_the_round(tmp_path: Path) -> No
     assert after is before  # nothing published
     registry = coordinator.orchestrator.metrics.registry
     assert registry.get_sample_value("fedpipe_rounds_failed_total", {"reason": "secure_aggregation"}) == 1
+    for name in ("agent-b", "agent-c", "agent-d"):
+        assert registry.get_sample_value("fedpipe_secagg_missed_total", {"agent": name, "stage": "masking"}) == 1
 
 
 def test_dp_under_secure_aggregation_splits_the_noise_across_agents(tmp_path: Path) -> None:
