@@ -77,28 +77,21 @@ def terms(
     plan: TrainPlan,
     shapes: Mapping[str, tuple[int, ...]],
 ) -> Terms:
-    """One agent's change in the layout: its upload less what it was sent, both folded with its plan's alpha,
-    zero-padded to the layout's shapes; ValueError for a tensor the layout lacks or cannot hold."""
+    """One agent's change in the layout: each uploaded tensor less what it was sent (a tensor it was not sent, such
+    as Ferret's coefficients, is a change already), LoRA's B folded with the plan's alpha, placed in the leading
+    corner of its layout tensor (rows of A, columns of B, the first coefficients) and zero elsewhere; ValueError
+    for a tensor the layout lacks or cannot hold."""
     out: Terms = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
     for name, value in upload.items():
         if name not in out:
             raise ValueError(f"{name} is not in the round's layout")
-        change = value.double() - sent[name].double()
-        if name.endswith((LORA_A, LORA_B)):
-            module = name.removesuffix(LORA_A).removesuffix(LORA_B)
-            rank = plan.rank_pattern[module]
-            if name.endswith(LORA_B):
-                change = change * scaling(plan.alpha_of(module), rank)
-            target = out[name][:rank] if name.endswith(LORA_A) else out[name][:, :rank]
-            if target.shape != change.shape:
-                raise ValueError(
-                    f"{name}: a change of shape {tuple(change.shape)} in a layout of {tuple(out[name].shape)}"
-                )
-            target.copy_(change)
-        elif out[name].shape == change.shape:
-            out[name] = change
-        else:
+        change = value.double() - sent[name].double() if name in sent else value.double()
+        if name.endswith(LORA_B) and plan.mode == "lora":
+            module = name.removesuffix(LORA_B)
+            change = change * scaling(plan.alpha_of(module), plan.rank_pattern[module])
+        if change.dim() != out[name].dim() or any(c > o for c, o in zip(change.shape, out[name].shape, strict=True)):
             raise ValueError(f"{name}: a change of shape {tuple(change.shape)} in a layout of {tuple(out[name].shape)}")
+        out[name][tuple(slice(0, size) for size in change.shape)] = change
     return out
 
 

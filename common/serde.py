@@ -186,6 +186,7 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
         proximal_mu=plan.proximal_mu,
         track_importance=plan.track_importance,
         secure=secure_to_pb(plan.secure) if plan.secure is not None else None,
+        even_directions=plan.even_directions,
     )
 
 
@@ -288,6 +289,7 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
         proximal_mu=message.proximal_mu,
         track_importance=message.track_importance,
         secure=secure_from_pb(message.secure) if message.HasField("secure") else None,
+        even_directions=message.even_directions,
     )
 
 

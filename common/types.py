@@ -172,6 +172,7 @@ class TrainPlan:
     proximal_mu: float = 0.0  # FedProx: weight of (mu / 2) ||w - w_start||^2 added to the local loss
     track_importance: bool = False  # score the trained matrices while training (UpdateMeta.importance)
     secure: SecureSpec | None = None  # secure aggregation: mask the change and take part in the key steps
+    even_directions: bool = False  # ferret: directions shared evenly among the blocks, not by update norm
 
     def alpha_of(self, module: str) -> float:
         """peft's lora_alpha for one module: lora_alpha x its rank / the plan's largest rank, so every module's

@@ -261,7 +261,9 @@ def build_mode(config: CoordinatorConfig, spec: ModelSpec, base_path: str) -> Mo
     if config.training.mode == "ferret":
         from coordinator.modes.ferret import BaseWeights, FerretMode
 
-        return FerretMode(spec, base_path, config.run.seed, config.ferret.basis, BaseWeights(base_path, spec))
+        private = config.privacy.dp.enabled or config.privacy.secure_aggregation.enabled
+        weights = BaseWeights(base_path, spec)
+        return FerretMode(spec, base_path, config.run.seed, config.ferret.basis, weights, even_directions=private)
     from coordinator.modes.lora import LoraMode
 
     # Saved adapters name an embedded base by FedPipe's name for it, which resolves on any install, rather

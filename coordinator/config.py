@@ -12,7 +12,9 @@ from common.data import EMBEDDED_LABEL_COLUMN, EMBEDDED_LABELS, EMBEDDED_TEXT_CO
 from common.settings import Labels, ModelSection, Section
 from coordinator.tracking import TrackingSection
 
-LINEAR_STRATEGIES = ("slot-average", "fedavg")  # those whose result is a mean of the changes, per coordinate
+# Per training mode, the strategies whose result is a mean of the changes, per coordinate (Ferret's rank-padding
+# and fedavg both combine coefficients by the weighted mean).
+LINEAR_STRATEGIES = {"lora": ("slot-average", "fedavg"), "ferret": ("fedavg", "rank-padding")}
 
 
 class ServerSection(Section):
@@ -463,17 +465,13 @@ class CoordinatorConfig(BaseSettings):
         for name, on in (("privacy.dp", dp.enabled), ("privacy.secure_aggregation", secure.enabled)):
             if not on:
                 continue
-            if self.training.mode != "lora":
-                raise ValueError(
-                    f"{name} needs training.mode lora: the {self.training.mode} mode's linear aggregation is not "
-                    "built yet"
-                )
-            if self.strategy not in LINEAR_STRATEGIES:
+            linear = LINEAR_STRATEGIES.get(self.training.mode, ())
+            if self.strategy not in linear:
                 # DP's noise is calibrated to one agent's pull on a sum, and secure aggregation yields only the
                 # sum; an SVD-ordered or robust aggregate is no sum.
                 raise ValueError(
-                    f"{name} needs a strategy that sums the updates ({' or '.join(LINEAR_STRATEGIES)}), not "
-                    f"{self.strategy}"
+                    f"{name} needs a strategy that sums the updates ({' or '.join(linear)} in the "
+                    f"{self.training.mode} mode), not {self.strategy}"
                 )
         if secure.enabled and self.run.min_agents < 2:
             raise ValueError("privacy.secure_aggregation needs run.min_agents of 2 or more: one agent's sum is its own")

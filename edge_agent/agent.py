@@ -346,7 +346,8 @@ class Agent:
         )
         self.state = "uploading"
         if plan.secure is not None:  # the change goes up masked, in the SECAGG_* tasks that follow
-            self.secure_work.trained(self.gateway, plan, meta, sent, tensors)
+            # what it trained from: the download (LoRA), or the weights and heads it started the round with (Ferret)
+            self.secure_work.trained(self.gateway, plan, meta, start if ferret else sent, tensors)
             message = "keys advertised for secure aggregation"
         else:
             message = self.gateway.upload(meta, tensors)

@@ -136,7 +136,7 @@ class FerretWorker:
     def project_and_restore(
         self, model: Any, plan: TrainPlan, round_: int, start: Mapping[str, torch.Tensor]
     ) -> Projected:
-        """Each trained block's change as coefficients (directions shared by their norms), the trained heads;
+        """Each trained block's change as coefficients (directions shared by their norms, or evenly), the trained heads;
         then the model's weights back to where the round started."""
         began = time.perf_counter()
         deltas = {
@@ -147,7 +147,9 @@ class FerretWorker:
             exact = {b + DELTA: d for b, d in deltas.items()}
             return self._finish(model, plan, start, exact, began)
         counts = allot(
-            {b: float(d.norm()) for b, d in deltas.items()}, {b: d.numel() for b, d in deltas.items()}, plan.directions
+            {b: 1.0 if plan.even_directions else float(d.norm()) for b, d in deltas.items()},
+            {b: d.numel() for b, d in deltas.items()},
+            plan.directions,
         )
         tensors = {
             b + COEF: project(deltas[b], plan.shared_seed, round_, b, counts[b], plan.basis)

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
+from common import linear
 from common.adapters import check_values, init_heads, scale_change
-from common.errors import ConfigError, InvalidArgument, StaleRound
-from common.ferret import MIN_DIRECTIONS, reconstruct, weights_digest
+from common.errors import InvalidArgument, StaleRound
+from common.ferret import MIN_DIRECTIONS, allot, reconstruct, weights_digest
 from common.types import GlobalState, ModelSpec, TensorInfo, TrainPlan, UpdateMeta
 from coordinator.modes import Contribution
 from coordinator.rundir import atomic_dir, write_json
@@ -40,9 +41,6 @@ COEF = "::coef"  # suffix of a block's coefficient tensor on the wire
 DELTA = "::delta"  # suffix of a block's whole change (directions 0: exact, the FedAvg reference)
 WEIGHTS_FILE = "weights.safetensors"
 ARTEFACT_FILE = "fedpipe_ferret.json"
-
-
-NO_LINEAR = "privacy.dp: the ferret mode has no linear aggregation yet; use training.mode lora"
 
 
 @dataclass(frozen=True)
@@ -78,8 +76,17 @@ class FerretMode:
 
     name = "ferret"
 
-    def __init__(self, spec: ModelSpec, base_path: str, run_seed: int, basis: str, weights: BaseWeights) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        base_path: str,
+        run_seed: int,
+        basis: str,
+        weights: BaseWeights,
+        even_directions: bool = False,
+    ) -> None:
         self.spec = spec
+        self.even_directions = even_directions  # privacy: the split among blocks must not depend on the data
         self.base_path = base_path
         self.run_seed = run_seed
         self.basis = basis
@@ -115,7 +122,8 @@ class FerretMode:
         current = _ferret(global_)
         held = tuple(sorted(current.blocks))
         digest = self.digest(current)
-        return {a: replace(p, held_modules=held, global_digest=digest) for a, p in plans.items()}
+        even = self.even_directions
+        return {a: replace(p, held_modules=held, global_digest=digest, even_directions=even) for a, p in plans.items()}
 
     # ------------------------------------------------------------------ uploads
 
@@ -144,6 +152,7 @@ class FerretMode:
         declared = {info.name: info for info in infos}
         heads = {name: shape for name, shape in spec.heads if name.rsplit(".", 1)[0] in plan.modules_to_save}
         limit = direction_limit(plan, len(plan.target_modules))
+        even = self.even_counts(plan) if plan.even_directions and plan.directions else {}
         total = 0
         for block in plan.target_modules:
             if plan.directions == 0:
@@ -159,6 +168,11 @@ class FerretMode:
                 raise InvalidArgument(
                     f"payload.tensors[{block + COEF}]",
                     f"{count} coefficients, out of range [{MIN_DIRECTIONS}, {min(block_size(spec, block), limit)}]",
+                )
+            if even and count != even[block]:
+                raise InvalidArgument(
+                    f"payload.tensors[{block + COEF}]",
+                    f"{count} coefficients; the plan shares them evenly: {even[block]}",
                 )
             total += count
         if total > limit:
@@ -262,6 +276,19 @@ class FerretMode:
         for name in sorted({n for c in contributions for n in c.tensors if not n.endswith((COEF, DELTA))}):
             holders = [c for c in contributions if name in c.tensors]
             heads[name] = strategy.combine([c.tensors[name] for c in holders], [c.weight for c in holders])
+        return self._publish(current, blocks, heads, combined, round_, len(contributions))
+
+    def _publish(
+        self,
+        current: FerretGlobal,
+        blocks: dict[str, torch.Tensor],
+        heads: dict[str, torch.Tensor],
+        combined: dict[str, torch.Tensor],
+        round_: int,
+        updates: int,
+    ) -> tuple[GlobalState, dict[str, float]]:
+        """The new global (what takes an agent from the current one: the combined coefficients or changes) and the
+        round's figures."""
         new = FerretGlobal(
             round=round_, blocks=blocks, heads=heads, coefficients=combined, previous_digest=self.digest(current)
         )
@@ -269,28 +296,56 @@ class FerretMode:
         squared = sum(float((blocks[b] - current.blocks[b]).double().pow(2).sum()) for b in moved)
         squared += sum(float((heads[h] - current.heads[h]).double().pow(2).sum()) for h in heads if h in current.heads)
         metrics = {
-            "updates": float(len(contributions)),
+            "updates": float(updates),
             "delta_norm": math.sqrt(squared),
             "directions": float(sum(c.numel() for n, c in combined.items() if n.endswith(COEF))),
             "reconstruction_seconds": self.reconstruction_seconds,
         }
         return new, metrics
 
-    # The linear path (privacy.dp) needs a layout fixed by the plans alone; a Ferret upload's coefficient count
-    # per block follows the agent's own update norms. Config validation refuses the combination before a run
-    # starts, so these are reached only by a caller that skipped it.
+    # ------------------------------------------------------------------ the linear path (privacy)
+
+    def even_counts(self, plan: TrainPlan) -> dict[str, int]:
+        """Directions per block when they are shared evenly (plan.even_directions): what the agent allots."""
+        sizes = {b: block_size(self.spec, b) for b in plan.target_modules}
+        return allot(dict.fromkeys(plan.target_modules, 1.0), sizes, plan.directions)
 
     def linear_layout(
         self, global_: GlobalState, plans: Mapping[str, TrainPlan], counted: Collection[str] | None = None
     ) -> dict[str, torch.Tensor]:
-        """Not built for the Ferret mode (ConfigError)."""
-        raise ConfigError(NO_LINEAR)
+        """Per block its coefficients (the longest even share among the plans, shorter ones zero-padded: a zero
+        coefficient moves nothing) or its whole change (directions 0), and the heads; each coordinate counted
+        once per plan (of the counted agents) that trains the block or head."""
+        current = _ferret(global_)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for plan in plans.values():
+            if plan.directions == 0:
+                shapes.update({b + DELTA: tuple(current.blocks[b].shape) for b in plan.target_modules})
+                continue
+            for block, count in self.even_counts(plan).items():
+                shapes[block + COEF] = (max(count, shapes.get(block + COEF, (0,))[0]),)
+        for plan in plans.values():
+            saved = set(plan.modules_to_save)
+            shapes.update({h: tuple(v.shape) for h, v in current.heads.items() if h.rsplit(".", 1)[0] in saved})
+        counts = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
+        chosen = set(plans) if counted is None else set(counted)
+        for agent, plan in sorted(plans.items()):
+            if agent not in chosen:
+                continue
+            saved = set(plan.modules_to_save)
+            for name in counts:
+                owner = name.rsplit("::", 1)[0] if name.endswith((COEF, DELTA)) else None
+                if (owner in plan.target_modules) if owner is not None else name.rsplit(".", 1)[0] in saved:
+                    counts[name] += 1.0
+        return counts
 
     def linear_terms(
         self, global_: GlobalState, contribution: Contribution, layout: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Not built for the Ferret mode (ConfigError)."""
-        raise ConfigError(NO_LINEAR)
+        """The coefficients (or whole changes) as they are, zero-padded; the heads less the global's."""
+        current = _ferret(global_)
+        shapes = {name: tuple(count.shape) for name, count in layout.items()}
+        return linear.terms(contribution.tensors, dict(current.heads), contribution.plan, shapes)
 
     def apply_linear(
         self,
@@ -300,8 +355,33 @@ class FerretMode:
         strategy: Strategy,
         round_: int,
     ) -> tuple[GlobalState, dict[str, float]]:
-        """Not built for the Ferret mode (ConfigError)."""
-        raise ConfigError(NO_LINEAR)
+        """The mean coefficients rebuilt on the round's directions (the mean of the agents' reconstructions),
+        the mean whole changes and head changes added; broadcast as the round's combined coefficients."""
+        current = _ferret(global_)
+        start = time.perf_counter()
+        blocks, heads = dict(current.blocks), dict(current.heads)
+        combined: dict[str, torch.Tensor] = {}
+        for name in sorted(layout):
+            count = layout[name]
+            mean = torch.where(count > 0, sums[name] / count.clamp(min=1.0), torch.zeros_like(count))
+            if name.endswith(COEF):
+                block = name[: -len(COEF)]
+                coefficients = mean.to(torch.float32)
+                check_values({name: coefficients}, 0.0, "combined coefficients")
+                shape = tuple(current.blocks[block].shape)
+                blocks[block] = current.blocks[block] + reconstruct(
+                    coefficients, shape, self.run_seed, round_, block, self.basis
+                )
+                combined[name] = coefficients
+            elif name.endswith(DELTA):
+                block = name[: -len(DELTA)]
+                blocks[block] = current.blocks[block] + mean.to(torch.float32)
+                combined[name] = mean.to(torch.float32)
+            else:
+                heads[name] = (current.heads[name].double() + mean).to(current.heads[name].dtype)
+        self.reconstruction_seconds = time.perf_counter() - start
+        updates = int(max((float(c.max()) for c in layout.values() if c.numel()), default=0.0))
+        return self._publish(current, blocks, heads, combined, round_, updates)
 
     def check_global(self, global_: GlobalState, bound: float) -> None:
         """Every block and head finite and within bound."""

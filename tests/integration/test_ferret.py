@@ -112,6 +112,33 @@ def test_after_every_round_every_agent_holds_the_coordinators_weights_bit_for_bi
     print(f"FERRET {model}: {rounds} rounds, digests equal on {len(theirs)} agents; {coefficient_bytes} B up planned")
 
 
+def test_secure_aggregation_with_dp_keeps_every_agent_in_step_with_the_coordinator(tmp_path: Path) -> None:
+    # Prepare: three agents share 300 directions evenly, clip their coefficients, add their share of the noise and
+    # upload them masked; the coordinator broadcasts the noisy mean coefficients
+    run_dir = tmp_path / "run"
+    settings = spec(run_dir, 2, agents=3)
+    settings["coordinator"]["strategy"] = "fedavg"
+    settings["coordinator"]["privacy"] = {
+        "dp": {"enabled": True, "clip_norm": 1.0, "noise_multiplier": 0.5},
+        "secure_aggregation": {"enabled": True},
+    }
+
+    # Execute
+    with Federation(settings, run_dir) as fed:
+        run_to_end(fed)
+        mine = coordinator_digests(run_dir)
+        theirs = {agent: agent_digests(fed, agent) for agent in fed.agent_ids}
+        log = fed.log("coordinator")
+
+    # Assert: each round unmasked from three masked uploads, and every agent reached every round's global
+    assert log.count("masked update from") == 6 and "3 participants" in log
+    for agent, seen in theirs.items():
+        for round_, digest in mine.items():
+            assert seen.get(round_) == digest, (agent, round_, seen, mine)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["privacy"]["rounds"] == 2 and summary["privacy"]["noise_multiplier"] == 0.5
+
+
 def test_a_killed_coordinator_resumes_bit_identically_and_a_restarted_agent_resyncs(tmp_path: Path) -> None:
     # Prepare: three rounds; agent-2 is killed after round 1 and the coordinator during round 2
     run_dir = tmp_path / "run"

@@ -238,11 +238,11 @@ def test_a_derived_noise_multiplier_spends_the_budget_in_exactly_the_configured_
         ({"strategy": "fedavg", "privacy": {"dp": {"enabled": True}}}, "noise_multiplier, or target_epsilon"),
         (
             {
-                "strategy": "fedavg",
+                "strategy": "coordinate-median",
                 "training": {"mode": "ferret"},
-                "privacy": {"dp": {"enabled": True, "noise_multiplier": 1}},
+                "privacy": {"secure_aggregation": {"enabled": True}},
             },
-            "training.mode lora",
+            "fedavg or rank-padding in the ferret mode",
         ),
     ],
 )
@@ -251,8 +251,14 @@ def test_privacy_settings_that_cannot_hold_are_refused(settings_: dict[str, obje
         CoordinatorConfig(**settings_)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "slot-average"])
-def test_linear_strategies_take_privacy(strategy: str) -> None:
-    settings_: dict[str, object] = {"strategy": strategy, "privacy": {"dp": {"enabled": True, "target_epsilon": 8}}}
+@pytest.mark.parametrize(
+    ("strategy", "mode"), [("fedavg", "lora"), ("slot-average", "lora"), ("rank-padding", "ferret")]
+)
+def test_linear_strategies_take_privacy(strategy: str, mode: str) -> None:
+    settings_: dict[str, object] = {
+        "strategy": strategy,
+        "training": {"mode": mode},
+        "privacy": {"dp": {"enabled": True, "target_epsilon": 8}},
+    }
     config = CoordinatorConfig(**settings_)  # type: ignore[arg-type]
     assert config.privacy.dp.delta == 1e-5

@@ -217,3 +217,39 @@ def test_with_no_directions_the_blocks_whole_changes_travel_and_average_exactly(
     torch.testing.assert_close(new.blocks[V], global_.blocks[V] + 0.75)
     with pytest.raises(InvalidArgument, match=r"expected float32 \(4, 4\)"):
         ferret.check_declared([TensorInfo(Q + DELTA, (16,), "float32")], plan, SPEC)
+
+
+def test_the_linear_mean_of_evenly_shared_coefficients_is_the_unit_weight_aggregate() -> None:
+    # Prepare: a trains both blocks (10 directions: 5 each), b only V (all 10 on it); heads moved
+    ferret = FerretMode(SPEC, "none", SEED, BASIS, FixedWeights(), even_directions=True)
+    global_ = ferret.initial(SPEC, {"a": PLAN}, seed=3)
+    plans = ferret.finalize_plans({"a": PLAN, "b": replace(PLAN, target_modules=(V,))}, global_)
+    assert all(p.even_directions for p in plans.values())
+    assert ferret.even_counts(plans["a"]) == {Q: 5, V: 5} and ferret.even_counts(plans["b"]) == {V: 10}
+    a = Contribution(
+        "a", 1.0, {**coefficients(1, {Q: 5, V: 5}), HEAD_W: torch.ones(2, 4), HEAD_B: torch.zeros(2)}, plans["a"]
+    )
+    b = Contribution(
+        "b", 1.0, {**coefficients(2, {V: 10}), HEAD_W: torch.zeros(2, 4), HEAD_B: torch.ones(2)}, plans["b"]
+    )
+
+    # Execute
+    layout = ferret.linear_layout(global_, plans)
+    sums = {name: torch.zeros_like(count) for name, count in layout.items()}
+    for contribution in (a, b):
+        for name, value in ferret.linear_terms(global_, contribution, layout).items():
+            sums[name] += value
+    linear, _ = ferret.apply_linear(global_, sums, layout, get_strategy("fedavg"), 1)
+    reference, _ = ferret.aggregate(global_, [a, b], get_strategy("fedavg"), round_=1)
+
+    # Assert: the layout pads V to 10 and counts both agents there, Q once; the result is the aggregate's
+    assert layout[V + COEF].tolist() == [2.0] * 10 and layout[Q + COEF].tolist() == [1.0] * 5
+    assert isinstance(linear, FerretGlobal) and isinstance(reference, FerretGlobal)
+    for block in (Q, V):
+        torch.testing.assert_close(linear.blocks[block], reference.blocks[block], rtol=1e-5, atol=1e-6)
+    for head in (HEAD_W, HEAD_B):
+        torch.testing.assert_close(linear.heads[head], reference.heads[head], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(linear.coefficients[V + COEF], reference.coefficients[V + COEF])
+    # an upload that splits them otherwise is refused at its header
+    with pytest.raises(InvalidArgument, match="shares them evenly: 5"):
+        ferret.check_declared(infos({Q: 3, V: 7}), plans["a"], SPEC)
