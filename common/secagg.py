@@ -11,6 +11,7 @@ exact int64 operation followed by `& MASK`, never an overflow.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import math
 import os
@@ -20,12 +21,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from cryptography.exceptions import InvalidTag
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.x509.oid import NameOID
 
 from common.errors import InvalidArgument
 
@@ -172,6 +176,60 @@ def agree(private: X25519PrivateKey, peer: bytes, tag: str, purpose: str, what: 
 def pair_sign(params: Params, me: str, other: str) -> int:
     """+1 when me sorts before other, -1 after: the pairwise masks cancel in the sum."""
     return 1 if me < other else -1
+
+
+# ---------------------------------------------------------------- signed keys (against a coordinator that swaps them)
+
+
+def keys_message(tag: str, agent: str, keys: tuple[bytes, bytes]) -> bytes:
+    """What an agent signs: the round, its id and its two public keys."""
+    return f"fedpipe-secagg-keys|{tag}|{agent}|".encode() + keys[0] + keys[1]
+
+
+def sign_keys(private_key_pem: bytes, tag: str, agent: str, keys: tuple[bytes, bytes]) -> bytes:
+    """ECDSA-SHA256 (or RSA-PSS) signature of the agent's keys with its certificate's private key."""
+    key = serialization.load_pem_private_key(private_key_pem, password=None)
+    message = keys_message(tag, agent, keys)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(message, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(message, padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.MAX_LENGTH), hashes.SHA256())
+    raise InvalidArgument("tls.key", f"a {type(key).__name__} cannot sign secure-aggregation keys (EC or RSA only)")
+
+
+def verify_keys(
+    ca_pem: bytes, certificate_pem: bytes, signature: bytes, tag: str, agent: str, keys: tuple[bytes, bytes]
+) -> None:
+    """The keys are the agent's: its certificate is issued by the CA, valid now, names the agent (CN), and signs
+    them for this round; InvalidArgument naming the agent otherwise."""
+    what = f"keys[{agent}]"
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        cert = x509.load_pem_x509_certificate(certificate_pem)
+    except ValueError:
+        raise InvalidArgument(what, f"{agent}'s certificate does not parse") from None
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise InvalidArgument(what, f"{agent}'s certificate is not issued by this federation's CA") from None
+    now = datetime.datetime.now(datetime.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise InvalidArgument(what, f"{agent}'s certificate is not valid now")
+    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [agent]:
+        raise InvalidArgument(what, f"the certificate relayed as {agent}'s names {names}")
+    public = cert.public_key()
+    message = keys_message(tag, agent, keys)
+    try:
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(public, rsa.RSAPublicKey):
+            pss = padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.MAX_LENGTH)
+            public.verify(signature, message, pss, hashes.SHA256())
+        else:
+            raise InvalidArgument(what, f"{agent}'s certificate holds a {type(public).__name__} key")
+    except InvalidSignature:
+        raise InvalidArgument(what, f"{agent}'s keys for round {tag} are not signed by its certificate") from None
 
 
 # ---------------------------------------------------------------- Shamir over GF(2^521 - 1)

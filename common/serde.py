@@ -197,6 +197,7 @@ def secure_to_pb(secure: SecureSpec) -> pb.SecureSpec:
         layout=[pb.TensorShape(name=n, shape=list(shape)) for n, shape in sorted(secure.layout.items())],
         fraction_bits=secure.fraction_bits,
         clip_norm=secure.clip_norm,
+        signed=secure.signed,
     )
 
 
@@ -209,7 +210,19 @@ def secure_from_pb(message: pb.SecureSpec) -> SecureSpec:
     layout = {item.name: tuple(int(d) for d in item.shape) for item in message.layout}
     if len(layout) != len(message.layout) or not layout:
         raise InvalidArgument("plan.secure.layout", "empty, or a tensor named twice")
-    return SecureSpec(tag=message.tag, layout=layout, fraction_bits=message.fraction_bits, clip_norm=message.clip_norm)
+    return SecureSpec(
+        tag=message.tag,
+        layout=layout,
+        fraction_bits=message.fraction_bits,
+        clip_norm=message.clip_norm,
+        signed=message.signed,
+    )
+
+
+def peer_keys_to_pb(keys: tuple[bytes, bytes], proof: tuple[bytes, bytes] | None = None) -> pb.PeerKeys:
+    """An agent's two public keys (and, in a signed round, its certificate and signature) -> proto."""
+    certificate, signature = proof if proof is not None else (b"", b"")
+    return pb.PeerKeys(share_key=keys[0], mask_key=keys[1], certificate=certificate, signature=signature)
 
 
 def secagg_to_pb(step: SecAggStep) -> pb.SecAggStep:
@@ -218,7 +231,7 @@ def secagg_to_pb(step: SecAggStep) -> pb.SecAggStep:
         participants=list(step.participants),
         neighbours=step.neighbours,
         threshold=step.threshold,
-        keys={a: pb.PeerKeys(share_key=s, mask_key=m) for a, (s, m) in step.keys.items()},
+        keys={a: peer_keys_to_pb(keys, step.proofs.get(a)) for a, keys in step.keys.items()},
         sealed=dict(step.sealed),
         noise_std=step.noise_std,
         survivors=list(step.survivors),
@@ -235,6 +248,7 @@ def secagg_from_pb(message: pb.SecAggStep) -> SecAggStep:
         neighbours=message.neighbours,
         threshold=message.threshold,
         keys={a: (k.share_key, k.mask_key) for a, k in message.keys.items()},
+        proofs={a: (k.certificate, k.signature) for a, k in message.keys.items() if k.certificate},
         sealed=dict(message.sealed),
         noise_std=message.noise_std,
         survivors=tuple(message.survivors),

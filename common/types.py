@@ -127,6 +127,7 @@ class SecureSpec:
     layout: Mapping[str, tuple[int, ...]]  # the linear layout's tensors (common.linear), summed in name order
     fraction_bits: int  # fixed-point scale 2^f of the masked vector
     clip_norm: float  # the agent clips its change to this L2 norm first; 0 = no clip
+    signed: bool = False  # keys signed with each agent's certificate, and every neighbour's checked
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class SecAggStep:
     neighbours: int = 0  # SHARE: k of the round's graph
     threshold: int = 0  # SHARE: t, shares needed to rebuild a secret
     keys: Mapping[str, tuple[bytes, bytes]] = field(default_factory=dict)  # SHARE: neighbour -> (share, mask) key
+    proofs: Mapping[str, tuple[bytes, bytes]] = field(default_factory=dict)  # SHARE: neighbour -> (cert, signature)
     sealed: Mapping[str, bytes] = field(default_factory=dict)  # MASK: sender -> the share it sealed for you
     noise_std: float = 0.0  # MASK: your share of the DP noise, per coordinate
     survivors: tuple[str, ...] = ()  # UNMASK: agents whose masked vector is in

@@ -17,8 +17,8 @@ from typing import TypeVar, cast
 import torch
 
 from common.data import CAUSAL_LM
-from common.errors import AlreadyUploaded, InvalidArgument, NotReady, StaleRound, UnknownAgent
-from common.secagg import load_public
+from common.errors import AlreadyUploaded, ConfigError, InvalidArgument, NotReady, StaleRound, UnknownAgent
+from common.secagg import load_public, verify_keys
 from common.types import (
     AdapterUpdate,
     DeviceProfile,
@@ -92,6 +92,7 @@ class Admission:
         self.config = config
         self.metrics = metrics
         self.mode = mode
+        self.client_ca: bytes | None = None  # tls.client_ca, read when a signed secure round first needs it
 
     @property
     def spec(self) -> ModelSpec:
@@ -361,8 +362,16 @@ class Admission:
             raise StaleRound(f"agent {agent_id} has no plan in round {state.round}")
         return state.secure
 
-    def advertise_keys(self, agent_id: str, round_: int, plan_id: str, keys: tuple[bytes, bytes]) -> None:
-        """An agent that trained its plan: its two public keys (once; the training wait counts it done)."""
+    def advertise_keys(
+        self,
+        agent_id: str,
+        round_: int,
+        plan_id: str,
+        keys: tuple[bytes, bytes],
+        proof: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        """An agent that trained its plan: its two public keys (once; the training wait counts it done), signed
+        with its certificate in a signed round (checked here too, so a bad one is refused at once)."""
         self.registry.touch(agent_id)
         state = self.state
         with state.cond:
@@ -377,10 +386,24 @@ class Admission:
                 raise AlreadyUploaded(f"agent {agent_id} already advertised other keys for round {round_}")
             for name, key in zip(("keys.share_key", "keys.mask_key"), keys, strict=True):
                 load_public(key, name)
+            if secure.spec.signed:
+                if proof is None or not proof[0]:
+                    raise InvalidArgument("keys.signature", f"round {round_} takes signed keys; {agent_id}'s are not")
+                verify_keys(self._client_ca(), proof[0], proof[1], secure.spec.tag, agent_id, keys)
+                secure.proofs[agent_id] = proof
             secure.keys[agent_id] = keys
             count = len(secure.keys)
             state.notify()
         log.info("round %d: %s trained and advertised its keys [%d/%d]", round_, agent_id, count, len(state.plans))
+
+    def _client_ca(self) -> bytes:
+        """The CA that signs agent certificates (tls.client_ca), read on first use."""
+        if self.client_ca is None:
+            path = self.config.tls.client_ca
+            if path is None:
+                raise ConfigError("tls.client_ca: needed to check the agents' signed secure-aggregation keys")
+            self.client_ca = path.read_bytes()
+        return self.client_ca
 
     def _relay(self, agent_id: str, round_: int, step: str) -> SecAggServer:
         """The open secure round's relay when it is at `step` (call with cond held); StaleRound otherwise."""

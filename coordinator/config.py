@@ -402,6 +402,11 @@ class SecureAggregationSection(Section):
         "0 = no clip: then nothing bounds one agent's share of the sum",
     )
     step_deadline_s: float = Field(60.0, gt=0, description="seconds each key, share, masking and unmask step waits")
+    signed_keys: bool = Field(
+        True,
+        description="agents sign their keys with their mTLS certificate and check every neighbour's, so a "
+        "coordinator that swaps keys is caught; needs tls.auth mtls (false: an honest-but-curious coordinator only)",
+    )
 
     def threshold_for(self, neighbours: int) -> int:
         """t for a graph of degree k."""
@@ -473,6 +478,11 @@ class CoordinatorConfig(BaseSettings):
                     f"{name} needs a strategy that sums the updates ({' or '.join(linear)} in the "
                     f"{self.training.mode} mode), not {self.strategy}"
                 )
+        if secure.enabled and secure.signed_keys and (self.insecure or self.tls.auth != "mtls"):
+            raise ValueError(
+                "privacy.secure_aggregation.signed_keys needs agent certificates (tls.auth mtls, not --insecure); "
+                "set it false to trust the coordinator to relay keys unchanged"
+            )
         if secure.enabled and self.run.min_agents < 2:
             raise ValueError("privacy.secure_aggregation needs run.min_agents of 2 or more: one agent's sum is its own")
         return self

@@ -66,8 +66,10 @@ class RecordingGateway:
 
     # Secure aggregation keeps per-agent secrets between tasks, which a Ray task does not: simulate refuses the
     # combination, and these only record.
-    def advertise_keys(self, round_: int, plan_id: str, keys: tuple[bytes, bytes]) -> None:
-        self.recorded.calls.append(("advertise_keys", (round_, plan_id, keys)))
+    def advertise_keys(
+        self, round_: int, plan_id: str, keys: tuple[bytes, bytes], proof: tuple[bytes, bytes] | None = None
+    ) -> None:
+        self.recorded.calls.append(("advertise_keys", (round_, plan_id, keys, proof)))
 
     def share_keys(self, round_: int, sealed: Mapping[str, bytes]) -> None:
         self.recorded.calls.append(("share_keys", (round_, dict(sealed))))

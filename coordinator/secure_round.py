@@ -36,6 +36,7 @@ class SecureRound:
     spec: SecureSpec
     step: str = "keys"  # keys -> shares -> masking -> unmask -> done
     keys: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # advertised while training
+    proofs: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # signed rounds: (certificate, signature)
     server: SecAggServer | None = None
     noise_std: float = 0.0  # each agent's share of the DP noise, per coordinate
 
@@ -49,6 +50,7 @@ class SecureRound:
             layout={name: tuple(count.shape) for name, count in layout.items()},
             fraction_bits=secure.fraction_bits,
             clip_norm=privacy.dp.clip_norm if privacy.dp.enabled else secure.clip_norm,
+            signed=secure.signed_keys,
         )
         return cls(spec)
 
@@ -64,11 +66,13 @@ class SecureRound:
             return None
         params = server.params
         if self.step == "shares" and agent in params.participants and agent not in server.sealed:
+            keys = server.keys_for(agent)
             step = SecAggStep(
                 participants=params.participants,
                 neighbours=params.neighbours,
                 threshold=params.threshold,
-                keys=server.keys_for(agent),
+                keys=keys,
+                proofs={j: self.proofs[j] for j in keys if j in self.proofs},
             )
             return "share", step
         if self.step == "masking" and agent in server.sealed and agent not in server.vectors:

@@ -332,7 +332,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     ) -> pb.AdvertiseKeysResponse:
         self._authorize(context, request.agent_id)
         keys = (request.keys.share_key, request.keys.mask_key)
-        self.admission.advertise_keys(request.agent_id, request.round, request.plan_id, keys)
+        proof = (request.keys.certificate, request.keys.signature) if request.keys.certificate else None
+        self.admission.advertise_keys(request.agent_id, request.round, request.plan_id, keys, proof)
         return pb.AdvertiseKeysResponse()
 
     @mapped

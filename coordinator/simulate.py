@@ -111,8 +111,10 @@ class InMemoryGateway:
         self.admission.report_importance(self.agent_id, report)
         self._answered()
 
-    def advertise_keys(self, round_: int, plan_id: str, keys: tuple[bytes, bytes]) -> None:
-        self.admission.advertise_keys(self.agent_id, round_, plan_id, keys)
+    def advertise_keys(
+        self, round_: int, plan_id: str, keys: tuple[bytes, bytes], proof: tuple[bytes, bytes] | None = None
+    ) -> None:
+        self.admission.advertise_keys(self.agent_id, round_, plan_id, keys, proof)
         self._answered()
 
     def share_keys(self, round_: int, sealed: Mapping[str, bytes]) -> None:
@@ -153,6 +155,11 @@ class Simulation:
             raise ConfigError("simulate: noise work has no model to probe with; set selection.mode all")
         if section.work == "noise" and section.executor == "ray":
             raise ConfigError("simulate: noise work trains nothing to send to Ray; use simulation.executor threads")
+        if config.privacy.secure_aggregation.enabled and config.privacy.secure_aggregation.signed_keys:
+            raise ConfigError(
+                "simulate: virtual agents hold no certificates to sign their keys with; set "
+                "privacy.secure_aggregation.signed_keys false"
+            )
         if config.privacy.secure_aggregation.enabled and section.executor == "ray":
             raise ConfigError(
                 "simulate: secure aggregation keeps each agent's secrets between its tasks, which Ray tasks do not; "

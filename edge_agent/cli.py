@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import grpc
 
     from edge_agent.config import AgentConfig
+    from edge_agent.secagg import KeySigner
 
 log = logging.getLogger("fedpipe.agent")
 
@@ -57,6 +58,7 @@ def run(config: AgentConfig) -> int:
     from edge_agent.client import CoordinatorClient
     from edge_agent.metrics import AgentMetrics
     from edge_agent.profiler import profile
+    from edge_agent.secagg import SecureWork
     from edge_agent.workspace import Workspace
 
     credentials = agent_credentials(config)  # wrong TLS files fail here, before minutes of loading
@@ -113,6 +115,7 @@ def run(config: AgentConfig) -> int:
         stopping,
         config.after_finish,
         workspace,
+        SecureWork(config.agent_id, key_signer(config)),
     )
     agents.append(agent)
 
@@ -146,3 +149,13 @@ def agent_credentials(config: AgentConfig) -> grpc.ChannelCredentials | None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def key_signer(config: AgentConfig) -> KeySigner | None:
+    """The agent's mTLS key, certificate and CA, which sign its secure-aggregation keys (None without them)."""
+    tls = config.tls
+    if config.insecure or tls.cert is None or tls.key is None or tls.ca is None:
+        return None
+    from edge_agent.secagg import KeySigner
+
+    return KeySigner(tls.key.read_bytes(), tls.cert.read_bytes(), tls.ca.read_bytes())

@@ -188,10 +188,13 @@ class CoordinatorClient:
         request = serde.importance_to_pb(self.agent_id, report)
         self._call(lambda: self.stub.ReportImportance(request, timeout=30), "report importance", "ReportImportance")
 
-    def advertise_keys(self, round_: int, plan_id: str, keys: tuple[bytes, bytes]) -> None:
-        """Secure aggregation: the agent's two public keys for the round, after training."""
+    def advertise_keys(
+        self, round_: int, plan_id: str, keys: tuple[bytes, bytes], proof: tuple[bytes, bytes] | None = None
+    ) -> None:
+        """Secure aggregation: the agent's two public keys for the round, after training (signed: with its
+        certificate and signature)."""
         request = pb.AdvertiseKeysRequest(
-            agent_id=self.agent_id, round=round_, plan_id=plan_id, keys=pb.PeerKeys(share_key=keys[0], mask_key=keys[1])
+            agent_id=self.agent_id, round=round_, plan_id=plan_id, keys=serde.peer_keys_to_pb(keys, proof)
         )
         self._call(lambda: self.stub.AdvertiseKeys(request, timeout=30), "advertise keys", "AdvertiseKeys")
 

@@ -32,8 +32,10 @@ from common.secagg import (
     private_bytes,
     public_bytes,
     seal,
+    sign_keys,
     split,
     subtract,
+    verify_keys,
 )
 from common.types import Task, TaskKind, TrainPlan, UpdateMeta
 
@@ -166,11 +168,22 @@ class _Pending:
     client: SecAggClient
 
 
+@dataclass(frozen=True)
+class KeySigner:
+    """What signs this agent's keys and checks its neighbours': its mTLS key and certificate, and the CA."""
+
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+
+
 class SecureGateway(Protocol):
     """The gateway calls secure aggregation makes (edge_agent.agent.Gateway has them)."""
 
     def upload(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor]) -> str: ...
-    def advertise_keys(self, round_: int, plan_id: str, keys: tuple[bytes, bytes]) -> None: ...
+    def advertise_keys(
+        self, round_: int, plan_id: str, keys: tuple[bytes, bytes], proof: tuple[bytes, bytes] | None = None
+    ) -> None: ...
     def share_keys(self, round_: int, sealed: Mapping[str, bytes]) -> None: ...
     def unmask(self, round_: int, revealed: Mapping[str, tuple[str, int]]) -> None: ...
 
@@ -178,8 +191,9 @@ class SecureGateway(Protocol):
 class SecureWork:
     """An agent's secure rounds: what it keeps between its TRAIN task and the SECAGG_* tasks that follow."""
 
-    def __init__(self, agent_id: str) -> None:
+    def __init__(self, agent_id: str, signer: KeySigner | None = None) -> None:
         self.agent_id = agent_id
+        self.signer = signer  # None: no certificate, so no signed rounds
         self.pending: _Pending | None = None
 
     def trained(
@@ -195,9 +209,19 @@ class SecureWork:
         assert secure is not None
         terms = linear.terms(tensors, sent, plan, secure.layout)
         client = SecAggClient(self.agent_id)
+        keys = client.advertise()
+        proof = None
+        if secure.signed:
+            if self.signer is None:
+                raise InvalidArgument(
+                    "tls.cert", "the round's secure aggregation takes signed keys; this agent has no tls.cert/key/ca"
+                )
+            proof = (self.signer.cert_pem, sign_keys(self.signer.key_pem, secure.tag, self.agent_id, keys))
         self.pending = _Pending(meta.round, plan, terms, meta, client)
-        gateway.advertise_keys(meta.round, plan.plan_id, client.advertise())
-        log.info("round %d: trained; keys advertised for secure aggregation", meta.round)
+        gateway.advertise_keys(meta.round, plan.plan_id, keys, proof)
+        log.info(
+            "round %d: trained; keys advertised for secure aggregation%s", meta.round, " (signed)" if proof else ""
+        )
 
     def step(self, gateway: SecureGateway, task: Task) -> None:
         """One SECAGG_* task of the pending round."""
@@ -212,6 +236,8 @@ class SecureWork:
             client.join(
                 Params(secure.tag, step.participants, step.neighbours, step.threshold, secure.fraction_bits, length)
             )
+            if secure.signed:  # a coordinator that swapped a neighbour's keys would read what is sealed for it
+                self._check_signed(secure.tag, step.keys, step.proofs)
             gateway.share_keys(task.round, client.share(step.keys))
         elif task.kind is TaskKind.SECAGG_MASK:
             client.receive(step.sealed)
@@ -223,3 +249,15 @@ class SecureWork:
             self.pending = None
         else:
             raise InvalidArgument("task.kind", f"{task.kind.value} is no secure-aggregation step")
+
+    def _check_signed(
+        self, tag: str, keys: Mapping[str, tuple[bytes, bytes]], proofs: Mapping[str, tuple[bytes, bytes]]
+    ) -> None:
+        """Every neighbour's keys are signed by its own certificate, issued by the CA (else nothing is shared)."""
+        assert self.signer is not None  # trained() refused a signed round without one
+        for peer in sorted(keys):
+            proof = proofs.get(peer)
+            if proof is None:
+                raise InvalidArgument(f"keys[{peer}]", f"{peer}'s keys for round {tag} come without a signature")
+            verify_keys(self.signer.ca_pem, proof[0], proof[1], tag, peer, keys[peer])
+        log.info("secure round %s: the keys of %d neighbours are signed by their certificates", tag, len(keys))

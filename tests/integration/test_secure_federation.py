@@ -51,4 +51,5 @@ def test_a_secure_federation_trains_and_only_masked_vectors_travel(tmp_path: Pat
     assert coordinator_log.count("masked update from") == 3
     for agent in ("agent-1", "agent-2", "agent-3"):
         agent_log = (run_dir / "logs" / f"{agent}.log").read_text()
-        assert "keys advertised for secure aggregation" in agent_log and "masked update sent" in agent_log
+        assert "keys advertised for secure aggregation (signed)" in agent_log and "masked update sent" in agent_log
+        assert "the keys of 2 neighbours are signed by their certificates" in agent_log  # the launcher's mTLS

@@ -86,7 +86,7 @@ def secure_coordinator(tmp_path: Path, dp: DpSection | None = None) -> Coordinat
         rounds=1, min_agents=4, round_deadline_s=20.0, registration_timeout_s=10.0, agent_timeout_s=60.0,
         run_dir=tmp_path / "run", finish_grace_s=0.0,
     )  # fmt: skip
-    secure = SecureAggregationSection(enabled=True, step_deadline_s=3.0, fraction_bits=BITS)
+    secure = SecureAggregationSection(enabled=True, step_deadline_s=3.0, fraction_bits=BITS, signed_keys=False)
     privacy = PrivacySection(secure_aggregation=secure, dp=dp or DpSection())
     coordinator = launch(tmp_path / "run", run=run, privacy=privacy)
     for agent in AGENTS:

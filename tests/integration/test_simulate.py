@@ -81,7 +81,7 @@ def test_twenty_agents_aggregate_securely_with_the_threads_executor_and_never_on
         "evaluation": {"agents": False, "initial": False},
         "selection": {"mode": "all"},
         "strategy": "slot-average",
-        "privacy": {"secure_aggregation": {"enabled": True, "clip_norm": 10.0}},
+        "privacy": {"secure_aggregation": {"enabled": True, "clip_norm": 10.0, "signed_keys": False}},
         "metrics": {"port": -1},
     }
 

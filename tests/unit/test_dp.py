@@ -244,6 +244,14 @@ def test_a_derived_noise_multiplier_spends_the_budget_in_exactly_the_configured_
             },
             "fedavg or rank-padding in the ferret mode",
         ),
+        (
+            {"strategy": "fedavg", "insecure": True, "privacy": {"secure_aggregation": {"enabled": True}}},
+            "signed_keys needs agent certificates",
+        ),
+        (
+            {"strategy": "fedavg", "tls": {"auth": "token"}, "privacy": {"secure_aggregation": {"enabled": True}}},
+            "signed_keys needs agent certificates",
+        ),
     ],
 )
 def test_privacy_settings_that_cannot_hold_are_refused(settings_: dict[str, object], message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
+from dataclasses import replace
 
 import pytest
 import torch
@@ -266,3 +267,77 @@ def test_secure_input_clips_and_adds_the_agents_share_of_the_noise() -> None:
     assert abs(float(noise.std()) - 0.3) < 4 * 0.3 / math.sqrt(400_000)
     with pytest.raises(ValueError, match="a change of 200000 values for a round of 5"):
         secure_input(terms, Params("run/8", ("a", "b"), 1, 1, BITS, 5))
+
+
+def test_signed_keys_verify_only_for_their_agent_round_and_ca() -> None:
+    # Prepare: a federation's CA and two agents' certificates, and another CA
+    from common.certs import create_ca, issue
+    from common.secagg import sign_keys, verify_keys
+
+    ca, other_ca = create_ca(), create_ca("Another CA")
+    alice, bob = issue(ca, "agent-a"), issue(ca, "agent-b")
+    stranger = issue(other_ca, "agent-a")
+    keys = SecAggClient("agent-a").advertise()
+    signature = sign_keys(alice.key_pem, "run/1", "agent-a", keys)
+
+    # Execute / Assert
+    verify_keys(ca.cert_pem, alice.cert_pem, signature, "run/1", "agent-a", keys)
+    refusals = [
+        ((ca.cert_pem, alice.cert_pem, signature, "run/2", "agent-a", keys), "not signed by its certificate"),
+        ((ca.cert_pem, alice.cert_pem, signature, "run/1", "agent-a", (keys[1], keys[0])), "not signed"),
+        ((ca.cert_pem, bob.cert_pem, signature, "run/1", "agent-a", keys), r"names \['agent-b'\]"),
+        ((ca.cert_pem, stranger.cert_pem, sign_keys(stranger.key_pem, "run/1", "agent-a", keys), "run/1",
+          "agent-a", keys), "not issued by this federation's CA"),
+    ]  # fmt: skip
+    for args, message in refusals:
+        with pytest.raises(InvalidArgument, match=message):
+            verify_keys(*args)
+
+
+def test_an_agent_in_a_signed_round_refuses_a_neighbours_unsigned_keys() -> None:
+    from common.certs import create_ca, issue
+    from common.secagg import sign_keys
+    from common.types import SecAggStep, SecureSpec, Task, TaskKind, UpdateMeta
+    from edge_agent.secagg import KeySigner, SecureWork
+
+    ca = create_ca()
+    mine = issue(ca, "agent-00")
+    work = SecureWork("agent-00", KeySigner(mine.key_pem, mine.cert_pem, ca.cert_pem))
+    plan = replace(PLANS["a"], secure=SecureSpec("run/9", {"w": (4,)}, BITS, 0.0, signed=True))
+
+    class Gateway:
+        def __init__(self) -> None:
+            self.shared: list[object] = []
+            self.proof: tuple[bytes, bytes] | None = None
+
+        def upload(self, meta: UpdateMeta, tensors: object) -> str:
+            return ""
+
+        def advertise_keys(
+            self, round_: int, plan_id: str, keys: object, proof: tuple[bytes, bytes] | None = None
+        ) -> None:
+            self.proof = proof
+
+        def share_keys(self, round_: int, sealed: object) -> None:
+            self.shared.append(sealed)
+
+        def unmask(self, round_: int, revealed: object) -> None:
+            raise AssertionError("nothing may be revealed")
+
+    gateway = Gateway()
+    work.pending = None
+    meta = UpdateMeta("agent-00", 1, "p", 1, 1, 0.0, 0.0, 0)
+    work.trained(gateway, plan, meta, {}, {})
+    assert gateway.proof is not None and gateway.proof[0] == mine.cert_pem
+    step = SecAggStep(participants=("agent-00", "agent-01"), neighbours=1, threshold=1,
+                      keys={"agent-01": SecAggClient("agent-01").advertise()})  # fmt: skip
+    with pytest.raises(InvalidArgument, match="come without a signature"):
+        work.step(gateway, Task(TaskKind.SECAGG_SHARE, 1, secagg=step))
+    assert gateway.shared == []
+    # the same neighbour with its keys signed by its certificate: the shares go out
+    theirs = issue(ca, "agent-01")
+    keys = SecAggClient("agent-01").advertise()
+    proof = (theirs.cert_pem, sign_keys(theirs.key_pem, "run/9", "agent-01", keys))
+    signed = replace(step, keys={"agent-01": keys}, proofs={"agent-01": proof})
+    work.step(gateway, Task(TaskKind.SECAGG_SHARE, 1, secagg=signed))
+    assert len(gateway.shared) == 1

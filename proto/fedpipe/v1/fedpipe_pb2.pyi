@@ -455,12 +455,15 @@ class SecureSpec(_message.Message):
     LAYOUT_FIELD_NUMBER: _builtins.int
     FRACTION_BITS_FIELD_NUMBER: _builtins.int
     CLIP_NORM_FIELD_NUMBER: _builtins.int
+    SIGNED_FIELD_NUMBER: _builtins.int
     tag: _builtins.str
     """names the round in every key and share"""
     fraction_bits: _builtins.int
     """fixed point 2^f of the masked vector"""
     clip_norm: _builtins.float
     """clip the change to this L2 norm first; 0 = no clip"""
+    signed: _builtins.bool
+    """sign the keys with the agent's certificate; check every neighbour's"""
     @_builtins.property
     def layout(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorShape]:
         """the linear layout's tensors, summed in name order"""
@@ -472,10 +475,11 @@ class SecureSpec(_message.Message):
         layout: _abc.Iterable[Global___TensorShape] | None = ...,
         fraction_bits: _builtins.int = ...,
         clip_norm: _builtins.float = ...,
+        signed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_norm", b"clip_norm", "fraction_bits", b"fraction_bits", "layout", b"layout", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_norm", b"clip_norm", "fraction_bits", b"fraction_bits", "layout", b"layout", "signed", b"signed", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -487,19 +491,27 @@ class PeerKeys(_message.Message):
 
     SHARE_KEY_FIELD_NUMBER: _builtins.int
     MASK_KEY_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     share_key: _builtins.bytes
     """X25519 public key that seals shares"""
     mask_key: _builtins.bytes
     """X25519 public key of the pairwise masks"""
+    certificate: _builtins.bytes
+    """signed rounds: the owner's certificate (PEM)"""
+    signature: _builtins.bytes
+    """signed rounds: its signature of the round, its id and the two keys"""
     def __init__(
         self,
         *,
         share_key: _builtins.bytes = ...,
         mask_key: _builtins.bytes = ...,
+        certificate: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mask_key", b"mask_key", "share_key", b"share_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "mask_key", b"mask_key", "share_key", b"share_key", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
