@@ -155,6 +155,13 @@ def test_an_agent_cannot_act_as_another(pki: Path, start: Callable[..., Coordina
             pb.HeartbeatRequest(agent_id=AGENT_B, state="idle"), timeout=RPC_TIMEOUT_S
         ),
         "upload": lambda: coordinator.stub.UploadUpdate(iter(forged.messages()), timeout=RPC_TIMEOUT_S),
+        "advertise keys": lambda: coordinator.stub.AdvertiseKeys(
+            pb.AdvertiseKeysRequest(agent_id=AGENT_B, round=1, plan_id=b.plan.plan_id), timeout=RPC_TIMEOUT_S
+        ),
+        "share keys": lambda: coordinator.stub.ShareKeys(
+            pb.ShareKeysRequest(agent_id=AGENT_B, round=1), timeout=RPC_TIMEOUT_S
+        ),
+        "unmask": lambda: coordinator.stub.Unmask(pb.UnmaskRequest(agent_id=AGENT_B, round=1), timeout=RPC_TIMEOUT_S),
     }
     outcomes = {name: refused(call) for name, call in calls.items()}
 
