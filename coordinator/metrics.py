@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+SECAGG_STAGES = ("shares", "masking", "unmask", "unmasking")  # a secure round's stages, in order
 ROUND_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 FAST_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -88,6 +89,8 @@ class CoordinatorMetrics:
             ["stage"],
             registry=r,
         )
+        for stage in SECAGG_STAGES:
+            self.secagg_step_seconds.labels(stage)
         self.secagg_missed = Counter(
             "fedpipe_secagg_missed",
             "Secure aggregation: steps an agent did not complete by its deadline",
@@ -320,7 +323,10 @@ class CoordinatorMetrics:
             self.download_bytes,
             self.upload_seconds,
             self.download_seconds,
+            self.dp_updates_clipped,
         ):
             counter.labels(agent)
         for action in ("rejected", "clipped"):
             self.updates_screened.labels(agent, action)
+        for stage in SECAGG_STAGES[:3]:  # those that wait on agents
+            self.secagg_missed.labels(agent, stage)
