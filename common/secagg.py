@@ -115,25 +115,22 @@ def decode(vector: torch.Tensor, fraction_bits: int) -> torch.Tensor:
     return centred.double() / float(1 << fraction_bits)
 
 
-def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a + b mod 2^62."""
-    return (a + b) & MASK
-
-
-def subtract(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a - b mod 2^62."""
-    return (a - b) & MASK
-
-
 def expand(seed: bytes, length: int) -> torch.Tensor:
     """`length` uniform values mod 2^62 from a 32-byte seed (the ChaCha20 keystream, nonce 0)."""
     if len(seed) != SECRET_BYTES:
         raise ValueError(f"a mask seed is {SECRET_BYTES} bytes, not {len(seed)}")
-    encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
-    stream = bytearray(encryptor.update(bytes(8 * length)))
-    if not stream:
+    if length == 0:
         return torch.zeros(0, dtype=torch.int64)
-    return torch.frombuffer(stream, dtype=torch.int64) & MASK
+    encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    stream = bytearray(8 * length)
+    encryptor.update_into(bytes(8 * length), stream)  # the keystream, written once into the tensor's memory
+    return torch.frombuffer(stream, dtype=torch.int64).bitwise_and_(MASK)
+
+
+def add_into(total: torch.Tensor, other: torch.Tensor, sign: int = 1) -> torch.Tensor:
+    """total += sign * other mod 2^62, in place (both in [0, 2^62): no step leaves int64); returns total."""
+    (total.add_(other) if sign > 0 else total.sub_(other)).bitwise_and_(MASK)
+    return total
 
 
 # ---------------------------------------------------------------- keys

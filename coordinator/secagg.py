@@ -20,14 +20,13 @@ from common.secagg import (
     PRIME,
     SEALED_BYTES,
     Params,
-    add,
+    add_into,
     agree,
     combine,
     expand,
     load_private,
     load_public,
     pair_sign,
-    subtract,
 )
 
 
@@ -149,18 +148,16 @@ class SecAggServer:
         alive, dropped = self.close_masking()
         total = torch.zeros(params.length, dtype=torch.int64)
         for agent in alive:
-            total = add(total, self.vectors[agent])
+            add_into(total, self.vectors[agent])
         for agent in alive:  # remove each survivor's self-mask
-            seed = self._rebuild(agent, "seed")
-            total = subtract(total, expand(seed, params.length))
+            add_into(total, expand(self._rebuild(agent, "seed"), params.length), -1)
         for gone in dropped:  # remove the pairwise masks survivors made with a dropped agent
             mask_key = load_private(self._rebuild(gone, "key"))
             for k in alive:
                 if k not in self.sealed[gone]:
                     continue  # k never held gone's shares, so it never masked with gone
                 seed = agree(mask_key, self.keys[k][1], params.tag, "mask", f"keys[{k}]")
-                mask = expand(seed, params.length)
-                total = subtract(total, mask) if pair_sign(params, k, gone) > 0 else add(total, mask)
+                add_into(total, expand(seed, params.length), -pair_sign(params, k, gone))
         return total
 
     def _rebuild(self, owner: str, kind: str) -> bytes:

@@ -22,7 +22,7 @@ from common.linear import clip, flatten
 from common.secagg import (
     MASKED,
     Params,
-    add,
+    add_into,
     agree,
     encode,
     expand,
@@ -34,7 +34,6 @@ from common.secagg import (
     seal,
     sign_keys,
     split,
-    subtract,
     verify_keys,
 )
 from common.types import Task, TaskKind, TrainPlan, UpdateMeta
@@ -133,11 +132,10 @@ class SecAggClient:
             raise ValueError(
                 f"an encoded vector is int64 of length {params.length}, not {encoded.dtype} {encoded.shape}"
             )
-        total = add(encoded, expand(self.self_seed, params.length))
+        total = add_into(encoded.clone(), expand(self.self_seed, params.length))
         for j in sorted(self.held):
             seed = agree(self.mask_key, self.peers[j][1], params.tag, "mask", f"keys[{j}]")
-            mask = expand(seed, params.length)
-            total = add(total, mask) if pair_sign(params, self.agent_id, j) > 0 else subtract(total, mask)
+            add_into(total, expand(seed, params.length), pair_sign(params, self.agent_id, j))
         return total
 
     def unmask(self, survivors: Collection[str], dropped: Collection[str]) -> dict[str, tuple[str, int]]:
