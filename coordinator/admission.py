@@ -191,6 +191,10 @@ class Admission:
                 return Task(SECAGG_TASKS[kind], round=state.round, secagg=step, retry_after_s=0.0)
             message = f"secure round {state.round}: step {secure.step}"
             return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=message)
+        if secure is not None and secure.step != "keys" and agent_id in state.plans:
+            # Its keys would come too late to take part: training now would be lost work.
+            message = f"secure round {state.round} closed its keys without yours; you join the next round"
+            return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=message)
         if (
             state.phase is Phase.TRAINING
             and agent_id in state.plans

@@ -221,3 +221,31 @@ def test_dp_under_secure_aggregation_splits_the_noise_across_agents(tmp_path: Pa
     expected = z * clip / 4
     assert abs(float(noise.std()) - expected) < 4 * expected / math.sqrt(2 * noise.numel())
     assert summary["privacy"]["rounds"] == 1 and summary["privacy"]["noise_multiplier"] == z
+
+
+def test_an_agent_whose_keys_come_after_the_deadline_waits_for_the_next_round(tmp_path: Path) -> None:
+    # Prepare: four planned, three advertise within the 3 s training deadline
+    run = RunSection(
+        rounds=1, min_agents=3, round_deadline_s=3.0, registration_timeout_s=10.0, agent_timeout_s=60.0,
+        run_dir=tmp_path / "run", finish_grace_s=0.0,
+    )  # fmt: skip
+    secure = SecureAggregationSection(enabled=True, step_deadline_s=3.0, fraction_bits=BITS, signed_keys=False)
+    coordinator = launch(tmp_path / "run", run=run, privacy=PrivacySection(secure_aggregation=secure))
+    try:
+        for agent in AGENTS:
+            register(coordinator.stub, agent)
+        agents = {a: SecureAgent(coordinator, a, seed=i) for i, a in enumerate(AGENTS)}
+        for name in AGENTS[:3]:
+            agents[name].advertise()
+        step = agents["agent-a"].task(TaskKind.SECAGG_SHARE)  # keys closed with the three
+
+        # Execute: the late one polls, then tries to advertise anyway
+        late = get_task(coordinator.stub, "agent-d", wait_s=0.2)
+        code, details = refused(agents["agent-d"].advertise)
+    finally:
+        coordinator.stop()
+
+    # Assert
+    assert step.participants == ("agent-a", "agent-b", "agent-c")
+    assert late.kind is TaskKind.WAIT and "closed its keys without yours" in late.message
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and "took its keys already" in details
