@@ -11,7 +11,8 @@ what was sent. With unit weights, and every planned agent delivering, this is ex
 equal ranks FedAvg of the factors): the unit tests hold it to that.
 
 An agent can lay out its own change from its upload, its download, its plan and the layout's shapes
-(`terms`), which secure aggregation needs: the coordinator then never holds it.
+(`terms`), which secure aggregation needs: the coordinator then never holds it. `terms`, `shapes` and
+`mean_change` serve the Ferret mode's coefficient layout too (coordinator.modes.ferret).
 """
 
 from __future__ import annotations
@@ -110,15 +111,22 @@ def sent_global(global_: GlobalAdapter, layout_: Layout, spec: ModelSpec) -> Ter
     return base
 
 
+def shapes(layout_: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """The layout's tensor shapes (what an agent lays its change out in)."""
+    return {name: tuple(count.shape) for name, count in layout_.items()}
+
+
+def mean_change(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """total / count where a plan covers the coordinate, 0 where none does."""
+    return torch.where(count > 0, total / count.clamp(min=1.0), torch.zeros_like(count))
+
+
 def apply_mean(
     global_: GlobalAdapter, sums: Mapping[str, torch.Tensor], layout_: Layout, spec: ModelSpec
 ) -> GlobalAdapter:
     """What was sent plus sums / counts where a plan covers the coordinate (elsewhere the global's value)."""
     base = sent_global(global_, layout_, spec)
-    moved = {
-        name: base[name] + torch.where(count > 0, sums[name] / count.clamp(min=1.0), torch.zeros_like(count))
-        for name, count in layout_.items()
-    }
+    moved = {name: base[name] + mean_change(sums[name], count) for name, count in layout_.items()}
     lora = dict(global_.lora)
     for name in sorted(layout_):
         if name.endswith(LORA_A):

@@ -18,7 +18,7 @@ import torch
 
 from common.data import CAUSAL_LM
 from common.errors import AlreadyUploaded, ConfigError, InvalidArgument, NotReady, StaleRound, UnknownAgent
-from common.secagg import load_public, verify_keys
+from common.secagg import MASKED, load_public, verify_keys
 from common.types import (
     AdapterUpdate,
     DeviceProfile,
@@ -39,9 +39,7 @@ from coordinator.modes import Mode
 from coordinator.registry import Registry
 from coordinator.round_state import POLL_S, Admitted, Phase, RoundState
 from coordinator.secagg import SecAggServer
-from coordinator.secure_round import SecureRound, masked_tensor
-
-SECAGG_TASKS = {"share": TaskKind.SECAGG_SHARE, "mask": TaskKind.SECAGG_MASK, "unmask": TaskKind.SECAGG_UNMASK}
+from coordinator.secure_round import SecureRound
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +186,7 @@ class Admission:
             due = secure.task_for(agent_id)
             if due is not None:
                 kind, step = due
-                return Task(SECAGG_TASKS[kind], round=state.round, secagg=step, retry_after_s=0.0)
+                return Task(kind, round=state.round, secagg=step, retry_after_s=0.0)
             message = f"secure round {state.round}: step {secure.step}"
             return Task(TaskKind.WAIT, round=state.round, retry_after_s=0.0, message=message)
         if secure is not None and secure.step != "keys" and agent_id in state.plans:
@@ -344,7 +342,7 @@ class Admission:
             secure = state.secure
             if secure is None or secure.server is None:
                 raise StaleRound(f"secure round {meta.round} is over")
-            secure.server.masked(meta.agent_id, masked_tensor(tensors))
+            secure.server.masked(meta.agent_id, tensors[MASKED])
             update = AdapterUpdate(meta=meta, tensors={})
             state.inbox[meta.agent_id] = Admitted(update, opened.sha256, 0.0, 0.0, {})
             state.digests[(meta.agent_id, meta.round)] = opened.sha256

@@ -149,7 +149,7 @@ class DpAggregation:
         """The round's noisy mean through the mode's linear layout (denominators from every planned agent)."""
         bound = self.section.clip_norm
         layout = mode.linear_layout(global_, plans)
-        sums: dict[str, torch.Tensor] | None = None
+        sums = {name: torch.zeros_like(count) for name, count in layout.items()}
         clipped = 0
         for contribution in contributions:
             terms, total = clip(mode.linear_terms(global_, contribution, layout), bound)
@@ -157,13 +157,8 @@ class DpAggregation:
                 clipped += 1
                 self.metrics.dp_updates_clipped.labels(contribution.agent_id).inc()
                 log.info("round %d: %s's change norm %.4g clipped to %g", round_, contribution.agent_id, total, bound)
-            if sums is None:
-                sums = {name: value.clone() for name, value in terms.items()}
-            else:
-                for name, value in terms.items():
-                    sums[name] += value
-        if sums is None:
-            sums = {name: torch.zeros_like(count) for name, count in layout.items()}
+            for name, value in terms.items():
+                sums[name] += value
         std = self.noise_multiplier * bound
         self.round_noise = self.noise_multiplier
         noisy = add_noise(sums, layout, std, self.generator)

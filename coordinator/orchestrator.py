@@ -83,13 +83,14 @@ class Orchestrator:
         self.admission = Admission(self.state, registry, config, metrics, self.mode)
         dp = config.privacy.dp
         self.dp = DpAggregation(dp, config.run.rounds, metrics) if dp.enabled else None
-        # Under privacy.dp the clip bounds every agent's pull, and the relative bounds would make one agent's
-        # inclusion depend on the others' updates, which the noise is not calibrated for.
         secure = config.privacy.secure_aggregation
         self.secure = (
             SecureSteps(secure, metrics, self.state.cond, self._wait_for, self.state.clock) if secure.enabled else None
         )
         self.aggregation = Aggregation(config, self.mode, strategy, metrics, self.dp)
+        # Under privacy.dp the clip bounds every agent's pull, and the relative bounds would make one agent's
+        # inclusion depend on the others' updates, which the noise is not calibrated for; under secure
+        # aggregation there are no single updates to compare.
         self.screening = Screening(
             config.updates, self.mode, self.spec, metrics, relative=self.dp is None and self.secure is None
         )
@@ -284,7 +285,6 @@ class Orchestrator:
             secure = SecureRound.open(
                 f"{self.run_id}/{round_}", self.mode.linear_layout(global_, plans), self.config.privacy
             )
-        if secure is not None:
             plans = {agent: replace(plan, secure=secure.spec) for agent, plan in plans.items()}
         self.state.set_global(global_)
         self._plan_metrics(planned, spec)

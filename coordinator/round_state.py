@@ -106,12 +106,14 @@ class RoundState:
     def delivered(self) -> set[str]:
         """Planned agents the training wait no longer waits for: uploaded (a secure round: advertised keys),
         withdrawn or sitting out."""
-        done = set(self.secure.keys) if self.secure is not None else set(self.inbox)
-        return done | self.withdrawn | set(self.sat_out)
+        return set(self._trained()) | self.withdrawn | set(self.sat_out)
 
     def trained(self) -> int:
         """How many planned agents finished training: uploads, or a secure round's advertised keys."""
-        return len(self.secure.keys) if self.secure is not None else len(self.inbox)
+        return len(self._trained())
+
+    def _trained(self) -> Mapping[str, object]:
+        return self.secure.keys if self.secure is not None else self.inbox
 
     def close_training(self) -> dict[str, Admitted]:
         """Stop taking uploads; the round's accepted updates."""

@@ -21,7 +21,7 @@ import torch
 from common import linear
 from common.errors import InvalidArgument, StaleRound
 from common.secagg import MASKED, Params, decode, default_neighbours
-from common.types import SecAggStep, SecureSpec, TensorInfo
+from common.types import SecAggStep, SecureSpec, TaskKind, TensorInfo
 from coordinator.config import PrivacySection, SecureAggregationSection
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.secagg import RoundSkipped, SecAggServer
@@ -47,7 +47,7 @@ class SecureRound:
         secure = privacy.secure_aggregation
         spec = SecureSpec(
             tag=tag,
-            layout={name: tuple(count.shape) for name, count in layout.items()},
+            layout=linear.shapes(layout),
             fraction_bits=secure.fraction_bits,
             clip_norm=privacy.dp.clip_norm if privacy.dp.enabled else secure.clip_norm,
             signed=secure.signed_keys,
@@ -59,8 +59,8 @@ class SecureRound:
         """Coordinates of the masked vector."""
         return sum(math.prod(shape) for shape in self.spec.layout.values())
 
-    def task_for(self, agent: str) -> tuple[str, SecAggStep] | None:
-        """The SECAGG_* step an agent has to do now, if any: (kind, step)."""
+    def task_for(self, agent: str) -> tuple[TaskKind, SecAggStep] | None:
+        """The SECAGG_* task an agent has to do now, if any: its kind and step."""
         server = self.server
         if server is None:
             return None
@@ -74,13 +74,13 @@ class SecureRound:
                 keys=keys,
                 proofs={j: self.proofs[j] for j in keys if j in self.proofs},
             )
-            return "share", step
+            return TaskKind.SECAGG_SHARE, step
         if self.step == "masking" and agent in server.sealed and agent not in server.vectors:
-            return "mask", SecAggStep(sealed=server.shares_for(agent), noise_std=self.noise_std)
+            return TaskKind.SECAGG_MASK, SecAggStep(sealed=server.shares_for(agent), noise_std=self.noise_std)
         if self.step == "unmask" and server.closed is not None:
             alive, dropped = server.closed
             if agent in alive and agent not in server.revealed:
-                return "unmask", SecAggStep(survivors=tuple(alive), dropped=tuple(dropped))
+                return TaskKind.SECAGG_UNMASK, SecAggStep(survivors=tuple(alive), dropped=tuple(dropped))
         return None
 
     def check_masked(self, agent: str, infos: list[TensorInfo]) -> None:
@@ -173,8 +173,8 @@ class SecureSteps:
         revealed = time.perf_counter()
         with self.cond:
             secure.step = "done"  # no handler touches the relay from here, so the unmasking needs no lock
-            missing = sorted(set(alive) - set(server.revealed))
-        self._missed("unmask", alive, set(alive) - set(missing), revealed - masked)
+            revealers = list(server.revealed)
+        self._missed("unmask", alive, revealers, revealed - masked)
         try:
             total = server.result()
         except RoundSkipped as err:
@@ -195,8 +195,3 @@ class SecureSteps:
         for agent in sorted(set(expected) - set(done)):
             self.metrics.secagg_missed.labels(agent, step).inc()
             log.warning("secure step %s: %s did not complete it by the deadline", step, agent)
-
-
-def masked_tensor(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The masked vector of a masked upload."""
-    return tensors[MASKED]

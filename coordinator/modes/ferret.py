@@ -344,8 +344,7 @@ class FerretMode:
     ) -> dict[str, torch.Tensor]:
         """The coefficients (or whole changes) as they are, zero-padded; the heads less the global's."""
         current = _ferret(global_)
-        shapes = {name: tuple(count.shape) for name, count in layout.items()}
-        return linear.terms(contribution.tensors, dict(current.heads), contribution.plan, shapes)
+        return linear.terms(contribution.tensors, dict(current.heads), contribution.plan, linear.shapes(layout))
 
     def apply_linear(
         self,
@@ -362,8 +361,7 @@ class FerretMode:
         blocks, heads = dict(current.blocks), dict(current.heads)
         combined: dict[str, torch.Tensor] = {}
         for name in sorted(layout):
-            count = layout[name]
-            mean = torch.where(count > 0, sums[name] / count.clamp(min=1.0), torch.zeros_like(count))
+            mean = linear.mean_change(sums[name], layout[name])
             if name.endswith(COEF):
                 block = name[: -len(COEF)]
                 coefficients = mean.to(torch.float32)

@@ -173,7 +173,7 @@ class LoraMode:
         """The upload's change to what it was sent, folded (alpha / r into B) and laid out."""
         plan = contribution.plan
         sent = broadcast_tensors(_lora(global_), plan, self.spec)
-        return linear.terms(contribution.tensors, sent, plan, {name: tuple(c.shape) for name, c in layout.items()})
+        return linear.terms(contribution.tensors, sent, plan, linear.shapes(layout))
 
     def apply_linear(
         self,
@@ -186,9 +186,10 @@ class LoraMode:
         """The global plus the mean change, then the strategy's server step (none: the mean itself)."""
         current = _lora(global_)
         target = linear.apply_mean(current, sums, dict(layout), self.spec)
-        new, stepped = strategy.step(current, target, linear.trained(dict(layout)))
+        trained = linear.trained(dict(layout))
+        new, stepped = strategy.step(current, target, trained)
         metrics = {
-            "modules": float(len(linear.trained(dict(layout)))),
+            "modules": float(len(trained)),
             "max_rank": float(max((pair.rank for pair in new.lora.values()), default=0)),
             "delta_norm": delta_norm(current, new),
             **stepped,
