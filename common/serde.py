@@ -11,6 +11,7 @@ from common.errors import InvalidArgument
 from common.secagg import SHARE_BYTES
 from common.types import (
     SECAGG_KINDS,
+    Accelerator,
     CalibrationPoint,
     DeviceProfile,
     Evaluation,
@@ -76,6 +77,16 @@ def profile_to_pb(profile: DeviceProfile) -> pb.DeviceProfile:
             )
             for p in profile.calibration
         ],
+        devices=[
+            pb.Accelerator(
+                device=d.device,
+                device_name=d.device_name,
+                total_memory_bytes=d.total_memory_bytes,
+                flops_per_s=d.flops_per_s,
+            )
+            for d in profile.devices
+        ],
+        allreduce_bytes_per_s=profile.allreduce_bytes_per_s,
     )
 
 
@@ -105,6 +116,9 @@ def profile_from_pb(message: pb.DeviceProfile) -> DeviceProfile:
                 layers=point.layers,
             )
         )
+    devices = tuple(Accelerator(d.device, d.device_name, d.total_memory_bytes, d.flops_per_s) for d in message.devices)
+    if devices and not (math.isfinite(message.allreduce_bytes_per_s) and message.allreduce_bytes_per_s > 0):
+        raise InvalidArgument("profile.allreduce_bytes_per_s", "must be positive with several devices (measured)")
     return DeviceProfile(
         device=message.device,
         device_name=message.device_name,
@@ -119,6 +133,8 @@ def profile_from_pb(message: pb.DeviceProfile) -> DeviceProfile:
         memory_cap_bytes=message.memory_cap_bytes,
         compute_share=message.compute_share,
         calibration=tuple(calibration),
+        devices=devices,
+        allreduce_bytes_per_s=message.allreduce_bytes_per_s,
     )
 
 

@@ -57,6 +57,16 @@ class CalibrationPoint:
 
 
 @dataclass(frozen=True)
+class Accelerator:
+    """One device of a data-parallel agent."""
+
+    device: str  # "cuda:1", or "cpu" for a CPU worker process
+    device_name: str
+    total_memory_bytes: int  # after caps
+    flops_per_s: float
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """Measured facts about an agent's device; caps are already applied to the memory figures."""
 
@@ -73,6 +83,15 @@ class DeviceProfile:
     memory_cap_bytes: int = 0  # operator cap, 0 = none
     compute_share: float = 1.0  # operator cap on compute, 1.0 = none
     calibration: tuple[CalibrationPoint, ...] = ()  # measured runs at two batch sizes
+    # A data-parallel agent's devices (empty: one). The figures above are then the smallest memory and the
+    # slowest FLOP/s among them, which is what a synchronous step waits for.
+    devices: tuple[Accelerator, ...] = ()
+    allreduce_bytes_per_s: float = 0.0  # measured bus bandwidth of its gradient all-reduce (0: one device)
+
+    @property
+    def world(self) -> int:
+        """Devices one plan trains on at once."""
+        return max(1, len(self.devices))
 
 
 @dataclass(frozen=True)

@@ -110,15 +110,19 @@ class Admission:
             self.metrics.start_agent(agent_id)
         self.metrics.agent_flops.labels(agent_id).set(profile.flops_per_s)
         self.metrics.agent_memory.labels(agent_id).set(profile.total_memory_bytes)
+        self.metrics.agent_devices.labels(agent_id).set(profile.world)
         self.metrics.agent_up.labels(agent_id).set(1)
         log.info(
-            "agent %s %s: %s, %.1f GiB, %.2f GFLOP/s, %d samples",
+            "agent %s %s: %s, %.1f GiB, %.2f GFLOP/s, %d samples%s",
             agent_id,
             "registered" if new else "re-registered",
             profile.device,
             profile.total_memory_bytes / 2**30,
             profile.flops_per_s / 1e9,
             profile.num_train_samples,
+            f"; {profile.world} devices, all-reduce {profile.allreduce_bytes_per_s / 1e9:.2f} GB/s"
+            if profile.devices
+            else "",
         )
         state = self.state
         with state.cond:

@@ -25,6 +25,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 MAX_DEVICE_CHARS = 64
 MAX_DEVICE_NAME_CHARS = 256
 MAX_THREADS = 4096
+MAX_DEVICES = 64  # devices of one data-parallel agent (eight 8-GPU nodes is already far past an edge server)
+MAX_ALLREDUCE_BYTES_PER_S = 1e13  # 10 TB/s: above any interconnect
 MAX_BATCH = 1 << 16
 MAX_SEQ_LEN = 1 << 17
 MAX_RANK = 4096
@@ -75,6 +77,25 @@ def check_profile(profile: DeviceProfile, spec: ModelSpec, limits: LimitsSection
     _between(profile.threads, 1, MAX_THREADS, "profile.threads")
     _between(profile.num_train_samples, 1, limits.max_train_samples, "profile.num_train_samples")
     _between(profile.num_val_samples, 0, limits.max_train_samples, "profile.num_val_samples")
+    if len(profile.devices) > MAX_DEVICES:
+        raise InvalidArgument("profile.devices", f"{len(profile.devices)} devices, at most {MAX_DEVICES}")
+    for index, accelerator in enumerate(profile.devices):
+        _text(accelerator.device, f"profile.devices[{index}].device", MAX_DEVICE_CHARS, empty=False)
+        _text(accelerator.device_name, f"profile.devices[{index}].device_name", MAX_DEVICE_NAME_CHARS)
+        _between(
+            accelerator.total_memory_bytes,
+            limits.min_memory_bytes,
+            memory,
+            f"profile.devices[{index}].total_memory_bytes",
+        )
+        _between(
+            accelerator.flops_per_s,
+            limits.min_flops_per_s,
+            limits.max_flops_per_s,
+            f"profile.devices[{index}].flops_per_s",
+        )
+    if profile.devices:
+        _between(profile.allreduce_bytes_per_s, 1.0, MAX_ALLREDUCE_BYTES_PER_S, "profile.allreduce_bytes_per_s")
     if len(profile.calibration) > limits.max_calibration_points:
         raise InvalidArgument(
             "profile.calibration", f"{len(profile.calibration)} points, at most {limits.max_calibration_points}"

@@ -16,6 +16,11 @@ input gradient; a trainable adapter ~6) and by a per-precision factor (dequantiz
 Without calibration both fall back to formulas over the measured FLOP/s. A per-agent correction factor,
 refitted from measured rounds, multiplies both predictions (the closed loop).
 
+Several devices (a data-parallel agent): a step's batch is split over them, so memory and step time are priced
+at the per-device share (ceil(batch / devices)), and each step adds a ring all-reduce of the trainable
+gradients, 2 (n - 1) / n x their fp32 bytes at the agent's measured bus bandwidth. The Ferret mode trains on
+one device.
+
 Depth: autograd keeps activations, and computes input gradients, only from the earliest module that trains
 up to the top. A mask of the top layers therefore needs much less activation memory, and a shorter
 backward, than the calibration runs with LoRA on every candidate (measured in the demo: 1.05 GiB at batch
@@ -320,7 +325,8 @@ def predict_many(
     per_depth: dict[int, tuple[float, float]] = {}
     costs: list[Cost] = []
     for config, fixed in zip(configs, statics, strict=True):
-        tokens = config.batch_size * seq_len
+        world = profile.world if config.mode == "lora" else 1
+        tokens = -(-config.batch_size // world) * seq_len  # the largest per-device share
         if fixed.depth not in per_depth:
             per_depth[fixed.depth] = coefficients.per_token(fixed.depth)
         activation_per_token, seconds_per_token = per_depth[fixed.depth]
@@ -330,9 +336,18 @@ def predict_many(
         # A spec without linear weights or calibration (hand-made, or an unknown layout) gives no ratio to scale by.
         flop_ratio = fixed.flops_per_token / calibrated if calibrated > 0 else 1.0
         step = (coefficients.step_seconds_fixed + seconds_per_token * tokens) * flop_ratio * fixed.time_factors[kind]
+        if world > 1:
+            step += allreduce_seconds(fixed.payload, world, profile.allreduce_bytes_per_s)
         transfer = 2 * fixed.payload / bandwidth_bytes_per_s + fixed.projection
         costs.append(Cost(memory * memory_scale, max(step * time_scale, MIN_STEP_SECONDS), transfer, fixed.payload))
     return costs
+
+
+def allreduce_seconds(gradient_bytes: int, world: int, bytes_per_s: float) -> float:
+    """One ring all-reduce of gradient_bytes over world devices: each sends and receives 2 (n - 1) / n of them."""
+    if world <= 1 or gradient_bytes <= 0:
+        return 0.0
+    return 2 * (world - 1) / world * gradient_bytes / max(bytes_per_s, 1.0)
 
 
 def _linear_bytes(spec: ModelSpec, quantization: Quantization, element_bytes: int) -> float:

@@ -198,6 +198,12 @@ class CoordinatorMetrics:
             ["agent"],
             registry=r,
         )
+        self.agent_devices = Gauge(
+            "fedpipe_agent_devices",
+            "Devices the agent trains each plan on (data-parallel processes; 1 for most agents)",
+            ["agent"],
+            registry=r,
+        )
         self.agent_memory = Gauge(
             "fedpipe_agent_memory_bytes",
             "Usable device memory from the agent's profile",

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from common.errors import ConfigError
 from common.ferret import weights_digest
 from common.types import (
+    Accelerator,
     CalibrationPoint,
     DeviceProfile,
     Evaluation,
@@ -360,7 +361,8 @@ def from_snapshot(data: Mapping[str, Any]) -> Snapshot:
         points = tuple(
             CalibrationPoint(**{**p, "quantization": Quantization(p["quantization"])}) for p in record["calibration"]
         )
-        profiles[agent] = DeviceProfile(**{**record, "calibration": points})
+        devices = tuple(Accelerator(**d) for d in record.get("devices", ()))
+        profiles[agent] = DeviceProfile(**{**record, "calibration": points, "devices": devices})
     mask = tuple(data["mask"]) if data.get("mask") else None
     corrections = {agent: (float(t), float(m)) for agent, (t, m) in data.get("corrections", {}).items()}
     return profiles, spec, mask, dict(data.get("scores", {})), corrections

@@ -21,16 +21,19 @@ from common.types import (
     ProbePlan,
     Task,
     TaskKind,
+    TrainPlan,
     UpdateMeta,
 )
 from edge_agent.caps import Throttle, check_peak
+from edge_agent.collective import Collective
 from edge_agent.data import LocalData
 from edge_agent.ferret import FerretWorker
 from edge_agent.metrics import AgentMetrics
 from edge_agent.model import LocalModel
+from edge_agent.parallel import DeviceGroup, GroupFailed, Job
 from edge_agent.profiler import memory_in_use_bytes
 from edge_agent.secagg import SecureWork
-from edge_agent.trainer import train_local
+from edge_agent.trainer import TrainResult, train_local
 from edge_agent.workspace import CannotJoin, RunDescription, Workspace
 
 log = logging.getLogger(__name__)
@@ -81,11 +84,13 @@ class Agent:
         after_finish: str = "exit",
         workspace: Workspace | None = None,
         secure_work: SecureWork | None = None,
+        group: DeviceGroup | None = None,
     ) -> None:
         """stop: the event a stop request sets (shared with the client's retries); a new one by default.
         after_finish: "exit" returns from run() when the run is finished, "next-run" joins the next one.
         workspace: where the base and data set each run names come from; None = model and data, always.
-        secure_work: what secure rounds keep between tasks (a simulation keeps one per virtual agent)."""
+        secure_work: what secure rounds keep between tasks (a simulation keeps one per virtual agent).
+        group: the helper processes of a data-parallel agent (LoRA plans train on all its devices)."""
         self.agent_id = agent_id
         self.gateway = gateway
         self.model = model
@@ -111,6 +116,8 @@ class Agent:
         self.last_step: float | None = None
         self.ferret = FerretWorker(model, gateway, metrics)  # the Ferret mode's state, used by its plans only
         self.secure_work = secure_work or SecureWork(agent_id)
+        self.group = group
+        metrics.devices.set(group.world if group is not None else 1)
         metrics.info.info({"agent": agent_id, "version": VERSION, "device": profile.device})
         metrics.device_memory.set_function(lambda: memory_in_use_bytes(model.device))  # read at each scrape
 
@@ -315,18 +322,35 @@ class Agent:
         self.last_step = None  # step time is measured between steps, within one task
         deadline = received + plan.deadline_s - UPLOAD_RESERVE_S
         start = self.ferret.prepare_training(model, plan) if ferret else {}
-        trained = train_local(
-            model,
-            self.model.tokenizer,
-            self.data.train,
-            plan,
-            self.model.device,
-            deadline,
-            self.progress,
-            on_step=self._count_step,
-            throttle=self.throttle,
-            task=self.spec.task,
-        )
+
+        def train(group: Collective | None = None) -> TrainResult:
+            return train_local(
+                model,
+                self.model.tokenizer,
+                self.data.train,
+                plan,
+                self.model.device,
+                deadline,
+                self.progress,
+                on_step=self._count_step,
+                throttle=self.throttle,
+                task=self.spec.task,
+                group=group,
+            )
+
+        if self.group is not None and not ferret:  # the Ferret mode trains on one device
+            try:
+                trained = self.group.train(self._job(plan, sent), self.data.train, train)
+            except GroupFailed as err:
+                self.metrics.group_failures.inc()
+                log.error(
+                    "round %d: %s; the round goes on without this agent, which restarts its group", task.round, err
+                )
+                self.state = "idle"
+                self.register()  # registering mid-round withdraws it: the coordinator stops waiting for it
+                return
+        else:
+            trained = train()
         base_digest, projection_seconds = "", 0.0
         if ferret:
             projected = self.ferret.project_and_restore(model, plan, task.round, start)
@@ -370,6 +394,14 @@ class Agent:
             message,
         )
         self.state = "idle"
+
+    def _job(self, plan: TrainPlan, sent: Mapping[str, torch.Tensor]) -> Job:
+        """A TRAIN task as the group's helpers take it."""
+        from safetensors.torch import save
+
+        tensors = save({name: tensor.detach().cpu().contiguous().clone() for name, tensor in sent.items()})
+        base = (self.model.path, tuple(self.model.labels), self.model.task)
+        return Job(base, id(self.data.train), plan, tensors, self.spec.task)
 
     def probe(self, probe: ProbePlan) -> None:
         """Score every candidate matrix on the local training data and report the scores."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -57,18 +58,28 @@ def run(config: AgentConfig) -> int:
     from edge_agent.caps import Throttle, apply_memory_cap
     from edge_agent.client import CoordinatorClient
     from edge_agent.metrics import AgentMetrics
+    from edge_agent.parallel import DeviceGroup, parse_devices, with_group
     from edge_agent.profiler import profile
     from edge_agent.secagg import SecureWork
     from edge_agent.workspace import Workspace
 
     credentials = agent_credentials(config)  # wrong TLS files fail here, before minutes of loading
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
+    devices = parse_devices(config.devices, config.nproc)
+    threads = config.threads or (max(1, (os.cpu_count() or 1) // config.nproc) if config.nproc > 1 else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    device = pick_device(str(devices[0]) if devices else config.device)
+    for other in devices:
+        pick_device(str(other))  # CUDA asked for and not there: said before anything starts
     memory_cap = config.memory_limit_bytes()
     apply_memory_cap(device, memory_cap)
     throttle = Throttle(config.compute_share)
     measured = profile(device, compute_dtype(device), 0, 0, memory_cap, config.compute_share)  # samples: per data set
+    group = None
+    if devices:
+        group = DeviceGroup(devices, threads, config.compute_share, config.group_timeout_s)
+        group.start()
+        measured = with_group(measured, group)
     log.info(
         "device %s (%s): %.1f GiB, %.2f GFLOP/s %s, %d threads%s",
         measured.device,
@@ -116,6 +127,7 @@ def run(config: AgentConfig) -> int:
         config.after_finish,
         workspace,
         SecureWork(config.agent_id, key_signer(config)),
+        group,
     )
     agents.append(agent)
 
@@ -128,6 +140,8 @@ def run(config: AgentConfig) -> int:
         agent.run()
     finally:
         client.close()
+        if group is not None:
+            group.close()
     return 0
 
 

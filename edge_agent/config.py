@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.certs import AGENT_ID_PATTERN
@@ -94,7 +94,16 @@ class AgentConfig(BaseSettings):
     )
     coordinator: str = Field("127.0.0.1:50051", description="coordinator address host:port")
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda:N'")
-    threads: int = Field(0, ge=0, description="torch CPU threads, 0 = torch's default")
+    threads: int = Field(0, ge=0, description="torch CPU threads, 0 = torch's default (per process with nproc)")
+    devices: str = Field(
+        "",
+        description="train each plan data-parallel on these devices, one process each, e.g. cuda:0,cuda:1 "
+        "(replaces device)",
+    )
+    nproc: int = Field(0, ge=0, le=64, description="train each plan data-parallel in this many CPU processes (gloo)")
+    group_timeout_s: float = Field(
+        300.0, gt=0, description="devices/nproc: how long a rank may wait on the others before the round is lost"
+    )
     poll_wait_s: float = Field(10.0, gt=0, description="how long one task poll may wait on the server")
     log_format: Literal["text", "json"] = Field("text", description="log line format")
     progress: Literal["auto", "bar", "lines", "off"] = Field("auto", description="training progress display")
@@ -147,6 +156,23 @@ class AgentConfig(BaseSettings):
     def memory_limit_bytes(self) -> int:
         """The memory cap in bytes, 0 = none."""
         return parse_size(self.memory_limit) if self.memory_limit else 0
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: str) -> str:
+        from edge_agent.parallel import parse_devices
+
+        try:
+            parse_devices(value, 0)
+        except (RuntimeError, ValueError) as err:  # torch.device's own message names the bad entry
+            raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_of_devices_nproc(self) -> AgentConfig:
+        if self.devices and self.nproc > 1:
+            raise ValueError("set devices or nproc, not both")
+        return self
 
     @field_validator("coordinator")
     @classmethod

@@ -47,6 +47,12 @@ class AgentMetrics:
         self.ferret_resyncs = Counter(
             "fedpipe_edge_ferret_resyncs", "Ferret: full downloads of the global weights", registry=r
         )
+        self.devices = Gauge("fedpipe_edge_devices", "Devices (processes) each plan trains on", registry=r)
+        self.group_failures = Counter(
+            "fedpipe_edge_group_failures",
+            "Training tasks lost to a failed rank of the agent's process group",
+            registry=r,
+        )
         self.info = Info("fedpipe_edge", "The agent's id, version and device", registry=r)
         self.step_seconds = Histogram(
             "fedpipe_edge_step_duration_seconds", "Wall time of one optimizer step", buckets=STEP_BUCKETS, registry=r

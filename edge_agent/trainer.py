@@ -17,6 +17,7 @@ from common.data import SEQ_CLS, Example
 from common.importance import SensitivityTracker, lora_scores
 from common.types import TrainPlan
 from edge_agent.caps import Throttle
+from edge_agent.collective import Collective
 from edge_agent.profiler import peak_memory_bytes, reset_peak_memory
 
 log = logging.getLogger(__name__)
@@ -49,16 +50,20 @@ def train_local(
     on_step: Callable[[int, float], None] | None = None,
     throttle: Throttle | None = None,
     task: str = SEQ_CLS,
+    group: Collective | None = None,
 ) -> TrainResult:
     """Train the model's trainable tensors on examples per the plan, stopping at the deadline.
 
     `deadline` is a time.monotonic() value; the loop stops before a step it could not finish in time,
     judged by the mean step time so far, and reports the samples it actually processed. `throttle`
     (the agent's compute share) sleeps after each step, so step times and the deadline include it.
+    `group`: this process is one rank of a data-parallel agent. Every rank draws the same batches, computes
+    on its share of each, and steps on the gradients averaged over the whole batch; rank 0's deadline
+    decides for all, and the result (loss, peak memory) is the group's.
     """
     total = plan.steps_for(len(examples))
     generator = torch.Generator().manual_seed(plan.seed)
-    torch.manual_seed(plan.seed)  # LoRA dropout
+    torch.manual_seed(plan.seed + (group.rank if group is not None else 0))  # LoRA dropout: its own masks per rank
     params = [p for p in model.parameters() if p.requires_grad]
     # FedProx (Li et al. 2020): pull the trained tensors towards where this round started them.
     anchors = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else []
@@ -85,24 +90,32 @@ def train_local(
         batch = [examples[i] for i in order[: plan.batch_size]]
         order = order[plan.batch_size :]
         elapsed = time.perf_counter() - start
-        if steps and time.monotonic() + elapsed / steps > deadline:
+        late = bool(steps) and time.monotonic() + elapsed / steps > deadline
+        if group.agree(late) if group is not None else late:
             stopped_early = True
             break
         with throttle:  # float(loss) waits for the GPU, so the throttle times the whole step
-            inputs = encode(tokenizer, batch, plan.max_seq_len, device, task)
-            loss = model(**inputs).loss
-            objective = loss
-            if anchors:
-                proximal = sum(((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)), loss.new_zeros(()))
-                objective = loss + 0.5 * plan.proximal_mu * proximal
-            objective.backward()
+            share = group.share(batch) if group is not None else batch
+            loss_value = 0.0
+            if share:  # a rank whose share of a short last batch is empty still joins the all-reduce
+                inputs = encode(tokenizer, share, plan.max_seq_len, device, task)
+                loss = model(**inputs).loss
+                objective = loss
+                if anchors:
+                    proximal = sum(
+                        ((p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)), loss.new_zeros(())
+                    )
+                    objective = loss + 0.5 * plan.proximal_mu * proximal
+                objective.backward()
+                loss_value = float(loss.detach())
+            if group is not None:
+                loss_value = group.average(params, loss_value, len(share), len(batch))
             if tracker is not None:
                 tracker.update(watched)  # the raw gradients, before clipping (as the probe reads them)
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss.detach())
         steps += 1
         samples += len(batch)
         loss_sum += loss_value
@@ -118,7 +131,7 @@ def train_local(
         steps=steps,
         seconds=seconds,
         mean_loss=loss_sum / steps if steps else float("nan"),
-        peak_memory_bytes=peak_memory_bytes(device),
+        peak_memory_bytes=group.largest(peak_memory_bytes(device)) if group is not None else peak_memory_bytes(device),
         stopped_early=stopped_early,
         importance=lora_scores(tracker, _pairs(plan)) if tracker is not None else {},
     )

@@ -5,6 +5,7 @@ The model is a hand-made two-module spec, so no real model is ever loaded.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -328,3 +329,23 @@ def refused(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     error = caught.value
     assert isinstance(error, grpc.Call)
     return error.code(), error.details() or ""
+
+
+def processes() -> list[tuple[int, int, str]]:
+    """(pid, parent pid, command line) of every process on this machine (from /proc), this one left out."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # it ended while we looked
+        found.append((int(entry.name), parent, command))
+    return found
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains text."""
+    return [pid for pid, _, command in processes() if text in command]

@@ -12,25 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rig import processes_mentioning
 
 from deploy.local_federation import Federation, free_ports, script
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Pids whose command line contains text (this machine's /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and int(entry.name) != os.getpid():
-            found.append(int(entry.name))
-    return found
 
 
 def wait_for(predicate: object, timeout_s: float) -> bool:

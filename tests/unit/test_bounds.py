@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from common.errors import InvalidArgument
 from common.types import (
+    Accelerator,
     CalibrationPoint,
     DeviceProfile,
     Evaluation,
@@ -81,11 +82,13 @@ PLAN = TrainPlan(
     deadline_s=600.0,
     seed=0,
 )
+GPU = Accelerator("cuda:1", "NVIDIA H200", PROFILE.total_memory_bytes, PROFILE.flops_per_s)
 META = UpdateMeta("a", 1, "p", 600, 38, 20.0, 0.4, 2**30)
 
 
 def test_an_honest_profile_passes() -> None:
     check_profile(PROFILE, SPEC, LIMITS)
+    check_profile(replace(PROFILE, devices=(GPU, GPU), allreduce_bytes_per_s=2e10), SPEC, LIMITS)
 
 
 @pytest.mark.parametrize(
@@ -113,8 +116,16 @@ def test_an_honest_profile_passes() -> None:
         ({"calibration": (replace(POINT, seq_len=0),)}, "profile.calibration[0].seq_len"),
         ({"calibration": (replace(POINT, batch_size=0),)}, "profile.calibration[0].batch_size"),
         ({"calibration": (replace(POINT, peak_memory_bytes=2**64 - 1),)}, "profile.calibration[0].peak_memory_bytes"),
+        ({"devices": (GPU,) * 65, "allreduce_bytes_per_s": 1e9}, "profile.devices"),
+        ({"devices": (GPU, replace(GPU, device="")), "allreduce_bytes_per_s": 1e9}, "profile.devices[1].device"),
+        ({"devices": (GPU, replace(GPU, flops_per_s=math.nan)), "allreduce_bytes_per_s": 1e9},
+         "profile.devices[1].flops_per_s"),
+        ({"devices": (GPU, replace(GPU, total_memory_bytes=2**64 - 1)), "allreduce_bytes_per_s": 1e9},
+         "profile.devices[1].total_memory_bytes"),
+        ({"devices": (GPU, GPU), "allreduce_bytes_per_s": 0.0}, "profile.allreduce_bytes_per_s"),
+        ({"devices": (GPU, GPU), "allreduce_bytes_per_s": math.inf}, "profile.allreduce_bytes_per_s"),
     ],
-)
+)  # fmt: skip
 def test_a_profile_outside_the_limits_is_refused_naming_the_field(changes: dict[str, Any], field: str) -> None:
     # Execute
     with pytest.raises(InvalidArgument) as caught:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.errors import ConfigError
 from common.settings import build
@@ -64,12 +65,24 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
         (["--coordinator", "nohost"], "coordinator: Value error, must be host:port"),
         (["--data.val-fraction", "1.5"], "data.val_fraction"),
         (["--data.label-skew", "0"], "data.label_skew"),
+        (["--devices", "cuda:0,cuda:0"], "devices: Value error, devices lists one twice"),
+        (["--devices", "cuda:0,gpu7"], "devices: Value error"),
+        (["--devices", "cuda:0,cuda:1", "--nproc", "2"], "set devices or nproc, not both"),
+        (["--nproc", "65"], "nproc"),
     ],
 )
 def test_bad_agent_config_names_the_field(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         build(AgentConfig, ["--agent-id", "a1", *argv] if "--agent-id" not in argv else argv, "fedpipe-agent")
     assert message in str(caught.value)
+
+
+def test_devices_and_nproc_give_the_ranks_of_a_data_parallel_agent() -> None:
+    from edge_agent.parallel import parse_devices
+
+    assert parse_devices("cuda:0, cuda:1", 0) == [torch.device("cuda:0"), torch.device("cuda:1")]
+    assert parse_devices("", 3) == [torch.device("cpu")] * 3
+    assert parse_devices("cuda:0", 0) == [] and parse_devices("", 1) == []  # one device: an ordinary agent
 
 
 def test_agent_shard_index() -> None:

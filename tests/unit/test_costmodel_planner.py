@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from common.types import CalibrationPoint, DeviceProfile, ModelSpec, ModuleShape, Quantization
+from common.types import Accelerator, CalibrationPoint, DeviceProfile, ModelSpec, ModuleShape, Quantization
 from coordinator import costmodel
 from coordinator.planner import PlanOptions, SearchSpace, fedpipe_plan, mask_subsets, uniform_plan
 
@@ -302,3 +302,35 @@ def test_lora_activations_are_priced_per_module_rank_and_dropout() -> None:
     # fp32: lora_A's input (384 x 4 bytes), dropout's mask (384 x 1) and lora_B's input (rank x 4)
     assert costmodel.lora_activation_bytes_per_token(SPEC, [(query, 16)], 0.05, 4) == 384 * 4 + 384 + 16 * 4
     assert costmodel.lora_activation_bytes_per_token(SPEC, [(query, 16)], 0.0, 2) == 384 * 2 + 16 * 2
+
+
+def test_a_data_parallel_agent_is_priced_at_its_per_device_share_plus_the_allreduce() -> None:
+    # Prepare
+    one = profile(8.0)
+    devices = tuple(costmodel_device(i) for i in range(4))
+    four = replace(one, devices=devices, allreduce_bytes_per_s=1e9)
+    fitted = costmodel.fit(one, SPEC)
+    config = costmodel.Config(
+        batch_size=32, rank=8, quantization=Quantization.NONE, modules=tuple(m.name for m in SPEC.candidates[:2])
+    )
+    share = replace(config, batch_size=8)
+
+    # Execute
+    alone = costmodel.predict(one, SPEC, fitted, config, 64, 1e8)
+    split = costmodel.predict(four, SPEC, fitted, config, 64, 1e8)
+    quarter = costmodel.predict(one, SPEC, fitted, share, 64, 1e8)
+    ring = costmodel.allreduce_seconds(split.payload_bytes, 4, 1e9)
+
+    # Assert: memory is one device's share of the batch; time is that share's step plus the ring all-reduce
+    assert split.peak_memory_bytes == pytest.approx(quarter.peak_memory_bytes)
+    assert split.peak_memory_bytes < alone.peak_memory_bytes
+    assert ring == pytest.approx(2 * 3 / 4 * split.payload_bytes / 1e9)
+    assert split.step_seconds == pytest.approx(quarter.step_seconds + ring)
+    assert costmodel.allreduce_seconds(split.payload_bytes, 1, 1e9) == 0.0
+    # A batch that does not divide: the largest share (ceil) is what a device holds
+    odd = costmodel.predict(four, SPEC, fitted, replace(config, batch_size=30), 64, 1e8)
+    assert odd.peak_memory_bytes == pytest.approx(quarter.peak_memory_bytes)
+
+
+def costmodel_device(index: int) -> Accelerator:
+    return Accelerator(f"cuda:{index}", "GPU", 8 * GIB, 5e10)

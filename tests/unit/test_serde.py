@@ -27,6 +27,7 @@ from common.serde import (
 )
 from common.transfer import encode_payload
 from common.types import (
+    Accelerator,
     DeviceProfile,
     Evaluation,
     ModelSpec,
@@ -112,6 +113,22 @@ def test_profile_round_trip() -> None:
 
     # Assert
     assert back == PROFILE
+
+
+def test_a_data_parallel_profile_round_trips_and_needs_its_allreduce_figure() -> None:
+    # Prepare
+    devices = tuple(Accelerator(f"cuda:{i}", "NVIDIA H200", 140 * 2**30, 7e14 + i) for i in range(3))
+    profile = replace(PROFILE, devices=devices, allreduce_bytes_per_s=1.5e11)
+
+    # Execute
+    back = profile_from_pb(pb.DeviceProfile.FromString(profile_to_pb(profile).SerializeToString()))
+    message = profile_to_pb(profile)
+    message.allreduce_bytes_per_s = 0.0
+
+    # Assert
+    assert back == profile and back.world == 3 and PROFILE.world == 1
+    with _raises(InvalidArgument, "profile.allreduce_bytes_per_s"):
+        profile_from_pb(message)
 
 
 @settings(max_examples=40, deadline=None)

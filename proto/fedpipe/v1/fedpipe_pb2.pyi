@@ -154,6 +154,8 @@ class DeviceProfile(_message.Message):
     MEMORY_CAP_BYTES_FIELD_NUMBER: _builtins.int
     COMPUTE_SHARE_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    ALLREDUCE_BYTES_PER_S_FIELD_NUMBER: _builtins.int
     device: _builtins.str
     """"cuda:0" or "cpu" """
     device_name: _builtins.str
@@ -176,8 +178,16 @@ class DeviceProfile(_message.Message):
     """operator cap, 0 = none"""
     compute_share: _builtins.float
     """operator cap on compute, 1.0 = none"""
+    allreduce_bytes_per_s: _builtins.float
+    """measured bus bandwidth of the agent's gradient all-reduce"""
     @_builtins.property
     def calibration(self) -> _containers.RepeatedCompositeFieldContainer[Global___CalibrationPoint]: ...
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Accelerator]:
+        """A data-parallel agent (several devices, or processes on CPU): every device it trains on. The figures above
+        are the planning basis: the smallest memory and the slowest FLOP/s among them. Empty = one device.
+        """
+
     def __init__(
         self,
         *,
@@ -194,14 +204,46 @@ class DeviceProfile(_message.Message):
         memory_cap_bytes: _builtins.int = ...,
         compute_share: _builtins.float = ...,
         calibration: _abc.Iterable[Global___CalibrationPoint] | None = ...,
+        devices: _abc.Iterable[Global___Accelerator] | None = ...,
+        allreduce_bytes_per_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "compute_dtype", b"compute_dtype", "compute_share", b"compute_share", "device", b"device", "device_name", b"device_name", "flops_per_s", b"flops_per_s", "free_memory_bytes", b"free_memory_bytes", "host_memory_bytes", b"host_memory_bytes", "memory_cap_bytes", b"memory_cap_bytes", "num_train_samples", b"num_train_samples", "num_val_samples", b"num_val_samples", "threads", b"threads", "total_memory_bytes", b"total_memory_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allreduce_bytes_per_s", b"allreduce_bytes_per_s", "calibration", b"calibration", "compute_dtype", b"compute_dtype", "compute_share", b"compute_share", "device", b"device", "device_name", b"device_name", "devices", b"devices", "flops_per_s", b"flops_per_s", "free_memory_bytes", b"free_memory_bytes", "host_memory_bytes", b"host_memory_bytes", "memory_cap_bytes", b"memory_cap_bytes", "num_train_samples", b"num_train_samples", "num_val_samples", b"num_val_samples", "threads", b"threads", "total_memory_bytes", b"total_memory_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeviceProfile: _TypeAlias = DeviceProfile  # noqa: Y015
+
+@_typing.final
+class Accelerator(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    DEVICE_NAME_FIELD_NUMBER: _builtins.int
+    TOTAL_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    FLOPS_PER_S_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """"cuda:1", or "cpu" for a CPU worker process"""
+    device_name: _builtins.str
+    total_memory_bytes: _builtins.int
+    """after caps"""
+    flops_per_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        device_name: _builtins.str = ...,
+        total_memory_bytes: _builtins.int = ...,
+        flops_per_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "device_name", b"device_name", "flops_per_s", b"flops_per_s", "total_memory_bytes", b"total_memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Accelerator: _TypeAlias = Accelerator  # noqa: Y015
 
 @_typing.final
 class ModuleShape(_message.Message):
