@@ -25,7 +25,9 @@ and each evaluation).
 To keep concurrent edits of the production code out of the runs, the federations run from a frozen copy of
 the repository's git HEAD (`git archive` into /tmp, `PYTHONPATH` and the working directory pointing there);
 `--code-root` runs them from another tree instead. `--analyze-only` re-reads existing run directories.
-Writes bench/results/planner_vs_uniform.json.
+Writes bench/results/planner_vs_uniform.json. `--seed N` sets run.seed and the agents' data.seed of both arms
+(other shards, round-0 adapter, probe and data order) and writes planner_vs_uniform_seedN.json;
+`--summarize-seeds 1 2 3` puts those side by side in planner_vs_uniform_seeds.json.
 """
 
 from __future__ import annotations
@@ -95,13 +97,13 @@ VARIANTS: dict[str, Variant] = {
 DEFAULT_VARIANTS = ["fedpipe", "uniform"]
 
 
-def base_config(run_dir: Path) -> dict[str, Any]:
-    """What both arms share (a local_federation.py spec)."""
+def base_config(run_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """What both arms share (a local_federation.py spec); seed is both run.seed and the agents' data.seed."""
     return {
         "coordinator": {
             "run": {
                 "min_agents": 4,
-                "seed": 0,
+                "seed": seed,
                 "run_dir": str(run_dir),
                 "round_deadline_s": 300,
                 "registration_timeout_s": 180,
@@ -115,16 +117,16 @@ def base_config(run_dir: Path) -> dict[str, Any]:
             "count": len(AGENT_CAPS),
             "config": {
                 "threads": 1,
-                "data": {"path": "embedded", "max_samples": 400, "label_skew": 1.0, "val_fraction": 0.1, "seed": 0},
+                "data": {"path": "embedded", "max_samples": 400, "label_skew": 1.0, "val_fraction": 0.1, "seed": seed},
             },
             "overrides": copy.deepcopy(AGENT_CAPS),
         },
     }
 
 
-def federation_config(variant: Variant, run_dir: Path) -> dict[str, Any]:
+def federation_config(variant: Variant, run_dir: Path, seed: int = 0) -> dict[str, Any]:
     """The shared base with the variant's coordinator keys."""
-    base = base_config(run_dir)
+    base = base_config(run_dir, seed)
     return merge(base, {"coordinator": variant.coordinator})
 
 
@@ -415,6 +417,42 @@ def print_tables(runs: dict[str, dict[str, Any]], checked: dict[str, Any] | None
     )
 
 
+def summarize_seeds(seeds: list[int]) -> int:
+    """Per seed: time to the target on both clocks and its ratio, final accuracies and the straggler wait; then
+    the mean and spread of each over the seeds."""
+    rows = []
+    for seed in seeds:
+        path = RESULTS / ("planner_vs_uniform.json" if seed == 0 else f"planner_vs_uniform_seed{seed}.json")
+        result = json.loads(path.read_text())
+        comparison = result["comparison"]
+        row: dict[str, Any] = {"seed": seed, "code": result.get("code", {}).get("git_head")}
+        for clock in ("cumulative_round_seconds", "log_elapsed_seconds"):
+            c = comparison[clock]
+            row[clock] = {k: c[k] for k in ("fedpipe_time_to_target_seconds", "uniform_time_to_target_seconds",
+                                             "ratio", "at_most_half", "fedpipe_accuracy_at_uniform_total",
+                                             "uniform_final_accuracy")}  # fmt: skip
+        row["threshold_sensitivity"] = comparison["threshold_sensitivity"]
+        row["final_accuracy"] = {name: run["final_accuracy"] for name, run in result["runs"].items()}
+        row["memory"] = comparison["memory"]
+        rows.append(row)
+        rc = row["cumulative_round_seconds"]
+        fed_t, uni_t = fmt(rc["fedpipe_time_to_target_seconds"]), fmt(rc["uniform_time_to_target_seconds"])
+        print(f"seed {seed}: time to {TARGET_ACCURACY} (round clock) fedpipe {fed_t} s, uniform {uni_t} s, ratio "
+              f"{fmt(rc['ratio'], '.2f')}; final accuracy {row['final_accuracy']}")  # fmt: skip
+    summary: dict[str, Any] = {}
+    for name in ("fedpipe", "uniform"):
+        finals = [r["final_accuracy"][name] for r in rows if r["final_accuracy"].get(name) is not None]
+        summary[f"{name}_final_accuracy_mean"] = statistics.mean(finals) if finals else None
+        summary[f"{name}_final_accuracy_sd"] = statistics.stdev(finals) if len(finals) > 1 else None
+    ratios = [r["cumulative_round_seconds"]["ratio"] for r in rows]
+    summary["ratio_round_clock"] = ratios
+    summary["at_most_half_in_every_seed"] = all(r is not None and r <= 0.5 for r in ratios)
+    write_result(RESULTS / "planner_vs_uniform_seeds.json", {"benchmark": "planner_vs_uniform, seeds", "seeds": rows,
+                 "summary": summary, "machine": machine()})  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def git_head(root: Path) -> str | None:
     """git HEAD of root, or None outside git."""
     try:
@@ -435,8 +473,20 @@ def main() -> int:
     parser.add_argument("--freeze-into", type=Path, default=Path("/tmp"), help="where the frozen copy goes")
     parser.add_argument("--timeout", type=float, default=900.0, help="per run")
     parser.add_argument("--analyze-only", action="store_true", help="re-read existing run directories, run nothing")
-    parser.add_argument("--output", type=Path, default=RESULTS / "planner_vs_uniform.json")
+    parser.add_argument("--output", type=Path, default=None, help="default: results/planner_vs_uniform.json (seed 0), "
+                        "results/planner_vs_uniform_seedN.json (seed N)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="run.seed and data.seed of both arms")
+    parser.add_argument("--summarize-seeds", type=int, nargs="+", default=None,
+                        help="run nothing: each seed's results side by side (_seeds.json)")  # fmt: skip
     args = parser.parse_args()
+    if args.summarize_seeds:
+        return summarize_seeds(args.summarize_seeds)
+    if args.output is None:
+        args.output = RESULTS / (
+            "planner_vs_uniform.json" if args.seed == 0 else f"planner_vs_uniform_seed{args.seed}.json"
+        )
+    if args.seed and args.root == ROOT / "runs" / "planner_vs_uniform":
+        args.root = args.root / f"seed-{args.seed}"
     root = args.root.resolve()
     failed: list[str] = []
     code: dict[str, Any] = {}
@@ -446,7 +496,7 @@ def main() -> int:
         for name in args.variants:
             run_dir = root / name
             config_path = root / "configs" / f"{name}.yaml"
-            config = federation_config(VARIANTS[name], run_dir)
+            config = federation_config(VARIANTS[name], run_dir, args.seed)
             config_path.parent.mkdir(parents=True, exist_ok=True)
             config_path.write_text(yaml.safe_dump(config, sort_keys=False))
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
