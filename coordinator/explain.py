@@ -37,6 +37,8 @@ def render(planned: PlanSet, profiles: Mapping[str, DeviceProfile]) -> str:
         caps = f"{profile.total_memory_bytes / 2**30:.2f} GiB, {profile.flops_per_s / 1e9:.1f} GFLOP/s"
         if profile.compute_share < 1:
             caps += f", compute share {profile.compute_share:g}"
+        if profile.devices:  # memory and FLOP/s above are per device
+            caps += f", {profile.world} devices, all-reduce {profile.allreduce_bytes_per_s / 1e9:.2f} GB/s"
         if agent in planned.excluded:
             lines.append(f"{agent} ({caps}): LEFT OUT: {planned.excluded[agent]}")
             continue

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from common.types import CalibrationPoint, DeviceProfile, ModelSpec, ModuleShape, Quantization
+from common.types import Accelerator, CalibrationPoint, DeviceProfile, ModelSpec, ModuleShape, Quantization
 from coordinator.cli import main
 from coordinator.rundir import AGENTS_FILE, load_snapshot, snapshot, write_json
 
@@ -60,3 +61,16 @@ def test_explain_with_the_uniform_planner_and_a_missing_run(
     assert "batch 16, rank 8 on 12 matrices" in capsys.readouterr().out
     assert main(["plan", "--explain", "--run-dir", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_data_parallel_agent_round_trips_and_is_explained_per_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    devices = (Accelerator("cuda:0", "GPU", 8 * 2**30, 5e10), Accelerator("cuda:1", "GPU", 8 * 2**30, 5e10))
+    pair = replace(profile(8.0), devices=devices, allreduce_bytes_per_s=2.5e9)
+    write_json(tmp_path / AGENTS_FILE, snapshot({"pair": pair, "one": profile(8.0)}, SPEC, None, {}, {}))
+    (tmp_path / "config.json").write_text(json.dumps({"planner": "fedpipe", "run": {"round_deadline_s": 200}}))
+    assert load_snapshot(tmp_path / AGENTS_FILE)[0]["pair"] == pair
+    assert main(["plan", "--explain", "--run-dir", str(tmp_path)]) == 0
+    lines = {line.split(" ", 1)[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "2 devices, all-reduce 2.50 GB/s" in lines["pair"] and "devices" not in lines["one"]
