@@ -117,6 +117,7 @@ class Agent:
         self.ferret = FerretWorker(model, gateway, metrics)  # the Ferret mode's state, used by its plans only
         self.secure_work = secure_work or SecureWork(agent_id)
         self.group = group
+        self.said_ferret_alone = False
         metrics.devices.set(group.world if group is not None else 1)
         metrics.info.info({"agent": agent_id, "version": VERSION, "device": profile.device})
         metrics.device_memory.set_function(lambda: memory_in_use_bytes(model.device))  # read at each scrape
@@ -338,7 +339,10 @@ class Agent:
                 group=group,
             )
 
-        if self.group is not None and not ferret:  # the Ferret mode trains on one device
+        if self.group is not None and ferret and not self.said_ferret_alone:
+            log.info("Ferret plans train on %s alone (data-parallel training covers LoRA plans)", self.model.device)
+            self.said_ferret_alone = True
+        if self.group is not None and not ferret:
             try:
                 trained = self.group.train(self._job(plan, sent), self.data.train, train)
             except GroupFailed as err:
