@@ -77,7 +77,7 @@ def run(config: AgentConfig) -> int:
     measured = profile(device, compute_dtype(device), 0, 0, memory_cap, config.compute_share)  # samples: per data set
     group = None
     if devices:
-        group = DeviceGroup(devices, threads, config.compute_share, config.group_timeout_s)
+        group = DeviceGroup(devices, threads, config.compute_share, config.group_timeout_s, memory_cap)
         group.start()
         measured = with_group(measured, group)
     log.info(

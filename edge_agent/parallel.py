@@ -77,13 +77,22 @@ def _free_port() -> int:
 class DeviceGroup:
     """Helper processes for ranks 1..n-1, with this process as rank 0 on devices[0]."""
 
-    def __init__(self, devices: Sequence[torch.device], threads: int, compute_share: float, timeout_s: float) -> None:
+    def __init__(
+        self,
+        devices: Sequence[torch.device],
+        threads: int,
+        compute_share: float,
+        timeout_s: float,
+        memory_cap_bytes: int = 0,
+    ) -> None:
+        """memory_cap_bytes: the agent's memory_limit, enforced on every GPU rank as on rank 0 (0 = none)."""
         if len(devices) < 2:
             raise ValueError("a device group needs at least two devices")
         self.devices = list(devices)
         self.threads = threads
         self.compute_share = compute_share
         self.timeout_s = timeout_s
+        self.memory_cap_bytes = memory_cap_bytes
         self.helpers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
         self.sent_data: set[int] = set()
         self.collective: Collective | None = None
@@ -113,6 +122,7 @@ class DeviceGroup:
                     self.threads,
                     self.compute_share,
                     self.timeout_s,
+                    self.memory_cap_bytes,
                     theirs,
                 ),
                 name=f"fedpipe-rank-{rank}",
@@ -255,6 +265,7 @@ def helper_main(
     threads: int,
     compute_share: float,
     timeout_s: float,
+    memory_cap_bytes: int,
     pipe: Connection,
 ) -> None:
     """A helper rank: join the group, then train what rank 0 sends until told to stop."""
@@ -262,7 +273,7 @@ def helper_main(
     from safetensors.torch import load as load_tensors
 
     from common.logs import setup
-    from edge_agent.caps import Throttle
+    from edge_agent.caps import Throttle, apply_memory_cap
     from edge_agent.model import LocalModel
     from edge_agent.profiler import profile
     from edge_agent.trainer import train_local
@@ -273,6 +284,7 @@ def helper_main(
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        apply_memory_cap(device, memory_cap_bytes)
     timeout = datetime.timedelta(seconds=max(timeout_s, START_TIMEOUT_S))
     dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world, timeout=timeout)
     collective = Collective(rank, world, device)
