@@ -17,6 +17,8 @@ table beside it (gpu_check.md):
    the planner gives them different plans, once per base precision (planning.quantizations [none], [int8],
    [nf4]) on the embedded causal LM: per agent and round the planned against the measured peak CUDA memory,
    and the profile's measured FLOP/s against the device's nominal bf16 figure where it is known.
+4. data-parallel, on a host with two GPUs or more: bench/data_parallel.py --devices cuda:0,cuda:1 (one
+   agent's step time and samples/s on one GPU and on two, NCCL), its output kept under "data_parallel".
 
 On a CPU (--allow-cpu, for CI) every part runs the same code at toy sizes (--quick): the tests part is
 skipped there, the precisions run on a tiny random LLaMA, and one federation runs one round.
@@ -244,6 +246,19 @@ def profiles_of(run_dir: Path) -> dict[str, Any]:
     return found
 
 
+def run_data_parallel(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """bench/data_parallel.py on cuda:0 and cuda:0,cuda:1 (SmolLM2); its JSON, or the error."""
+    output = work / "data_parallel.json"
+    command = [sys.executable, str(ROOT / "bench" / "data_parallel.py"), "--models", "embedded-llm",
+               "--devices", "cuda:0,cuda:1", "--output", str(output)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'proto'}"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=args.timeout)
+    if proc.returncode != 0 or not output.is_file():
+        return {"error": (proc.stdout + proc.stderr)[-3000:]}
+    result: dict[str, Any] = json.loads(output.read_text())
+    return result
+
+
 def run_tests(timeout: float) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout)  # fmt: skip
@@ -281,6 +296,12 @@ def table(report: dict[str, Any]) -> str:
                 error = f"{r['error']:+.1%}" if r["error"] is not None else "-"
                 lines.append(f"| {federation['quantization']} | {agent} | {r['round']} | {r['batch_size']} | "
                              f"{r['max_rank']} | {planned} | {peak} | {error} |")  # fmt: skip
+    parallel = report.get("data_parallel")
+    if parallel and "runs" in parallel:
+        lines += ["", "| data-parallel | processes | s/step | samples/s | ratio |", "|---|--:|--:|--:|--:|"]
+        for r in parallel["runs"]:
+            lines.append(f"| {r['model']} | {r['processes']} | {r['step_seconds']:.3f} | "
+                         f"{r['samples_per_second']:.1f} | {r['speedup_vs_first']:.2f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -345,11 +366,16 @@ def main() -> int:
     for quantization in ("none",) if args.quick else QUANTIZATIONS:
         print(f"gpu-check: federation with {quantization} bases", flush=True)
         report["federations"].append(run_federation(quantization, args, work))
+    if cuda and torch.cuda.device_count() >= 2:
+        print("gpu-check: one agent on one GPU and on two", flush=True)
+        report["data_parallel"] = run_data_parallel(args, work)
     report["seconds"] = round(time.monotonic() - began, 1)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "gpu_check.md").write_text(table(report))
     print(table(report), flush=True)
-    failed = [v for v in report["precisions"] + report["federations"] if "error" in v]
+    failed = [
+        v for v in [*report["precisions"], *report["federations"], report.get("data_parallel", {})] if "error" in v
+    ]
     tests_failed = report.get("tests", {}).get("returncode", 0) not in (0, 5)  # 5: no gpu test collected
     return 1 if failed or tests_failed else 0
 
