@@ -207,6 +207,13 @@ def _config(
     )  # fmt: skip
 
 
+def _batch_sizes(profile: DeviceProfile, search: SearchSpace, mode: str) -> frozenset[int]:
+    """The batch sizes an agent may get: planning.batch_sizes per device, so a data-parallel agent's (LoRA) batch
+    is that times its devices, each device taking an equal share."""
+    world = profile.world if mode == "lora" else 1
+    return frozenset(b * world for b in search.batch_sizes)
+
+
 def _usable(profile: DeviceProfile, search: SearchSpace) -> int:
     return int(profile.total_memory_bytes * (1 - search.memory_headroom))
 
@@ -302,12 +309,13 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     modules = resolve_targets(spec, options.targets)
     subsets = mask_subsets(modules, options.scores, search.mask_fractions)
     ranks = (0,) if options.mode == "ferret" else search.ranks  # Ferret trains its blocks in full
+    batches = {a: _batch_sizes(profiles[a], search, options.mode) for a in profiles}
     configs = [
         _config(options, b, r, q, subset)
         for subset in subsets
         for q in search.quantizations
         for r in ranks
-        for b in search.batch_sizes
+        for b in sorted(set().union(*batches.values()))
     ]
     max_capacity = max(1, max(ranks) * len(modules)) if options.mode == "lora" else len(modules)
     feasible: dict[str, list[_Choice]] = {}
@@ -326,7 +334,8 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
                 profile, spec, coefficients, configs, statics[element], options.max_seq_len,
                 search.bandwidth_bytes_per_s, time_scale, memory_scale,
             )  # fmt: skip
-            priced = [_Choice(c, cost) for c, cost in zip(configs, costs, strict=True)]
+            allowed = batches[agent_id]
+            priced = [_Choice(c, cost) for c, cost in zip(configs, costs, strict=True) if c.batch_size in allowed]
         except (ArithmeticError, ValueError) as err:  # profiles are bounded at registration; this is the backstop
             excluded[agent_id] = f"its profile cannot be priced ({err})"
             continue
@@ -435,7 +444,7 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
             samples=steps * config.batch_size,
             round_seconds=steps * cost.step_seconds + cost.transfer_seconds,
             under_training=u,
-            binding=_binding(choice, feasible[agent_id], keys, u),
+            binding=_binding(choice, feasible[agent_id], [k for k in keys if k[1][2] in batches[agent_id]], u),
         )
     return PlanSet(plans=plans, predictions=predictions, excluded=excluded, round_seconds=seconds)
 

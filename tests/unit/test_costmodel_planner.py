@@ -334,3 +334,22 @@ def test_a_data_parallel_agent_is_priced_at_its_per_device_share_plus_the_allred
 
 def costmodel_device(index: int) -> Accelerator:
     return Accelerator(f"cuda:{index}", "GPU", 8 * GIB, 5e10)
+
+
+def test_a_data_parallel_agent_is_planned_per_device_batch_times_its_devices() -> None:
+    # Prepare: the same device twice over (one agent) beside an ordinary agent with one of them
+    devices = (costmodel_device(0), costmodel_device(1))
+    pair = replace(profile(8.0), devices=devices, allreduce_bytes_per_s=1e10)
+    search = replace(OPTIONS.search, max_local_epochs=8)
+
+    # Execute
+    planned = fedpipe_plan({"one": profile(8.0), "pair": pair}, SPEC, replace(OPTIONS, search=search), 1)
+
+    # Assert: the pair's batch is a per-device batch of the search times 2 (past the search's largest); the
+    # single agent keeps the search's; each of the pair's devices takes the single agent's share and step
+    one, two = planned.plans["one"], planned.plans["pair"]
+    assert one.batch_size in search.batch_sizes and two.batch_size == 2 * one.batch_size > max(search.batch_sizes)
+    alone, both = planned.predictions["one"], planned.predictions["pair"]
+    assert both.peak_memory_bytes == alone.peak_memory_bytes
+    assert both.step_seconds == pytest.approx(alone.step_seconds, rel=1e-3) and both.step_seconds > alone.step_seconds
+    assert both.samples == 2 * alone.samples and alone.binding == both.binding == "none"
