@@ -310,12 +310,13 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     subsets = mask_subsets(modules, options.scores, search.mask_fractions)
     ranks = (0,) if options.mode == "ferret" else search.ranks  # Ferret trains its blocks in full
     batches = {a: _batch_sizes(profiles[a], search, options.mode) for a in profiles}
+    every_batch = sorted(set().union(*batches.values()))
     configs = [
         _config(options, b, r, q, subset)
         for subset in subsets
         for q in search.quantizations
         for r in ranks
-        for b in sorted(set().union(*batches.values()))
+        for b in every_batch
     ]
     max_capacity = max(1, max(ranks) * len(modules)) if options.mode == "lora" else len(modules)
     feasible: dict[str, list[_Choice]] = {}

@@ -69,7 +69,7 @@ def run(config: AgentConfig) -> int:
     if threads:
         torch.set_num_threads(threads)
     device = pick_device(str(devices[0]) if devices else config.device)
-    for other in devices:
+    for other in devices[1:]:
         pick_device(str(other))  # CUDA asked for and not there: said before anything starts
     memory_cap = config.memory_limit_bytes()
     apply_memory_cap(device, memory_cap)
