@@ -31,23 +31,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def plan_for(path: str, task: str, steps: int, batch: int, seq_len: int) -> Any:
-    from common.modeling import model_spec
+def plan_for(spec: Any, steps: int, batch: int, seq_len: int, rank: int = 8, quantization: str = "none") -> Any:
+    """A LoRA plan at `rank` on every candidate of spec (alpha 2 x rank, no dropout), its heads trained in full."""
     from common.types import Quantization, TrainPlan
 
-    labels = ("negative", "positive") if task == "seq-cls" else ()
-    spec = model_spec(path, labels, task=task)
     modules = tuple(m.name for m in spec.candidates)
     heads = tuple(sorted({name.split(".")[0] for name, _ in spec.heads}))
     return TrainPlan(
-        plan_id="bench", target_modules=modules, rank_pattern=dict.fromkeys(modules, 8), lora_alpha=16.0,
+        plan_id="bench", target_modules=modules, rank_pattern=dict.fromkeys(modules, rank), lora_alpha=2.0 * rank,
         lora_dropout=0.0, modules_to_save=heads, batch_size=batch, local_epochs=1000, max_steps=steps,
-        learning_rate=1e-4, weight_decay=0.0, quantization=Quantization.NONE, max_seq_len=seq_len,
+        learning_rate=1e-4, weight_decay=0.0, quantization=Quantization(quantization), max_seq_len=seq_len,
         deadline_s=3600.0, seed=0,
     )  # fmt: skip
 
 
 def examples_for(task: str, count: int) -> list[Any]:
+    """The first `count` embedded training tweets, as instructions for a causal LM."""
     from common.data import EMBEDDED_LABELS, DataSource, embedded_split, instruct
 
     tweets = embedded_split(DataSource("embedded"))[0][:count]
@@ -58,7 +57,7 @@ def arm(model_name: str, devices: list[torch.device], threads: int, args: argpar
     """One arm: train the plan on these devices (one process when there is one device), time its steps."""
     from safetensors.torch import save
 
-    from common.modeling import resolve_model_path
+    from common.modeling import model_spec, resolve_model_path
     from edge_agent.collective import Collective
     from edge_agent.model import LocalModel
     from edge_agent.parallel import DeviceGroup, Job
@@ -67,7 +66,7 @@ def arm(model_name: str, devices: list[torch.device], threads: int, args: argpar
     task = "causal-lm" if model_name == "embedded-llm" else "seq-cls"
     labels = () if task == "causal-lm" else ("negative", "positive")
     path = resolve_model_path(model_name)
-    plan = plan_for(path, task, args.steps, args.batch, args.seq_len)
+    plan = plan_for(model_spec(path, labels, task=task), args.steps, args.batch, args.seq_len)
     examples = examples_for(task, args.batch * args.steps)
     torch.set_num_threads(threads)
     model = LocalModel(path, labels, devices[0], task)

@@ -104,10 +104,11 @@ def model_path(base: str, work: Path, device: str) -> str:
 def run_variant(base: str, quantization: str, device_name: str, steps: int, batch: int, seq_len: int) -> dict[str, Any]:
     """One base at one precision, in this (fresh) process: load, train, measure."""
     import torch
+    from data_parallel import examples_for, plan_for
 
-    from common.data import CAUSAL_LM, EMBEDDED_LABELS, DataSource, embedded_split, instruct
+    from common.data import CAUSAL_LM
     from common.modeling import AdaptedModel, compute_dtype, load_base, load_tokenizer, model_spec
-    from common.types import Quantization, TrainPlan
+    from common.types import Quantization
     from coordinator import costmodel
     from edge_agent.profiler import profile
     from edge_agent.trainer import train_local
@@ -121,14 +122,10 @@ def run_variant(base: str, quantization: str, device_name: str, steps: int, batc
     model = AdaptedModel(load_base(path, (), level, device, CAUSAL_LM), CAUSAL_LM)
     load_seconds = time.perf_counter() - start
     modules = tuple(m.name for m in spec.candidates)
-    plan = TrainPlan(
-        plan_id="gpu-check", target_modules=modules, rank_pattern=dict.fromkeys(modules, 16), lora_alpha=32.0,
-        lora_dropout=0.0, modules_to_save=(), batch_size=batch, local_epochs=1000, max_steps=steps + 1,
-        learning_rate=1e-4, weight_decay=0.0, quantization=level, max_seq_len=seq_len, deadline_s=3600.0, seed=0,
-    )  # fmt: skip
+    plan = plan_for(spec, steps + 1, batch, seq_len, rank=16, quantization=quantization)  # + the warm-up step
     trained_model = model.ensure(plan)
     tokenizer = load_tokenizer(path)
-    examples = [instruct(e, EMBEDDED_LABELS) for e in embedded_split(DataSource("embedded"))[0][: batch * (steps + 1)]]
+    examples = examples_for(CAUSAL_LM, batch * (steps + 1))
     stamps: list[float] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
