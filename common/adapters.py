@@ -294,6 +294,31 @@ def broadcast_tensors(global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec) 
     return tensors
 
 
+def sent_views(
+    global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec, names: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """The named tensors of broadcast_tensors(global_, plan, spec), as views of the global where they can be
+    (rank truncation is a slice; only B's unfolding writes a new tensor): for reading, as the upload screening
+    does, never for keeping. A name the plan does not send is absent."""
+    wanted = set(names)
+    views: dict[str, torch.Tensor] = {}
+    for module in plan.target_modules:
+        a_name, b_name = lora_names(module)
+        if a_name not in wanted and b_name not in wanted:
+            continue
+        rank = plan.rank_pattern[module]
+        pair = extended_pair(global_, module, rank, spec)
+        if a_name in wanted:
+            views[a_name] = pair.a[:rank]
+        if b_name in wanted:
+            views[b_name] = pair.b[:, :rank] / scaling(plan.alpha_of(module), rank)
+    saved = set(plan.modules_to_save)
+    for name in wanted & set(global_.heads):
+        if name.rsplit(".", 1)[0] in saved:
+            views[name] = global_.heads[name]
+    return views
+
+
 def fold_update(agent_id: str, weight: float, tensors: Mapping[str, torch.Tensor], plan: TrainPlan) -> FoldedUpdate:
     """An agent's uploaded tensors (canonical names, plan's ranks) in the folded convention."""
     lora: dict[str, LoraPair] = {}

@@ -1,17 +1,25 @@
 """Tensor payloads on the wire: tensors to views of their bytes, chunks, and back, with size and integrity checks.
 
-A tensor payload travels as a header (names, shapes, dtypes, total size, SHA-256) followed by chunks
+A tensor payload travels as a header (names, shapes, dtypes, total size, checksum) followed by chunks
 of raw little-endian bytes in header order. Receivers check every size before allocating and the
 checksum before any tensor is used. Each side copies the bytes once and hashes them once.
+
+The checksum is XXH3-128, not a cryptographic hash: TLS already authenticates every byte, so what is left to
+catch is truncation and bugs, and XXH3 does that at memory speed (about 26 GB/s here against SHA-256's 2).
+Content that is named by its digest (a global's weights, checkpoints) keeps SHA-256 (common.adapters).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Protocol
 
+import numpy as np
 import torch
+import xxhash
 from fedpipe.v1 import fedpipe_pb2 as pb
 
 from common.errors import IntegrityError, InvalidArgument, ResourceExhausted
@@ -50,17 +58,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
+XXH3_BYTES = 16
+SHA256_BYTES = 32
+
+
 class Payload:
     """The bytes of named tensors, held as views of the tensors' own memory: nothing is copied until a chunk is
-    cut, and the SHA-256 is taken once, over the views."""
+    cut, and the checksum is taken once, over the views."""
 
     def __init__(self, parts: Iterable[memoryview]) -> None:
         self.parts = tuple(part for part in parts if part.nbytes)
         self.nbytes = sum(part.nbytes for part in self.parts)
-        digest = hashlib.sha256()
+        digest = xxhash.xxh3_128()
         for part in self.parts:
-            digest.update(part)  # hashlib releases the GIL on large buffers and reads them in place
-        self.sha256 = digest.digest()
+            digest.update(part)  # reads the views in place
+        self.checksum = digest.digest()
 
     def __len__(self) -> int:
         return self.nbytes
@@ -107,7 +119,7 @@ def encode_payload(tensors: Mapping[str, torch.Tensor]) -> tuple[pb.PayloadHeade
         infos.append(pb.TensorInfo(name=name, shape=list(tensor.shape), dtype=dtype_name(tensor.dtype)))
         parts.append(tensor_view(tensor))
     payload = Payload(parts)
-    return pb.PayloadHeader(tensors=infos, total_bytes=payload.nbytes, sha256=payload.sha256), payload
+    return pb.PayloadHeader(tensors=infos, total_bytes=payload.nbytes, xxh3_128=payload.checksum), payload
 
 
 def chunked(payload: bytes | Payload, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
@@ -133,54 +145,113 @@ def tensor_infos(header: pb.PayloadHeader) -> list[TensorInfo]:
     declared = sum(info.nbytes for info in infos)
     if declared != header.total_bytes:
         raise InvalidArgument("payload.total_bytes", f"{header.total_bytes} but the tensors declare {declared} bytes")
-    if len(header.sha256) != hashlib.sha256().digest_size:
-        raise InvalidArgument("payload.sha256", f"must be 32 bytes, got {len(header.sha256)}")
+    _check_checksums(header)
     return infos
+
+
+def _check_checksums(header: pb.PayloadHeader) -> None:
+    if not header.xxh3_128 and not header.sha256:
+        raise InvalidArgument("payload", "carries no checksum (xxh3_128, or sha256 from earlier senders)")
+    if header.xxh3_128 and len(header.xxh3_128) != XXH3_BYTES:
+        raise InvalidArgument("payload.xxh3_128", f"must be {XXH3_BYTES} bytes, got {len(header.xxh3_128)}")
+    if header.sha256 and len(header.sha256) != SHA256_BYTES:
+        raise InvalidArgument("payload.sha256", f"must be {SHA256_BYTES} bytes, got {len(header.sha256)}")
+
+
+def checksum_key(header: pb.PayloadHeader) -> bytes:
+    """What names a payload's bytes for recognising a resent upload: its checksum, tagged with the algorithm."""
+    return b"xxh3_128:" + header.xxh3_128 if header.xxh3_128 else b"sha256:" + header.sha256
+
+
+class _Digest(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+
+class _Checksums:
+    """Every checksum a header sets, taken over the bytes as they arrive."""
+
+    def __init__(self, header: pb.PayloadHeader) -> None:
+        self.wanted: list[tuple[str, bytes, _Digest]] = []
+        if header.xxh3_128:
+            self.wanted.append(("payload.xxh3_128", header.xxh3_128, xxhash.xxh3_128()))
+        if header.sha256:
+            self.wanted.append(("payload.sha256", header.sha256, hashlib.sha256()))
+
+    def update(self, data: bytes | memoryview) -> None:
+        for _, _, digest in self.wanted:
+            digest.update(data)
+
+    def verify(self) -> None:
+        for field_name, expected, digest in self.wanted:
+            if digest.digest() != expected:
+                raise IntegrityError(field_name, "checksum does not match the bytes received")
+
+
+TensorSink = Callable[[str, torch.Tensor], None]
 
 
 class PayloadReader:
     """A chunked payload reassembled as it arrives and verified at the end; raises before allocating anything
-    oversize. Chunks may be added from any thread, one at a time."""
+    oversize. Chunks may be added from any thread, one at a time.
 
-    def __init__(self, header: pb.PayloadHeader, max_bytes: int, max_chunk_bytes: int) -> None:
+    on_tensor, when given, sees each tensor as soon as its last byte is in, before the checksum is known (the
+    coordinator screens an upload while the rest of it arrives): what it learns must wait for tensors() to
+    verify the payload before it counts."""
+
+    def __init__(
+        self, header: pb.PayloadHeader, max_bytes: int, max_chunk_bytes: int, on_tensor: TensorSink | None = None
+    ) -> None:
         self.infos = tensor_infos(header)
         if header.total_bytes > max_bytes:
             raise ResourceExhausted(f"payload of {header.total_bytes} bytes exceeds the limit of {max_bytes}")
         self.header = header
         self.max_chunk_bytes = max_chunk_bytes
+        self.on_tensor = on_tensor
         # One buffer for the whole payload, filled in place: each chunk is copied once, and the tensors are views
         # of it (a tensor that the wire leaves misaligned for its dtype gets a copy of its own).
         self.buffer = torch.empty(header.total_bytes, dtype=torch.uint8)
-        self.view = self.buffer.numpy().data
-        self.digest = hashlib.sha256()
+        self.array = self.buffer.numpy()
+        self.checksums = _Checksums(header)
         self.filled = 0
+        self.ends = list(itertools.accumulate(info.nbytes for info in self.infos))
+        self.built: dict[str, torch.Tensor] = {}
 
     def add(self, chunk: bytes | memoryview) -> None:
-        """Copy one chunk in and hash it."""
+        """Copy one chunk in and hash it (then hand on_tensor every tensor it completes)."""
         size = len(chunk)
         if size > self.max_chunk_bytes:
             raise ResourceExhausted(f"chunk of {size} bytes exceeds the limit of {self.max_chunk_bytes}")
         if self.filled + size > self.header.total_bytes:
             raise IntegrityError("payload", f"more bytes than the declared {self.header.total_bytes}")
-        self.view[self.filled : self.filled + size] = chunk
-        self.digest.update(chunk)
+        # numpy copies without the GIL (a memoryview slice assignment holds it), so the gRPC threads run meanwhile.
+        np.copyto(self.array[self.filled : self.filled + size], np.frombuffer(chunk, dtype=np.uint8))
+        self.checksums.update(chunk)
         self.filled += size
+        while len(self.built) < len(self.infos) and self.ends[len(self.built)] <= self.filled:
+            info = self.infos[len(self.built)]
+            tensor = self._build(len(self.built))
+            self.built[info.name] = tensor
+            if self.on_tensor is not None:
+                self.on_tensor(info.name, tensor)
+
+    def _build(self, index: int) -> torch.Tensor:
+        info = self.infos[index]
+        offset = self.ends[index] - info.nbytes
+        part = self.buffer[offset : self.ends[index]]
+        if offset % DTYPE_SIZES[info.dtype]:
+            part = part.clone()
+        return part.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The payload's tensors, once every byte is in and the checksum matches."""
         if self.filled != self.header.total_bytes:
             raise IntegrityError("payload", f"stream ended after {self.filled} of {self.header.total_bytes} bytes")
-        if self.digest.digest() != self.header.sha256:
-            raise IntegrityError("payload.sha256", "checksum does not match the bytes received")
-        tensors: dict[str, torch.Tensor] = {}
-        offset = 0
-        for info in self.infos:
-            part = self.buffer[offset : offset + info.nbytes]
-            if offset % DTYPE_SIZES[info.dtype]:
-                part = part.clone()
-            tensors[info.name] = part.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
-            offset += info.nbytes
-        return tensors
+        self.checksums.verify()
+        for index in range(len(self.built), len(self.infos)):  # empty tensors at the end, which no chunk completes
+            self.built[self.infos[index].name] = self._build(index)
+        return dict(self.built)
 
 
 def decode_payload(

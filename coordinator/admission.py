@@ -61,9 +61,37 @@ class OpenUpdate:
     """An upload that passed its header's checks; its payload is read next."""
 
     meta: UpdateMeta
-    sha256: bytes
+    checksum: bytes
     plan: TrainPlan
     global_: GlobalState
+
+
+class Screening:
+    """An opened upload's values checked and change norms taken tensor by tensor while the rest of it arrives
+    (transfer.PayloadReader's on_tensor), so that little is left once its last byte is in. What it finds counts
+    only after the payload's checksum holds: finish_update raises a refusal it recorded, never earlier."""
+
+    def __init__(self, mode: Mode, opened: OpenUpdate, spec: ModelSpec, bound: float) -> None:
+        self.mode, self.opened, self.spec, self.bound = mode, opened, spec, bound
+        self.seen: set[str] = set()
+        self.norms: dict[str, float] = {}
+        self.error: InvalidArgument | None = None
+
+    def tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Check one tensor whose bytes are all in (after a refusal, the rest are not looked at)."""
+        if self.error is not None:
+            return
+        one = {name: tensor}
+        try:
+            self.mode.check_values(one, self.bound)
+            self.norms.update(self.mode.change_norms(one, self.opened.global_, self.opened.plan, self.spec))
+        except InvalidArgument as err:
+            self.error = err
+        self.seen.add(name)
+
+    def covers(self, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Whether every tensor of the payload was screened."""
+        return self.error is not None or self.seen == set(tensors)
 
 
 @dataclass(frozen=True)
@@ -270,17 +298,17 @@ class Admission:
         self,
         meta: UpdateMeta,
         infos: list[TensorInfo],
-        sha256: bytes,
+        checksum: bytes,
         read_payload: Callable[[], Mapping[str, torch.Tensor]],
     ) -> UploadAnswer:
         """Check an upload completely and keep it for this round's aggregation: open_update, then
         read_payload (which verifies sizes and checksum), then finish_update."""
-        opened = self.open_update(meta, infos, sha256)
+        opened = self.open_update(meta, infos, checksum)
         if isinstance(opened, UploadAnswer):
             return opened
         return self.finish_update(opened, read_payload())
 
-    def open_update(self, meta: UpdateMeta, infos: list[TensorInfo], sha256: bytes) -> OpenUpdate | UploadAnswer:
+    def open_update(self, meta: UpdateMeta, infos: list[TensorInfo], checksum: bytes) -> OpenUpdate | UploadAnswer:
         """An upload's checks from its header alone, before its payload is read: identity, round, plan, the
         figures it claims (samples within what the plan allows on the agent's counted data) and the exact
         tensors the plan asks for. A replay (the same payload by checksum as the agent's accepted update of the
@@ -288,7 +316,7 @@ class Admission:
         self.registry.get(meta.agent_id)
         state = self.state
         with state.cond:
-            if sha256 and state.digests.get((meta.agent_id, meta.round)) == sha256:
+            if checksum and state.digests.get((meta.agent_id, meta.round)) == checksum:
                 self.metrics.updates_replayed.labels(meta.agent_id).inc()
                 log.info("round %d: replayed update from %s ignored", meta.round, meta.agent_id)
                 return UploadAnswer(f"replay of the update already accepted for round {meta.round}; ignored", True)
@@ -301,28 +329,44 @@ class Admission:
         if secure is None:
             self.mode.check_origin(meta, plan)
             self.mode.check_declared(infos, plan, self.spec)
-        return OpenUpdate(meta, sha256, plan, global_)
+        return OpenUpdate(meta, checksum, plan, global_)
 
-    def finish_update(self, opened: OpenUpdate, tensors: Mapping[str, torch.Tensor]) -> UploadAnswer:
+    def screening(self, opened: OpenUpdate) -> Screening | None:
+        """A screening for the opened upload's tensors as they arrive; None in a secure round, whose masked
+        values say nothing."""
+        if self.state.secure is not None:
+            return None
+        return Screening(self.mode, opened, self.spec, self.config.updates.max_abs_value)
+
+    def finish_update(
+        self, opened: OpenUpdate, tensors: Mapping[str, torch.Tensor], screened: Screening | None = None
+    ) -> UploadAnswer:
         """The checks of an opened upload's verified payload, then its place in the inbox: the values (finite,
-        within updates.max_abs_value), then the absolute norm bound. An update refused for its values or norm
-        is not retrained: its agent sits the round out and is told so. The round may have closed meanwhile,
-        so the commit checks again under the lock."""
-        meta, sha256, plan, global_ = opened.meta, opened.sha256, opened.plan, opened.global_
+        within updates.max_abs_value), then the absolute norm bound; what `screened` already found as the
+        payload arrived is not checked again. An update refused for its values or norm is not retrained: its
+        agent sits the round out and is told so. The round may have closed meanwhile, so the commit checks
+        again under the lock."""
+        meta, checksum, plan, global_ = opened.meta, opened.checksum, opened.plan, opened.global_
         state = self.state
         if state.secure is not None:
             return self._finish_masked(opened, tensors)
         try:
-            self.mode.check_values(tensors, self.config.updates.max_abs_value)
-            tensors, norms, raw_norm = self._bound_norm(meta, tensors, global_, plan)
+            if screened is not None and screened.covers(tensors):
+                if screened.error is not None:
+                    raise screened.error
+                norms: dict[str, float] | None = screened.norms
+            else:
+                self.mode.check_values(tensors, self.config.updates.max_abs_value)
+                norms = None
+            tensors, norms, raw_norm = self._bound_norm(meta, tensors, global_, plan, norms)
         except InvalidArgument as err:
             self._sit_out(meta, str(err))
             raise
         update = AdapterUpdate(meta=meta, tensors=tensors)
         with state.cond:
             self._open_plan(meta)  # the round may have closed while the payload was read
-            state.inbox[meta.agent_id] = Admitted(update, sha256, _total(norms), raw_norm, norms)
-            state.digests[(meta.agent_id, meta.round)] = sha256
+            state.inbox[meta.agent_id] = Admitted(update, checksum, _total(norms), raw_norm, norms)
+            state.digests[(meta.agent_id, meta.round)] = checksum
             count, planned = len(state.inbox), len(state.plans)
             state.notify()
         self._accepted_metrics(update)
@@ -348,8 +392,8 @@ class Admission:
                 raise StaleRound(f"secure round {meta.round} is over")
             secure.server.masked(meta.agent_id, tensors[MASKED])
             update = AdapterUpdate(meta=meta, tensors={})
-            state.inbox[meta.agent_id] = Admitted(update, opened.sha256, 0.0, 0.0, {})
-            state.digests[(meta.agent_id, meta.round)] = opened.sha256
+            state.inbox[meta.agent_id] = Admitted(update, opened.checksum, 0.0, 0.0, {})
+            state.digests[(meta.agent_id, meta.round)] = opened.checksum
             count, due = len(state.inbox), len(secure.server.sealed)
             state.notify()
         self._accepted_metrics(update)
@@ -465,11 +509,18 @@ class Admission:
         log.warning("round %d: update from %s refused, it sits the round out: %s", meta.round, meta.agent_id, reason)
 
     def _bound_norm(
-        self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor], global_: GlobalState, plan: TrainPlan
+        self,
+        meta: UpdateMeta,
+        tensors: Mapping[str, torch.Tensor],
+        global_: GlobalState,
+        plan: TrainPlan,
+        norms: dict[str, float] | None = None,
     ) -> tuple[Mapping[str, torch.Tensor], dict[str, float], float]:
-        """updates.max_norm: refuse, or scale down, an update whose change to what it was sent is too large.
-        Returns the tensors kept, their per-tensor change norms and the update's norm before any clipping."""
-        norms = self.mode.change_norms(tensors, global_, plan, self.spec)
+        """updates.max_norm: refuse, or scale down, an update whose change to what it was sent is too large
+        (norms: its per-tensor change norms when already taken). Returns the tensors kept, their per-tensor change
+        norms and the update's norm before any clipping."""
+        if norms is None:
+            norms = self.mode.change_norms(tensors, global_, plan, self.spec)
         norm = _total(norms)
         self.metrics.update_norm.labels(meta.agent_id).set(norm)
         bound = self.config.updates.max_norm

@@ -40,7 +40,7 @@ class Admitted:
     """An update admission accepted for the open round, with what admission measured of it."""
 
     update: AdapterUpdate
-    sha256: bytes  # payload checksum, to recognise a replay
+    checksum: bytes  # transfer.checksum_key of the payload, to recognise a replay
     norm: float  # L2 norm of its change to the tensors it was sent (after any clipping)
     raw_norm: float  # the same before clipping
     tensor_norms: Mapping[str, float]  # per tensor, the norm of its change (after any clipping)

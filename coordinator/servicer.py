@@ -284,7 +284,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self, request_iterator: AsyncIterator[transfer.UploadPart], context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UploadUpdateResponse:
         # A coroutine: while its chunks are on the way (a slow link, a trickling client) it holds no thread;
-        # the header's checks, each chunk's copy and hash, and the payload's screening run on worker threads.
+        # the header's checks, each chunk's copy and hash, and the screening of each tensor it completes run on
+        # worker threads.
         start = time.perf_counter()
         first = await anext(request_iterator, None)
         if not isinstance(first, pb.UploadUpdateRequest) or first.WhichOneof("part") != "header":
@@ -292,14 +293,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         meta = serde.update_meta_from_pb(first.header)
         self._authorize(context, meta.agent_id)
         infos = transfer.tensor_infos(first.header.payload)
-        digest = bytes(first.header.payload.sha256)
+        digest = transfer.checksum_key(first.header.payload)
         admission = self.admission  # opened and finished in one run, whatever starts meanwhile
         opened = await self._on_worker(admission.open_update, meta, infos, digest)
         if isinstance(opened, UploadAnswer):
             answer = opened  # a replay: acknowledged unread
         else:
+            screening = admission.screening(opened)  # each tensor checked on the worker that copies its last byte
             reader = transfer.PayloadReader(
-                first.header.payload, self.limits.max_upload_bytes, self.limits.max_chunk_bytes
+                first.header.payload,
+                self.limits.max_upload_bytes,
+                self.limits.max_chunk_bytes,
+                screening.tensor if screening is not None else None,
             )
             index = 0
             async for part in request_iterator:
@@ -308,7 +313,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 if chunk is None:
                     raise InvalidArgument(f"message[{index}]", "only chunks may follow the header")
                 await self._on_worker(reader.add, chunk)
-            answer = await self._on_worker(lambda: admission.finish_update(opened, reader.tensors()))
+            answer = await self._on_worker(lambda: admission.finish_update(opened, reader.tensors(), screening))
         if not answer.replay:
             self.metrics.upload_seconds.labels(meta.agent_id).inc(time.perf_counter() - start)
         return pb.UploadUpdateResponse(accepted=True, round=meta.round, message=answer.message)

@@ -99,7 +99,9 @@ class InMemoryGateway:
     def upload(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor]) -> str:
         owned = {name: tensor.detach().clone() for name, tensor in tensors.items()}
         header, _ = transfer.encode_payload(owned)
-        answer = self.admission.admit_update(meta, transfer.tensor_infos(header), header.sha256, lambda: owned)
+        answer = self.admission.admit_update(
+            meta, transfer.tensor_infos(header), transfer.checksum_key(header), lambda: owned
+        )
         self._answered()
         return answer.message
 

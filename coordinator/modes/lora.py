@@ -30,6 +30,7 @@ from common.adapters import (
     init_global,
     lora_parameter_count,
     scale_change,
+    sent_views,
     with_modules,
 )
 from common.errors import InvalidArgument
@@ -135,8 +136,9 @@ class LoraMode:
     def change_norms(
         self, tensors: Mapping[str, torch.Tensor], global_: GlobalState, plan: TrainPlan, spec: ModelSpec
     ) -> dict[str, float]:
-        """Per tensor, the norm of the upload's change to the tensors the agent was sent."""
-        return change_norms(tensors, broadcast_tensors(_lora(global_), plan, spec))
+        """Per tensor given (all of an upload, or the ones screened so far), the norm of its change to what the
+        agent was sent."""
+        return change_norms(tensors, sent_views(_lora(global_), plan, spec, tensors))
 
     def scale_change(
         self,
@@ -147,7 +149,7 @@ class LoraMode:
         factor: float | Mapping[str, float],
     ) -> dict[str, torch.Tensor]:
         """The upload with its change to what it was sent scaled by factor (clipping)."""
-        return scale_change(tensors, broadcast_tensors(_lora(global_), plan, spec), factor)
+        return scale_change(tensors, sent_views(_lora(global_), plan, spec, tensors), factor)
 
     def aggregate(
         self, global_: GlobalState, contributions: Sequence[Contribution], strategy: Strategy, round_: int

@@ -120,9 +120,9 @@ def test_the_coordinator_holds_only_uniform_masked_vectors_and_unmasks_the_plain
     held: list[dict[str, torch.Tensor]] = []
     finish = Admission.finish_update
 
-    def recording(self: Admission, opened: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    def recording(self: Admission, opened: Any, tensors: Mapping[str, torch.Tensor], screened: Any = None) -> Any:
         held.append({name: t.clone() for name, t in tensors.items()})
-        return finish(self, opened, tensors)
+        return finish(self, opened, tensors, screened)
 
     monkeypatch.setattr(Admission, "finish_update", recording)
     coordinator = secure_coordinator(tmp_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+import xxhash
 from fedpipe.v1 import fedpipe_pb2 as pb
 from fedpipe.v1 import fedpipe_pb2_grpc as pb_grpc
 from rig import (
@@ -166,12 +168,12 @@ def test_download_is_a_verified_chunked_copy_of_the_global(open_round: OpenRound
     # Execute: the fixture downloaded through the real server
     a = open_round.a
 
-    # Assert: header first, 1 KiB chunks, the bytes match the declared size and sha256
+    # Assert: header first, 1 KiB chunks, the bytes match the declared size and checksum
     assert (a.task.round, a.task.global_round) == (1, 0)
     assert [info.name for info in a.header.tensors] == [Q_A, Q_B, f"{VALUE}.lora_A", f"{VALUE}.lora_B", HEAD_W, HEAD_B]
     assert a.header.total_bytes == PAYLOAD_BYTES
     assert [len(chunk) for chunk in a.chunks] == [CHUNK_BYTES] * 4 + [PAYLOAD_BYTES - 4 * CHUNK_BYTES]
-    assert hashlib.sha256(b"".join(a.chunks)).digest() == a.header.sha256
+    assert xxhash.xxh3_128(b"".join(a.chunks)).digest() == a.header.xxh3_128
     # ... and decode to the global adapter as peft loads it: A as is, B unfolded by r / alpha
     assert set(a.tensors) == WIRE_NAMES
     torch.testing.assert_close(a.tensors[Q_A], global_.lora[QUERY].a)
@@ -189,6 +191,13 @@ def flip_byte(payload: bytes) -> bytes:
     return payload[:middle] + bytes([payload[middle] ^ 0xFF]) + payload[middle + 1 :]
 
 
+def nan_in_query_b(payload: bytes) -> bytes:
+    """The payload with a NaN written over query.lora_B's second value (it follows query.lora_A), the header's
+    checksum left as it was."""
+    at = 4 * RANK * HIDDEN + 4
+    return payload[:at] + struct.pack("<f", float("nan")) + payload[at + 4 :]
+
+
 def poisoned(value: torch.Tensor, bad: float) -> torch.Tensor:
     """A copy of value with one element replaced by bad."""
     copy = value.clone()
@@ -199,7 +208,7 @@ def poisoned(value: torch.Tensor, bad: float) -> torch.Tensor:
 def with_header_edit(
     messages: list[pb.UploadUpdateRequest], edit: Callable[[pb.PayloadHeader], None]
 ) -> list[pb.UploadUpdateRequest]:
-    """The stream with its payload header edited in place (sizes and sha256 left as they were)."""
+    """The stream with its payload header edited in place (sizes and checksum left as they were)."""
     edit(messages[0].header.payload)
     return messages
 
@@ -313,9 +322,19 @@ REFUSALS = [
         Refusal(
             lambda u: u.messages(edit_payload=flip_byte),
             DATA_LOSS,
-            r"payload\.sha256: checksum does not match the bytes received",
+            r"payload\.xxh3_128: checksum does not match the bytes received",
         ),
-        id="corrupted-bytes-wrong-sha256",
+        id="corrupted-bytes-wrong-checksum",
+    ),
+    pytest.param(
+        # The coordinator screens each tensor as its bytes arrive, before the checksum is known: a NaN that is
+        # only corruption must be answered as corruption, and must not make the agent sit the round out.
+        Refusal(
+            lambda u: u.messages(edit_payload=nan_in_query_b),
+            DATA_LOSS,
+            r"payload\.xxh3_128: checksum does not match the bytes received",
+        ),
+        id="corruption-that-reads-as-nan",
     ),
     pytest.param(
         Refusal(

@@ -35,6 +35,7 @@ from common.adapters import (
     pad_rank,
     scale_change,
     scaling,
+    sent_views,
     to_peft_key,
     truncate_rank,
     unfold,
@@ -594,6 +595,49 @@ def test_broadcast_sends_only_saved_heads_as_copies() -> None:
     # Assert
     assert set(tensors) == {f"{Q}.lora_A", f"{Q}.lora_B", "classifier.weight", "classifier.bias"}
     assert bool((global_.heads["classifier.weight"] != 0).any())  # not aliased
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    global_ranks=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    plan_ranks=st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(0, 3)),
+    alpha=st.floats(0.5, 32.0, allow_nan=False, allow_infinity=False),
+    picked=st.sets(st.integers(0, 7)),
+)
+def test_sent_views_are_the_broadcast_without_its_copies(
+    global_ranks: tuple[int, int], plan_ranks: tuple[int, int, int], alpha: float, picked: set[int]
+) -> None:
+    # Prepare: ranks below, at and above the global's, a module the global lacks (W), a saved head
+    global_ = make_global({Q: global_ranks[0], V: global_ranks[1]})
+    global_ = replace(global_, heads={**global_.heads, "classifier.weight": torch.ones(2, 4)})
+    ranks = {Q: plan_ranks[0], V: plan_ranks[1], **({W: plan_ranks[2]} if plan_ranks[2] else {})}
+    plan = make_plan(ranks, alpha=alpha, modules_to_save=("classifier",))
+    sent = broadcast_tensors(global_, plan, SPEC)
+    names = [name for index, name in enumerate([*sent, "not.sent"]) if index in picked]
+
+    # Execute
+    views = sent_views(global_, plan, SPEC, names)
+
+    # Assert: bit for bit the broadcast's tensors, for exactly the names asked that it sends
+    assert set(views) == set(names) & set(sent)
+    assert all(torch.equal(views[name], sent[name]) for name in views)
+
+
+def test_screened_change_norms_add_up_to_the_whole_upload_s() -> None:
+    # Prepare: an upload that moved every tensor the broadcast sent
+    global_ = make_global({Q: 2, V: 3})
+    plan = make_plan({Q: 1, V: 4, W: 2}, alpha=4.0)
+    sent = broadcast_tensors(global_, plan, SPEC)
+    generator = torch.Generator().manual_seed(3)
+    upload = {name: value + torch.randn(value.shape, generator=generator) for name, value in sent.items()}
+
+    # Execute: one tensor at a time against views, as the coordinator screens an upload while it arrives
+    one_by_one: dict[str, float] = {}
+    for name, value in upload.items():
+        one_by_one.update(change_norms({name: value}, sent_views(global_, plan, SPEC, [name])))
+
+    # Assert
+    assert one_by_one == change_norms(upload, sent)
 
 
 def test_broadcast_matches_expected_tensors_of_the_plan() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterator
 
 import pytest
 import torch
+import xxhash
 from fedpipe.v1 import fedpipe_pb2 as pb
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +16,8 @@ from hypothesis import strategies as st
 from common.errors import IntegrityError, InvalidArgument, ResourceExhausted
 from common.transfer import (
     DEFAULT_CHUNK_BYTES,
+    PayloadReader,
+    checksum_key,
     chunk_messages,
     chunk_of,
     chunk_view,
@@ -45,7 +49,7 @@ def received(data: bytes | bytearray, info: TensorInfo) -> torch.Tensor:
     header = pb.PayloadHeader(
         tensors=[pb.TensorInfo(name=info.name, shape=list(info.shape), dtype=info.dtype)],
         total_bytes=len(data),
-        sha256=hashlib.sha256(data).digest(),
+        xxh3_128=xxhash.xxh3_128(data).digest(),
     )
     return decode_payload(header, chunked(bytes(data), 7), BIG, BIG)[info.name]
 
@@ -185,7 +189,8 @@ def test_encode_payload_header_describes_the_bytes() -> None:
         ("empty", (0, 2), "float32"),
     ]
     assert header.total_bytes == len(payload) == 4 * 20 + 2 * 12 + 2 * 3
-    assert header.sha256 == hashlib.sha256(bytes(payload)).digest()
+    assert header.xxh3_128 == xxhash.xxh3_128(bytes(payload)).digest()
+    assert not header.sha256  # written by earlier senders only
     assert bytes(payload) == b"".join(tensor_bytes(t) for t in tensors.values())
 
 
@@ -387,29 +392,117 @@ def test_corrupted_byte_fails_the_checksum(position: int) -> None:
     corrupted[position] ^= 0x01
 
     # Execute / Assert
-    with _raises(IntegrityError, "payload.sha256"):
+    with _raises(IntegrityError, "payload.xxh3_128"):
         decode_payload(header, chunked(bytes(corrupted), 8), BIG, BIG)
 
 
 def test_wrong_declared_checksum_fails() -> None:
     # Prepare
     header, payload = encode_payload({"a": torch.ones(4)})
-    header.sha256 = hashlib.sha256(b"something else").digest()
+    header.xxh3_128 = xxhash.xxh3_128(b"something else").digest()
+
+    # Execute / Assert
+    with _raises(IntegrityError, "payload.xxh3_128"):
+        decode_payload(header, chunked(payload), BIG, BIG)
+
+
+def legacy_header(payload: bytes) -> pb.PayloadHeader:
+    """What a sender from before XXH3 wrote for one float32 tensor "a": a SHA-256 and no xxh3_128."""
+    header, _ = encode_payload({"a": torch.frombuffer(bytearray(payload), dtype=torch.float32)})
+    header.ClearField("xxh3_128")
+    header.sha256 = hashlib.sha256(payload).digest()
+    return header
+
+
+def test_sha256_from_an_earlier_sender_is_still_checked() -> None:
+    # Prepare
+    data = bytes(torch.arange(4, dtype=torch.float32).numpy().tobytes())
+    corrupted = bytes([data[0] ^ 1]) + data[1:]
+
+    # Execute
+    back = decode_payload(legacy_header(data), chunked(data, 5), BIG, BIG)["a"]
+
+    # Assert: accepted intact, refused corrupted, under the field it sent
+    assert torch.equal(back, torch.arange(4, dtype=torch.float32))
+    with _raises(IntegrityError, "payload.sha256"):
+        decode_payload(legacy_header(data), chunked(corrupted, 5), BIG, BIG)
+
+
+def test_every_checksum_set_must_hold() -> None:
+    # Prepare: a right XXH3 beside a wrong SHA-256
+    header, payload = encode_payload({"a": torch.ones(4)})
+    header.sha256 = hashlib.sha256(b"other bytes").digest()
 
     # Execute / Assert
     with _raises(IntegrityError, "payload.sha256"):
         decode_payload(header, chunked(payload), BIG, BIG)
 
 
-@pytest.mark.parametrize("length", [0, 16, 31, 33])
-def test_checksum_of_wrong_length_is_invalid_argument(length: int) -> None:
+def test_payload_without_a_checksum_is_invalid_argument() -> None:
     # Prepare
     header, payload = encode_payload({"a": torch.ones(4)})
-    header.sha256 = b"\x00" * length
+    header.ClearField("xxh3_128")
 
     # Execute / Assert
-    with _raises(InvalidArgument, "payload.sha256"):
+    with _raises(InvalidArgument, "payload") as caught:
         decode_payload(header, chunked(payload), BIG, BIG)
+    assert "carries no checksum" in caught.value.problem
+
+
+@pytest.mark.parametrize(("field", "length"), [("xxh3_128", 8), ("xxh3_128", 32), ("sha256", 16), ("sha256", 31)])
+def test_checksum_of_wrong_length_is_invalid_argument(field: str, length: int) -> None:
+    # Prepare
+    header, payload = encode_payload({"a": torch.ones(4)})
+    setattr(header, field, b"\x00" * length)
+
+    # Execute / Assert
+    with _raises(InvalidArgument, f"payload.{field}"):
+        decode_payload(header, chunked(payload), BIG, BIG)
+
+
+def test_checksum_key_names_the_algorithm_and_the_bytes() -> None:
+    # Prepare
+    data = bytes(16)
+    header, _ = encode_payload({"a": torch.zeros(4)})
+    other, _ = encode_payload({"a": torch.ones(4)})
+
+    # Execute
+    key, legacy = checksum_key(header), checksum_key(legacy_header(data))
+
+    # Assert: the same bytes give the same key, other bytes another, and the two algorithms never meet
+    assert key == checksum_key(encode_payload({"a": torch.zeros(4)})[0]) == b"xxh3_128:" + header.xxh3_128
+    assert key != checksum_key(other)
+    assert legacy == b"sha256:" + hashlib.sha256(data).digest()
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=9), min_size=1, max_size=6),
+    chunk=st.integers(min_value=1, max_value=50),
+)
+@settings(max_examples=60, deadline=None)
+def test_on_tensor_sees_each_tensor_once_in_order_as_soon_as_its_bytes_are_in(sizes: list[int], chunk: int) -> None:
+    # Prepare: float32 tensors of these lengths (empty ones too), cut into chunks of `chunk` bytes
+    tensors = {f"t{i}": torch.arange(n, dtype=torch.float32) + i for i, n in enumerate(sizes)}
+    header, payload = encode_payload(tensors)
+    seen: list[tuple[str, int, torch.Tensor]] = []
+    reader = PayloadReader(header, BIG, BIG, lambda name, t: seen.append((name, reader.filled, t.clone())))
+
+    # Execute
+    for part in chunked(payload, chunk):
+        reader.add(part)
+    final = reader.tensors()
+
+    # Assert: every non-empty tensor seen exactly once, in payload order, in the chunk that completes it, whole;
+    # an empty tensor after the last chunk may be built only at the end (no chunk completes it)
+    ends = list(itertools.accumulate(t.numel() * 4 for t in tensors.values()))
+    names = [name for name, _, _ in seen]
+    assert names == list(tensors)[: len(names)]
+    assert all(tensors[name].numel() == 0 for name in list(tensors)[len(names) :])
+    for (name, filled, got), end in zip(seen, ends, strict=False):
+        assert end <= filled < end + chunk or end == 0
+        assert torch.equal(got, tensors[name])
+    assert list(final) == list(tensors)
+    assert all(torch.equal(final[n], t) for n, t in tensors.items())
 
 
 def test_duplicate_tensor_names_are_invalid_argument() -> None:

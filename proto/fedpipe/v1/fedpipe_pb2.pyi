@@ -951,9 +951,14 @@ class PayloadHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    XXH3_128_FIELD_NUMBER: _builtins.int
     total_bytes: _builtins.int
     sha256: _builtins.bytes
-    """over the whole payload"""
+    """A checksum over the whole payload, to catch truncation and bugs (TLS already authenticates the bytes) and to
+    recognise a resent upload. Senders write xxh3_128; receivers still take sha256 from earlier senders and check
+    every checksum that is set.
+    """
+    xxh3_128: _builtins.bytes
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorInfo]:
         """payload is their raw little-endian bytes, in this order"""
@@ -964,10 +969,11 @@ class PayloadHeader(_message.Message):
         tensors: _abc.Iterable[Global___TensorInfo] | None = ...,
         total_bytes: _builtins.int = ...,
         sha256: _builtins.bytes = ...,
+        xxh3_128: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "tensors", b"tensors", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "tensors", b"tensors", "total_bytes", b"total_bytes", "xxh3_128", b"xxh3_128"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
