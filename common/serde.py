@@ -203,6 +203,7 @@ def plan_to_pb(plan: TrainPlan) -> pb.TrainPlan:
         track_importance=plan.track_importance,
         secure=secure_to_pb(plan.secure) if plan.secure is not None else None,
         even_directions=plan.even_directions,
+        placement=plan.placement,
     )
 
 
@@ -274,6 +275,7 @@ def secagg_from_pb(message: pb.SecAggStep) -> SecAggStep:
 
 MODES = ("lora", "ferret")
 OPTIMIZERS = ("adamw", "sgd")
+PLACEMENTS = ("replicas", "layers")
 
 
 def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
@@ -286,6 +288,9 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
         raise InvalidArgument("plan.mode", f"{mode!r} is not one of {list(MODES)}")
     if optimizer not in OPTIMIZERS:
         raise InvalidArgument("plan.optimizer", f"{optimizer!r} is not one of {list(OPTIMIZERS)}")
+    placement = message.placement or "replicas"
+    if placement not in PLACEMENTS:
+        raise InvalidArgument("plan.placement", f"{placement!r} is not one of {list(PLACEMENTS)}")
     missing = [m for m in message.target_modules if m not in message.rank_pattern]
     if missing and mode == "lora":
         raise InvalidArgument("plan.rank_pattern", f"no rank for {missing[:3]}")
@@ -320,6 +325,7 @@ def plan_from_pb(message: pb.TrainPlan) -> TrainPlan:
         track_importance=message.track_importance,
         secure=secure_from_pb(message.secure) if message.HasField("secure") else None,
         even_directions=message.even_directions,
+        placement=placement,
     )
 
 

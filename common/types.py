@@ -194,6 +194,9 @@ class TrainPlan:
     track_importance: bool = False  # score the trained matrices while training (UpdateMeta.importance)
     secure: SecureSpec | None = None  # secure aggregation: mask the change and take part in the key steps
     even_directions: bool = False  # ferret: directions shared evenly among the blocks, not by update norm
+    # A several-device agent: "replicas" trains data-parallel with a base per device, "layers" splits the base's
+    # layers over its devices in one process (a base too large for one device)
+    placement: str = "replicas"
 
     def alpha_of(self, module: str) -> float:
         """peft's lora_alpha for one module: lora_alpha x its rank / the plan's largest rank, so every module's

@@ -18,8 +18,14 @@ refitted from measured rounds, multiplies both predictions (the closed loop).
 
 Several devices (a data-parallel agent): a step's batch is split over them, so memory and step time are priced
 at the per-device share (ceil(batch / devices)), and each step adds a ring all-reduce of the trainable
-gradients, 2 (n - 1) / n x their fp32 bytes at the agent's measured bus bandwidth. The Ferret mode trains on
-one device.
+gradients, 2 (n - 1) / n x their fp32 bytes at the agent's measured bus bandwidth ("replicas": a copy of the
+base per device). A base too large for one device is split instead ("layers": its layers divided among the
+devices in one process, accelerate's balanced device map): every device holds 1/n of the weights and of the
+saved activations of the whole batch, plus one layer's share more (a layer is not split, so the division is
+uneven by up to a layer); a step runs the devices one after another, so it costs what one device's step at the
+whole batch costs, plus the hidden states handed across the n - 1 boundaries forward and backward at the bus
+bandwidth. On CPU processes, which share the host's memory, "layers" is one process with the host's memory.
+The Ferret mode trains on one device.
 
 Depth: autograd keeps activations, and computes input gradients, only from the earliest module that trains
 up to the top. A mask of the top layers therefore needs much less activation memory, and a shorter
@@ -31,6 +37,7 @@ interpolated in the number of layers the backward runs through.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -38,6 +45,7 @@ from typing import NamedTuple
 from common.adapters import backward_layers, last_layer_modules, layer_count, lora_parameter_count
 from common.types import DeviceProfile, ModelSpec, Quantization
 
+REPLICAS, LAYERS = "replicas", "layers"  # TrainPlan.placement
 MIN_STEP_SECONDS = 1e-6  # a spec with no weights to price (hand-made) still gets a finite step count
 ADAM_BYTES_PER_PARAM = 16  # fp32 weight, gradient, AdamW exp_avg and exp_avg_sq
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit code, 8-bit absmax per 64, fp32 per 256 blocks
@@ -189,6 +197,7 @@ class Config:
     directions: int = 0  # ferret: the round's projection budget
     rank_pattern: tuple[tuple[str, int], ...] = ()  # a rank per module, overriding `rank` (per-matrix allocation)
     dropout: float = CALIBRATION_DROPOUT  # LoRA dropout (its masks are activations too)
+    placement: str = "replicas"  # a several-device agent's: REPLICAS (data-parallel) or LAYERS (the base split)
 
     def module_ranks(self) -> tuple[tuple[str, int], ...]:
         """(module, rank) of every trained module: the rank pattern, else `rank` on each module."""
@@ -247,6 +256,7 @@ class Static:
     extra_activation_per_token: float  # what the trained weights add to the saved activations (calibrated fits)
     flops_per_token: float
     time_factors: tuple[float, float]  # its precision's step-time factor on (cpu, cuda)
+    layers: int  # transformer layers the base splits into (LAYERS placement)
 
 
 def static_cost(spec: ModelSpec, config: Config, element: int) -> Static:
@@ -286,6 +296,7 @@ def static_cost(spec: ModelSpec, config: Config, element: int) -> Static:
         extra_activation_per_token=extra,
         flops_per_token=step_flops_per_token(spec, lora, full),
         time_factors=(TIME_FACTORS["cpu"][config.quantization], TIME_FACTORS["cuda"][config.quantization]),
+        layers=layer_count(spec),
     )
 
 
@@ -322,21 +333,29 @@ def predict_many(
     depends on the agent alone worked out once."""
     calibrated = step_flops_per_token(spec, coefficients.calibration_lora_parameters)
     kind = 1 if device_kind(profile) == "cuda" else 0
+    hidden = hidden_size(spec)
+    element = compute_bytes(profile)
     per_depth: dict[int, tuple[float, float]] = {}
     costs: list[Cost] = []
     for config, fixed in zip(configs, statics, strict=True):
         world = profile.world if config.mode == "lora" else 1
-        tokens = -(-config.batch_size // world) * seq_len  # the largest per-device share
+        split = world > 1 and config.placement == LAYERS
+        tokens = -(-config.batch_size // (1 if split else world)) * seq_len  # the largest per-device share
         if fixed.depth not in per_depth:
             per_depth[fixed.depth] = coefficients.per_token(fixed.depth)
         activation_per_token, seconds_per_token = per_depth[fixed.depth]
         if coefficients.calibrated:
             activation_per_token += fixed.extra_activation_per_token
-        memory = fixed.weights + activation_per_token * tokens + coefficients.overhead_bytes
+        memory = fixed.weights + activation_per_token * tokens
+        if split:
+            memory = memory / world + memory / max(1, fixed.layers)
+        memory += coefficients.overhead_bytes
         # A spec without linear weights or calibration (hand-made, or an unknown layout) gives no ratio to scale by.
         flop_ratio = fixed.flops_per_token / calibrated if calibrated > 0 else 1.0
         step = (coefficients.step_seconds_fixed + seconds_per_token * tokens) * flop_ratio * fixed.time_factors[kind]
-        if world > 1:
+        if split:
+            step += handoff_seconds(tokens * hidden * element, world, profile.allreduce_bytes_per_s)
+        elif world > 1:
             step += allreduce_seconds(fixed.payload, world, profile.allreduce_bytes_per_s)
         transfer = 2 * fixed.payload / bandwidth_bytes_per_s + fixed.projection
         costs.append(Cost(memory * memory_scale, max(step * time_scale, MIN_STEP_SECONDS), transfer, fixed.payload))
@@ -348,6 +367,21 @@ def allreduce_seconds(gradient_bytes: int, world: int, bytes_per_s: float) -> fl
     if world <= 1 or gradient_bytes <= 0:
         return 0.0
     return 2 * (world - 1) / world * gradient_bytes / max(bytes_per_s, 1.0)
+
+
+def hidden_size(spec: ModelSpec) -> int:
+    """Values per token that cross a layer boundary: the most common input width of the candidates (the MLP's
+    down projection is the one that reads a wider input)."""
+    widths = Counter(c.in_features for c in spec.candidates)
+    return max(widths, key=lambda w: (widths[w], w)) if widths else 0
+
+
+def handoff_seconds(boundary_bytes: int, world: int, bytes_per_s: float) -> float:
+    """A LAYERS step's transfers: the hidden states (boundary_bytes) across each of the world - 1 device
+    boundaries, forward and their gradients backward."""
+    if world <= 1 or boundary_bytes <= 0:
+        return 0.0
+    return 2 * (world - 1) * boundary_bytes / max(bytes_per_s, 1.0)
 
 
 def _linear_bytes(spec: ModelSpec, quantization: Quantization, element_bytes: int) -> float:

@@ -51,6 +51,8 @@ def render(planned: PlanSet, profiles: Mapping[str, DeviceProfile]) -> str:
             else f"{len(plan.target_modules)} matrices in full"
         )
         line = f"{agent} ({caps}): batch {plan.batch_size}, {trained}, base {plan.quantization.value}"
+        if profile.devices and plan.mode == "lora":
+            line += " split by layers over its devices" if plan.placement == "layers" else " on each device"
         if prediction is not None:
             line += (
                 f"; predicted peak {prediction.peak_memory_bytes / 2**20:.0f} of "

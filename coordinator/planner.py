@@ -129,6 +129,7 @@ def _make_plan(
     local_epochs: int,
     max_steps: int,
     ranks: Mapping[str, int] | None = None,
+    placement: str = costmodel.REPLICAS,
 ) -> TrainPlan:
     """ranks: a rank per module (per-matrix allocation); else `rank` on every module."""
     ferret = options.mode == "ferret"
@@ -150,6 +151,7 @@ def _make_plan(
         "mode": options.mode,
         "optimizer": options.optimizer,
         "directions": options.directions,
+        "placement": placement,
     }
     return TrainPlan(
         plan_id=plan_id(round_, agent_id, fields),
@@ -174,6 +176,7 @@ def _make_plan(
         shared_seed=options.seed,
         proximal_mu=options.proximal_mu,
         track_importance=options.track_importance and not ferret,
+        placement=placement,
     )
 
 
@@ -199,19 +202,33 @@ def _price(
 
 
 def _config(
-    options: PlanOptions, batch_size: int, rank: int, quantization: Quantization, modules: tuple[str, ...]
+    options: PlanOptions,
+    batch_size: int,
+    rank: int,
+    quantization: Quantization,
+    modules: tuple[str, ...],
+    placement: str = costmodel.REPLICAS,
 ) -> costmodel.Config:
     return costmodel.Config(
         batch_size, rank, quantization, modules, options.mode, options.optimizer, options.directions,
-        dropout=options.dropout,
+        dropout=options.dropout, placement=placement,
     )  # fmt: skip
 
 
-def _batch_sizes(profile: DeviceProfile, search: SearchSpace, mode: str) -> frozenset[int]:
-    """The batch sizes an agent may get: planning.batch_sizes per device, so a data-parallel agent's (LoRA) batch
-    is that times its devices, each device taking an equal share."""
+def _layouts(profile: DeviceProfile, search: SearchSpace, mode: str) -> frozenset[tuple[str, int]]:
+    """The (placement, batch size) an agent may get. REPLICAS at planning.batch_sizes per device, so a
+    data-parallel agent's (LoRA) batch is that times its devices, each device taking an equal share; a several-
+    device LoRA agent may also get LAYERS at planning.batch_sizes (its base split over the devices, every batch
+    through all of them)."""
     world = profile.world if mode == "lora" else 1
-    return frozenset(b * world for b in search.batch_sizes)
+    layouts = {(costmodel.REPLICAS, b * world) for b in search.batch_sizes}
+    if world > 1:
+        layouts |= {(costmodel.LAYERS, b) for b in search.batch_sizes}
+    return frozenset(layouts)
+
+
+def _layout(config: costmodel.Config) -> tuple[str, int]:
+    return config.placement, config.batch_size
 
 
 def _usable(profile: DeviceProfile, search: SearchSpace) -> int:
@@ -229,6 +246,14 @@ def uniform_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
         config = _config(options, options.batch_size, rank, options.quantization, modules)
         if per_matrix:
             config = _spread(config, modules, spec, options)
+        profile = profiles[agent_id]
+        cost = _price(profile, spec, options, agent_id, config)
+        if profile.world > 1 and options.mode == "lora" and cost.peak_memory_bytes > _usable(profile, options.search):
+            # The base does not fit beside the batch on one device: split it over them, if that fits.
+            split = replace(config, placement=costmodel.LAYERS)
+            split_cost = _price(profile, spec, options, agent_id, split)
+            if split_cost.peak_memory_bytes <= _usable(profile, options.search):
+                config, cost = split, split_cost
         plan = _make_plan(
             options,
             round_,
@@ -242,10 +267,9 @@ def uniform_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
             options.local_epochs,
             options.max_steps,
             dict(config.rank_pattern) or None,
+            config.placement,
         )
         plans[agent_id] = plan
-        profile = profiles[agent_id]
-        cost = _price(profile, spec, options, agent_id, config)
         steps = plan.steps_for(profile.num_train_samples)
         predictions[agent_id] = Prediction(
             peak_memory_bytes=round(cost.peak_memory_bytes),
@@ -262,6 +286,7 @@ def uniform_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
 
 PRECISION = {Quantization.NONE: 1.0, Quantization.INT8: 0.5, Quantization.NF4: 0.25}
 W_UNDER, W_CAPACITY, W_PRECISION = 1e7, 1e2, 1.0  # lexicographic: under-training, then rank, then precision
+W_LAYERS = 1e-3  # below every other term: between equals, replicas (they also run the batch n times faster)
 BISECTION_STEPS = 30
 
 
@@ -309,14 +334,14 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     modules = resolve_targets(spec, options.targets)
     subsets = mask_subsets(modules, options.scores, search.mask_fractions)
     ranks = (0,) if options.mode == "ferret" else search.ranks  # Ferret trains its blocks in full
-    batches = {a: _batch_sizes(profiles[a], search, options.mode) for a in profiles}
-    every_batch = sorted(set().union(*batches.values()))
+    batches = {a: _layouts(profiles[a], search, options.mode) for a in profiles}
+    every_layout = sorted(set().union(*batches.values()))
     configs = [
-        _config(options, b, r, q, subset)
+        _config(options, b, r, q, subset, placement)
         for subset in subsets
         for q in search.quantizations
         for r in ranks
-        for b in every_batch
+        for placement, b in every_layout
     ]
     max_capacity = max(1, max(ranks) * len(modules)) if options.mode == "lora" else len(modules)
     feasible: dict[str, list[_Choice]] = {}
@@ -336,7 +361,7 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
                 search.bandwidth_bytes_per_s, time_scale, memory_scale,
             )  # fmt: skip
             allowed = batches[agent_id]
-            priced = [_Choice(c, cost) for c, cost in zip(configs, costs, strict=True) if c.batch_size in allowed]
+            priced = [_Choice(c, cost) for c, cost in zip(configs, costs, strict=True) if _layout(c) in allowed]
         except (ArithmeticError, ValueError) as err:  # profiles are bounded at registration; this is the backstop
             excluded[agent_id] = f"its profile cannot be priced ({err})"
             continue
@@ -380,7 +405,10 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
     wanted = np.array([target(a, ch.config.batch_size) for a in agents for ch in feasible[a]], dtype=float)
     weight = np.repeat([weights[a] for a in agents], sizes)
     richness = {
-        id(c): W_CAPACITY * capacity(c) / max_capacity + W_PRECISION * PRECISION[c.quantization] for c in configs
+        id(c): W_CAPACITY * capacity(c) / max_capacity
+        + W_PRECISION * PRECISION[c.quantization]
+        - W_LAYERS * (c.placement == costmodel.LAYERS)
+        for c in configs
     }
     static = np.array([richness[id(choice.config)] for choice in flat])
     uploads = np.array([ch.cost.payload_bytes for ch in flat], dtype=float)
@@ -411,7 +439,7 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
         chosen, _ = weighted_under(seconds)
     plans: dict[str, TrainPlan] = {}
     predictions: dict[str, Prediction] = {}
-    keys = [(id(c), _richness(c)) for c in configs]
+    keys = [(id(c), _richness(c), _layout(c)) for c in configs]
     for index, (agent_id, pick) in enumerate(zip(feasible, chosen, strict=True)):
         choice = feasible[agent_id][pick]
         if search.rank_allocation == "per-matrix" and options.mode == "lora":
@@ -435,6 +463,7 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
             search.max_local_epochs,
             steps,
             dict(config.rank_pattern) or None,
+            config.placement,
         )
         u = under_training(cost, config.batch_size, target(agent_id, config.batch_size), seconds)
         predictions[agent_id] = Prediction(
@@ -445,7 +474,7 @@ def fedpipe_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
             samples=steps * config.batch_size,
             round_seconds=steps * cost.step_seconds + cost.transfer_seconds,
             under_training=u,
-            binding=_binding(choice, feasible[agent_id], [k for k in keys if k[1][2] in batches[agent_id]], u),
+            binding=_binding(choice, feasible[agent_id], [k[:2] for k in keys if k[2] in batches[agent_id]], u),
         )
     return PlanSet(plans=plans, predictions=predictions, excluded=excluded, round_seconds=seconds)
 

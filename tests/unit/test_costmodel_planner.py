@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -353,3 +354,93 @@ def test_a_data_parallel_agent_is_planned_per_device_batch_times_its_devices() -
     assert both.peak_memory_bytes == alone.peak_memory_bytes
     assert both.step_seconds == pytest.approx(alone.step_seconds, rel=1e-3) and both.step_seconds > alone.step_seconds
     assert both.samples == 2 * alone.samples and alone.binding == both.binding == "none"
+
+
+def test_a_base_split_by_layers_holds_a_share_of_it_per_device_and_runs_the_devices_in_turn() -> None:
+    # Prepare: the same device alone and as two; one configuration at the whole batch
+    one = profile(8.0)
+    pair = replace(one, devices=(costmodel_device(0), costmodel_device(1)), allreduce_bytes_per_s=1e9)
+    fitted = costmodel.fit(one, SPEC)
+    config = costmodel.Config(batch_size=32, rank=8, quantization=Quantization.NONE, modules=(SPEC.candidates[0].name,))
+    layers = replace(config, placement=costmodel.LAYERS)
+
+    # Execute
+    alone = costmodel.predict(one, SPEC, fitted, config, 64, 1e8)
+    split = costmodel.predict(pair, SPEC, fitted, layers, 64, 1e8)
+
+    # Assert: half of what one device holds at the whole batch, plus one of the six layers' share (a layer is
+    # not split), beside the overhead every device has; the step is one device's at the whole batch plus the
+    # hidden states (384 fp32 values per token) across one boundary, forward and backward
+    held = alone.peak_memory_bytes - fitted.overhead_bytes
+    assert split.peak_memory_bytes == pytest.approx(held / 2 + held / 6 + fitted.overhead_bytes)
+    assert costmodel.hidden_size(SPEC) == 384
+    handoff = 2 * 1 * (32 * 64 * 384 * 4) / 1e9
+    assert costmodel.handoff_seconds(32 * 64 * 384 * 4, 2, 1e9) == pytest.approx(handoff)
+    assert split.step_seconds == pytest.approx(alone.step_seconds + handoff)
+    assert split.payload_bytes == alone.payload_bytes
+    # One device: nothing is split, whatever the configuration says
+    assert costmodel.predict(one, SPEC, fitted, layers, 64, 1e8) == alone
+    assert costmodel.handoff_seconds(1000, 1, 1e9) == 0.0
+
+
+def pair_search() -> SearchSpace:
+    """One configuration per placement: rank 8 on every matrix at 16-bit, 8 samples per device."""
+    return replace(
+        OPTIONS.search, ranks=(8,), batch_sizes=(8,), quantizations=(Quantization.NONE,), mask_fractions=(1.0,)
+    )
+
+
+def memory_between(low: float, high: float, headroom: float) -> float:
+    """Device GiB whose usable share lies halfway between two peaks (bytes)."""
+    return (low + high) / 2 / (1 - headroom) / GIB
+
+
+@pytest.mark.parametrize("planner", [fedpipe_plan, uniform_plan])
+def test_a_base_too_large_for_one_device_is_split_over_them_and_one_that_fits_is_replicated(planner: Any) -> None:
+    # Prepare: the memory of a pair of devices between what a split base and a replicated one need
+    search = pair_search()
+    options = replace(OPTIONS, search=search, batch_size=16, rank=8)
+    modules = tuple(m.name for m in SPEC.candidates)
+    pair = replace(profile(8.0), devices=(costmodel_device(0), costmodel_device(1)), allreduce_bytes_per_s=1e9)
+    fitted = costmodel.fit(pair, SPEC)
+    replicas = costmodel.Config(16, 8, Quantization.NONE, modules, dropout=0.0)
+    layers = replace(replicas, placement=costmodel.LAYERS, batch_size=8 if planner is fedpipe_plan else 16)
+    need = {
+        c.placement: costmodel.predict(pair, SPEC, fitted, c, 64, 1e8).peak_memory_bytes for c in (replicas, layers)
+    }
+    assert need["layers"] < need["replicas"]
+    tight = memory_between(need["layers"], need["replicas"], search.memory_headroom)
+    small = replace(pair, total_memory_bytes=int(tight * GIB), free_memory_bytes=int(tight * GIB))
+
+    # Execute
+    roomy = planner({"pair": pair}, SPEC, options, 1)
+    split = planner({"pair": small}, SPEC, options, 1)
+    alone = planner({"one": replace(small, devices=())}, SPEC, options, 1)
+
+    # Assert: replicas while the base fits each device; split by layers when only that fits, at the whole batch
+    # through both devices (fedpipe: the search's per-device batch); an agent of one such device is left out
+    assert roomy.plans["pair"].placement == costmodel.REPLICAS
+    assert split.plans["pair"].placement == costmodel.LAYERS
+    assert split.plans["pair"].plan_id != roomy.plans["pair"].plan_id
+    if planner is fedpipe_plan:
+        assert roomy.plans["pair"].batch_size == 16 and split.plans["pair"].batch_size == 8
+        assert split.predictions["pair"].peak_memory_bytes <= split.predictions["pair"].usable_memory_bytes
+        assert "one" in alone.excluded and not alone.plans
+    else:
+        assert alone.plans["one"].placement == costmodel.REPLICAS  # the uniform planner never leaves one out
+
+
+def test_between_equal_configurations_the_planner_replicates_and_ferret_is_never_split() -> None:
+    # Prepare: plenty of memory, and a slow agent that sets a round time in which the pair finishes either way
+    pair = replace(profile(64.0), devices=(costmodel_device(0), costmodel_device(1)), allreduce_bytes_per_s=1e9)
+    agents = {"pair": pair, "slow": profile(64.0, step_scale=50.0)}
+    options = replace(OPTIONS, search=replace(pair_search(), batch_sizes=(4, 8)), deadline_s=1e6)
+
+    # Execute
+    lora = fedpipe_plan(agents, SPEC, options, 1)
+    ferret = fedpipe_plan(agents, SPEC, replace(options, mode="ferret", directions=64), 1)
+
+    # Assert
+    assert lora.predictions["pair"].under_training == 0.0
+    assert lora.plans["pair"].placement == costmodel.REPLICAS and lora.plans["pair"].batch_size == 16
+    assert ferret.plans["pair"].placement == costmodel.REPLICAS and ferret.plans["pair"].batch_size == 8

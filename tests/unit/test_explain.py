@@ -74,3 +74,4 @@ def test_a_data_parallel_agent_round_trips_and_is_explained_per_device(
     assert main(["plan", "--explain", "--run-dir", str(tmp_path)]) == 0
     lines = {line.split(" ", 1)[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "2 devices, all-reduce 2.50 GB/s" in lines["pair"] and "devices" not in lines["one"]
+    assert "on each device" in lines["pair"] and "on each device" not in lines["one"]

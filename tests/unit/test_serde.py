@@ -262,6 +262,18 @@ def test_plan_round_trip_property(ranks: dict[str, int], alpha: float, seed: int
     assert back == plan
 
 
+@pytest.mark.parametrize("placement", ["replicas", "layers"])
+def test_a_placement_round_trips_and_an_earlier_coordinator_s_plan_replicates(placement: str) -> None:
+    # Prepare
+    plan = replace(PLAN, placement=placement)
+    earlier = plan_to_pb(plan)
+    earlier.ClearField("placement")  # what a coordinator from before placements sends
+
+    # Execute / Assert
+    assert plan_from_pb(pb.TrainPlan.FromString(plan_to_pb(plan).SerializeToString())) == plan
+    assert plan_from_pb(earlier).placement == "replicas"
+
+
 def test_plan_from_pb_drops_ranks_of_modules_outside_the_mask() -> None:
     # Prepare
     message = plan_to_pb(PLAN)
@@ -283,6 +295,7 @@ def test_plan_from_pb_drops_ranks_of_modules_outside_the_mask() -> None:
         ("batch_zero", "plan.batch_size"),
         ("mu_negative", "plan.proximal_mu"),
         ("mu_nan", "plan.proximal_mu"),
+        ("placement_unknown", "plan.placement"),
     ],
 )
 def test_unexecutable_plan_names_the_field(mutate: str, field: str) -> None:
@@ -298,6 +311,8 @@ def test_unexecutable_plan_names_the_field(mutate: str, field: str) -> None:
         message.proximal_mu = -0.1
     elif mutate == "mu_nan":
         message.proximal_mu = float("nan")
+    elif mutate == "placement_unknown":
+        message.placement = "pipeline"
     else:
         message.batch_size = 0
 

@@ -397,6 +397,7 @@ class TrainPlan(_message.Message):
     TRACK_IMPORTANCE_FIELD_NUMBER: _builtins.int
     SECURE_FIELD_NUMBER: _builtins.int
     EVEN_DIRECTIONS_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     lora_alpha: _builtins.float
     lora_dropout: _builtins.float
@@ -429,6 +430,10 @@ class TrainPlan(_message.Message):
     """score the trained matrices during training, sent with the upload"""
     even_directions: _builtins.bool
     """ferret: share the directions among the blocks evenly, not by their"""
+    placement: _builtins.str
+    """update norms (privacy: the split would tell of the data)
+    several devices: "replicas" (also when empty), a base per device
+    """
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the mask: full module names that get LoRA"""
@@ -478,10 +483,11 @@ class TrainPlan(_message.Message):
         track_importance: _builtins.bool = ...,
         secure: Global___SecureSpec | None = ...,
         even_directions: _builtins.bool = ...,
+        placement: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["secure", b"secure"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "batch_size", b"batch_size", "deadline_s", b"deadline_s", "directions", b"directions", "even_directions", b"even_directions", "global_digest", b"global_digest", "held_modules", b"held_modules", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "mode", b"mode", "modules_to_save", b"modules_to_save", "optimizer", b"optimizer", "plan_id", b"plan_id", "proximal_mu", b"proximal_mu", "quantization", b"quantization", "rank_pattern", b"rank_pattern", "secure", b"secure", "seed", b"seed", "shared_seed", b"shared_seed", "target_modules", b"target_modules", "track_importance", b"track_importance", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis", b"basis", "batch_size", b"batch_size", "deadline_s", b"deadline_s", "directions", b"directions", "even_directions", b"even_directions", "global_digest", b"global_digest", "held_modules", b"held_modules", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "max_seq_len", b"max_seq_len", "max_steps", b"max_steps", "mode", b"mode", "modules_to_save", b"modules_to_save", "optimizer", b"optimizer", "placement", b"placement", "plan_id", b"plan_id", "proximal_mu", b"proximal_mu", "quantization", b"quantization", "rank_pattern", b"rank_pattern", "secure", b"secure", "seed", b"seed", "shared_seed", b"shared_seed", "target_modules", b"target_modules", "track_importance", b"track_importance", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
