@@ -127,6 +127,24 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Te
     return F.cross_entropy(logits.float(), labels)
 
 
+def is_split(model: Any) -> bool:
+    """Whether the model's layers sit on more than one device (common.modeling.layer_split)."""
+    placed = getattr(model, "hf_device_map", None) or {}  # peft passes the attribute through to the base
+    return len({str(where) for where in placed.values()}) > 1
+
+
+def forward(model: Any, inputs: dict[str, torch.Tensor], task: str) -> tuple[Any, Any]:
+    """The model's output on a batch and its loss. A model split over devices puts its logits on the last one
+    while the labels sit on the first, and transformers' BERT-family classifiers do not move them: such a model's
+    loss is task_loss with the labels moved to the logits."""
+    if not is_split(model):
+        out = model(**inputs)
+        return out, out.loss
+    labels = inputs["labels"]
+    out = model(**{name: value for name, value in inputs.items() if name != "labels"})
+    return out, task_loss(out.logits, labels.to(out.logits.device), task)
+
+
 @torch.no_grad()
 def evaluate(
     model: Any,
@@ -150,8 +168,8 @@ def evaluate(
     classes = 0
     for batch in batches(examples, batch_size):
         inputs = encode(tokenizer, batch, max_seq_len, device)
-        out = model(**inputs)
-        loss_sum += float(out.loss) * len(batch)
+        out, loss = forward(model, inputs, SEQ_CLS)
+        loss_sum += float(loss) * len(batch)
         predicted.extend(out.logits.argmax(dim=-1).tolist())
         classes = out.logits.shape[-1]
     model.train(was_training)
@@ -183,10 +201,11 @@ def evaluate_causal(
     for batch in batches(examples, batch_size):
         inputs = encode_causal(tokenizer, batch, max_seq_len, device)
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        targets = inputs["labels"][:, 1:]
+        labels = inputs["labels"].to(logits.device)  # a model split over devices gives them on its last
+        targets = labels[:, 1:]
         scored = targets != IGNORE
         count = int(scored.sum())
-        loss_sum += float(task_loss(logits, inputs["labels"], CAUSAL_LM)) * count
+        loss_sum += float(task_loss(logits, labels, CAUSAL_LM)) * count
         tokens += count
         # The answer is the response without its end-of-turn token: match it token by token.
         answer = scored & (targets != tokenizer.eos_token_id)

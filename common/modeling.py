@@ -273,6 +273,22 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
+def layer_split(devices: Sequence[torch.device], memory_bytes: Sequence[int]) -> dict[str, Any]:
+    """from_pretrained's placement for a base split by layers over several devices: accelerate's balanced device
+    map, each GPU holding at most its memory_bytes (whole layers, in order, so the first GPU takes the inputs). CPU
+    worker processes share one memory: the split base is one CPU process's."""
+    if len(devices) != len(memory_bytes) or len(devices) < 2:
+        raise ValueError(f"a split needs two or more devices, each with its memory: {devices}, {memory_bytes}")
+    if all(d.type == "cpu" for d in devices):
+        return {"device_map": {"": "cpu"}}
+    if any(d.type != "cuda" or d.index is None for d in devices):
+        raise ValueError(f"a base splits over CUDA devices named with their index (cuda:0), not {devices}")
+    return {
+        "device_map": "balanced",
+        "max_memory": {d.index: int(m) for d, m in zip(devices, memory_bytes, strict=True)},
+    }
+
+
 def load_base(
     path: str,
     labels: Sequence[str],
@@ -280,9 +296,11 @@ def load_base(
     device: torch.device,
     task: str = SEQ_CLS,
     full_precision: Sequence[str] = (),
+    split: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """The frozen base at the planned precision; heads stay unquantized (bitsandbytes cannot init them), and
-    so do the modules named in full_precision, which are held in float32 (blocks the Ferret mode trains)."""
+    so do the modules named in full_precision, which are held in float32 (blocks the Ferret mode trains).
+    split: layer_split's placement over several devices instead of all of it on `device`."""
     from transformers import BitsAndBytesConfig
 
     dtype = compute_dtype(device)
@@ -298,9 +316,13 @@ def load_base(
         skip = list(NOT_CANDIDATES)  # an lm_head created at load would be a 4-bit layer nobody quantized
     skip += list(full_precision)
     model_class = auto_class(task)
+    placement: dict[str, Any] = dict(split) if split is not None else {"device_map": {"": str(device)}}
     if quantization is Quantization.NONE:
-        model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
-        model.to(device)
+        if split is not None:
+            model = model_class.from_pretrained(path, dtype=dtype, **placement, **kwargs)
+        else:
+            model = model_class.from_pretrained(path, dtype=dtype, **kwargs)
+            model.to(device)
     else:
         if quantization is Quantization.NF4:
             bnb = BitsAndBytesConfig(
@@ -312,9 +334,7 @@ def load_base(
             )
         else:
             bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-        model = model_class.from_pretrained(
-            path, quantization_config=bnb, device_map={"": str(device)}, dtype=dtype, **kwargs
-        )
+        model = model_class.from_pretrained(path, quantization_config=bnb, dtype=dtype, **placement, **kwargs)
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -6,12 +6,13 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from common.batching import evaluate
 from common.errors import Rejected, ServerUnavailable, Stopped, UnknownAgent
+from common.modeling import layer_split
 from common.types import (
     SECAGG_KINDS,
     DeviceProfile,
@@ -290,10 +291,24 @@ class Agent:
         self.state = "loading"
         ferret = plan.mode == "ferret"
         sent: dict[str, torch.Tensor] = {}
+        split = self._split(plan)
+        if split is not None and self.group is not None:
+            try:
+                freed = self.group.release()  # their copies of the base hold the memory the split needs
+            except GroupFailed as err:
+                self._group_failed(task.round, err)
+                return
+            if freed:
+                log.info(
+                    "round %d: the base trains split by layers over %d devices; %d helper copies of it freed",
+                    task.round,
+                    len(self.profile.devices),
+                    freed,
+                )
         if ferret:
             model = self.ferret.sync(task.global_round, plan)
         else:
-            adapted = self.model.prepare(plan)
+            adapted = self.model.prepare(plan, split)
             sent = self.gateway.download(task.global_round, plan.plan_id)
             adapted.load(sent)
             model = adapted.model
@@ -342,16 +357,11 @@ class Agent:
         if self.group is not None and ferret and not self.said_ferret_alone:
             log.info("Ferret plans train on %s alone (data-parallel training covers LoRA plans)", self.model.device)
             self.said_ferret_alone = True
-        if self.group is not None and not ferret:
+        if self.group is not None and not ferret and split is None:
             try:
                 trained = self.group.train(self._job(plan, sent), self.data.train, train)
             except GroupFailed as err:
-                self.metrics.group_failures.inc()
-                log.error(
-                    "round %d: %s; the round goes on without this agent, which restarts its group", task.round, err
-                )
-                self.state = "idle"
-                self.register()  # registering mid-round withdraws it: the coordinator stops waiting for it
+                self._group_failed(task.round, err)
                 return
         else:
             trained = train()
@@ -399,6 +409,19 @@ class Agent:
         )
         self.state = "idle"
 
+    def _split(self, plan: TrainPlan) -> dict[str, Any] | None:
+        """Where a "layers" plan puts the base: over this agent's devices (None: one device, as every other plan)."""
+        devices = self.profile.devices
+        if plan.placement != "layers" or plan.mode != "lora" or len(devices) < 2:
+            return None
+        return layer_split([torch.device(d.device) for d in devices], [d.total_memory_bytes for d in devices])
+
+    def _group_failed(self, round_: int, err: GroupFailed) -> None:
+        self.metrics.group_failures.inc()
+        log.error("round %d: %s; the round goes on without this agent, which restarts its group", round_, err)
+        self.state = "idle"
+        self.register()  # registering mid-round withdraws it: the coordinator stops waiting for it
+
     def _job(self, plan: TrainPlan, sent: Mapping[str, torch.Tensor]) -> Job:
         """A TRAIN task as the group's helpers take it."""
         from safetensors.torch import save
@@ -413,7 +436,7 @@ class Agent:
 
         received = time.monotonic()
         self.state = "probing"
-        adapted = self.model.base_at(probe.quantization)
+        adapted = self.model.base_at(probe.quantization, self.model.split)  # a split base stays split
         result = run_probe(
             adapted,
             self.model.tokenizer,

@@ -1,5 +1,7 @@
 """A data-parallel agent: this process is rank 0 and talks to the coordinator; it starts one helper process per
-further device (NCCL on CUDA, gloo on CPU), and every TRAIN task's plan is trained by all of them at once.
+further device (NCCL on CUDA, gloo on CPU), and every TRAIN task's plan is trained by all of them at once. A plan
+that splits the base by layers over the devices (placement "layers") trains in rank 0 alone; the helpers free
+their copies of the base first.
 
 The helpers hold their own copy of the base on their device, get the plan, the downloaded global and (once per
 data set) the examples over a pipe, and train in step with rank 0 (edge_agent.collective). Only rank 0 uploads.
@@ -193,6 +195,17 @@ class DeviceGroup:
             self.close()
             raise
 
+    def release(self) -> int:
+        """Have every helper free the base it holds, so a base split by layers over the devices has their memory;
+        the number of bases freed. GroupFailed (and the group closed) when a helper fails to answer."""
+        try:
+            for _, pipe in self.helpers:
+                pipe.send(("release",))
+            return sum(int(self._reply(process, pipe)) for process, pipe in self.helpers)
+        except (GroupFailed, OSError, EOFError) as err:
+            self.close()
+            raise GroupFailed(f"the process group failed: {err}") from None
+
     def _reply(self, process: multiprocessing.process.BaseProcess, pipe: Connection) -> Any:
         """The helper's answer; GroupFailed when it reports an error or dies first."""
         deadline = time.monotonic() + self.timeout_s
@@ -311,6 +324,12 @@ def helper_main(
                     str(device), measured.device_name, measured.total_memory_bytes, measured.flops_per_s
                 )
                 pipe.send(("ok", found))
+            elif message[0] == "release":
+                freed = len(models)
+                for old in models.values():
+                    old.release()
+                models.clear()
+                pipe.send(("ok", freed))
             elif message[0] == "data":
                 data[message[1]] = message[2]
             elif message[0] == "train":

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from common.adapters import PEFT_PREFIX
-from common.batching import encode
+from common.batching import encode, forward
 from common.data import SEQ_CLS, Example
 from common.importance import SensitivityTracker, lora_scores
 from common.types import TrainPlan
@@ -76,7 +76,9 @@ def train_local(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     throttle = throttle or Throttle(1.0)
     tracker, watched = _importance_watch(model, plan)
-    reset_peak_memory(device)
+    placed = sorted({p.device for p in model.parameters()} | {device}, key=str)  # a split base: several
+    for each in placed:
+        reset_peak_memory(each)
     bar = _Progress(progress, total, f"train {plan.plan_id}")
     model.train()
     start = time.perf_counter()
@@ -99,7 +101,7 @@ def train_local(
             loss_value = 0.0
             if share:  # a rank whose share of a short last batch is empty still joins the all-reduce
                 inputs = encode(tokenizer, share, plan.max_seq_len, device, task)
-                loss = model(**inputs).loss
+                _, loss = forward(model, inputs, task)
                 objective = loss
                 if anchors:
                     proximal = sum(
@@ -123,6 +125,7 @@ def train_local(
             on_step(len(batch), loss_value)
         bar.update(steps, loss_sum / steps)
     seconds = time.perf_counter() - start
+    peak = max(peak_memory_bytes(each) for each in placed)  # the busiest device's, as the planner prices it
     bar.close()
     if stopped_early:
         log.warning("train: deadline reached after %d of %d steps", steps, total)
@@ -131,7 +134,7 @@ def train_local(
         steps=steps,
         seconds=seconds,
         mean_loss=loss_sum / steps if steps else float("nan"),
-        peak_memory_bytes=group.largest(peak_memory_bytes(device)) if group is not None else peak_memory_bytes(device),
+        peak_memory_bytes=group.largest(peak) if group is not None else peak,
         stopped_early=stopped_early,
         importance=lora_scores(tracker, _pairs(plan)) if tracker is not None else {},
     )

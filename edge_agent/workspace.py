@@ -141,6 +141,17 @@ class Workspace:
         section = self.config.calibration
         if not section.enabled:
             return ()
+        measured = self.measured
+        element = torch.empty((), dtype=getattr(torch, measured.compute_dtype)).element_size()
+        if measured.devices and spec.base_parameters * element > measured.total_memory_bytes:
+            # Calibration trains the full-precision base on one device, which this one cannot hold: the planner
+            # prices from its formulas instead, and the closed loop corrects them from the rounds measured.
+            log.info(
+                "calibration: skipped, the %.1f GiB base does not fit one %.1f GiB device (it trains split by layers)",
+                spec.base_parameters * element / 2**30,
+                measured.total_memory_bytes / 2**30,
+            )
+            return ()
         points = calibrate(
             model,
             data.train,

@@ -15,7 +15,7 @@ import torch
 
 from common.adapters import broadcast_tensors, init_global
 from common.data import DataSource, Example, embedded_split
-from common.modeling import model_spec, resolve_model_path
+from common.modeling import layer_split, model_spec, resolve_model_path
 from common.types import Quantization, TrainPlan
 from coordinator.planner import PlanOptions, uniform_plan
 from edge_agent.collective import Collective
@@ -129,3 +129,32 @@ def test_a_killed_rank_fails_the_task_and_the_group_starts_again(
         job(base, plan, start, examples), examples, lambda c: train_rank0(base, plan, start, examples, c)
     )
     assert result.steps == 5 and group.world == 2
+
+
+@pytest.mark.integration
+def test_a_plan_split_by_layers_trains_in_rank_0_after_the_helpers_free_their_bases(
+    base: str, setting: Setting, group: DeviceGroup
+) -> None:
+    # Prepare: the helpers hold a base from a data-parallel task
+    plan, start, examples = setting
+    group.train(job(base, plan, start, examples), examples, lambda c: train_rank0(base, plan, start, examples, c))
+    layers = dataclasses.replace(plan, placement="layers")
+    split = layer_split([CPU, CPU], [2**30, 2**30])
+    model = LocalModel(base, LABELS, CPU)
+
+    # Execute: free the helpers' bases, then train the split plan in this process alone
+    freed, again = group.release(), group.release()
+    adapted = model.prepare(layers, split)
+    adapted.load(start)
+    result = train_local(adapted.model, model.tokenizer, examples, layers, CPU, time.monotonic() + 120, "off")
+    trained = adapted.extract()
+    expected = train_rank0(base, plan, start, examples, None)[1]
+
+    # Assert: one helper freed one base (and then none); the split base (one CPU process) trains what one process
+    # trains; a replicated plan after it loads the base again, unsplit
+    assert (freed, again) == (1, 0) and group.helpers
+    assert result.steps == 5 and model.split == split
+    assert trained.keys() == expected.keys()
+    assert all(torch.allclose(trained[name], expected[name], atol=1e-6) for name in expected)
+    model.prepare(plan)
+    assert model.split is None

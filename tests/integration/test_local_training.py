@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from common.adapters import broadcast_tensors, check_tensors, expected_tensors, init_global
+from common.batching import evaluate, is_split
 from common.data import DataSource, embedded_split
-from common.modeling import model_spec, resolve_model_path
+from common.modeling import layer_split, model_spec, resolve_model_path
 from common.types import ModelSpec, Quantization, TrainPlan
 from coordinator.planner import PlanOptions, uniform_plan
 from edge_agent.model import LocalModel
@@ -135,3 +136,24 @@ def test_cuda_profile_reports_device_memory_and_nf4_trains() -> None:
     examples = embedded_split(DataSource("embedded"))[0][:24]
     result = train_local(adapted.model, model.tokenizer, examples, plan, device, time.monotonic() + 120, "off")
     assert result.steps == 3 and result.peak_memory_bytes > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("quantization", [Quantization.NONE, Quantization.NF4])
+def test_a_base_split_over_two_gpus_trains_evaluates_and_extracts_its_adapter(quantization: Quantization) -> None:
+    devices = [torch.device("cuda:0"), torch.device("cuda:1")]
+    plan, spec = make_plan(quantization)
+    plan = replace(plan, placement="layers")
+    model = LocalModel(resolve_model_path("embedded"), LABELS, devices[0])
+    adapted = model.prepare(plan, layer_split(devices, [torch.cuda.mem_get_info(d)[1] for d in devices]))
+    start = broadcast_tensors(init_global(spec, plan, seed=0), plan, spec)
+    adapted.load(start)
+    examples = embedded_split(DataSource("embedded"))[0][:24]
+    assert is_split(adapted.model), f"one device holds it all: {adapted.model.hf_device_map}"
+    result = train_local(adapted.model, model.tokenizer, examples, plan, devices[0], time.monotonic() + 120, "off")
+    scored = evaluate(adapted.model, model.tokenizer, examples, plan.max_seq_len, devices[0])
+    tensors = adapted.extract()
+    assert result.steps == 3 and result.peak_memory_bytes > 0 and math.isfinite(scored.loss)
+    check_tensors(tensors, expected_tensors(plan, spec))
+    assert any(not torch.equal(tensors[name], start[name]) for name in start)
