@@ -24,8 +24,7 @@ devices in one process, accelerate's balanced device map): every device holds 1/
 saved activations of the whole batch, plus one layer's share more (a layer is not split, so the division is
 uneven by up to a layer); a step runs the devices one after another, so it costs what one device's step at the
 whole batch costs, plus the hidden states handed across the n - 1 boundaries forward and backward at the bus
-bandwidth. On CPU processes, which share the host's memory, "layers" is one process with the host's memory.
-The Ferret mode trains on one device.
+bandwidth. Only GPUs are split: CPU worker processes share one memory. The Ferret mode trains on one device.
 
 Depth: autograd keeps activations, and computes input gradients, only from the earliest module that trains
 up to the top. A mask of the top layers therefore needs much less activation memory, and a shorter

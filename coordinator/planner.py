@@ -217,14 +217,19 @@ def _config(
 
 def _layouts(profile: DeviceProfile, search: SearchSpace, mode: str) -> frozenset[tuple[str, int]]:
     """The (placement, batch size) an agent may get. REPLICAS at planning.batch_sizes per device, so a
-    data-parallel agent's (LoRA) batch is that times its devices, each device taking an equal share; a several-
-    device LoRA agent may also get LAYERS at planning.batch_sizes (its base split over the devices, every batch
-    through all of them)."""
+    data-parallel agent's (LoRA) batch is that times its devices, each device taking an equal share; a LoRA agent
+    of several GPUs may also get LAYERS at planning.batch_sizes (its base split over them, every batch through
+    all of them). CPU worker processes share one memory, which a split would not divide."""
     world = profile.world if mode == "lora" else 1
     layouts = {(costmodel.REPLICAS, b * world) for b in search.batch_sizes}
-    if world > 1:
+    if _splittable(profile, mode):
         layouts |= {(costmodel.LAYERS, b) for b in search.batch_sizes}
     return frozenset(layouts)
+
+
+def _splittable(profile: DeviceProfile, mode: str) -> bool:
+    """Whether a base may be split by layers over the agent's devices: LoRA on two GPUs or more."""
+    return mode == "lora" and profile.world > 1 and all(d.device.startswith("cuda") for d in profile.devices)
 
 
 def _layout(config: costmodel.Config) -> tuple[str, int]:
@@ -248,7 +253,7 @@ def uniform_plan(profiles: Mapping[str, DeviceProfile], spec: ModelSpec, options
             config = _spread(config, modules, spec, options)
         profile = profiles[agent_id]
         cost = _price(profile, spec, options, agent_id, config)
-        if profile.world > 1 and options.mode == "lora" and cost.peak_memory_bytes > _usable(profile, options.search):
+        if _splittable(profile, options.mode) and cost.peak_memory_bytes > _usable(profile, options.search):
             # The base does not fit beside the batch on one device: split it over them, if that fits.
             split = replace(config, placement=costmodel.LAYERS)
             split_cost = _price(profile, spec, options, agent_id, split)

@@ -444,3 +444,26 @@ def test_between_equal_configurations_the_planner_replicates_and_ferret_is_never
     assert lora.predictions["pair"].under_training == 0.0
     assert lora.plans["pair"].placement == costmodel.REPLICAS and lora.plans["pair"].batch_size == 16
     assert ferret.plans["pair"].placement == costmodel.REPLICAS and ferret.plans["pair"].batch_size == 8
+
+
+def test_cpu_worker_processes_are_never_split_they_share_one_memory() -> None:
+    # Prepare: two CPU workers with memory between what a split base and a replicated one would need
+    workers = (Accelerator("cpu", "cpu", 8 * GIB, 5e10), Accelerator("cpu", "cpu", 8 * GIB, 5e10))
+    pair = replace(profile(8.0), devices=workers, allreduce_bytes_per_s=1e9)
+    search = pair_search()
+    options = replace(OPTIONS, search=search, batch_size=16, rank=8)
+    fitted = costmodel.fit(pair, SPEC)
+    replicas = costmodel.Config(16, 8, Quantization.NONE, tuple(m.name for m in SPEC.candidates), dropout=0.0)
+    layers = replace(replicas, placement=costmodel.LAYERS, batch_size=8)
+    need = [costmodel.predict(pair, SPEC, fitted, c, 64, 1e8).peak_memory_bytes for c in (layers, replicas)]
+    tight = memory_between(need[0], need[1], search.memory_headroom)
+    small = replace(pair, total_memory_bytes=int(tight * GIB), free_memory_bytes=int(tight * GIB))
+
+    # Execute
+    fedpipe = fedpipe_plan({"pair": small}, SPEC, options, 1)
+    uniform = uniform_plan({"pair": small}, SPEC, options, 1)
+
+    # Assert: the fedpipe planner leaves it out rather than split it; the uniform planner replicates
+    assert need[0] < need[1]
+    assert "pair" in fedpipe.excluded and not fedpipe.plans
+    assert uniform.plans["pair"].placement == costmodel.REPLICAS
