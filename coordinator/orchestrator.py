@@ -27,6 +27,7 @@ from common.types import (
 from coordinator.admission import Admission
 from coordinator.aggregation import Aggregation
 from coordinator.bounds import allowed_samples, counted_profiles
+from coordinator.closed_loop import Measured, refit
 from coordinator.config import CoordinatorConfig
 from coordinator.dp import DpAggregation
 from coordinator.evaluation import Evaluator
@@ -493,37 +494,28 @@ class Orchestrator:
                 raise RunAborted(f"{agent}'s planned update is {size} bytes, over server.max_upload_bytes {limit}")
 
     def _refit(self, inbox: Mapping[str, Admitted], predictions: Mapping[str, Prediction]) -> None:
-        """Closed loop: when an agent's measured step time or peak memory is off the prediction by more than
-        planning.refit_threshold, scale that agent's cost model by the measured ratio for the next plans."""
-        threshold = self.config.planning.refit_threshold
+        """Closed loop (coordinator.closed_loop): an agent whose measured step time or peak memory is off the
+        prediction by more than planning.refit_threshold gets its cost model scaled for the next plans."""
         for agent, admitted in inbox.items():
             meta = admitted.update.meta
             predicted = predictions.get(agent)
             if predicted is None or meta.steps == 0:
                 continue
-            step = meta.train_seconds / meta.steps
-            self.metrics.agent_step_seconds.labels(agent).set(step)
-            time_ratio = step / predicted.step_seconds if predicted.step_seconds > 0 else 1.0
-            memory_ratio = (
-                meta.peak_memory_bytes / predicted.peak_memory_bytes if predicted.peak_memory_bytes > 0 else 1.0
+            measured = Measured(meta.steps, meta.train_seconds, meta.peak_memory_bytes)
+            self.metrics.agent_step_seconds.labels(agent).set(measured.step_seconds)
+            scales = refit(
+                self.corrections.get(agent, (1.0, 1.0)), measured, predicted, self.config.planning.refit_threshold
             )
-            time_scale, memory_scale = self.corrections.get(agent, (1.0, 1.0))
-            refit = False
-            if abs(time_ratio - 1) > threshold:
-                time_scale, refit = time_scale * time_ratio, True
-            if meta.peak_memory_bytes and abs(memory_ratio - 1) > threshold:
-                memory_scale, refit = memory_scale * memory_ratio, True
-            if refit:
-                self.corrections[agent] = (time_scale, memory_scale)
+            if scales is not None:
+                self.corrections[agent] = scales
                 log.info(
                     "refit %s: step %.3fs measured vs %.3fs predicted, peak %.0f vs %.0f MiB; scales now %.2f, %.2f",
                     agent,
-                    step,
+                    measured.step_seconds,
                     predicted.step_seconds,
                     meta.peak_memory_bytes / 2**20,
                     predicted.peak_memory_bytes / 2**20,
-                    time_scale,
-                    memory_scale,
+                    *scales,
                 )
 
     # ------------------------------------------------------------------ waits and liveness
