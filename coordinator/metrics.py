@@ -218,6 +218,12 @@ class CoordinatorMetrics:
             ["agent"],
             registry=r,
         )
+        self.plan_split = Gauge(
+            "fedpipe_plan_split_devices",
+            "Devices the agent's base is split over by layers in its plan; 1 = each device holds all of it",
+            ["agent"],
+            registry=r,
+        )
         self.plan_trainable = Gauge(
             "fedpipe_plan_trainable_parameters",
             "Trainable parameters in the agent's plan",

@@ -288,7 +288,7 @@ class Orchestrator:
             )
             plans = {agent: replace(plan, secure=secure.spec) for agent, plan in plans.items()}
         self.state.set_global(global_)
-        self._plan_metrics(planned, spec)
+        self._plan_metrics(planned, spec, counted)
         start = self.state.clock()
         opened = start - self.started
         allowed = {a: allowed_samples(p, counted[a]) for a, p in plans.items()}
@@ -421,7 +421,7 @@ class Orchestrator:
         self._evaluate(round_, plans, result)
         return None
 
-    def _plan_metrics(self, planned: PlanSet, spec: ModelSpec) -> None:
+    def _plan_metrics(self, planned: PlanSet, spec: ModelSpec, profiles: Mapping[str, DeviceProfile]) -> None:
         for agent, prediction in planned.predictions.items():
             self.metrics.plan_memory.labels(agent).set(prediction.peak_memory_bytes)
             self.metrics.plan_step_seconds.labels(agent).set(prediction.step_seconds)
@@ -431,6 +431,7 @@ class Orchestrator:
             self.metrics.plan_rank.labels(agent).set(max(plan.rank_pattern.values(), default=0))
             self.metrics.plan_batch.labels(agent).set(plan.batch_size)
             self.metrics.plan_bits.labels(agent).set(plan.quantization.bits)
+            self.metrics.plan_split.labels(agent).set(profiles[agent].world if plan.placement == "layers" else 1)
             self.metrics.plan_trainable.labels(agent).set(self.mode.trainable_parameters(plan, spec))
 
     def _plan(
