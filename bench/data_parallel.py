@@ -11,8 +11,9 @@ agent started with --nproc runs. Arms on a CPU host of C cores:
 * one process, C / 2 threads (what one of the two ranks would do alone: the scaling reference).
 
 A step's time is the interval between consecutive step ends, median over the steps after the first two;
-samples/s = batch / step time. On CUDA (--devices cuda:0,cuda:1) the arms are one GPU and two. Writes
-bench/results/data_parallel.json.
+samples/s = batch / step time. On CUDA (--devices cuda:0,cuda:1) the arms are one GPU, two GPUs data-parallel,
+and the base split by layers over the two in one process (placement "layers", what the planner gives a base too
+large for one GPU). Writes bench/results/data_parallel.json.
 """
 
 from __future__ import annotations
@@ -53,11 +54,14 @@ def examples_for(task: str, count: int) -> list[Any]:
     return [instruct(e, EMBEDDED_LABELS) for e in tweets] if task == "causal-lm" else list(tweets)
 
 
-def arm(model_name: str, devices: list[torch.device], threads: int, args: argparse.Namespace) -> dict[str, Any]:
-    """One arm: train the plan on these devices (one process when there is one device), time its steps."""
+def arm(
+    model_name: str, devices: list[torch.device], threads: int, args: argparse.Namespace, placement: str = "replicas"
+) -> dict[str, Any]:
+    """One arm: train the plan on these devices (one process when there is one device, or when the base is split
+    by layers over them), time its steps."""
     from safetensors.torch import save
 
-    from common.modeling import model_spec, resolve_model_path
+    from common.modeling import layer_split, model_spec, resolve_model_path
     from edge_agent.collective import Collective
     from edge_agent.model import LocalModel
     from edge_agent.parallel import DeviceGroup, Job
@@ -70,7 +74,10 @@ def arm(model_name: str, devices: list[torch.device], threads: int, args: argpar
     examples = examples_for(task, args.batch * args.steps)
     torch.set_num_threads(threads)
     model = LocalModel(path, labels, devices[0], task)
-    adapted = model.prepare(plan)
+    split = None
+    if placement == "layers":
+        split = layer_split(devices, [torch.cuda.mem_get_info(d)[1] for d in devices])
+    adapted = model.prepare(plan, split)
     start = adapted.extract()
     stamps: list[float] = []
 
@@ -81,7 +88,7 @@ def arm(model_name: str, devices: list[torch.device], threads: int, args: argpar
         )  # fmt: skip
 
     group = None
-    if len(devices) > 1:
+    if len(devices) > 1 and split is None:
         group = DeviceGroup(devices, threads, 1.0, 600.0)
         group.start()
         tensors = save({k: v.contiguous().clone() for k, v in start.items()})
@@ -93,7 +100,9 @@ def arm(model_name: str, devices: list[torch.device], threads: int, args: argpar
     step = statistics.median(steps)
     record = {
         "model": model_name,
-        "processes": len(devices),
+        "processes": 1 if split is not None else len(devices),
+        "devices": len(devices),
+        "placement": placement,
         "threads_per_process": threads,
         "steps": result.steps,
         "step_seconds": step,
@@ -122,12 +131,16 @@ def main() -> int:
     for model_name in args.models:
         if args.devices:
             two = [torch.device(d) for d in args.devices.split(",")]
-            arms = [([two[0]], 0), (two, 0)]
+            arms = [([two[0]], 0, "replicas"), (two, 0, "replicas"), (two, 0, "layers")]
         else:
             cpu = torch.device("cpu")
-            arms = [([cpu], cores), ([cpu, cpu], max(1, cores // 2)), ([cpu], max(1, cores // 2))]
-        for devices, threads in arms:
-            record = arm(model_name, devices, threads or torch.get_num_threads(), args)
+            arms = [
+                ([cpu], cores, "replicas"),
+                ([cpu, cpu], max(1, cores // 2), "replicas"),
+                ([cpu], max(1, cores // 2), "replicas"),
+            ]
+        for devices, threads, placement in arms:
+            record = arm(model_name, devices, threads or torch.get_num_threads(), args, placement)
             print(json.dumps(record), flush=True)
             runs.append(record)
     for model_name in args.models:
@@ -139,7 +152,8 @@ def main() -> int:
               "runs": runs}  # fmt: skip
     args.output.write_text(json.dumps(result, indent=2, default=str) + "\n")
     for r in runs:
-        print(f"{r['model']:>13} {r['processes']} proc x {r['threads_per_process']} threads: "
+        print(f"{r['model']:>13} {r['placement']:>8} {r['devices']} dev {r['processes']} proc x "
+              f"{r['threads_per_process']} threads: "
               f"{r['step_seconds']:.3f} s/step, {r['samples_per_second']:.1f} samples/s, "
               f"x{r['speedup_vs_first']:.2f}")  # fmt: skip
     return 0

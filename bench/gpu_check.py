@@ -18,7 +18,8 @@ table beside it (gpu_check.md):
    [nf4]) on the embedded causal LM: per agent and round the planned against the measured peak CUDA memory,
    and the profile's measured FLOP/s against the device's nominal bf16 figure where it is known.
 4. data-parallel, on a host with two GPUs or more: bench/data_parallel.py --devices cuda:0,cuda:1 (one
-   agent's step time and samples/s on one GPU and on two, NCCL), its output kept under "data_parallel".
+   agent's step time and samples/s on one GPU, on two with NCCL, and with the base split by layers over the
+   two), its output kept under "data_parallel".
 
 On a CPU (--allow-cpu, for CI) every part runs the same code at toy sizes (--quick): the tests part is
 skipped there, the precisions run on a tiny random LLaMA, and one federation runs one round.
@@ -295,9 +296,9 @@ def table(report: dict[str, Any]) -> str:
                              f"{r['max_rank']} | {planned} | {peak} | {error} |")  # fmt: skip
     parallel = report.get("data_parallel")
     if parallel and "runs" in parallel:
-        lines += ["", "| data-parallel | processes | s/step | samples/s | ratio |", "|---|--:|--:|--:|--:|"]
+        lines += ["", "| model | placement | devices | s/step | samples/s | ratio |", "|---|---|--:|--:|--:|--:|"]
         for r in parallel["runs"]:
-            lines.append(f"| {r['model']} | {r['processes']} | {r['step_seconds']:.3f} | "
+            lines.append(f"| {r['model']} | {r['placement']} | {r['devices']} | {r['step_seconds']:.3f} | "
                          f"{r['samples_per_second']:.1f} | {r['speedup_vs_first']:.2f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
