@@ -17,17 +17,14 @@ from typing import Any
 
 from common.errors import ConfigError
 from common.types import (
-    DeviceProfile,
     Evaluation,
     GlobalState,
-    ModelSpec,
     RoundResult,
     TrainPlan,
 )
 from coordinator.admission import Admission
 from coordinator.aggregation import Aggregation
-from coordinator.bounds import allowed_samples, counted_profiles
-from coordinator.closed_loop import Measured, refit
+from coordinator.bounds import allowed_samples
 from coordinator.config import CoordinatorConfig
 from coordinator.dp import DpAggregation
 from coordinator.evaluation import Evaluator
@@ -35,12 +32,12 @@ from coordinator.masks import Masks
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modes import Mode
 from coordinator.modes.lora import LoraMode
-from coordinator.planner import Planner, PlanOptions, PlanSet, Prediction
+from coordinator.planner import Planner, PlanOptions
 from coordinator.registry import AgentRecord, Registry
 from coordinator.reporting import Recorder, round_report, weighted_evaluation
-from coordinator.round_state import Admitted, Phase, RoundState, RunAborted
+from coordinator.round_planning import RoundPlanning
+from coordinator.round_state import Phase, RoundState, RunAborted
 from coordinator.rundir import RunDir, from_snapshot, plan_record, result_record, saved_state, snapshot
-from coordinator.sampling import draw, sample_size, sit_outs
 from coordinator.screening import Screening
 from coordinator.secure_round import SecureOutcome, SecureRound, SecureSteps
 from coordinator.strategy import Strategy
@@ -71,8 +68,6 @@ class Orchestrator:
     ) -> None:
         self.config = config
         self.registry = registry
-        self.planner = planner
-        self.options = options
         self.strategy = strategy
         self.metrics = metrics
         self.base_path = base_path
@@ -96,12 +91,12 @@ class Orchestrator:
             config.updates, self.mode, self.spec, metrics, relative=self.dp is None and self.secure is None
         )
         self.dead: set[str] = set()  # agents marked dead (missed heartbeats), until they call again
-        self.corrections: dict[str, tuple[float, float]] = {}  # agent -> (time, memory) scale from measurements
         self.rundir = RunDir(config.run.run_dir, self.spec, self.mode)
         self.recorder = Recorder(metrics, self.rundir, self.tracking, self.spec, config.run.rounds)
         self.masks = Masks(
             config, options, self.mode, metrics, self.rundir, self.state, self._wait_for, self._check_stop
         )
+        self.planning = RoundPlanning(config, planner, options, self.mode, metrics, self.rundir, self.state, self.masks)
         self.eval_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heldout-eval")
         # A round whose held-out evaluation still runs (evaluation.overlap): its result, less the held-out figures.
         self.deferred: tuple[RoundResult, Future[tuple[Evaluation, float]]] | None = None
@@ -154,7 +149,7 @@ class Orchestrator:
             self._resume(global_, meta)
         else:
             self.masks.choose(0, alive, spec)
-            plans = self._plan(alive, spec, 0)[0].plans
+            plans = self.planning.plan(alive, spec, 0)[0].plans
             global_ = self.mode.initial(spec, plans, cfg.seed)
             plans = self.mode.finalize_plans(plans, global_)
             self.rundir.save_state(global_, self._bookkeeping(), self.strategy.state_dict())
@@ -182,7 +177,7 @@ class Orchestrator:
         profiles = {a: r.profile for a, r in self.registry.all().items()}
         return {
             "run_id": self.run_id,
-            **snapshot(profiles, self.spec, self.masks.mask, self.masks.scores, self.corrections),
+            **snapshot(profiles, self.spec, self.masks.mask, self.masks.scores, self.planning.corrections),
             **({"privacy": self.dp.state()} if self.dp is not None else {}),
         }
 
@@ -206,7 +201,7 @@ class Orchestrator:
     def _resume(self, global_: GlobalState, meta: Mapping[str, Any]) -> None:
         """Continue after the last complete round: its global, mask, cost corrections and results."""
         if "spec" in meta:
-            _, _, self.masks.mask, self.masks.scores, self.corrections = from_snapshot(meta)
+            _, _, self.masks.mask, self.masks.scores, self.planning.corrections = from_snapshot(meta)
         self.state.run_id = str(meta.get("run_id", self.run_id))
         if self.dp is not None:
             self.dp.load_state(meta.get("privacy", {}))
@@ -262,7 +257,7 @@ class Orchestrator:
         spec = self.spec
         global_ = self.state.global_
         assert global_ is not None
-        self.sampling_rate = self._sampling_rate(len(alive))
+        self.sampling_rate = self.planning.sampling_rate(len(alive))
         if self.dp is not None:
             if not self.dp.prepared:
                 # At the first round this process trains, not at start-up: registration ends at run.min_agents,
@@ -275,9 +270,9 @@ class Orchestrator:
         every = self.config.selection.reselect_every
         if every and round_ > 1 and (round_ - 1) % every == 0:
             self.masks.choose(round_ - 1, alive, spec)
-        planned, counted = self._plan(alive, spec, round_)
+        planned, counted = self.planning.plan(alive, spec, round_)
         plans = planned.plans
-        self._check_payload_limit(plans, spec)
+        self.planning.check_payload_limit(plans, spec)
         # Matrices entering the mask start in the global adapter (A random, B = 0), alike for every agent.
         global_ = self.mode.extend(global_, plans, spec)
         plans = self.mode.finalize_plans(plans, global_)
@@ -288,7 +283,7 @@ class Orchestrator:
             )
             plans = {agent: replace(plan, secure=secure.spec) for agent, plan in plans.items()}
         self.state.set_global(global_)
-        self._plan_metrics(planned, spec, counted)
+        self.planning.publish(planned, spec, counted)
         start = self.state.clock()
         opened = start - self.started
         allowed = {a: allowed_samples(p, counted[a]) for a, p in plans.items()}
@@ -376,7 +371,7 @@ class Orchestrator:
         if self.dp is not None:
             epsilon = self.dp.published(self.sampling_rate)
             self.rundir.metadata = self.dp.metadata()
-        self._refit(inbox, planned.predictions)
+        self.planning.refit(inbox, planned.predictions)
         self.masks.keep_training_scores(round_, inbox, weights)
         report = round_report(inbox, weights, planned.predictions, dict(self.state.downloaded))
         self.rundir.save_round(new_global, plans, report, self._bookkeeping(), self.strategy.state_dict())
@@ -420,104 +415,6 @@ class Orchestrator:
         )  # fmt: skip
         self._evaluate(round_, plans, result)
         return None
-
-    def _plan_metrics(self, planned: PlanSet, spec: ModelSpec, profiles: Mapping[str, DeviceProfile]) -> None:
-        for agent, prediction in planned.predictions.items():
-            self.metrics.plan_memory.labels(agent).set(prediction.peak_memory_bytes)
-            self.metrics.plan_step_seconds.labels(agent).set(prediction.step_seconds)
-        if planned.round_seconds:
-            self.metrics.plan_round_seconds.set(planned.round_seconds)
-        for agent, plan in planned.plans.items():
-            self.metrics.plan_rank.labels(agent).set(max(plan.rank_pattern.values(), default=0))
-            self.metrics.plan_batch.labels(agent).set(plan.batch_size)
-            self.metrics.plan_bits.labels(agent).set(plan.quantization.bits)
-            self.metrics.plan_split.labels(agent).set(profiles[agent].world if plan.placement == "layers" else 1)
-            self.metrics.plan_trainable.labels(agent).set(self.mode.trainable_parameters(plan, spec))
-
-    def _plan(
-        self, alive: Mapping[str, AgentRecord], spec: ModelSpec, round_: int
-    ) -> tuple[PlanSet, dict[str, DeviceProfile]]:
-        """Plans for the alive agents over the current mask, and the profiles planned from (data sizes as
-        counted: capped at updates.max_weight_ratio x the median); agents that fit nowhere are left out, loudly."""
-        options = replace(self.options, scores=self.masks.scores, corrections=dict(self.corrections))
-        if self.mask is not None:
-            options = replace(options, targets=self.mask)
-        profiles = {a: r.profile for a, r in alive.items()}
-        self.rundir.write_agents(snapshot(profiles, spec, self.masks.mask, self.masks.scores, self.corrections))
-        run = self.config.run
-        size = sample_size(len(profiles), run.sample_fraction, run.sample_count, run.min_agents)
-        sampled = draw(profiles, size, run.seed, round_)
-        unsampled = sit_outs(profiles, sampled)
-        self.metrics.sampled_agents.set(len(sampled))
-        if unsampled:
-            log.info("round %d: drew %d of %d agents: %s", round_, size, len(profiles), ", ".join(sampled))
-        profiles = {a: profiles[a] for a in sampled}
-        counted = counted_profiles(profiles, self.config.updates.max_weight_ratio)
-        for agent in sorted(profiles):
-            if counted[agent].num_train_samples < profiles[agent].num_train_samples:
-                log.warning(
-                    "round %d: %s reports %d training samples; planned as %d (%g x the median)",
-                    round_,
-                    agent,
-                    profiles[agent].num_train_samples,
-                    counted[agent].num_train_samples,
-                    self.config.updates.max_weight_ratio,
-                )
-        planned = self.planner(counted, spec, options, round_)
-        for agent in alive:
-            self.metrics.agent_excluded.labels(agent).set(1 if agent in planned.excluded else 0)
-        for agent, reason in planned.excluded.items():
-            log.warning("round %d: %s left out: %s", round_, agent, reason)
-        with self.state.cond:
-            # Agents not drawn keep polling and hear why they wait.
-            self.state.excluded = {**unsampled, **planned.excluded}
-        if len(planned.plans) < self.config.run.min_agents:
-            reasons = "; ".join(f"{a}: {r}" for a, r in planned.excluded.items())
-            raise RunAborted(
-                f"only {len(planned.plans)} agents can be planned, {self.config.run.min_agents} needed"
-                + (f" ({reasons})" if reasons else "")
-            )
-        if planned.round_seconds:
-            log.info("round %d: planned %.1fs of training per agent", round_, planned.round_seconds)
-        return planned, counted
-
-    def _sampling_rate(self, alive: int) -> float:
-        """Each alive agent's chance to be drawn this round (coordinator.sampling)."""
-        run = self.config.run
-        return sample_size(alive, run.sample_fraction, run.sample_count, run.min_agents) / max(alive, 1)
-
-    def _check_payload_limit(self, plans: Mapping[str, TrainPlan], spec: ModelSpec) -> None:
-        """Abort before a round whose planned updates could never be accepted."""
-        limit = self.config.server.max_upload_bytes
-        for agent, plan in plans.items():
-            size = self.mode.planned_bytes(plan, spec)
-            if size > limit:
-                raise RunAborted(f"{agent}'s planned update is {size} bytes, over server.max_upload_bytes {limit}")
-
-    def _refit(self, inbox: Mapping[str, Admitted], predictions: Mapping[str, Prediction]) -> None:
-        """Closed loop (coordinator.closed_loop): an agent whose measured step time or peak memory is off the
-        prediction by more than planning.refit_threshold gets its cost model scaled for the next plans."""
-        for agent, admitted in inbox.items():
-            meta = admitted.update.meta
-            predicted = predictions.get(agent)
-            if predicted is None or meta.steps == 0:
-                continue
-            measured = Measured(meta.steps, meta.train_seconds, meta.peak_memory_bytes)
-            self.metrics.agent_step_seconds.labels(agent).set(measured.step_seconds)
-            scales = refit(
-                self.corrections.get(agent, (1.0, 1.0)), measured, predicted, self.config.planning.refit_threshold
-            )
-            if scales is not None:
-                self.corrections[agent] = scales
-                log.info(
-                    "refit %s: step %.3fs measured vs %.3fs predicted, peak %.0f vs %.0f MiB; scales now %.2f, %.2f",
-                    agent,
-                    measured.step_seconds,
-                    predicted.step_seconds,
-                    meta.peak_memory_bytes / 2**20,
-                    predicted.peak_memory_bytes / 2**20,
-                    *scales,
-                )
 
     # ------------------------------------------------------------------ waits and liveness
 
