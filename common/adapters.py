@@ -280,41 +280,29 @@ def broadcast_tensors(global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec) 
     them, A random and B = 0 (dW unchanged; zero A and zero B would never move), drawn from a seed of the
     global round and module, so every agent that receives them gets the same values.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    for module in plan.target_modules:
-        rank = plan.rank_pattern[module]
-        a, b = unfold(truncate_rank(extended_pair(global_, module, rank, spec), rank), plan.alpha_of(module))
-        a_name, b_name = lora_names(module)
-        tensors[a_name] = a.contiguous()
-        tensors[b_name] = b.contiguous()
-    saved = set(plan.modules_to_save)
-    for name, value in global_.heads.items():
-        if name.rsplit(".", 1)[0] in saved:
-            tensors[name] = value.clone()
-    return tensors
+    names = [name for module in plan.target_modules for name in lora_names(module)] + list(global_.heads)
+    return {name: view.clone() for name, view in sent_views(global_, plan, spec, names).items()}
 
 
 def sent_views(
     global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec, names: Iterable[str]
 ) -> dict[str, torch.Tensor]:
-    """The named tensors of broadcast_tensors(global_, plan, spec), as views of the global where they can be
-    (rank truncation is a slice; only B's unfolding writes a new tensor): for reading, as the upload screening
-    does, never for keeping. A name the plan does not send is absent."""
-    wanted = set(names)
+    """The named tensors of broadcast_tensors(global_, plan, spec), in the order named, as views of the global
+    where they can be (rank truncation is a slice; only B's unfolding writes a new tensor): for reading, as the
+    upload screening does, never for keeping. A name the plan does not send is absent."""
     views: dict[str, torch.Tensor] = {}
-    for module in plan.target_modules:
-        a_name, b_name = lora_names(module)
-        if a_name not in wanted and b_name not in wanted:
-            continue
-        rank = plan.rank_pattern[module]
-        pair = extended_pair(global_, module, rank, spec)
-        if a_name in wanted:
-            views[a_name] = pair.a[:rank]
-        if b_name in wanted:
-            views[b_name] = pair.b[:, :rank] / scaling(plan.alpha_of(module), rank)
-    saved = set(plan.modules_to_save)
-    for name in wanted & set(global_.heads):
-        if name.rsplit(".", 1)[0] in saved:
+    pairs: dict[str, LoraPair] = {}  # a module's A and B come from one extended pair (its new slots drawn once)
+    targets, saved = set(plan.target_modules), set(plan.modules_to_save)
+    for name in names:
+        is_a = name.endswith(LORA_A)
+        module = name.removesuffix(LORA_A if is_a else LORA_B)
+        if module != name and module in targets:
+            rank = plan.rank_pattern[module]
+            if module not in pairs:
+                pairs[module] = extended_pair(global_, module, rank, spec)
+            pair = pairs[module]
+            views[name] = pair.a[:rank] if is_a else pair.b[:, :rank] / scaling(plan.alpha_of(module), rank)
+        elif name in global_.heads and name.rsplit(".", 1)[0] in saved:
             views[name] = global_.heads[name]
     return views
 

@@ -618,9 +618,16 @@ def test_sent_views_are_the_broadcast_without_its_copies(
     # Execute
     views = sent_views(global_, plan, SPEC, names)
 
-    # Assert: bit for bit the broadcast's tensors, for exactly the names asked that it sends
+    # Assert: bit for bit the broadcast's tensors, for exactly the names asked that it sends; the broadcast's own
+    # are copies (writing them leaves the global as it was)
     assert set(views) == set(names) & set(sent)
     assert all(torch.equal(views[name], sent[name]) for name in views)
+    before = {m: (p.a.clone(), p.b.clone()) for m, p in global_.lora.items()}
+    head = global_.heads["classifier.weight"].clone()
+    for tensor in sent.values():
+        tensor.add_(1.0)
+    assert all(torch.equal(global_.lora[m].a, a) and torch.equal(global_.lora[m].b, b) for m, (a, b) in before.items())
+    assert torch.equal(global_.heads["classifier.weight"], head)
 
 
 def test_screened_change_norms_add_up_to_the_whole_upload_s() -> None:
