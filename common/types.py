@@ -93,6 +93,12 @@ class DeviceProfile:
         """Devices one plan trains on at once."""
         return max(1, len(self.devices))
 
+    @property
+    def can_split(self) -> bool:
+        """Whether a base may be split by layers over its devices: two GPUs or more (CPU worker processes share
+        one memory, which a split would not divide)."""
+        return len(self.devices) > 1 and all(d.device.startswith("cuda") for d in self.devices)
+
 
 @dataclass(frozen=True)
 class ModuleShape:

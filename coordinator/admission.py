@@ -66,10 +66,11 @@ class OpenUpdate:
     global_: GlobalState
 
 
-class Screening:
+class ArrivalScreening:
     """An opened upload's values checked and change norms taken tensor by tensor while the rest of it arrives
     (transfer.PayloadReader's on_tensor), so that little is left once its last byte is in. What it finds counts
-    only after the payload's checksum holds: finish_update raises a refusal it recorded, never earlier."""
+    only after the payload's checksum holds: finish_update raises a refusal it recorded, never earlier. (The checks
+    at the round's close, against the other agents' updates, are coordinator.screening's.)"""
 
     def __init__(self, mode: Mode, opened: OpenUpdate, spec: ModelSpec, bound: float) -> None:
         self.mode, self.opened, self.spec, self.bound = mode, opened, spec, bound
@@ -331,15 +332,15 @@ class Admission:
             self.mode.check_declared(infos, plan, self.spec)
         return OpenUpdate(meta, checksum, plan, global_)
 
-    def screening(self, opened: OpenUpdate) -> Screening | None:
+    def screening(self, opened: OpenUpdate) -> ArrivalScreening | None:
         """A screening for the opened upload's tensors as they arrive; None in a secure round, whose masked
         values say nothing."""
         if self.state.secure is not None:
             return None
-        return Screening(self.mode, opened, self.spec, self.config.updates.max_abs_value)
+        return ArrivalScreening(self.mode, opened, self.spec, self.config.updates.max_abs_value)
 
     def finish_update(
-        self, opened: OpenUpdate, tensors: Mapping[str, torch.Tensor], screened: Screening | None = None
+        self, opened: OpenUpdate, tensors: Mapping[str, torch.Tensor], screened: ArrivalScreening | None = None
     ) -> UploadAnswer:
         """The checks of an opened upload's verified payload, then its place in the inbox: the values (finite,
         within updates.max_abs_value), then the absolute norm bound; what `screened` already found as the

@@ -229,7 +229,7 @@ def _layouts(profile: DeviceProfile, search: SearchSpace, mode: str) -> frozense
 
 def _splittable(profile: DeviceProfile, mode: str) -> bool:
     """Whether a base may be split by layers over the agent's devices: LoRA on two GPUs or more."""
-    return mode == "lora" and profile.world > 1 and all(d.device.startswith("cuda") for d in profile.devices)
+    return mode == "lora" and profile.can_split
 
 
 def _layout(config: costmodel.Config) -> tuple[str, int]:

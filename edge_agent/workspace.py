@@ -19,7 +19,7 @@ from common.base_id import KNOWN as KNOWN_BASES
 from common.errors import ConfigError, FedPipeError
 from common.modeling import configured_model
 from common.settings import ModelSection
-from common.types import CalibrationPoint, DeviceProfile, ModelSpec
+from common.types import DTYPE_SIZES, CalibrationPoint, DeviceProfile, ModelSpec
 from edge_agent.caps import Throttle, check_peak
 from edge_agent.config import AgentConfig, DataSection
 from edge_agent.data import LocalData, load_local
@@ -142,8 +142,8 @@ class Workspace:
         if not section.enabled:
             return ()
         measured = self.measured
-        element = torch.empty((), dtype=getattr(torch, measured.compute_dtype)).element_size()
-        if measured.devices and spec.base_parameters * element > measured.total_memory_bytes:
+        element = DTYPE_SIZES[measured.compute_dtype]
+        if measured.can_split and spec.base_parameters * element > measured.total_memory_bytes:
             # Calibration trains the full-precision base on one device, which this one cannot hold: the planner
             # prices from its formulas instead, and the closed loop corrects them from the rounds measured.
             log.info(

@@ -15,6 +15,7 @@ from common.data import SEQ_CLS
 from common.modeling import layer_split
 from common.types import Accelerator, Quantization, TrainPlan
 from edge_agent.agent import Agent
+from edge_agent.profiler import profile
 
 
 def test_gpus_get_accelerate_s_balanced_map_within_each_one_s_memory() -> None:
@@ -94,3 +95,12 @@ def test_an_agent_splits_only_a_layers_lora_plan_and_only_over_several_devices()
     assert Agent._split(pair, plan) is None  # type: ignore[arg-type]
     assert Agent._split(pair, replace(layers, mode="ferret")) is None  # type: ignore[arg-type]
     assert Agent._split(one, layers) is None  # type: ignore[arg-type]
+
+
+def test_only_two_gpus_or_more_can_split_a_base() -> None:
+    measured = profile(torch.device("cpu"), torch.float32, 1, 0)
+    gpu, cpu = Accelerator("cuda:0", "GPU", 2**30, 1e12), Accelerator("cpu", "cpu", 2**30, 1e10)
+    assert replace(measured, devices=(gpu, replace(gpu, device="cuda:1"))).can_split
+    assert not replace(measured, devices=(cpu, cpu)).can_split
+    assert not replace(measured, devices=(gpu, cpu)).can_split
+    assert not replace(measured, devices=(gpu,)).can_split and not measured.can_split
