@@ -2,7 +2,9 @@
 
 A tensor payload travels as a header (names, shapes, dtypes, total size, checksum) followed by chunks
 of raw little-endian bytes in header order. Receivers check every size before allocating and the
-checksum before any tensor is used. Each side copies the bytes once and hashes them once.
+checksum before any tensor is used. Each side hashes the bytes once; the sender copies them once (into its chunk
+messages), and the receiver reads every tensor that lies within one chunk in place, copying only those that span
+chunks.
 
 The checksum is XXH3-128, not a cryptographic hash: TLS already authenticates every byte, so what is left to
 catch is truncation and bugs, and XXH3 does that at memory speed (about 26 GB/s here against SHA-256's 2).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
@@ -26,6 +29,10 @@ from common.errors import IntegrityError, InvalidArgument, ResourceExhausted
 from common.types import DTYPE_SIZES, TORCH_DTYPES, TensorInfo
 
 DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024  # well under gRPC's 4 MiB default message limit
+
+# gRPC hands messages over as bytes, which are read-only: a tensor read off the wire is a view of them (PayloadReader)
+# that nothing writes in place and nothing else holds, so torch's warning about such views says nothing here.
+warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
 
 if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
     raise ImportError("FedPipe's wire format assumes a little-endian host")
@@ -196,6 +203,10 @@ class PayloadReader:
     """A chunked payload reassembled as it arrives and verified at the end; raises before allocating anything
     oversize. Chunks may be added from any thread, one at a time.
 
+    A tensor whose bytes all lie in one chunk, aligned for its dtype, is a view of that chunk: nothing is copied,
+    and the chunk (gRPC's received message) lives as long as the tensor. Only a tensor that spans chunks, or that
+    the wire leaves misaligned, is copied, into memory of its own. The chunks passed in must not change afterwards.
+
     on_tensor, when given, sees each tensor as soon as its last byte is in, before the checksum is known (the
     coordinator screens an upload while the rest of it arrives): what it learns must wait for tensors() to
     verify the payload before it counts."""
@@ -209,48 +220,67 @@ class PayloadReader:
         self.header = header
         self.max_chunk_bytes = max_chunk_bytes
         self.on_tensor = on_tensor
-        # One buffer for the whole payload, filled in place: each chunk is copied once, and the tensors are views
-        # of it (a tensor that the wire leaves misaligned for its dtype gets a copy of its own).
-        self.buffer = torch.empty(header.total_bytes, dtype=torch.uint8)
-        self.array = self.buffer.numpy()
         self.checksums = _Checksums(header)
         self.filled = 0
         self.ends = list(itertools.accumulate(info.nbytes for info in self.infos))
         self.built: dict[str, torch.Tensor] = {}
+        self.partial: np.ndarray[tuple[int], np.dtype[np.uint8]] | None = None  # the spanning tensor's bytes so far
+        self.copied = 0  # bytes copied out of the chunks (the rest are viewed in place)
 
     def add(self, chunk: bytes | memoryview) -> None:
-        """Copy one chunk in and hash it (then hand on_tensor every tensor it completes)."""
+        """Hash one chunk and take the tensors it holds (then hand on_tensor every tensor it completes)."""
         size = len(chunk)
         if size > self.max_chunk_bytes:
             raise ResourceExhausted(f"chunk of {size} bytes exceeds the limit of {self.max_chunk_bytes}")
         if self.filled + size > self.header.total_bytes:
             raise IntegrityError("payload", f"more bytes than the declared {self.header.total_bytes}")
-        # numpy copies without the GIL (a memoryview slice assignment holds it), so the gRPC threads run meanwhile.
-        np.copyto(self.array[self.filled : self.filled + size], np.frombuffer(chunk, dtype=np.uint8))
         self.checksums.update(chunk)
-        self.filled += size
-        while len(self.built) < len(self.infos) and self.ends[len(self.built)] <= self.filled:
-            info = self.infos[len(self.built)]
-            tensor = self._build(len(self.built))
+        base, self.filled = self.filled, self.filled + size
+        data = np.frombuffer(chunk, dtype=np.uint8)
+        while len(self.built) < len(self.infos):
+            index = len(self.built)
+            info = self.infos[index]
+            end = self.ends[index]
+            start = end - info.nbytes
+            if start >= self.filled and info.nbytes:
+                break  # it begins in a later chunk
+            if self.partial is None and start >= base and end <= self.filled:
+                tensor = self._tensor_at(chunk, data, start - base, info)
+            else:
+                # numpy copies without the GIL, so the gRPC threads run meanwhile.
+                if self.partial is None:
+                    self.partial = np.empty(info.nbytes, dtype=np.uint8)
+                low, high = max(start, base), min(end, self.filled)
+                np.copyto(self.partial[low - start : high - start], data[low - base : high - base])
+                self.copied += high - low
+                if end > self.filled:
+                    break  # the rest of it comes in the next chunk
+                tensor = torch.from_numpy(self.partial).view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+                self.partial = None
             self.built[info.name] = tensor
             if self.on_tensor is not None:
                 self.on_tensor(info.name, tensor)
 
-    def _build(self, index: int) -> torch.Tensor:
-        info = self.infos[index]
-        offset = self.ends[index] - info.nbytes
-        part = self.buffer[offset : self.ends[index]]
-        if offset % DTYPE_SIZES[info.dtype]:
-            part = part.clone()
-        return part.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+    def _tensor_at(
+        self, chunk: bytes | memoryview, data: np.ndarray[tuple[int], np.dtype[np.uint8]], offset: int, info: TensorInfo
+    ) -> torch.Tensor:
+        """The tensor stored at offset of chunk: a view of it when the address suits the dtype, else a copy."""
+        dtype = TORCH_DTYPES[info.dtype]
+        count = info.nbytes // DTYPE_SIZES[info.dtype]
+        if not count:
+            return torch.empty(info.shape, dtype=dtype)
+        if (data.ctypes.data + offset) % DTYPE_SIZES[info.dtype]:
+            self.copied += info.nbytes
+            return torch.from_numpy(data[offset : offset + info.nbytes].copy()).view(dtype).reshape(info.shape)
+        return torch.frombuffer(chunk, dtype=dtype, count=count, offset=offset).reshape(info.shape)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The payload's tensors, once every byte is in and the checksum matches."""
         if self.filled != self.header.total_bytes:
             raise IntegrityError("payload", f"stream ended after {self.filled} of {self.header.total_bytes} bytes")
         self.checksums.verify()
-        for index in range(len(self.built), len(self.infos)):  # empty tensors at the end, which no chunk completes
-            self.built[self.infos[index].name] = self._build(index)
+        for info in self.infos[len(self.built) :]:  # empty tensors at the end, which no chunk completes
+            self.built[info.name] = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
         return dict(self.built)
 
 
@@ -272,8 +302,12 @@ def decode_payload(
 # Both streams carry a chunk as `bytes chunk = 2` in the oneof `part` of DownloadGlobalResponse and
 # UploadUpdateRequest: field 2, wire type 2 (length-delimited), so a chunk message is this tag, the length as a
 # varint, then the bytes. Writing and reading that form by hand spares the two copies protobuf makes of every
-# chunk (into the message, and out of it when serializing); headers still go through protobuf.
+# chunk (into the message, and out of it when serializing); headers still go through protobuf. Before the chunk
+# goes the field `bytes align = 15`, sized so that the chunk's bytes start at a multiple of 8 into the message: the
+# receiver's bytes object then holds them 8-byte aligned, and tensors of every dtype are read in place
+# (PayloadReader). (A padded length varint would not do: protobuf reads no length over 5 bytes.)
 CHUNK_TAG = 2 << 3 | 2
+ALIGN_TAG = 15 << 3 | 2
 _SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 UPLOAD_METHOD = f"/{_SERVICE}/UploadUpdate"
 DOWNLOAD_METHOD = f"/{_SERVICE}/DownloadGlobal"
@@ -305,15 +339,24 @@ def chunk_messages(payload: Payload | bytes, chunk_bytes: int = DEFAULT_CHUNK_BY
     parts = payload.parts if isinstance(payload, Payload) else (memoryview(payload),)
     for views in _spans(parts, chunk_bytes):
         size = sum(view.nbytes for view in views)
-        yield b"".join([bytes([CHUNK_TAG]), _varint(size), *views])
+        length = _varint(size)
+        pad = -(3 + len(length)) % 8  # align tag and length (1 + 1), chunk tag (1), then the chunk's length
+        yield b"".join([bytes([ALIGN_TAG, pad]), bytes(pad), bytes([CHUNK_TAG]), length, *views])
 
 
 def chunk_view(data: bytes) -> memoryview | None:
-    """The chunk of a serialized message in the canonical chunk form (tag, length, bytes, nothing more), as a view
-    of data; None for any other message (a header, or a chunk written another valid way), which protobuf parses."""
-    if not data or data[0] != CHUNK_TAG:
+    """The chunk of a serialized message in the plain chunk form (the align field or not, the chunk, nothing more),
+    as a view of data; None for any other message (a header, or a chunk written another valid way), which protobuf
+    parses."""
+    pos = 0
+    if data[:1] == bytes([ALIGN_TAG]):
+        align = _read_varint(data, 1)
+        if align is None:
+            return None
+        pos = align[1] + align[0]
+    if len(data) <= pos or data[pos] != CHUNK_TAG:
         return None
-    read = _read_varint(data, 1)
+    read = _read_varint(data, pos + 1)
     if read is None or read[0] + read[1] != len(data):
         return None
     return memoryview(data)[read[1] :]

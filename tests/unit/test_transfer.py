@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 import xxhash
@@ -272,25 +274,60 @@ def test_chunks_are_full_except_the_last_and_span_tensors(sizes: list[int], chun
     assert all(0 < len(c) <= chunk_bytes for c in chunks)
 
 
-def test_decoded_tensors_share_one_buffer_and_misaligned_ones_are_copied() -> None:
-    # Prepare: b (float32) starts at byte 6, misaligned for its dtype; e (float32) at byte 16, aligned
+def _inside(tensor: torch.Tensor, chunk: bytes) -> bool:
+    """Whether tensor's memory lies inside chunk's bytes."""
+    low = np.frombuffer(chunk, dtype=np.uint8).ctypes.data
+    return low <= tensor.data_ptr() and tensor.data_ptr() + tensor.numel() * tensor.element_size() <= low + len(chunk)
+
+
+def test_tensors_inside_one_chunk_are_views_of_it_and_only_spanning_or_misaligned_ones_are_copied() -> None:
+    # Prepare: chunks of 16 bytes; a (6 bytes) and b (4, at 6: misaligned for float32) in the first chunk, c
+    # (12 bytes, at 10) spans the first two, p (2, at 22), d (8, at 24) and e (0, at 32) end the second, f (16)
+    # is the third
     tensors = {
         "a": torch.tensor([1, 2, 3], dtype=torch.float16),
-        "b": torch.tensor([1.5, -2.0]),
-        "d": torch.tensor([7], dtype=torch.float16),
-        "e": torch.tensor([0.25, 4.0]),
+        "b": torch.tensor([1.5]),
+        "c": torch.tensor([1.0, 2.0, 3.0]),
+        "p": torch.tensor([9], dtype=torch.float16),
+        "d": torch.tensor([0.25, 4.0]),
+        "e": torch.zeros(0, 3),
+        "f": torch.tensor([5, -6], dtype=torch.int64),
     }
     header, payload = encode_payload(tensors)
+    chunks = [bytes(8) + c for c in chunked(payload, 16)]  # each chunk 8-byte aligned inside its own bytes
+    views = [memoryview(c)[8:] for c in chunks]
+    reader = PayloadReader(header, BIG, BIG)
 
     # Execute
-    decoded = decode_payload(header, chunked(payload, 5), BIG, 5)
+    for view in views:
+        reader.add(view)
+    decoded = reader.tensors()
+
+    # Assert: the same values; a, p, d, e and f read in place, b and c copied (4 + 12 bytes)
+    for name, tensor in tensors.items():
+        assert torch.equal(decoded[name], tensor) and decoded[name].dtype == tensor.dtype, name
+    assert _inside(decoded["a"], chunks[0]) and _inside(decoded["f"], chunks[2])
+    assert _inside(decoded["p"], chunks[1]) and _inside(decoded["d"], chunks[1])
+    assert not any(_inside(decoded[name], chunk) for name in ("b", "c") for chunk in chunks)
+    assert reader.copied == 16
+    assert decoded["e"].shape == (0, 3)
+
+
+def test_a_decoded_view_keeps_its_chunk_alive() -> None:
+    # Prepare
+    tensors = {"a": torch.arange(1000, dtype=torch.float32)}
+    header, payload = encode_payload(tensors)
+    chunk = bytes(8) + bytes(payload)
+    reader = PayloadReader(header, BIG, BIG)
+    reader.add(memoryview(chunk)[8:])
+    decoded = reader.tensors()["a"]
+
+    # Execute: drop every other reference to the chunk
+    del chunk, reader
+    gc.collect()
 
     # Assert
-    for name, tensor in tensors.items():
-        assert torch.equal(decoded[name], tensor)
-    shared = decoded["a"].untyped_storage().data_ptr()
-    assert decoded["d"].untyped_storage().data_ptr() == decoded["e"].untyped_storage().data_ptr() == shared
-    assert decoded["b"].untyped_storage().data_ptr() != decoded["a"].untyped_storage().data_ptr()
+    assert torch.equal(decoded, tensors["a"])
 
 
 @pytest.mark.parametrize(
@@ -569,7 +606,9 @@ def test_tensor_infos_returns_domain_infos_in_order() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(size=st.integers(0, 20_000), chunk_bytes=st.sampled_from([1, 127, 128, 300, 16_383, 16_384, 50_000]))
-def test_chunk_messages_are_what_protobuf_writes_for_either_stream(size: int, chunk_bytes: int) -> None:
+def test_chunk_messages_parse_in_protobuf_for_either_stream_with_their_chunks_8_byte_aligned(
+    size: int, chunk_bytes: int
+) -> None:
     # Prepare
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
 
@@ -578,8 +617,9 @@ def test_chunk_messages_are_what_protobuf_writes_for_either_stream(size: int, ch
 
     # Assert
     chunks = list(chunked(data, chunk_bytes))
-    assert messages == [pb.UploadUpdateRequest(chunk=c).SerializeToString() for c in chunks]
-    assert messages == [pb.DownloadGlobalResponse(chunk=c).SerializeToString() for c in chunks]
+    assert [pb.UploadUpdateRequest.FromString(m).chunk for m in messages] == chunks
+    assert [pb.DownloadGlobalResponse.FromString(m).chunk for m in messages] == chunks
+    assert all(m.endswith(c) and (len(m) - len(c)) % 8 == 0 for m, c in zip(messages, chunks, strict=True))
 
 
 @settings(max_examples=30, deadline=None)
@@ -620,8 +660,32 @@ def test_headers_and_non_canonical_chunks_go_through_protobuf() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\x12", b"\x12\x05abc", b"\x12\x02abc", b"\x12\xff", b"\x0a\x00", b"\x12" + b"\xff" * 11],
-    ids=["empty", "no-length", "short", "long", "cut-varint", "header-tag", "overlong-varint"],
+    [
+        b"",
+        b"\x12",
+        b"\x12\x05abc",
+        b"\x12\x02abc",
+        b"\x12\xff",
+        b"\x0a\x00",
+        b"\x12" + b"\xff" * 11,
+        b"\x7a\x00",
+        b"\x7a\x05\x00\x12\x00",
+        b"\x7a\x00\x0a\x00",
+        b"\x7a\x00\x12\x00\x12\x00",
+    ],
+    ids=[
+        "empty",
+        "no-length",
+        "short",
+        "long",
+        "cut-varint",
+        "header-tag",
+        "overlong-varint",
+        "align-only",
+        "align-past-end",
+        "align-then-header",
+        "two-chunks",
+    ],
 )
 def test_chunk_view_refuses_anything_but_one_whole_chunk(data: bytes) -> None:
     # Execute / Assert
@@ -649,5 +713,32 @@ def test_a_payload_survives_chunk_messages_and_their_parse() -> None:
 
     # Assert
     assert all(isinstance(p, memoryview) for p in parts)
+    for name, tensor in tensors.items():
+        assert torch.equal(decoded[name], tensor)
+
+
+def test_received_chunk_messages_give_aligned_chunks_whose_whole_tensors_are_read_in_place() -> None:
+    # Prepare: int64, float32 and bfloat16 tensors of 4 KiB each in chunks of 8 KiB, so none spans two chunks; each
+    # message copied into bytes of its own, as gRPC hands a received message over
+    tensors = {
+        "a": torch.arange(512, dtype=torch.int64),
+        "b": torch.randn(1024),
+        "c": torch.randn(2048).to(torch.bfloat16),
+        "d": torch.randn(1024),
+    }
+    header, payload = encode_payload(tensors)
+    received = [bytes(bytearray(m)) for m in chunk_messages(payload, 8192)]
+    reader = PayloadReader(header, BIG, 8192)
+
+    # Execute
+    for message in received:
+        chunk = chunk_of(parse_upload_part(message))
+        assert isinstance(chunk, memoryview)
+        assert np.frombuffer(chunk, dtype=np.uint8).ctypes.data % 8 == 0
+        reader.add(chunk)
+    decoded = reader.tensors()
+
+    # Assert
+    assert reader.copied == 0
     for name, tensor in tensors.items():
         assert torch.equal(decoded[name], tensor)

@@ -991,7 +991,12 @@ class DownloadGlobalResponse(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    ALIGN_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    align: _builtins.bytes
+    """Padding that FedPipe's senders write before a chunk so that the chunk's bytes start 8-byte aligned in the
+    receiver's buffer (tensors are then read in place); its content means nothing.
+    """
     @_builtins.property
     def header(self) -> Global___PayloadHeader: ...
     def __init__(
@@ -999,10 +1004,11 @@ class DownloadGlobalResponse(_message.Message):
         *,
         header: Global___PayloadHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        align: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["align", b"align", "chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
@@ -1097,7 +1103,12 @@ class UploadUpdateRequest(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    ALIGN_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    align: _builtins.bytes
+    """Padding that FedPipe's senders write before a chunk so that the chunk's bytes start 8-byte aligned in the
+    receiver's buffer (tensors are then read in place); its content means nothing.
+    """
     @_builtins.property
     def header(self) -> Global___UpdateHeader: ...
     def __init__(
@@ -1105,10 +1116,11 @@ class UploadUpdateRequest(_message.Message):
         *,
         header: Global___UpdateHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        align: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["align", b"align", "chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
