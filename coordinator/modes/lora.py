@@ -7,7 +7,8 @@ strategy, and writes each round's global as a peft adapter directory.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import threading
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,8 @@ from safetensors.torch import save_file
 
 from common import linear
 from common.adapters import (
+    LORA_A,
+    LORA_B,
     GlobalAdapter,
     LoraPair,
     broadcast_tensors,
@@ -71,6 +74,44 @@ def _lora(global_: GlobalState) -> GlobalAdapter:
     return global_
 
 
+class SentTensors:
+    """What agents were sent of one global (common.adapters.sent_views), each LoRA tensor computed once per
+    module, rank and alpha and then shared by every upload screened against that global: B's unfolding writes
+    a new tensor, which would otherwise be made again for each upload. A newer global starts afresh.
+    Thread-safe; the tensors are for reading."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.global_: GlobalAdapter | None = None  # held, so that its identity cannot be reused meanwhile
+        self.tensors: dict[tuple[str, int, float], torch.Tensor] = {}
+
+    def get(
+        self, global_: GlobalAdapter, plan: TrainPlan, spec: ModelSpec, names: Iterable[str]
+    ) -> dict[str, torch.Tensor]:
+        """sent_views(global_, plan, spec, names), from the cache where it can be."""
+        with self.lock:
+            if self.global_ is not global_:
+                self.global_, self.tensors = global_, {}
+            cached = self.tensors
+        keys = {name: _sent_key(name, plan) for name in names}
+        found = {name: cached[key] for name, key in keys.items() if key is not None and key in cached}
+        fresh = sent_views(global_, plan, spec, [name for name in keys if name not in found])
+        for name, tensor in fresh.items():
+            key = keys[name]
+            if key is not None:
+                cached[key] = tensor
+        return {name: found[name] if name in found else fresh[name] for name in keys if name in found or name in fresh}
+
+
+def _sent_key(name: str, plan: TrainPlan) -> tuple[str, int, float] | None:
+    """What a sent LoRA tensor depends on besides the global: its name, rank and alpha (None for a head, which
+    is the global's own tensor, and for a name the plan does not train)."""
+    module = name.removesuffix(LORA_A).removesuffix(LORA_B)
+    if module == name or module not in plan.rank_pattern:
+        return None
+    return name, plan.rank_pattern[module], plan.alpha_of(module)
+
+
 class LoraMode:
     """LoRA adapters, folded on the coordinator, truncated to each agent's ranks."""
 
@@ -83,6 +124,7 @@ class LoraMode:
         self.alpha = alpha
         self.base_path = base_path
         self.modules_to_save = head_modules(spec)
+        self.sent = SentTensors()
 
     def initial(self, spec: ModelSpec, plans: Mapping[str, TrainPlan], seed: int) -> GlobalState:
         """Fresh pairs over the union of the plans' modules at each one's largest rank; heads N(0, 0.02)."""
@@ -138,7 +180,7 @@ class LoraMode:
     ) -> dict[str, float]:
         """Per tensor given (all of an upload, or the ones screened so far), the norm of its change to what the
         agent was sent."""
-        return change_norms(tensors, sent_views(_lora(global_), plan, spec, tensors))
+        return change_norms(tensors, self.sent.get(_lora(global_), plan, spec, tensors))
 
     def scale_change(
         self,
@@ -149,7 +191,7 @@ class LoraMode:
         factor: float | Mapping[str, float],
     ) -> dict[str, torch.Tensor]:
         """The upload with its change to what it was sent scaled by factor (clipping)."""
-        return scale_change(tensors, sent_views(_lora(global_), plan, spec, tensors), factor)
+        return scale_change(tensors, self.sent.get(_lora(global_), plan, spec, tensors), factor)
 
     def aggregate(
         self, global_: GlobalState, contributions: Sequence[Contribution], strategy: Strategy, round_: int

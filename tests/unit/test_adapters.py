@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from common.adapters import (
     HEAD_INIT_STD,
+    LORA_A,
+    LORA_B,
     PEFT_PREFIX,
     FoldedUpdate,
     GlobalAdapter,
@@ -42,6 +44,7 @@ from common.adapters import (
 )
 from common.errors import InvalidArgument
 from common.types import ModelSpec, ModuleShape, Quantization, TensorInfo, TrainPlan
+from coordinator.modes.lora import SentTensors
 
 Q = "enc.layer.0.q"  # d_in 3, d_out 2
 V = "enc.layer.0.v"  # d_in 4, d_out 5
@@ -628,6 +631,35 @@ def test_sent_views_are_the_broadcast_without_its_copies(
         tensor.add_(1.0)
     assert all(torch.equal(global_.lora[m].a, a) and torch.equal(global_.lora[m].b, b) for m, (a, b) in before.items())
     assert torch.equal(global_.heads["classifier.weight"], head)
+
+
+def test_sent_tensors_are_sent_views_computed_once_per_global_rank_and_alpha() -> None:
+    # Prepare: Q within the global's rank, V beyond it (fresh slots), W new to it, the heads; two plans that
+    # differ only in W's rank (Q's alpha is the same in both: their largest rank is V's)
+    global_ = make_global({Q: 2, V: 3})
+    plan = make_plan({Q: 1, V: 4, W: 2}, alpha=4.0)
+    other = make_plan({Q: 1, V: 4, W: 1}, alpha=4.0)
+    names = list(broadcast_tensors(global_, plan, SPEC))
+    cache = SentTensors()
+
+    # Execute
+    first = cache.get(global_, plan, SPEC, names)
+    again = cache.get(global_, plan, SPEC, reversed(names))
+    narrower = cache.get(global_, other, SPEC, names)
+    newer = make_global({Q: 2, V: 3}, seed=1)
+    after = cache.get(newer, plan, SPEC, names)
+
+    # Assert: the same tensors as sent_views, in the order named; LoRA tensors reused for the same rank and
+    # alpha, computed afresh for another rank and for another global
+    expected = sent_views(global_, plan, SPEC, names)
+    assert list(first) == names and list(again) == names[::-1]
+    assert all(torch.equal(first[name], expected[name]) for name in names)
+    lora = [name for name in names if name.endswith((LORA_A, LORA_B))]
+    assert all(again[name] is first[name] for name in lora)
+    assert narrower[Q + LORA_B] is first[Q + LORA_B] and narrower[W + LORA_B] is not first[W + LORA_B]
+    assert torch.equal(narrower[W + LORA_B], sent_views(global_, other, SPEC, [W + LORA_B])[W + LORA_B])
+    assert all(torch.equal(after[name], sent_views(newer, plan, SPEC, [name])[name]) for name in names)
+    assert not torch.equal(after[Q + LORA_A], first[Q + LORA_A])
 
 
 def test_screened_change_norms_add_up_to_the_whole_upload_s() -> None:
