@@ -5,6 +5,7 @@ certificates from `fedpipe-coordinator certs`. Also the standard health and refl
 from __future__ import annotations
 
 import hashlib
+import logging
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -230,12 +231,18 @@ def test_missing_tls_files_stop_both_sides_before_anything_starts(
     run_dir = tmp_path / "run"
     crt_a, key_a = agent_paths(pki, AGENT_A)
 
-    # Execute
-    coordinator = coordinator_main(["--run.run-dir", str(run_dir), "--metrics.port", "-1", "--server.port", "0"])
-    agent = agent_main(["--agent-id", AGENT_A, "--metrics.port", "-1"])
-    wrong_cert = agent_main(
-        ["--agent-id", AGENT_B, "--tls.ca", str(pki / "ca.crt"), "--tls.cert", str(crt_a), "--tls.key", str(key_a)]
-    )
+    # Execute: in this process, so the handler the CLIs install (on capsys's stream, closed after this test) goes
+    # again afterwards; later tests' log lines would otherwise meet a closed file
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        coordinator = coordinator_main(["--run.run-dir", str(run_dir), "--metrics.port", "-1", "--server.port", "0"])
+        agent = agent_main(["--agent-id", AGENT_A, "--metrics.port", "-1"])
+        wrong_cert = agent_main(
+            ["--agent-id", AGENT_B, "--tls.ca", str(pki / "ca.crt"), "--tls.cert", str(crt_a), "--tls.key", str(key_a)]
+        )
+    finally:
+        root.handlers[:], root.level = saved, level
     errors = capsys.readouterr().err
 
     # Assert: exit 2, the missing field named with the way out, and no server was started
