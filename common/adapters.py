@@ -153,6 +153,14 @@ def lora_names(module: str) -> tuple[str, str]:
     return module + LORA_A, module + LORA_B
 
 
+def lora_module(name: str) -> str | None:
+    """The module whose A or B tensor this canonical name is (lora_names' inverse); None for any other name."""
+    for suffix in (LORA_A, LORA_B):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return None
+
+
 def to_peft_key(name: str) -> str:
     """Canonical name -> key in peft's adapter state dict (get_peft_model_state_dict)."""
     if name.endswith(LORA_A) or name.endswith(LORA_B):
@@ -294,13 +302,13 @@ def sent_views(
     pairs: dict[str, LoraPair] = {}  # a module's A and B come from one extended pair (its new slots drawn once)
     targets, saved = set(plan.target_modules), set(plan.modules_to_save)
     for name in names:
-        is_a = name.endswith(LORA_A)
-        module = name.removesuffix(LORA_A if is_a else LORA_B)
-        if module != name and module in targets:
+        module = lora_module(name)
+        if module is not None and module in targets:
             rank = plan.rank_pattern[module]
             if module not in pairs:
                 pairs[module] = extended_pair(global_, module, rank, spec)
             pair = pairs[module]
+            is_a = name.endswith(LORA_A)
             views[name] = pair.a[:rank] if is_a else pair.b[:, :rank] / scaling(plan.alpha_of(module), rank)
         elif name in global_.heads and name.rsplit(".", 1)[0] in saved:
             views[name] = global_.heads[name]

@@ -349,7 +349,7 @@ def chunk_view(data: bytes) -> memoryview | None:
     as a view of data; None for any other message (a header, or a chunk written another valid way), which protobuf
     parses."""
     pos = 0
-    if data[:1] == bytes([ALIGN_TAG]):
+    if data and data[0] == ALIGN_TAG:
         align = _read_varint(data, 1)
         if align is None:
             return None

@@ -18,8 +18,6 @@ from safetensors.torch import save_file
 
 from common import linear
 from common.adapters import (
-    LORA_A,
-    LORA_B,
     GlobalAdapter,
     LoraPair,
     broadcast_tensors,
@@ -31,6 +29,7 @@ from common.adapters import (
     global_to_peft,
     head_modules,
     init_global,
+    lora_module,
     lora_parameter_count,
     scale_change,
     sent_views,
@@ -100,14 +99,15 @@ class SentTensors:
             key = keys[name]
             if key is not None:
                 cached[key] = tensor
-        return {name: found[name] if name in found else fresh[name] for name in keys if name in found or name in fresh}
+        sent = {**fresh, **found}
+        return {name: sent[name] for name in keys if name in sent}  # in the order named, as sent_views
 
 
 def _sent_key(name: str, plan: TrainPlan) -> tuple[str, int, float] | None:
     """What a sent LoRA tensor depends on besides the global: its name, rank and alpha (None for a head, which
     is the global's own tensor, and for a name the plan does not train)."""
-    module = name.removesuffix(LORA_A).removesuffix(LORA_B)
-    if module == name or module not in plan.rank_pattern:
+    module = lora_module(name)
+    if module is None or module not in plan.rank_pattern:
         return None
     return name, plan.rank_pattern[module], plan.alpha_of(module)
 

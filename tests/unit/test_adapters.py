@@ -32,6 +32,7 @@ from common.adapters import (
     global_to_peft,
     head_modules,
     init_global,
+    lora_module,
     lora_names,
     lora_parameter_count,
     pad_rank,
@@ -280,6 +281,18 @@ def test_lora_names() -> None:
 
     # Assert
     assert names == ("enc.q.lora_A", "enc.q.lora_B")
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [("enc.q.lora_A", "enc.q"), ("enc.q.lora_B", "enc.q"), ("classifier.weight", None), ("lora_A", None),
+     ("enc.q.lora_A.x", None), (".lora_B", "")],
+)  # fmt: skip
+def test_lora_module_inverts_lora_names_and_knows_no_other_name(name: str, module: str | None) -> None:
+    # Execute / Assert
+    assert lora_module(name) == module
+    if module is not None:
+        assert name in lora_names(module)
 
 
 @pytest.mark.parametrize(
